@@ -1,0 +1,13 @@
+"""Errors that dpokit reports to the user as one clear message (no traceback) and a non-zero exit."""
+
+
+class DpokitError(Exception):
+    """Base class for every error the CLI turns into a one-line message and exit code 2."""
+
+
+class DataError(DpokitError):
+    """Bad input data: the message names the file, the line or row, and the field."""
+
+
+class ConfigError(DpokitError):
+    """An invalid option or combination of options."""
