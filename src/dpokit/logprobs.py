@@ -1,0 +1,122 @@
+"""Model + Batch -> per-sequence log-probs of the response tokens, summed (float32).
+
+Two ways to get from hidden states to log-probs, with the same numbers:
+
+* ``full``: the model's own forward builds logits at every position, ``[rows x length x vocab]``, then
+  log-softmax in float32 and gather: simple, and what the peers do.
+* ``chunked`` (default): the decoder's hidden states are taken only at the positions that predict a
+  response token, and the output layer, log-softmax and gather run over chunks of those positions inside
+  one autograd function that recomputes each chunk's logits in the backward pass. No logits tensor larger
+  than ``chunk_size x vocab`` ever exists, and the prompt positions cost no output-layer work at all.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from dpokit.batching import Batch
+
+# Config attributes of model families that transform logits after the output layer (soft-capping,
+# scaling): the chunked path would skip that step, so these models use the full path.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+class _ChunkedTargetLogProb(torch.autograd.Function):
+    """log softmax(hidden @ weight.T + bias)[target], chunk by chunk, logits recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk: int) -> Tensor:
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(out)
+        for s in range(0, hidden.shape[0], chunk):
+            logits = _logits(hidden[s : s + chunk], weight, bias)
+            lse[s : s + chunk] = torch.logsumexp(logits, dim=-1)
+            out[s : s + chunk] = logits.gather(1, targets[s : s + chunk, None]).squeeze(1) - lse[s : s + chunk]
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        for s in range(0, hidden.shape[0], ctx.chunk):
+            h = hidden[s : s + ctx.chunk]
+            g = grad_out[s : s + ctx.chunk].float()
+            # d logp / d logits = onehot(target) - softmax
+            grad_logits = torch.exp(_logits(h, weight, bias) - lse[s : s + ctx.chunk, None]).mul_(-g[:, None])
+            grad_logits.scatter_add_(1, targets[s : s + ctx.chunk, None], g[:, None])
+            if need_h:
+                grad_h[s : s + ctx.chunk] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if need_w:
+                grad_w += grad_logits.t() @ h.float()
+            if need_b:
+                grad_b += grad_logits.sum(0)
+        if need_w:
+            grad_w = grad_w.to(weight.dtype)
+        if need_b:
+            grad_b = grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None
+
+
+def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    logits = hidden @ weight.to(hidden.dtype).t()
+    if bias is not None:
+        logits = logits + bias.to(logits.dtype)
+    return logits.float()
+
+
+def supports_chunked_logits(model: nn.Module) -> bool:
+    """Whether the model's logits are exactly ``output_layer(decoder(x))``, so the chunked path is exact."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear) or not hasattr(model, "get_decoder"):
+        return False
+    config = getattr(model, "config", None)
+    return not any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS)
+
+
+def _model_mask(batch: Batch, dtype: torch.dtype) -> Tensor:
+    if batch.attention_mask.dim() == 2:
+        return batch.attention_mask
+    # An additive float mask is understood by every attention implementation that takes a 4-D mask.
+    zero = torch.zeros((), dtype=dtype, device=batch.attention_mask.device)
+    blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=batch.attention_mask.device)
+    return torch.where(batch.attention_mask, zero, blocked)[:, None]
+
+
+def token_logprobs(model: nn.Module, batch: Batch, *, chunked: bool = True, chunk_size: int = 1024) -> Tensor:
+    """Log-prob (float32) of every target token of `batch`, in `batch.target_ids` order."""
+    mask = _model_mask(batch, model.dtype)
+    inputs = dict(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=False)
+    if chunked and supports_chunked_logits(model):
+        hidden = model.get_decoder()(**inputs)[0]
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_index)
+        head = model.get_output_embeddings()
+        return _ChunkedTargetLogProb.apply(hidden, head.weight, head.bias, batch.target_ids, chunk_size)
+    if chunked:
+        _warn_once(f"{type(model).__name__} transforms its logits after the output layer; using full logits")
+    logits = model(**inputs).logits
+    logits = logits.reshape(-1, logits.shape[-1]).index_select(0, batch.target_index).float()
+    return torch.log_softmax(logits, dim=-1).gather(1, batch.target_ids[:, None]).squeeze(1)
+
+
+def sequence_logprobs(model: nn.Module, batch: Batch, *, chunked: bool = True, chunk_size: int = 1024) -> Tensor:
+    """Per-sequence sum of response-token log-probs, float32, shape ``[batch.num_sequences]``."""
+    token_logps = token_logprobs(model, batch, chunked=chunked, chunk_size=chunk_size)
+    sums = torch.zeros(batch.num_sequences, dtype=torch.float32, device=token_logps.device)
+    return sums.index_add(0, batch.target_seq, token_logps)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
