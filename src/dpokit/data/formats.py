@@ -1,0 +1,305 @@
+"""Turn raw rows into typed records: format detection, validation with precise messages, and splitting.
+
+Preference formats (see ``detect_format``):
+
+* ``standard``: ``prompt``, ``chosen``, ``rejected`` strings (the prompt may be empty);
+* ``conversational``: ``prompt`` a non-empty list of ``{"role", "content"}`` messages; ``chosen`` and
+  ``rejected`` a message, a list of messages or a string, all normalised to a list of messages;
+* ``implicit``: Anthropic-HH style ``chosen``/``rejected`` transcripts without a prompt column;
+* ``ranked``: ``prompt`` + ``responses`` + ``scores``, expanded into every strictly ordered pair;
+* ``completion``: ``prompt`` + ``completion`` (SFT only).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
+
+from dpokit.data.records import Completion, PreferencePair
+from dpokit.data.sources import read_rows
+from dpokit.errors import ConfigError, DataError
+
+FORMATS = ("standard", "conversational", "implicit", "ranked", "completion")
+ROLES = ("system", "user", "assistant", "tool")
+HH_MARKER = "\n\nAssistant:"
+TIE_REASON = "ties in ranked responses"
+
+T = TypeVar("T")
+
+
+@dataclass
+class ColumnMap:
+    """Names of the columns that hold each field (change them for data sets with other names)."""
+
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    responses: str = "responses"
+    scores: str = "scores"
+    completion: str = "completion"
+
+
+@dataclass
+class LoadReport:
+    """What loading read: the number of rows, the detected or forced format, and dropped items.
+
+    ``counts`` maps a reason to how many items were dropped for it at this layer; only ranked ties
+    (``"ties in ranked responses"``, counted per tied pair of responses) are dropped here.
+    """
+
+    source: str
+    format: str
+    rows: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def detect_format(row: dict, columns: ColumnMap | None = None) -> str:
+    """Return the format of ``row``: one of ``standard``, ``conversational``, ``implicit``, ``ranked``,
+    ``completion``. Raises :class:`DataError` (without provenance) when no format fits."""
+    c = columns or ColumnMap()
+    if c.responses in row and c.scores in row:
+        return "ranked"
+    if c.chosen in row and c.rejected in row:
+        if c.prompt not in row:
+            return "implicit"
+        return "conversational" if isinstance(row[c.prompt], list) else "standard"
+    if c.prompt in row and c.completion in row:
+        return "completion"
+    raise DataError(
+        f"cannot detect the data format from columns {sorted(row)}; expected "
+        f"{c.prompt!r}+{c.chosen!r}+{c.rejected!r}, {c.chosen!r}+{c.rejected!r}, "
+        f"{c.prompt!r}+{c.responses!r}+{c.scores!r} or {c.prompt!r}+{c.completion!r}"
+    )
+
+
+def load_preferences(
+    spec: str | os.PathLike,
+    *,
+    format: str = "auto",
+    columns: ColumnMap | None = None,
+    split: str = "train",
+) -> tuple[list[PreferencePair], LoadReport]:
+    """Read ``spec`` (see :func:`read_rows`) into preference pairs, validating every row.
+
+    The format is detected from the first row unless forced with ``format``; every row must then fit it.
+    Identical chosen/rejected pairs are returned as they are (filtering them is the caller's job).
+    """
+    c = columns or ColumnMap()
+    pairs: list[PreferencePair] = []
+
+    def convert(row: dict, prov: str, fmt: str, report: LoadReport) -> None:
+        if fmt == "completion":
+            raise DataError(
+                f"{prov}: prompt/completion data has no preferences; "
+                f"DPO needs {c.chosen!r} and {c.rejected!r} (or {c.responses!r} and {c.scores!r})"
+            )
+        if fmt == "ranked":
+            prompt, responses, scores = _ranked(row, prov, c)
+            for i in range(len(responses)):
+                for j in range(i + 1, len(responses)):
+                    if scores[i] == scores[j]:
+                        report.counts[TIE_REASON] = report.counts.get(TIE_REASON, 0) + 1
+                        continue
+                    hi, lo = (i, j) if scores[i] > scores[j] else (j, i)
+                    pairs.append(PreferencePair(prompt, responses[hi], responses[lo], f"{prov} pair ({i},{j})"))
+            return
+        pairs.append(PreferencePair(*_prompt_chosen_rejected(row, prov, fmt, c), source=prov))
+
+    report = _load(spec, format, c, split, convert)
+    if not pairs:
+        raise DataError(f"{report.source}: no preference pairs ({report.rows} rows, dropped: {report.counts})")
+    return pairs, report
+
+
+def load_completions(
+    spec: str | os.PathLike,
+    *,
+    format: str = "auto",
+    columns: ColumnMap | None = None,
+    split: str = "train",
+) -> tuple[list[Completion], LoadReport]:
+    """Read ``spec`` into SFT examples: prompt/completion data, or preference data using prompt + chosen
+    ("Preferred-FT"); implicit-prompt rows are split as for DPO and ranked rows use their highest-scored
+    response (the first one on a tie)."""
+    c = columns or ColumnMap()
+    items: list[Completion] = []
+
+    def convert(row: dict, prov: str, fmt: str, report: LoadReport) -> None:
+        if fmt == "completion":
+            prompt = _prompt(row, prov, c, conversational=None)
+            completion = _response(row, c.completion, prov, conversational=isinstance(prompt, list))
+            items.append(Completion(prompt, completion, prov))
+        elif fmt == "ranked":
+            prompt, responses, scores = _ranked(row, prov, c)
+            best = max(range(len(scores)), key=lambda k: (scores[k], -k))
+            items.append(Completion(prompt, responses[best], prov))
+        else:
+            prompt, chosen, _ = _prompt_chosen_rejected(row, prov, fmt, c)
+            items.append(Completion(prompt, chosen, prov))
+
+    report = _load(spec, format, c, split, convert)
+    return items, report
+
+
+# --- internals -------------------------------------------------------------------------------------
+
+def _load(
+    spec: str | os.PathLike,
+    format: str,
+    c: ColumnMap,
+    split: str,
+    convert: Callable[[dict, str, str, LoadReport], None],
+) -> LoadReport:
+    if format != "auto" and format not in FORMATS:
+        raise ConfigError(f"unknown data format {format!r}; choose auto or one of: {', '.join(FORMATS)}")
+    source = os.fspath(spec)
+    report = LoadReport(source=source, format=format)
+    for row, prov in read_rows(spec, split):
+        if report.rows == 0 and format == "auto":
+            try:
+                report.format = detect_format(row, c)
+            except DataError as e:
+                raise DataError(f"{prov}: {e}") from None
+        report.rows += 1
+        convert(row, prov, report.format, report)
+    if report.rows == 0:
+        raise DataError(f"{source}: the data set has no rows")
+    return report
+
+
+def _need(row: dict, name: str, prov: str, fmt: str) -> Any:
+    if name not in row:
+        raise DataError(f"{prov}: missing field {name!r} ({fmt} format)")
+    return row[name]
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _string(value: Any, name: str, prov: str, *, allow_empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"{prov}: field {name!r} must be a string, got {_type_name(value)}")
+    if not allow_empty and not value.strip():
+        raise DataError(f"{prov}: field {name!r} is empty")
+    return value
+
+
+def _message(value: Any, name: str, prov: str) -> dict:
+    if not isinstance(value, dict):
+        raise DataError(f"{prov}: field {name!r} must be a message object with 'role' and 'content', "
+                        f"got {_type_name(value)}")
+    for key in ("role", "content"):
+        if key not in value or (key == "role" and value[key] is None):
+            raise DataError(f"{prov}: missing field '{name}.{key}'")
+    role = value["role"]
+    if role not in ROLES:
+        raise DataError(f"{prov}: field '{name}.role' must be one of {', '.join(ROLES)}, got {role!r}")
+    _string(value["content"], f"{name}.content", prov, allow_empty=True)
+    # Parquet/Arrow give every message every key of the schema, None where absent: drop those.
+    return {k: v for k, v in value.items() if v is not None}
+
+
+def _messages(value: Any, name: str, prov: str) -> list[dict]:
+    if not isinstance(value, list):
+        raise DataError(f"{prov}: field {name!r} must be a list of messages, got {_type_name(value)}")
+    if not value:
+        raise DataError(f"{prov}: field {name!r} is empty")
+    return [_message(m, f"{name}[{i}]", prov) for i, m in enumerate(value)]
+
+
+def _response(row: dict, name: str, prov: str, *, conversational: bool, fmt: str = "completion") -> Any:
+    """A response column: a non-empty string, or (conversational) a list of messages."""
+    value = _need(row, name, prov, fmt)
+    if not conversational:
+        return _string(value, name, prov)
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": _string(value, name, prov)}]
+    messages = [_message(value, name, prov)] if isinstance(value, dict) else _messages(value, name, prov)
+    if not "".join(m["content"] for m in messages).strip():
+        raise DataError(f"{prov}: field {name!r} is empty")
+    return messages
+
+
+def _prompt(row: dict, prov: str, c: ColumnMap, *, conversational: bool | None, fmt: str = "completion") -> Any:
+    """The prompt: a string (may be empty) or a non-empty message list; ``None`` accepts either."""
+    value = _need(row, c.prompt, prov, fmt)
+    if conversational or (conversational is None and isinstance(value, list)):
+        return _messages(value, c.prompt, prov)
+    return _string(value, c.prompt, prov, allow_empty=True)
+
+
+def _prompt_chosen_rejected(row: dict, prov: str, fmt: str, c: ColumnMap) -> tuple[Any, Any, Any]:
+    if fmt == "implicit":
+        chosen = _string(_need(row, c.chosen, prov, fmt), c.chosen, prov)
+        rejected = _string(_need(row, c.rejected, prov, fmt), c.rejected, prov)
+        return _split_implicit(chosen, rejected, prov, c)
+    conv = fmt == "conversational"
+    prompt = _prompt(row, prov, c, conversational=conv, fmt=fmt)
+    chosen = _response(row, c.chosen, prov, conversational=conv, fmt=fmt)
+    rejected = _response(row, c.rejected, prov, conversational=conv, fmt=fmt)
+    return prompt, chosen, rejected
+
+
+def _split_implicit(chosen: str, rejected: str, prov: str, c: ColumnMap) -> tuple[str, str, str]:
+    n = 0
+    limit = min(len(chosen), len(rejected))
+    while n < limit and chosen[n] == rejected[n]:
+        n += 1
+    idx = chosen.rfind(HH_MARKER, 0, n)
+    if idx < 0:
+        raise DataError(f"{prov}: {c.chosen} and {c.rejected} do not share a prompt ending in {HH_MARKER!r}")
+    cut = idx + len(HH_MARKER)
+    # Keep the responses exactly (HH responses start with a space that belongs to them).
+    prompt, ch, rj = chosen[:cut], chosen[cut:], rejected[cut:]
+    _string(ch, c.chosen, prov)
+    _string(rj, c.rejected, prov)
+    return prompt, ch, rj
+
+
+def _ranked(row: dict, prov: str, c: ColumnMap) -> tuple[Any, list, list[float]]:
+    prompt = _prompt(row, prov, c, conversational=None, fmt="ranked")
+    conv = isinstance(prompt, list)
+    responses = _need(row, c.responses, prov, "ranked")
+    scores = _need(row, c.scores, prov, "ranked")
+    for name, value in ((c.responses, responses), (c.scores, scores)):
+        if not isinstance(value, list):
+            raise DataError(f"{prov}: field {name!r} must be a list, got {_type_name(value)}")
+    if len(responses) < 2:
+        raise DataError(f"{prov}: field {c.responses!r} must hold at least 2 responses, got {len(responses)}")
+    if len(scores) != len(responses):
+        raise DataError(f"{prov}: field {c.scores!r} has {len(scores)} items but {c.responses!r} has {len(responses)}")
+    out = []
+    for i, r in enumerate(responses):
+        text = _string(r, f"{c.responses}[{i}]", prov)
+        # Keep record typing uniform: responses to a chat prompt are assistant message lists.
+        out.append([{"role": "assistant", "content": text}] if conv else text)
+    for i, s in enumerate(scores):
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
+            raise DataError(f"{prov}: field '{c.scores}[{i}]' must be a finite number, got {s!r}")
+    return prompt, out, scores
+
+
+def split_eval(items: list[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """Split ``items`` into ``(train, eval)`` with ``round(len(items) * fraction)`` eval items.
+
+    The eval indices are drawn with ``random.Random(seed)``, so the split is deterministic for a given
+    seed and length; both parts keep the original order. Raises :class:`ConfigError` unless
+    ``0 < fraction < 1`` and both parts get at least one item.
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise ConfigError(f"eval fraction must be a number between 0 and 1 (exclusive), got {fraction!r}")
+    n = len(items)
+    n_eval = int(n * fraction + 0.5)  # round half up, not Python's banker's rounding
+    if n_eval < 1 or n - n_eval < 1:
+        raise ConfigError(
+            f"eval fraction {fraction} of {n} items gives {n_eval} eval and {n - n_eval} train items; "
+            "each part needs at least 1"
+        )
+    chosen = set(random.Random(seed).sample(range(n), n_eval))
+    train = [x for i, x in enumerate(items) if i not in chosen]
+    evals = [x for i, x in enumerate(items) if i in chosen]
+    return train, evals
