@@ -1,0 +1,37 @@
+"""dpokit: Direct Preference Optimization (Rafailov et al. 2023) for Hugging Face causal language models."""
+
+__version__ = "0.1.0"
+
+from dpokit.config import TrainConfig  # noqa: E402
+from dpokit.errors import ConfigError, DataError, DpokitError  # noqa: E402
+
+
+def train_dpo(config: TrainConfig) -> dict[str, float]:
+    """Fine-tune with DPO (see dpokit.api.train_dpo)."""
+    from dpokit.api import train_dpo as run
+
+    return run(config)
+
+
+def train_sft(config: TrainConfig) -> dict[str, float]:
+    """Supervised fine-tuning (see dpokit.api.train_sft)."""
+    from dpokit.api import train_sft as run
+
+    return run(config)
+
+
+def evaluate(model: str, data: str, **kwargs) -> dict[str, float]:
+    """Evaluate a policy against a reference without training (see dpokit.api.evaluate)."""
+    from dpokit.api import evaluate as run
+
+    return run(model, data, **kwargs)
+
+
+def generate(model: str, prompts: list[str], **kwargs) -> list[list[str]]:
+    """Sample continuations (see dpokit.api.generate)."""
+    from dpokit.api import generate as run
+
+    return run(model, prompts, **kwargs)
+
+
+__all__ = ["TrainConfig", "train_dpo", "train_sft", "evaluate", "generate", "ConfigError", "DataError", "DpokitError"]

@@ -1,0 +1,254 @@
+"""The Python API: each stage wires data, tokenisation, models and the trainer. The CLI is a thin face over it.
+
+>>> from dpokit import TrainConfig, train_dpo
+>>> train_dpo(TrainConfig(model="sft-model", data="pairs.jsonl", output="runs/dpo", beta=0.1))
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dpokit.config import TrainConfig
+from dpokit.data import ColumnMap, load_completions, load_preferences, split_eval
+from dpokit.errors import ConfigError
+from dpokit.losses import LossConfig
+from dpokit.objective import DPOObjective, SFTObjective
+from dpokit.reference import CachedReference, ModelReference, cached_reference_logps
+from dpokit.tokenize import TokenizeConfig, TokenizedExample, tokenize_examples
+from dpokit.trainer import evaluate as evaluate_objective
+from dpokit.trainer import train
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False):
+    """Load a tokenizer; a missing pad token becomes the EOS token (pads are masked out anyway)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"cannot load a tokenizer from {path!r}: {error}") from None
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"the tokenizer of {path!r} has no EOS token; dpokit appends EOS to responses")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str, *, dtype: str = "float32", trust_remote_code: bool = False):
+    """Load a causal LM in `dtype`, in eval mode (dropout off)."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"cannot load a causal language model from {path!r}: {error}") from None
+    return model.eval()
+
+
+def _columns(config: TrainConfig) -> ColumnMap:
+    return ColumnMap(
+        prompt=config.prompt_column, chosen=config.chosen_column, rejected=config.rejected_column,
+        responses=config.responses_column, scores=config.scores_column, completion=config.completion_column,
+    )
+
+
+def tokenize_config(config: TrainConfig) -> TokenizeConfig:
+    """The tokenisation settings of a training config."""
+    return TokenizeConfig(config.max_length, config.max_prompt_length, config.truncation, config.on_filtered)
+
+
+@dataclass
+class PreparedData:
+    """Tokenised training and evaluation examples."""
+
+    train: list[TokenizedExample]
+    eval: list[TokenizedExample]
+
+
+def prepare_data(config: TrainConfig, stage: str, tokenizer, log=print) -> PreparedData:
+    """Load, validate, split and tokenise the data of `config` for `stage` ("dpo" or "sft"), reporting counts."""
+    load = load_preferences if stage == "dpo" else load_completions
+    records, report = load(config.data, format=config.format, columns=_columns(config), split=config.split)
+    log(f"data: {len(records)} examples from {config.data} ({report.format} format, {report.rows} rows"
+        + "".join(f"; {n} {reason}" for reason, n in report.counts.items()) + ")")
+    eval_records: Sequence = []
+    if config.eval_data:
+        eval_records, eval_report = load(config.eval_data, format=config.format, columns=_columns(config),
+                                         split=config.eval_split)
+        log(f"eval data: {len(eval_records)} examples from {config.eval_data}")
+    elif config.eval_fraction:
+        records, eval_records = split_eval(records, config.eval_fraction, config.seed)
+        log(f"eval data: {len(eval_records)} examples held out of {config.data} (seed {config.seed})")
+    settings = tokenize_config(config)
+    train_examples, train_report = tokenize_examples(records, tokenizer, settings, description="tokenising")
+    log(f"tokenised training data: {train_report.summary()}")
+    eval_examples: list[TokenizedExample] = []
+    if eval_records:
+        eval_examples, eval_report = tokenize_examples(eval_records, tokenizer, settings, description="tokenising eval")
+        log(f"tokenised eval data: {eval_report.summary()}")
+    return PreparedData(train_examples, eval_examples)
+
+
+def _accelerator(config: TrainConfig) -> Accelerator:
+    return Accelerator(mixed_precision="bf16" if config.dtype == "bfloat16" else "no")
+
+
+def _loss_config(config: TrainConfig) -> LossConfig:
+    return LossConfig(config.loss, config.beta, config.label_smoothing, config.reference_free, config.sft_weight)
+
+
+def _reference_model(config: TrainConfig, policy, accelerator: Accelerator):
+    ref_dtype = config.ref_dtype or config.dtype
+    if config.ref_model:
+        reference = load_model(config.ref_model, dtype=ref_dtype, trust_remote_code=config.trust_remote_code)
+    else:
+        reference = copy.deepcopy(policy).to(DTYPES[ref_dtype])
+    return reference.eval().requires_grad_(False).to(accelerator.device)
+
+
+def train_dpo(config: TrainConfig) -> dict[str, float]:
+    """Fine-tune `config.model` with DPO on `config.data`; returns the final evaluation metrics."""
+    accelerator = _accelerator(config)
+    torch.manual_seed(config.seed)
+    log = print if accelerator.is_main_process else (lambda *_: None)
+    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    data = prepare_data(config, "dpo", tokenizer, log)
+    model = load_model(config.model, trust_remote_code=config.trust_remote_code).to(accelerator.device)
+    loss = _loss_config(config)
+    chunked = config.logits == "chunked"
+    reference = eval_reference = None
+    if not loss.reference_free:
+        ref_model = _reference_model(config, model, accelerator)
+        if config.precompute_ref:
+            cache = config.ref_cache_dir or str(config.output_dir / "ref_cache")
+            kwargs = dict(batch_size=config.eval_batch_size or config.batch_size, layout=config.layout,
+                          chunked=chunked, device=accelerator.device, log=log)
+            table, _, _ = cached_reference_logps(ref_model, tokenizer, data.train, cache, **kwargs)
+            reference = CachedReference(table)
+            if data.eval:
+                eval_table, _, _ = cached_reference_logps(ref_model, tokenizer, data.eval, cache,
+                                                          description="reference log-probs (eval)", **kwargs)
+                eval_reference = CachedReference(eval_table)
+            del ref_model  # not kept in memory during training
+        else:
+            reference = eval_reference = ModelReference(ref_model, chunked=chunked)
+    objective = DPOObjective(loss, reference, chunked=chunked, average_logps=config.average_logps)
+    eval_objective = DPOObjective(loss, eval_reference, chunked=chunked, average_logps=config.average_logps)
+    return _run(model, tokenizer, objective, data, config, accelerator, eval_objective)
+
+
+def train_sft(config: TrainConfig) -> dict[str, float]:
+    """Supervised fine-tuning of `config.model` on completions (or the chosen responses of a preference set)."""
+    accelerator = _accelerator(config)
+    torch.manual_seed(config.seed)
+    log = print if accelerator.is_main_process else (lambda *_: None)
+    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    data = prepare_data(config, "sft", tokenizer, log)
+    model = load_model(config.model, trust_remote_code=config.trust_remote_code).to(accelerator.device)
+    objective = SFTObjective(chunked=config.logits == "chunked")
+    return _run(model, tokenizer, objective, data, config, accelerator, objective)
+
+
+def _run(model, tokenizer, objective, data, config, accelerator, eval_objective) -> dict[str, float]:
+    metrics = train(model, tokenizer, objective, data.train, data.eval, config, accelerator,
+                    eval_objective=eval_objective)
+    if config.save_final and accelerator.is_main_process:
+        final = config.output_dir / "final"
+        model.save_pretrained(final, safe_serialization=True)
+        tokenizer.save_pretrained(final)
+        (final / "dpokit_metrics.json").write_text(json.dumps(metrics, indent=1))
+        print(f"saved the trained model to {final}")
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def evaluate(
+    model: str,
+    data: str,
+    *,
+    ref_model: str | None = None,
+    loss: str = "sigmoid",
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    reference_free: bool = False,
+    batch_size: int = 8,
+    max_length: int = 512,
+    max_prompt_length: int = 256,
+    truncation: str = "keep_end",
+    format: str = "auto",
+    dtype: str = "float32",
+    layout: str = "packed",
+    on_filtered: str = "skip",
+    log=print,
+) -> dict[str, float]:
+    """Preference loss, reward accuracy, margins and log-probs of `model` against `ref_model` on `data`.
+
+    Nothing is trained. Without `ref_model` the evaluation is reference-free.
+    """
+    if ref_model is None and not reference_free:
+        raise ConfigError("evaluation needs --ref-model (or --reference-free)")
+    config = TrainConfig(model=model, data=data, output="-", loss=loss, beta=beta, label_smoothing=label_smoothing,
+                         reference_free=reference_free, batch_size=batch_size, max_length=max_length,
+                         max_prompt_length=max_prompt_length, truncation=truncation, format=format, dtype=dtype,
+                         layout=layout, on_filtered=on_filtered)
+    accelerator = Accelerator()
+    tokenizer = load_tokenizer(model)
+    examples = prepare_data(config, "dpo", tokenizer, log).train
+    policy = load_model(model, dtype=dtype).to(accelerator.device)
+    reference = None
+    if not reference_free:
+        reference = ModelReference(load_model(ref_model, dtype=dtype).to(accelerator.device))
+    objective = DPOObjective(_loss_config(config), reference)
+    pad = tokenizer.pad_token_id
+    metrics = evaluate_objective(policy, objective, examples, config, accelerator, pad)
+    metrics["examples"] = len(examples)
+    return metrics
+
+
+@torch.no_grad()
+def generate(
+    model: str,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    num_samples: int = 1,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> list[list[str]]:
+    """Sample `num_samples` continuations of each prompt (greedy when temperature is 0)."""
+    tokenizer = load_tokenizer(model)
+    policy = load_model(model)
+    return sample(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                  top_p=top_p, num_samples=num_samples, seed=seed, batch_size=batch_size)
+
+
+@torch.no_grad()
+def sample(policy, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 64, temperature: float = 1.0,
+           top_p: float = 1.0, num_samples: int = 1, seed: int = 0, batch_size: int = 16) -> list[list[str]]:
+    """Sample continuations from an in-memory model (left-padded batches, the prompt tokenised as in training)."""
+    if temperature < 0 or not 0 < top_p <= 1 or num_samples < 1 or max_new_tokens < 1:
+        raise ConfigError("need temperature >= 0, 0 < top_p <= 1, num_samples >= 1 and max_new_tokens >= 1")
+    torch.manual_seed(seed)
+    policy.eval()
+    device = next(policy.parameters()).device
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    flat = [p for p in prompts for _ in range(num_samples)]
+    outputs: list[str] = []
+    for i in range(0, len(flat), batch_size):
+        encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] or [start] for p in flat[i : i + batch_size]]
+        width = max(map(len, encoded))
+        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(e)) + e for e in encoded], device=device)
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(do_sample=False)
+        out = policy.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling)
+        outputs += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    return [outputs[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]

@@ -1,0 +1,99 @@
+"""Checkpoints: a Hugging Face model directory plus the trainer's state, all safetensors/JSON, written atomically.
+
+Layout of ``OUTPUT/checkpoint-000100/``: the model (``model.safetensors``, ``config.json``), the tokenizer,
+``trainer_state.safetensors`` (optimizer tensors and RNG states) and ``trainer_state.json`` (step,
+scheduler, optimizer hyper-parameters, config, metrics). The directory is written under a temporary name
+and renamed into place, so a crash never leaves a half-written checkpoint that ``--resume`` would pick up.
+Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step in `output_dir`, if any."""
+    found = []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        match = _NAME.match(path.name)
+        if match and (path / "trainer_state.json").exists():
+            found.append((int(match.group(1)), path))
+    return max(found)[1] if found else None
+
+
+def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    state = optimizer.state_dict()
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            key = f"optimizer.{index}.{name}"
+            if isinstance(value, torch.Tensor):
+                tensors[key] = value.detach().cpu().contiguous()
+            else:
+                scalars[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def save_checkpoint(output_dir, step, model, tokenizer, optimizer, scheduler, accelerator, extra: dict) -> Path:
+    """Write checkpoint-STEP atomically (main process only) and wait for every process."""
+    final = Path(output_dir) / f"checkpoint-{step:06d}"
+    if accelerator.is_main_process:
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        tensors, optimizer_meta = _optimizer_state(optimizer)
+        tensors["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            for i, rng in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng.cuda.{i}"] = rng
+        save_file(tensors, str(tmp / "trainer_state.safetensors"))
+        state = {"step": step, "scheduler": scheduler.state_dict(), "optimizer": optimizer_meta, **extra}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _load_weights(model, checkpoint: Path) -> None:
+    index = checkpoint / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    weights = {}
+    for name in files:
+        weights.update(load_file(str(checkpoint / name)))
+    result = model.load_state_dict(weights, strict=False)
+    tied = {k for k in result.missing_keys if k.endswith("lm_head.weight") or "embed" in k}
+    if result.unexpected_keys or set(result.missing_keys) - tied:
+        raise RuntimeError(f"{checkpoint}: weights do not match the model "
+                           f"(missing {result.missing_keys}, unexpected {result.unexpected_keys})")
+
+
+def load_trainer_state(checkpoint: Path, model, optimizer, scheduler) -> int:
+    """Restore model weights, optimizer, scheduler and RNG state from `checkpoint`; return its step."""
+    _load_weights(model, checkpoint)
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    tensors = load_file(str(checkpoint / "trainer_state.safetensors"))
+    per_param: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            per_param.setdefault(int(index), {})[name] = value
+    for key, value in state["optimizer"]["scalars"].items():
+        _, index, name = key.split(".", 2)
+        per_param.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": per_param, "param_groups": state["optimizer"]["param_groups"]})
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    return int(state["step"])

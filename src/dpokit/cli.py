@@ -1,0 +1,167 @@
+"""`dpokit` command line: a thin face over dpokit.api. Errors are one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Any
+
+from dpokit.config import TrainConfig, fields_for, make_config, read_yaml
+from dpokit.errors import DpokitError
+
+EPILOG = "Any option can also be given in a YAML file with --config (keys are the option names with underscores); flags override it."
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _field_type(field: dataclasses.Field):
+    text = str(field.type)
+    if "bool" in text:
+        return None
+    if "int" in text and "float" not in text:
+        return int
+    if "float" in text:
+        return float
+    return str
+
+
+def _add_config_options(parser: argparse.ArgumentParser, stage: str) -> None:
+    for field in fields_for(stage):
+        help_text = field.metadata["help"]
+        default = field.default
+        kind = _field_type(field)
+        if kind is None:  # booleans: --x / --no-x
+            parser.add_argument(_flag(field.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=f"{help_text} (default: {default})")
+            continue
+        choices = field.metadata.get("choices")
+        parser.add_argument(_flag(field.name), type=kind, choices=choices, default=argparse.SUPPRESS,
+                            metavar=None if choices else field.name.upper(),
+                            help=f"{help_text} (default: {default})" if default is not None else help_text)
+    parser.add_argument("--config", metavar="FILE.yaml", help="read options from a YAML file; flags override it")
+
+
+def _train_config(stage: str, args: argparse.Namespace) -> TrainConfig:
+    values: dict[str, Any] = read_yaml(args.config, stage) if getattr(args, "config", None) else {}
+    values.update({k: v for k, v in vars(args).items() if k not in ("command", "config", "func")})
+    return make_config(stage, values)
+
+
+def _cmd_dpo(args):
+    from dpokit.api import train_dpo
+
+    metrics = train_dpo(_train_config("dpo", args))
+    if metrics:
+        print(json.dumps({"eval": metrics}))
+
+
+def _cmd_sft(args):
+    from dpokit.api import train_sft
+
+    metrics = train_sft(_train_config("sft", args))
+    if metrics:
+        print(json.dumps({"eval": metrics}))
+
+
+def _cmd_eval(args):
+    from dpokit.api import evaluate
+
+    log = (lambda *_: None) if args.json else print
+    metrics = evaluate(args.model, args.data, ref_model=args.ref_model, loss=args.loss, beta=args.beta,
+                       label_smoothing=args.label_smoothing, reference_free=args.reference_free,
+                       batch_size=args.batch_size, max_length=args.max_length,
+                       max_prompt_length=args.max_prompt_length, truncation=args.truncation, format=args.format,
+                       dtype=args.dtype, on_filtered=args.on_filtered, log=log)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        for key, value in metrics.items():
+            print(f"{key:22s} {value:.6g}")
+
+
+def _cmd_generate(args):
+    from dpokit.api import generate
+
+    if args.prompts:
+        from pathlib import Path
+
+        prompts = [line for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    else:
+        prompts = [args.prompt]
+    outputs = generate(args.model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       top_p=args.top_p, num_samples=args.num_samples, seed=args.seed)
+    for prompt, samples in zip(prompts, outputs):
+        for text in samples:
+            print(json.dumps({"prompt": prompt, "completion": text}) if args.jsonl else prompt + text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every dpokit command."""
+    from dpokit import __version__
+
+    parser = argparse.ArgumentParser(prog="dpokit", description="Direct Preference Optimization for causal LMs.")
+    parser.add_argument("--version", action="version", version=f"dpokit {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    dpo = commands.add_parser("dpo", help="fine-tune a model with DPO on preference pairs", epilog=EPILOG)
+    _add_config_options(dpo, "dpo")
+    dpo.set_defaults(func=_cmd_dpo)
+    sft = commands.add_parser("sft", help="supervised fine-tuning on completions or chosen responses", epilog=EPILOG)
+    _add_config_options(sft, "sft")
+    sft.set_defaults(func=_cmd_sft)
+
+    ev = commands.add_parser("eval", formatter_class=fmt,
+                             help="loss, reward accuracy, margins and log-probs of a policy vs a reference")
+    ev.add_argument("--model", required=True, help="policy model directory or hub name")
+    ev.add_argument("--ref-model", help="reference model (required unless --reference-free)")
+    ev.add_argument("--data", required=True, help="preference data (any format dpokit dpo takes)")
+    ev.add_argument("--loss", default="sigmoid", choices=("sigmoid", "ipo", "hinge", "robust"), help="preference loss")
+    ev.add_argument("--beta", type=float, default=0.1, help="β")
+    ev.add_argument("--label-smoothing", type=float, default=0.0, help="ε for sigmoid (cDPO) or robust")
+    ev.add_argument("--reference-free", action="store_true", help="score without a reference model")
+    ev.add_argument("--batch-size", type=int, default=8, help="examples per batch")
+    ev.add_argument("--max-length", type=int, default=512, help="maximum prompt + response tokens")
+    ev.add_argument("--max-prompt-length", type=int, default=256, help="prompt length for too-long examples")
+    ev.add_argument("--truncation", default="keep_end", choices=("keep_end", "keep_start"), help="prompt end kept")
+    ev.add_argument("--format", default="auto", help="data format (auto-detected by default)")
+    ev.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="model dtype")
+    ev.add_argument("--on-filtered", default="skip", choices=("skip", "error"), help="identical/too-long pairs")
+    ev.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
+    ev.set_defaults(func=_cmd_eval)
+
+    gen = commands.add_parser("generate", formatter_class=fmt, help="sample continuations of prompts")
+    gen.add_argument("--model", required=True, help="model directory or hub name")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="one prompt")
+    source.add_argument("--prompts", help="a text file with one prompt per line")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
+    gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    gen.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    gen.add_argument("--seed", type=int, default=0, help="random seed")
+    gen.add_argument("--jsonl", action="store_true", help="print one JSON object per sample")
+    gen.set_defaults(func=_cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `dpokit` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except DpokitError as error:
+        print(f"dpokit {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dpokit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

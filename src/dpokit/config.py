@@ -1,0 +1,141 @@
+"""Training configuration: one typed dataclass, validated once, filled from YAML and/or command-line flags.
+
+Every field's metadata carries its help text and the commands it belongs to, so the CLI's ``--help`` and the
+YAML keys are the field names themselves (``max_length`` in YAML is ``--max-length`` on the command line).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dpokit.errors import ConfigError
+from dpokit.losses import LOSS_TYPES
+
+BOTH = ("dpo", "sft")
+DPO = ("dpo",)
+
+
+def opt(default: Any, help: str, stages: tuple[str, ...] = BOTH, choices: tuple | None = None) -> Any:
+    """A config field with its help text, the commands that take it and its allowed values."""
+    return field(default=default, metadata={"help": help, "stages": stages, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    """Everything `dpokit dpo` and `dpokit sft` take. Field names are YAML keys and (with dashes) flags."""
+
+    model: str = opt(None, "policy to start from: a Hugging Face model directory or hub name")
+    data: str = opt(None, "training data: .jsonl/.json/.parquet/.csv file, save_to_disk directory, or hub name")
+    output: str = opt(None, "output directory: checkpoints, final model, metrics.jsonl")
+    eval_data: str | None = opt(None, "held-out evaluation data (same formats as --data)")
+    eval_fraction: float = opt(0.0, "hold out this fraction of --data for evaluation when --eval-data is not given")
+    split: str = opt("train", "split to read from a dataset directory or hub dataset")
+    eval_split: str = opt("test", "split to read from --eval-data when it is a dataset directory or hub dataset")
+    format: str = opt("auto", "data format", choices=("auto", "standard", "conversational", "implicit", "ranked", "completion"))
+    prompt_column: str = opt("prompt", "name of the prompt column")
+    chosen_column: str = opt("chosen", "name of the chosen-response column")
+    rejected_column: str = opt("rejected", "name of the rejected-response column")
+    completion_column: str = opt("completion", "name of the completion column (SFT prompt/completion data)")
+    responses_column: str = opt("responses", "name of the responses column (ranked data)")
+    scores_column: str = opt("scores", "name of the scores column (ranked data)")
+    on_filtered: str = opt("skip", "what to do with identical or too-long pairs: skip them (counted) or fail", choices=("skip", "error"))
+
+    ref_model: str | None = opt(None, "reference model (default: a frozen copy of --model)", DPO)
+    ref_dtype: str | None = opt(None, "reference model dtype (default: --dtype)", DPO, ("float32", "bfloat16", "float16"))
+    loss: str = opt("sigmoid", "preference loss", DPO, LOSS_TYPES)
+    beta: float = opt(0.1, "β: strength of the KL constraint to the reference", DPO)
+    label_smoothing: float = opt(0.0, "assumed label-noise rate ε (conservative DPO for sigmoid; robust)", DPO)
+    sft_weight: float = opt(0.0, "weight of an NLL term on chosen responses added to the preference loss", DPO)
+    reference_free: bool = opt(False, "drop the reference model (its log-probs are taken as 0)", DPO)
+    average_logps: bool = opt(False, "average response log-probs over tokens instead of summing them", DPO)
+    precompute_ref: bool = opt(False, "compute reference log-probs once before training, cached on disk; "
+                               "the reference model is then not kept in memory", DPO)
+    ref_cache_dir: str | None = opt(None, "where to cache precomputed reference log-probs (default: OUTPUT/ref_cache)", DPO)
+
+    batch_size: int = opt(8, "examples per process per micro-batch (global batch = this × grad_accum × processes)")
+    eval_batch_size: int | None = opt(None, "examples per evaluation batch (default: --batch-size)")
+    grad_accum: int = opt(1, "micro-batches accumulated per optimizer step")
+    lr: float = opt(1e-6, "peak learning rate")
+    optimizer: str = opt("rmsprop", "optimizer (the paper uses RMSprop)", choices=("rmsprop", "adamw"))
+    weight_decay: float = opt(0.0, "weight decay")
+    warmup_steps: int = opt(150, "linear warm-up steps")
+    schedule: str = opt("constant", "learning-rate schedule after warm-up", choices=("constant", "cosine"))
+    max_steps: int | None = opt(None, "optimizer steps to run (overrides --epochs)")
+    epochs: float = opt(1.0, "passes over the training data when --max-steps is not given")
+    max_grad_norm: float = opt(10.0, "clip the gradient norm to this (0 = no clipping)")
+    max_length: int = opt(512, "maximum prompt + response tokens")
+    max_prompt_length: int = opt(256, "prompt length the prompt is cut to when prompt + response is too long")
+    truncation: str = opt("keep_end", "which end of a too-long prompt to keep", choices=("keep_end", "keep_start"))
+    dtype: str = opt("float32", "training precision: float32, or bfloat16 mixed precision", choices=("float32", "bfloat16"))
+    seed: int = opt(0, "random seed (data order, initialisation of anything random)")
+    eval_every: int = opt(0, "evaluate every N steps (0 = only at the end)")
+    save_every: int = opt(0, "checkpoint every N steps (0 = only at the end)")
+    log_every: int = opt(1, "log metrics every N steps")
+    resume: bool = opt(False, "continue from the latest checkpoint in --output")
+    layout: str = opt("packed", "batch layout: packed (fastest), shared prompt, or plain (one row per response)",
+                      choices=("packed", "shared", "plain"))
+    logits: str = opt("chunked", "chunked: logits only at response positions, in chunks; full: every position",
+                      choices=("chunked", "full"))
+    trust_remote_code: bool = opt(False, "allow model code from the model's repository to run")
+    save_final: bool = opt(True, "save the final model to OUTPUT/final")
+
+    def __post_init__(self) -> None:
+        for name in ("model", "data", "output"):
+            if not getattr(self, name):
+                raise ConfigError(f"--{name.replace('_', '-')} is required")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                raise ConfigError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}; got {value!r}")
+        positive = ("batch_size", "grad_accum", "max_length", "max_prompt_length", "log_every")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive; got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be positive; got {self.lr}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"--eval-fraction must be in [0, 1); got {self.eval_fraction}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ConfigError(f"--max-steps must be positive; got {self.max_steps}")
+
+    @property
+    def output_dir(self) -> Path:
+        """The output directory as a Path."""
+        return Path(self.output)
+
+
+def fields_for(stage: str) -> list[dataclasses.Field]:
+    """The TrainConfig fields that `stage` ("dpo" or "sft") takes."""
+    return [f for f in dataclasses.fields(TrainConfig) if stage in f.metadata["stages"]]
+
+
+def read_yaml(path: str | Path, stage: str) -> dict[str, Any]:
+    """Read a YAML config, check its keys against the fields of `stage`, and return it as a dict."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: invalid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of option names to values")
+    known = {f.name for f in fields_for(stage)}
+    unknown = sorted(k for k in data if k.replace("-", "_") not in known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown option(s) for `dpokit {stage}`: {', '.join(unknown)}")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def make_config(stage: str, values: dict[str, Any]) -> TrainConfig:
+    """Build a validated TrainConfig for `stage` from a dict of field values."""
+    known = {f.name for f in fields_for(stage)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown option(s) for `dpokit {stage}`: {', '.join(unknown)}")
+    return TrainConfig(**values)

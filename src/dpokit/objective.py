@@ -1,0 +1,86 @@
+"""What one training step computes: DPO (policy and reference log-probs -> preference loss) or SFT (NLL).
+
+An objective returns the *sum* of its per-item losses over a micro-batch and says what that sum is to be
+divided by (pairs for DPO, tokens for SFT). The trainer adds the divisors of every micro-batch of a step,
+across processes, before dividing: that is what makes gradient accumulation and data parallelism give the
+same update as one large batch, even for token-averaged SFT where micro-batches hold different token counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from dpokit.batching import Batch
+from dpokit.logprobs import sequence_logprobs
+from dpokit.losses import LossConfig, preference_loss, preference_metrics
+
+Reference = Callable[[Batch], Tensor]
+
+
+@dataclass
+class StepResult:
+    """A micro-batch's summed loss (with grad) and summed metrics (detached); both share one divisor."""
+
+    loss_sum: Tensor
+    metric_sums: dict[str, Tensor]
+
+
+class DPOObjective:
+    """The DPO family of losses on (chosen, rejected) pairs against a reference."""
+
+    num_responses = 2
+
+    def __init__(self, loss: LossConfig, reference: Reference | None, *, chunked: bool = True,
+                 average_logps: bool = False) -> None:
+        if reference is None and not loss.reference_free:
+            raise ValueError("a reference is required unless the loss is reference-free")
+        self.loss = loss
+        self.reference = reference
+        self.chunked = chunked
+        self.average_logps = average_logps
+
+    def divisor(self, batch: Batch) -> int:
+        """Pairs in the batch: the DPO loss is a mean over pairs."""
+        return batch.num_sequences // 2
+
+    def __call__(self, model: nn.Module, batch: Batch) -> StepResult:
+        """Loss and metric sums of `model` on `batch`."""
+        policy = sequence_logprobs(model, batch, chunked=self.chunked)
+        reference = None
+        if not self.loss.reference_free:
+            with torch.no_grad():
+                reference = self.reference(batch).float()
+        counts = batch.token_counts.to(policy.device).float()
+        if self.average_logps:
+            policy = policy / counts
+            reference = None if reference is None else reference / counts
+            counts = torch.ones_like(counts)  # already per token: ipo and the sft term must not divide again
+        ref_c, ref_r = (None, None) if reference is None else (reference[0::2], reference[1::2])
+        out = preference_loss(
+            policy[0::2], policy[1::2], ref_c, ref_r, self.loss,
+            chosen_token_counts=counts[0::2], rejected_token_counts=counts[1::2],
+        )
+        metrics = preference_metrics(out, policy[0::2].detach(), policy[1::2].detach())
+        return StepResult(out.losses.sum(), {k: v.detach().float().sum() for k, v in metrics.items()})
+
+
+class SFTObjective:
+    """Maximum likelihood of the responses: mean negative log-likelihood per response token."""
+
+    num_responses = 1
+
+    def __init__(self, *, chunked: bool = True) -> None:
+        self.chunked = chunked
+
+    def divisor(self, batch: Batch) -> int:
+        """Response tokens in the batch: SFT's loss is a mean over tokens."""
+        return int(batch.token_counts.sum())
+
+    def __call__(self, model: nn.Module, batch: Batch) -> StepResult:
+        """Loss and metric sums of `model` on `batch`."""
+        nll = -sequence_logprobs(model, batch, chunked=self.chunked).sum()
+        return StepResult(nll, {"loss": nll.detach()})

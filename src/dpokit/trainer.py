@@ -1,0 +1,233 @@
+"""The one training loop, shared by SFT and DPO: accumulate, reduce, clip, step, evaluate, log, checkpoint.
+
+Data parallelism: each process scores its slice of every global batch; the objective's loss sums are divided
+by the divisor of the whole global batch (all micro-batches, all processes), and gradients are then summed
+across processes. The update is therefore the same for any split of a global batch into processes and
+micro-batches (tests/test_trainer.py checks both). Gradients are all-reduced by hand, in one flat buffer,
+rather than through DistributedDataParallel, because the fast log-prob path calls the decoder directly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from torch import nn
+from tqdm.auto import tqdm
+
+from dpokit.batching import collate
+from dpokit.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from dpokit.config import TrainConfig
+from dpokit.errors import ConfigError
+from dpokit.metrics import MetricsLogger
+from dpokit.tokenize import TokenizedExample
+
+
+@dataclass
+class Plan:
+    """How many examples each step consumes and how many steps the run has."""
+
+    global_batch: int
+    steps_per_epoch: int
+    total_steps: int
+
+
+def make_plan(num_examples: int, config: TrainConfig, num_processes: int) -> Plan:
+    """Work out the global batch and step counts; too little data for one global batch is an error."""
+    global_batch = config.batch_size * config.grad_accum * num_processes
+    steps_per_epoch = num_examples // global_batch
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"{num_examples} training examples are fewer than one global batch of {global_batch} "
+            f"(batch_size {config.batch_size} x grad_accum {config.grad_accum} x {num_processes} processes)"
+        )
+    total = config.max_steps or max(1, math.floor(config.epochs * steps_per_epoch))
+    return Plan(global_batch, steps_per_epoch, total)
+
+
+def step_indices(step: int, plan: Plan, num_examples: int, seed: int) -> list[int]:
+    """The example indices of global step `step`: a seeded permutation per epoch, read in order."""
+    epoch, position = divmod(step, plan.steps_per_epoch)
+    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch))
+    start = position * plan.global_batch
+    return order[start : start + plan.global_batch].tolist()
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """RMSprop (the paper's) or AdamW over the trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def lr_factor(step: int, config: TrainConfig, total_steps: int) -> float:
+    """Linear warm-up over `warmup_steps`, then constant or cosine decay to zero."""
+    if config.warmup_steps and step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.schedule == "cosine":
+        progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return 1.0
+
+
+def _sum_across(values: torch.Tensor, accelerator: Accelerator) -> torch.Tensor:
+    if accelerator.num_processes > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def _all_reduce_gradients(params: Sequence[nn.Parameter], accelerator: Accelerator) -> None:
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def _sequence_tokens(examples: Sequence[TokenizedExample]) -> int:
+    """Tokens of every prompt+response sequence, as a padded layout would see them (a layout-fair count)."""
+    return sum(len(e.prompt_ids) * len(e.responses) + sum(map(len, e.responses)) for e in examples)
+
+
+@torch.no_grad()
+def evaluate(model, objective, examples, config: TrainConfig, accelerator: Accelerator, pad_token_id: int,
+             desc: str = "eval") -> dict[str, float]:
+    """Mean metrics of `objective` over `examples`, sharded across processes."""
+    was_training = model.training
+    model.eval()
+    batch_size = config.eval_batch_size or config.batch_size
+    mine = list(range(accelerator.process_index, len(examples), accelerator.num_processes))
+    sums: dict[str, torch.Tensor] = {}
+    divisor = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    starts = range(0, len(mine), batch_size)
+    for start in tqdm(starts, desc=desc, disable=not accelerator.is_main_process or len(starts) < 4, leave=False):
+        ids = mine[start : start + batch_size]
+        batch = collate([examples[i] for i in ids], ids, layout=config.layout, pad_token_id=pad_token_id)
+        batch = batch.to(accelerator.device)
+        with accelerator.autocast():
+            result = objective(model, batch)
+        divisor += objective.divisor(batch)
+        for k, v in result.metric_sums.items():
+            sums[k] = sums.get(k, 0) + v.double()
+    keys = sorted(sums)
+    if not keys:  # this process had no examples: still take part in the reduction
+        keys = sorted(_metric_names(objective))
+        sums = {k: torch.zeros((), dtype=torch.float64, device=accelerator.device) for k in keys}
+    totals = _sum_across(torch.stack([divisor] + [sums[k] for k in keys]), accelerator)
+    model.train(was_training)
+    return {k: (totals[i + 1] / totals[0]).item() for i, k in enumerate(keys)}
+
+
+def _metric_names(objective) -> list[str]:
+    if objective.num_responses == 1:
+        return ["loss"]
+    return ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+            "logps/chosen", "logps/rejected"]
+
+
+def train(
+    model: nn.Module,
+    tokenizer,
+    objective,
+    train_examples: Sequence[TokenizedExample],
+    eval_examples: Sequence[TokenizedExample] | None,
+    config: TrainConfig,
+    accelerator: Accelerator,
+    eval_objective=None,
+) -> dict[str, float]:
+    """Run the training loop described in the module docstring; return the last evaluation's metrics.
+
+    `eval_objective` scores the evaluation set (default: `objective`); it differs when reference log-probs
+    are precomputed, since the evaluation examples have their own table.
+    """
+    plan = make_plan(len(train_examples), config, accelerator.num_processes)
+    model.train()
+    for module in model.modules():  # dropout off, in case the config has it on: DPO compares log-probs
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config, plan.total_steps))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    log = MetricsLogger(config.output_dir, enabled=accelerator.is_main_process)
+
+    step = 0
+    if config.resume:
+        checkpoint = latest_checkpoint(config.output_dir)
+        if checkpoint is None:
+            log.print(f"--resume: no checkpoint in {config.output_dir}; starting from scratch")
+        else:
+            step = load_trainer_state(checkpoint, model, optimizer, scheduler)
+            log.print(f"resumed from {checkpoint} at step {step}")
+    log.print(
+        f"training {plan.total_steps} steps: global batch {plan.global_batch} "
+        f"({config.batch_size} x {config.grad_accum} accumulation x {accelerator.num_processes} processes), "
+        f"{plan.steps_per_epoch} steps per epoch, {len(train_examples) % plan.global_batch} examples "
+        "left out of each epoch's order (a different few each epoch)"
+    )
+
+    eval_metrics: dict[str, float] = {}
+    bar = tqdm(total=plan.total_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
+    while step < plan.total_steps:
+        started = time.perf_counter()
+        indices = step_indices(step, plan, len(train_examples), config.seed)
+        micro = [indices[(k * accelerator.num_processes + accelerator.process_index) * config.batch_size:]
+                 [: config.batch_size] for k in range(config.grad_accum)]
+        batches = [collate([train_examples[i] for i in ids], ids, layout=config.layout, pad_token_id=pad)
+                   .to(accelerator.device) for ids in micro]
+        divisor = _sum_across(torch.tensor(float(sum(objective.divisor(b) for b in batches)),
+                                           dtype=torch.float64, device=accelerator.device), accelerator)
+        metric_sums: dict[str, torch.Tensor] = {}
+        for batch in batches:
+            with accelerator.autocast():
+                result = objective(model, batch)
+            (result.loss_sum / divisor.float()).backward()
+            for k, v in result.metric_sums.items():
+                metric_sums[k] = metric_sums.get(k, 0) + v.double()
+        _all_reduce_gradients(params, accelerator)
+        max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+
+        if step % config.log_every == 0 or step == plan.total_steps:
+            keys = sorted(metric_sums)
+            totals = _sum_across(torch.stack([metric_sums[k] for k in keys]), accelerator) / divisor
+            seconds = time.perf_counter() - started
+            tokens = _sequence_tokens([train_examples[i] for i in indices])
+            row = {k: totals[i].item() for i, k in enumerate(keys)}
+            row.update({"grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0],
+                        "tokens_per_second": tokens / seconds, "seconds_per_step": seconds,
+                        "epoch": step / plan.steps_per_epoch})
+            log.write("train", step, row)
+            bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "rewards/accuracies") if k in row})
+        last = step == plan.total_steps
+        if eval_examples and ((config.eval_every and step % config.eval_every == 0) or last):
+            eval_metrics = evaluate(model, eval_objective or objective, eval_examples, config, accelerator, pad)
+            log.write("eval", step, eval_metrics)
+            log.print(f"eval @ step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+        if (config.save_every and step % config.save_every == 0) or last:
+            save_checkpoint(config.output_dir, step, model, tokenizer, optimizer, scheduler, accelerator,
+                            {"config": config_dict(config), "metrics": eval_metrics})
+    bar.close()
+    log.close()
+    return eval_metrics
+
+
+def config_dict(config: TrainConfig) -> dict:
+    """The config as a JSON-serialisable dict (stored with checkpoints)."""
+    return json.loads(json.dumps(vars(config), default=str))
