@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from dpokit.config import TrainConfig
 from dpokit.data import ColumnMap, load_completions, load_preferences, split_eval
 from dpokit.errors import ConfigError
+from dpokit.logprobs import check_layout
 from dpokit.losses import LossConfig
 from dpokit.objective import DPOObjective, SFTObjective
 from dpokit.reference import CachedReference, ModelReference, cached_reference_logps
@@ -103,6 +104,12 @@ def _loss_config(config: TrainConfig) -> LossConfig:
     return LossConfig(config.loss, config.beta, config.label_smoothing, config.reference_free, config.sft_weight)
 
 
+def _load_policy(config: TrainConfig, tokenizer, data: PreparedData, accelerator: Accelerator):
+    model = load_model(config.model, trust_remote_code=config.trust_remote_code).to(accelerator.device)
+    config.layout = check_layout(model, data.train, config.layout, tokenizer.pad_token_id)
+    return model
+
+
 def _reference_model(config: TrainConfig, policy, accelerator: Accelerator):
     ref_dtype = config.ref_dtype or config.dtype
     if config.ref_model:
@@ -119,7 +126,7 @@ def train_dpo(config: TrainConfig) -> dict[str, float]:
     log = print if accelerator.is_main_process else (lambda *_: None)
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     data = prepare_data(config, "dpo", tokenizer, log)
-    model = load_model(config.model, trust_remote_code=config.trust_remote_code).to(accelerator.device)
+    model = _load_policy(config, tokenizer, data, accelerator)
     loss = _loss_config(config)
     chunked = config.logits == "chunked"
     reference = eval_reference = None
@@ -150,7 +157,7 @@ def train_sft(config: TrainConfig) -> dict[str, float]:
     log = print if accelerator.is_main_process else (lambda *_: None)
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     data = prepare_data(config, "sft", tokenizer, log)
-    model = load_model(config.model, trust_remote_code=config.trust_remote_code).to(accelerator.device)
+    model = _load_policy(config, tokenizer, data, accelerator)
     objective = SFTObjective(chunked=config.logits == "chunked")
     return _run(model, tokenizer, objective, data, config, accelerator, objective)
 

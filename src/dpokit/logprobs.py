@@ -120,3 +120,35 @@ def _warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
         warnings.warn(message, stacklevel=3)
+
+
+@torch.no_grad()
+def check_layout(model: nn.Module, examples, layout: str, pad_token_id: int, *, tolerance: float = 1e-4) -> str:
+    """`layout` if `model` gives the plain layout's log-probs with it on a few `examples`, else "plain".
+
+    The shared and packed layouts need a model that honours a 4-D attention mask and explicit position
+    ids. Rather than keep a list of families, this asks the model itself, once, before training.
+    """
+    from dpokit.batching import collate
+
+    if layout == "plain":
+        return layout
+    sample = list(examples[:4])
+    ids = list(range(len(sample)))
+    was_training = model.training
+    model.eval()
+    try:
+        plain = sequence_logprobs(model, collate(sample, ids, layout="plain", pad_token_id=pad_token_id)
+                                  .to(model.device), chunked=False)
+        other = sequence_logprobs(model, collate(sample, ids, layout=layout, pad_token_id=pad_token_id)
+                                  .to(model.device), chunked=False)
+        error = ((other - plain).abs() / plain.abs().clamp_min(1.0)).max().item()
+        reason = None if error <= tolerance else f"log-probs differ by {error:.2e}"
+    except Exception as exc:  # a family that rejects 4-D masks or position ids outright
+        reason = f"{type(exc).__name__}: {exc}"
+    finally:
+        model.train(was_training)
+    if reason is None:
+        return layout
+    _warn_once(f"{type(model).__name__} does not support the {layout} layout ({reason}); using the plain layout")
+    return "plain"
