@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +98,10 @@ def prepare_data(config: TrainConfig, stage: str, tokenizer, log=print) -> Prepa
 
 
 def _accelerator(config: TrainConfig) -> Accelerator:
-    return Accelerator(mixed_precision="bf16" if config.dtype == "bfloat16" else "no")
+    # Launched as several processes (torchrun / accelerate launch) on a machine without CUDA: accelerate
+    # sets up gloo only when told to use the CPU; otherwise every process would train alone as "main".
+    cpu_only = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    return Accelerator(mixed_precision="bf16" if config.dtype == "bfloat16" else "no", cpu=cpu_only)
 
 
 def _loss_config(config: TrainConfig) -> LossConfig:
@@ -146,7 +150,8 @@ def train_dpo(config: TrainConfig) -> dict[str, float]:
         else:
             reference = eval_reference = ModelReference(ref_model, chunked=chunked)
     objective = DPOObjective(loss, reference, chunked=chunked, average_logps=config.average_logps)
-    eval_objective = DPOObjective(loss, eval_reference, chunked=chunked, average_logps=config.average_logps)
+    eval_objective = DPOObjective(loss, eval_reference, chunked=chunked, average_logps=config.average_logps) \
+        if data.eval else None
     return _run(model, tokenizer, objective, data, config, accelerator, eval_objective)
 
 

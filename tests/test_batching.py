@@ -1,0 +1,71 @@
+"""Batch layouts: every layout scores the same tokens of the same sequences; masks keep responses apart."""
+
+import pytest
+import torch
+
+from dpokit.batching import collate
+from dpokit.errors import ConfigError
+from dpokit.tokenize import TokenizedExample
+
+EXAMPLES = [
+    TokenizedExample((5, 6, 7), ((10, 11), (20, 21, 22))),
+    TokenizedExample((8,), ((12,), (23,))),
+    TokenizedExample((9, 9, 9, 9, 9, 9), ((13, 14, 15, 16), (25,))),
+]
+
+
+def _scored(batch):
+    """(sequence, target token, token fed at the predicting position) for every scored token."""
+    fed = batch.input_ids.reshape(-1)[batch.target_index]
+    return sorted(zip(batch.target_seq.tolist(), batch.target_ids.tolist(), fed.tolist()))
+
+
+@pytest.mark.parametrize("layout", ["plain", "shared", "packed"])
+def test_every_layout_scores_the_same_tokens(layout):
+    batch = collate(EXAMPLES, [0, 1, 2], layout=layout)
+    expected = []
+    for i, e in enumerate(EXAMPLES):
+        for j, response in enumerate(e.responses):
+            context = list(e.prompt_ids) + list(response)
+            for k, token in enumerate(response):
+                expected.append((i * 2 + j, token, context[len(e.prompt_ids) + k - 1]))
+    assert _scored(batch) == sorted(expected)
+    assert batch.token_counts.tolist() == [2, 3, 1, 1, 4, 1]
+    assert batch.num_sequences == 6 and batch.example_ids.tolist() == [0, 1, 2]
+
+
+def test_shared_layout_hides_responses_from_each_other_and_restarts_positions():
+    batch = collate(EXAMPLES[:1], [0], layout="shared")
+    mask = batch.attention_mask[0]
+    # columns: prompt 0-2, chosen 3-4, rejected 5-7
+    assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 4, 3, 4, 5]
+    assert mask[5, :3].all() and not mask[5, 3:5].any() and mask[5, 5]
+    assert mask[4, :5].all() and not mask[4, 5:].any()
+    assert not mask[0, 1:].any()  # causal
+
+
+def test_packing_never_makes_rows_longer_and_keeps_examples_apart():
+    batch = collate(EXAMPLES, [0, 1, 2], layout="packed")
+    longest = max(e.length for e in EXAMPLES)
+    assert batch.input_ids.shape == (2, longest)  # examples 0 (8 tokens) and 1 (3) share a row of 11
+    row = next(r for r in range(2) if (batch.input_ids[r] == 8).any())
+    cols_of_1 = (batch.input_ids[row] == 8).nonzero().item()
+    cols_of_0 = (batch.input_ids[row] == 5).nonzero().item()
+    assert not batch.attention_mask[row, cols_of_1, cols_of_0] and not batch.attention_mask[row, cols_of_0, cols_of_1]
+    assert batch.position_ids[row, cols_of_1] == 0
+
+
+def test_plain_layout_pads_right_with_a_2d_mask():
+    batch = collate(EXAMPLES, [0, 1, 2], layout="plain", pad_token_id=99)
+    assert batch.attention_mask.dim() == 2 and batch.input_ids.shape[0] == 6
+    assert batch.input_ids[3, 2:].eq(99).all() and batch.attention_mask[3].tolist()[:3] == [1, 1, 0]
+
+
+def test_unknown_layout():
+    with pytest.raises(ConfigError, match="layout"):
+        collate(EXAMPLES, [0, 1, 2], layout="zigzag")
+
+
+def test_to_moves_tensors():
+    batch = collate(EXAMPLES, [0, 1, 2]).to(torch.device("cpu"))
+    assert batch.input_ids.device.type == "cpu" and batch.num_responses == 2

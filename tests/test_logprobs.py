@@ -1,0 +1,121 @@
+"""Log-probs: every layout and the chunked path give the plain, full-logits numbers and gradients."""
+
+import random
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from dpokit.batching import collate
+from dpokit.data.records import PreferencePair
+from dpokit.logprobs import check_layout, sequence_logprobs, supports_chunked_logits
+from dpokit.tokenize import TokenizeConfig, tokenize_examples
+from helpers import WORDS, make_gpt2, make_llama
+
+
+@pytest.fixture(scope="module")
+def examples(tokenizer):
+    rng = random.Random(0)
+
+    def text(n):
+        return " " + " ".join(rng.choice(WORDS) for _ in range(n))
+
+    pairs = [PreferencePair(text(rng.randint(1, 15)), text(rng.randint(1, 9)), text(rng.randint(1, 12)), f"r{i}")
+             for i in range(7)]
+    return tokenize_examples(pairs, tokenizer, TokenizeConfig(max_length=128, max_prompt_length=64))[0]
+
+
+def _logps_and_grads(model, examples, layout, chunked, chunk_size=1024):
+    model.zero_grad()
+    logps = sequence_logprobs(model, collate(examples, range(len(examples)), layout=layout), chunked=chunked,
+                              chunk_size=chunk_size)
+    (logps * torch.linspace(0.5, 1.5, len(logps))).sum().backward()  # unequal weights, like a real loss
+    grads = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+    return logps.detach(), grads
+
+
+@pytest.mark.parametrize("family", [make_llama, make_gpt2])
+@pytest.mark.parametrize("layout,chunked", [("plain", True), ("shared", False), ("shared", True),
+                                            ("packed", False), ("packed", True)])
+def test_optimised_paths_equal_plain_full_logits(examples, family, layout, chunked):
+    model = family()
+    base_logps, base_grads = _logps_and_grads(model, examples, "plain", False)
+    logps, grads = _logps_and_grads(model, examples, layout, chunked, chunk_size=7)
+    torch.testing.assert_close(logps, base_logps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads, base_grads, rtol=1e-5, atol=1e-5)
+
+
+def test_logps_are_sums_of_token_logprobs(examples):
+    model = make_llama()
+    batch = collate(examples[:1], [0], layout="plain")
+    e = examples[0]
+    with torch.no_grad():
+        logits = model(batch.input_ids[:1]).logits[0].float().log_softmax(-1)
+        p = len(e.prompt_ids)
+        expected = sum(logits[p - 1 + k, t].item() for k, t in enumerate(e.responses[0]))
+        got = sequence_logprobs(model, batch)[0].item()
+    assert got == pytest.approx(expected, abs=1e-4)
+
+
+def test_lm_head_bias_is_included(examples):
+    model = make_llama()
+    head = nn.Linear(32, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.normal_()
+    model.lm_head = head
+    base_logps, base_grads = _logps_and_grads(model, examples, "plain", False)
+    logps, grads = _logps_and_grads(model, examples, "packed", True)
+    torch.testing.assert_close(logps, base_logps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads, base_grads, rtol=1e-5, atol=1e-5)
+
+
+def test_models_that_transform_logits_use_the_full_path(examples):
+    model = make_llama()
+    model.config.final_logit_softcapping = 30.0
+    assert not supports_chunked_logits(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        logps = sequence_logprobs(model, collate(examples, range(len(examples))))
+    assert any("full logits" in str(w.message) for w in caught)
+    assert torch.isfinite(logps).all()
+
+
+def test_bfloat16_model_gives_float32_logps_close_to_float32(examples):
+    model = make_llama()
+    reference = sequence_logprobs(model, collate(examples, range(len(examples))))
+    logps = sequence_logprobs(model.to(torch.bfloat16), collate(examples, range(len(examples))))
+    assert logps.dtype == torch.float32
+    torch.testing.assert_close(logps, reference, rtol=3e-2, atol=0.5)
+
+
+class _IgnoresCustomMasks(nn.Module):
+    """A stand-in for a model family that drops 4-D masks and uses plain causal attention instead."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.model, name)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
+        if attention_mask is not None and attention_mask.dim() == 4:
+            attention_mask, position_ids = None, None
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+
+    def get_output_embeddings(self):
+        return None  # forces the full path, which goes through forward()
+
+
+def test_check_layout_falls_back_to_plain_for_models_that_ignore_the_mask(examples):
+    good = make_llama()
+    assert check_layout(good, examples, "packed", 0) == "packed"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert check_layout(_IgnoresCustomMasks(make_llama()), examples, "shared", 0) == "plain"
+    assert any("does not support the shared layout" in str(w.message) for w in caught)
