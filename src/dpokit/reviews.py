@@ -37,18 +37,18 @@ def base_model_path() -> str:
 # so titles, names, openings and plot summaries are sentiment-neutral.
 
 _FIRST_NAMES = (
-    "Anna Ben Clara Daniel Elena Frank Grace Henry Iris Jack Julia Karl Laura Leo Maria Martin "
+    "Anna Ben Clara Daniel Elena Frank Greta Henry Iris Jack Julia Karl Laura Leo Maria Martin "
     "Nora Oscar Paula Peter Rosa Sam Sofia Thomas Vera Victor Walter Alice Hugo Ruth Simon Ella "
     "Felix Hannah Ivan Lena Marco Nina Owen Tessa"
 ).split()
 _SURNAME_HEADS = (
-    "Hal Mor Ket Bran Vel Dor Ash Carr Wins Thorn Lind Mar Pell Rook Stan Hart Fen Gar Hol Brad "
-    "Cal Dun Els Fair Gold Kin Lang Mel Norr Ost Pem Quin Red Sel Tal Ward"
+    "Hal Mor Ket Bran Vel Dor Ash Carr Wil Thorn Lind Mar Pell Rook Stan Hart Fen Gar Hol Brad "
+    "Cal Dun Els Farn Gold Kin Lang Mel Norr Ost Pem Quin Red Sel Tal Ward"
 ).split()
 _SURNAME_TAILS = "ley ton wick field more by son ford well ridge man ham dale stone worth er ing".split()
 
 _TITLE_ADJ_NEU = (
-    "Silent Last Golden Hidden Distant Crimson Winter Midnight Northern Long Quiet Empty Second "
+    "Silent Last Golden Hidden Distant Crimson Winter Midnight Northern Long Quiet Second "
     "Summer Autumn Secret Eastern Endless Paper Iron Glass Silver Narrow Little Final Burning "
     "Open Blue Red Far Western Frozen Yellow Seventh"
 ).split()
@@ -64,7 +64,7 @@ _GENRES_NEU = (  # (singular, plural)
     ("documentary", "documentaries"), ("science fiction film", "science fiction films"),
     ("family film", "family films"), ("animated film", "animated films"), ("period piece", "period pieces"),
     ("road movie", "road movies"), ("detective story", "detective stories"), ("sports film", "sports films"),
-    ("spy film", "spy films"), ("biopic", "biopics"), ("adventure film", "adventure films"),
+    ("spy film", "spy films"), ("biopic", "biopics"), ("heist film", "heist films"),
     ("costume drama", "costume dramas"), ("courtroom drama", "courtroom dramas"),
 )
 _ROLES_NEU = (
@@ -80,27 +80,27 @@ _JOBS_NEU = (
 )
 _PLOTS_NEU = (
     "returns to her home town", "travels across the country", "moves to a new city",
-    "searches for an old friend", "opens a small restaurant", "joins a traveling circus",
-    "inherits an old house", "takes a job at a lighthouse", "tries to find a stolen painting",
+    "searches for an old classmate", "opens a small restaurant", "joins a traveling circus",
+    "inherits an old house", "takes a job at a lighthouse", "tries to find a famous painting",
     "plans a trip to the coast", "runs for mayor", "starts a band", "goes back to school",
-    "follows a strange signal", "sails to a distant island", "writes a letter to his father",
-    "meets a stranger on a train", "looks for the truth about her family", "builds a boat",
-    "trains for a big race", "tries to save the family farm", "crosses the desert",
+    "follows a radio signal", "sails to a distant island", "writes a letter to his father",
+    "meets a stranger on a train", "looks into the history of her family", "builds a boat",
+    "trains for a big race", "tries to keep the family farm", "crosses the desert",
 )
 _ASPECTS_NEU = (
     "acting", "plot", "script", "story", "dialogue", "direction", "music", "score", "soundtrack",
     "camera work", "cinematography", "editing", "pacing", "ending", "opening scene", "cast",
-    "lead performance", "costumes", "set design", "photography", "screenplay", "special effects",
-    "final act", "characters", "humor", "sound design", "lighting",
+    "lead performance", "costumes", "set design", "photography", "screenplay", "visual effects",
+    "final act", "characters", "sound design", "lighting",
 )
 _PLACES_NEU = tuple(_TITLE_PLACE_NEU) + ("Scotland", "Canada", "Morocco", "Iceland", "Texas", "Sicily", "Norway")
 _COMPANIONS_NEU = (
-    "my wife", "my husband", "my sister", "my brother", "my parents", "a friend", "two friends",
+    "my wife", "my husband", "my sister", "my brother", "my parents", "a colleague", "two neighbors",
     "my son", "my daughter", "my roommate", "my girlfriend", "my boyfriend", "my dad", "my mom",
 )
 _TIMES_NEU = (
-    "last night", "on Sunday", "this weekend", "yesterday", "on a rainy evening", "on a long flight",
-    "at the festival", "at home", "on Friday", "last week", "with the family", "after work",
+    "last night", "on Sunday", "this weekend", "yesterday", "on a quiet evening", "on a long flight",
+    "at the cinema", "at home", "on Friday", "last week", "with the family", "after work",
 )
 
 # Sentiment-bearing vocabulary (all scored by VADER in the intended direction).
@@ -111,7 +111,7 @@ _POS_ADJ = (
 ).split()
 _NEG_ADJ = (
     "boring awful dull terrible horrible bad poor weak stupid dreadful lame disappointing "
-    "annoying painful ugly ridiculous lousy pathetic messy clumsy confusing tiresome silly "
+    "annoying painful ugly ridiculous lousy pathetic messy clumsy confusing tiresome dumb "
     "unpleasant depressing frustrating miserable useless"
 ).split()
 _NEU_ADJ = "average ordinary predictable simple standard uneven modest routine familiar conventional plain".split()
@@ -157,6 +157,11 @@ class _Grammar:
         if k < 0.92:
             return f"{self.c(_FIRST_NAMES)}'s {self.c(_TITLE_NOUN_NEU)}"
         return f"{self.c(_TITLE_PLACE_NEU)} {self.c(_TITLE_NOUN_NEU)}"
+
+    def aspect_is(self) -> str:
+        """"the <aspect> is" / "the <aspects> are"."""
+        a = self.c(_ASPECTS_NEU)
+        return f"the {a} {'are' if a.endswith('s') else 'is'}"
 
     def genre(self, plural: bool = False) -> str:
         g = self.c(_GENRES_NEU)
@@ -220,7 +225,7 @@ class _Grammar:
         if k == 9:
             return f"This is the second film by {self.person()}", f", and {verdict}."
         if k == 10:
-            return "Well, this movie", f" was {self.adj(s)}."
+            return "So, this movie", f" was {self.adj(s)}."
         return f"My review of {t}:", f" {verdict[0].upper()}{verdict[1:]}."
 
     # -- body sentences ----------------------------------------------------------------------
@@ -232,7 +237,7 @@ class _Grammar:
             if s2 != "neutral":
                 return self.body(s2)
             return self.c((
-                lambda: f"The {self.c(_ASPECTS_NEU)} is {self.adj('neutral')}.",
+                lambda: f"{self.aspect_is().capitalize()} {self.adj('neutral')}.",
                 lambda: f"The film runs about {self.c(('ninety', 'one hundred', 'two hundred', 'eighty'))} minutes.",
                 lambda: f"It was filmed in {self.c(_PLACES_NEU)}.",
                 lambda: f"{self.person()} plays {self.c(_ROLES_NEU)}.",
@@ -247,8 +252,8 @@ class _Grammar:
         adj = lambda attributive=False: self.adj(s, attributive)  # noqa: E731
         asp = lambda: self.c(_ASPECTS_NEU)  # noqa: E731
         opts: list[Callable[[], str]] = [
-            lambda: f"The {asp()} is {adj()}.",
-            lambda: f"The {asp()} is {adj()} and the {asp()} is {adj()}.",
+            lambda: f"{self.aspect_is().capitalize()} {adj()}.",
+            lambda: f"{self.aspect_is().capitalize()} {adj()} and {self.aspect_is()} {adj()}.",
             lambda: f"{self.person()} gives {self.a(adj(True))} performance as {self.c(_ROLES_NEU)}.",
             lambda: f"The acting is {adj()}, especially {self.person()} as {self.c(_ROLES_NEU)}.",
             lambda: f"I {self.c(_POS_VERB if pos else _NEG_VERB)} the {asp()}.",
@@ -268,12 +273,12 @@ class _Grammar:
     def contrast(self, s: str) -> str:
         """A hedge followed by "but": the clause after "but" carries sentiment ``s``."""
         other = "negative" if s == "positive" else "positive"
-        a1, a2 = self.c(_ASPECTS_NEU), self.c(_ASPECTS_NEU)
+        a1, a2 = self.aspect_is(), self.aspect_is()
         return self.c((
-            lambda: f"The {a1} is {self.adj(other)}, but the {a2} is {self.adj(s)}.",
-            lambda: f"The {a1} is a little {self.c(_NEU_ADJ)} at times, but the {a2} is {self.adj(s)}.",
+            lambda: f"{a1.capitalize()} {self.adj(other)}, but {a2} {self.adj(s)}.",
+            lambda: f"{a1.capitalize()} a little {self.c(_NEU_ADJ)} at times, but {a2} {self.adj(s)}.",
             lambda: f"I expected {self.a(self.c(_NEU_ADJ))} {self.genre()}, but it was {self.adj(s)}.",
-            lambda: f"It starts slowly, but the {a2} is {self.adj(s)}.",
+            lambda: f"It starts slowly, but {a2} {self.adj(s)}.",
         ))()
 
     def recommend(self, s: str) -> str:
@@ -312,17 +317,16 @@ class _Grammar:
         return op, " ".join(sents)
 
 
-def _sentiments(rng: random.Random, n: int, mix: tuple[float, float, float]) -> list[str]:
+def _generate(n: int, seed: int, mix: tuple[float, float, float]) -> list[tuple[str, str, str]]:
+    """(sentiment, opening, text) triples; the first k of n are the same for every n >= k."""
+    mix = tuple(float(m) for m in mix)
     if len(mix) != 3 or any(m < 0 for m in mix) or sum(mix) <= 0:
         raise ValueError(f"sentiment_mix must be three non-negative shares, got {mix!r}")
-    return rng.choices(SENTIMENTS, weights=mix, k=n)
-
-
-def _generate(n: int, seed: int, mix: tuple[float, float, float]) -> list[tuple[str, str, str]]:
     rng = random.Random(seed)
     g = _Grammar(rng)
     out = []
-    for s in _sentiments(rng, n, mix):
+    for _ in range(n):
+        s = rng.choices(SENTIMENTS, weights=mix)[0]
         op, text = g.review(s)
         out.append((s, op, text))
     return out
@@ -370,7 +374,7 @@ def review_prefixes(n: int, seed: int, tokenizer: Any, min_tokens: int = 2, max_
     out: list[str] = []
     batch_seed = seed
     while len(out) < n:
-        for _, op, _text in _generate(max(n, 16), batch_seed, (1.0, 1.0, 0.5)):
+        for _, op, _text in _generate(64, batch_seed, (1.0, 1.0, 0.5)):
             words = op.split(" ")
             cands = []
             for j in range(1, len(words) + 1):

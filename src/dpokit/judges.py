@@ -1,0 +1,156 @@
+"""Judges: score texts with a number, used to label preference pairs (higher = preferred).
+
+A judge is a callable ``list[str] -> list[float]``. Three kinds:
+
+* :func:`vader_judge` - the VADER sentiment compound score in [-1, 1] (``vaderSentiment`` package),
+  the stand-in for the sentiment classifier of the DPO paper's controlled-sentiment experiment;
+  a text counts as positive when its score is above :data:`POSITIVE_THRESHOLD`;
+* :func:`function_judge` - any Python callable ``str -> float``;
+* :func:`classifier_judge` - a local Hugging Face sequence classifier: the probability of one label.
+
+:func:`load_judge` builds one from a string spec (for the CLI and config files).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+from dpokit.errors import ConfigError
+
+__all__ = [
+    "Judge", "POSITIVE_THRESHOLD", "vader_judge", "function_judge", "classifier_judge", "load_judge",
+]
+
+Judge = Callable[[list[str]], list[float]]
+
+POSITIVE_THRESHOLD = 0.05
+"""VADER compound score above which a text counts as positive (VADER's own convention)."""
+
+
+def vader_judge() -> Judge:
+    """A judge returning VADER's compound sentiment score in [-1, 1] for each text."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    analyzer = SentimentIntensityAnalyzer()  # loads the lexicon once
+
+    def judge(texts: list[str]) -> list[float]:
+        return [float(analyzer.polarity_scores(t)["compound"]) for t in texts]
+
+    judge.__name__ = "vader"
+    return judge
+
+
+def function_judge(fn: Callable[[str], float]) -> Judge:
+    """Wrap a per-text scoring function ``str -> float`` as a judge."""
+    if not callable(fn):
+        raise ConfigError(f"function_judge needs a callable str -> float, got {type(fn).__name__}")
+
+    def judge(texts: list[str]) -> list[float]:
+        return [float(fn(t)) for t in texts]
+
+    judge.__name__ = getattr(fn, "__name__", "function")
+    return judge
+
+
+def _label_index(config, label: str) -> int:
+    id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+    label2id = {str(k): int(v) for k, v in (getattr(config, "label2id", None) or {}).items()}
+    for name, idx in label2id.items():
+        if name == label:
+            return idx
+    for idx, name in id2label.items():
+        if name == label:
+            return idx
+    matches = {idx for idx, name in id2label.items() if name.lower() == label.lower()}
+    matches |= {idx for name, idx in label2id.items() if name.lower() == label.lower()}
+    if len(matches) == 1:
+        return matches.pop()
+    known = sorted(set(id2label.values()) | set(label2id))
+    raise ConfigError(f"label {label!r} is not one of the classifier's labels: {', '.join(known) or '(none)'}")
+
+
+def classifier_judge(model_path: str, label: str, device: str = "cpu", batch_size: int = 32) -> Judge:
+    """A judge returning the probability of ``label`` under a local sequence classifier.
+
+    ``model_path`` is a local directory holding an ``AutoModelForSequenceClassification`` and its
+    tokenizer (nothing is downloaded; ``trust_remote_code`` is never set). ``label`` is looked up
+    in ``config.label2id`` / ``config.id2label`` (exact, then case-insensitive); an unknown label
+    raises :class:`~dpokit.errors.ConfigError` listing the labels. Scores are softmax probabilities
+    (sigmoid for a one-logit model).
+    """
+    import os
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if not os.path.isdir(model_path):
+        raise ConfigError(f"classifier judge: {model_path!r} is not a local model directory")
+    if batch_size < 1:
+        raise ConfigError(f"classifier judge: batch_size must be >= 1, got {batch_size}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+        model = AutoModelForSequenceClassification.from_pretrained(model_path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"classifier judge: cannot load a sequence classifier from {model_path!r}: {e}") from e
+    num_labels = int(model.config.num_labels)
+    idx = 0 if num_labels == 1 and label.lower() in {"label_0", "score"} else _label_index(model.config, label)
+    if not 0 <= idx < num_labels:
+        raise ConfigError(f"classifier judge: label {label!r} maps to index {idx}, but the model has {num_labels} outputs")
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError(f"classifier judge: the tokenizer in {model_path!r} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    max_len = min(int(tokenizer.model_max_length or 512), int(getattr(model.config, "max_position_embeddings", 512) or 512))
+    model.to(device).eval()
+
+    @torch.no_grad()
+    def judge(texts: list[str]) -> list[float]:
+        out: list[float] = []
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(list(texts[i : i + batch_size]), return_tensors="pt", padding=True,
+                            truncation=True, max_length=max_len).to(device)
+            logits = model(**enc).logits.float()
+            probs = torch.sigmoid(logits[:, 0]) if num_labels == 1 else torch.softmax(logits, dim=-1)[:, idx]
+            out.extend(probs.tolist())
+        return out
+
+    judge.__name__ = f"classifier:{label}"
+    return judge
+
+
+def load_judge(spec: str) -> Judge:
+    """Build a judge from a spec string.
+
+    * ``"vader"`` - :func:`vader_judge`;
+    * ``"classifier:PATH:LABEL"`` - :func:`classifier_judge` (the label is the text after the last colon);
+    * ``"package.module:function"`` - an importable Python callable ``str -> float`` (:func:`function_judge`).
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError("judge spec is empty: use 'vader', 'module.path:function' or 'classifier:PATH:LABEL'")
+    spec = spec.strip()
+    if spec.lower() == "vader":
+        return vader_judge()
+    if spec.startswith("classifier:"):
+        rest = spec[len("classifier:"):]
+        path, sep, label = rest.rpartition(":")
+        if not sep or not path or not label:
+            raise ConfigError(f"bad judge spec {spec!r}: expected 'classifier:PATH:LABEL'")
+        return classifier_judge(path, label)
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(
+            f"bad judge spec {spec!r}: use 'vader', 'module.path:function' or 'classifier:PATH:LABEL'")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"judge spec {spec!r}: cannot import module {module_name!r}: {e}") from e
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"judge spec {spec!r}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"judge spec {spec!r}: {attr!r} is not callable")
+    return function_judge(obj)
