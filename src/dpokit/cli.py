@@ -99,6 +99,44 @@ def _cmd_generate(args):
             print(json.dumps({"prompt": prompt, "completion": text}) if args.jsonl else prompt + text)
 
 
+DEMO_HELP = {
+    "output": "output directory: report.json, plots, the SFT and DPO models",
+    "model": "base model to start from (default: the embedded tiny review model)",
+    "judge": "judge: vader, module.path:function (text -> float), or classifier:PATH:LABEL",
+    "seed": "random seed of every stage",
+    "sft_reviews": "generated reviews for the SFT step",
+    "sft_steps": "SFT optimizer steps",
+    "sft_lr": "SFT learning rate (AdamW)",
+    "prompts": "training prompts P (review openings of 2-8 tokens)",
+    "completions": "continuations sampled per prompt (4 gives up to 6 pairs)",
+    "labeling": "argmax: the higher judge score is chosen; bradley-terry: sampled with P = σ(scale·Δscore)",
+    "bt_scale": "score scale of the Bradley-Terry labeling",
+    "dpo_steps": "DPO optimizer steps",
+    "beta": "DPO β",
+    "lr": "DPO learning rate (AdamW)",
+    "batch_size": "pairs (or reviews) per optimizer step",
+    "eval_prompts": "held-out prompts, never used in training",
+    "eval_samples": "continuations per held-out prompt for the judge scores and KL",
+    "max_new_tokens": "tokens per continuation",
+    "temperature": "sampling temperature",
+    "examples_shown": "held-out examples printed side by side",
+}
+
+
+def _add_demo_options(parser: argparse.ArgumentParser) -> None:
+    from dpokit.demo import DemoConfig
+
+    for field in dataclasses.fields(DemoConfig):
+        kind = {int: int, float: float}.get(type(field.default), str)
+        parser.add_argument(_flag(field.name), type=kind, default=field.default, help=DEMO_HELP[field.name])
+
+
+def _cmd_demo(args):
+    from dpokit.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "func")}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every dpokit command."""
     from dpokit import __version__
@@ -133,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--on-filtered", default="skip", choices=("skip", "error"), help="identical/too-long pairs")
     ev.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
     ev.set_defaults(func=_cmd_eval)
+
+    demo = commands.add_parser("demo", formatter_class=fmt,
+                               help="the paper's controlled-sentiment experiment on the embedded model (CPU, minutes)")
+    _add_demo_options(demo)
+    demo.set_defaults(func=_cmd_demo)
 
     gen = commands.add_parser("generate", formatter_class=fmt, help="sample continuations of prompts")
     gen.add_argument("--model", required=True, help="model directory or hub name")

@@ -1,0 +1,237 @@
+"""`dpokit demo`: the paper's controlled-sentiment experiment (§6.1), end to end on the embedded model.
+
+x is the 2–8-token opening of a movie review; the policy should continue it positively. The pipeline:
+
+1. SFT of the shipped base model on generated reviews (the paper's SFT step); the result is π_ref.
+2. For each of P training prompts, sample K continuations from π_ref and score prompt + continuation with
+   the judge; every pair of the K with different scores becomes a preference pair, the higher-scored one
+   chosen (``--labeling argmax``), or chosen by sampling a Bradley–Terry model of the judge scores
+   (``--labeling bradley-terry``, P(i ≻ j) = σ(scale·(s_i − s_j))). K = 4 gives up to 6 pairs per prompt.
+3. DPO from π_ref.
+4. Evaluation on held-out prompts never used in training: judge scores and share of positive
+   continuations of π_ref and π_θ, KL(π_θ‖π_ref) per sequence estimated from π_θ's own samples, and the
+   implicit reward's accuracy on held-out pairs labelled by the judge.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from dpokit.api import load_model, load_tokenizer, train_dpo, train_sft
+from dpokit.batching import collate
+from dpokit.config import TrainConfig
+from dpokit.data.records import PreferencePair
+from dpokit.errors import ConfigError
+from dpokit.judges import POSITIVE_THRESHOLD, load_judge
+from dpokit.logprobs import sequence_logprobs
+from dpokit.losses import LossConfig
+from dpokit.objective import DPOObjective
+from dpokit.reference import ModelReference
+from dpokit.report import plot_report
+from dpokit.reviews import base_model_path, generate_reviews, review_prefixes
+from dpokit.tokenize import TokenizeConfig, TokenizedExample, tokenize_examples
+from dpokit.trainer import evaluate as evaluate_objective
+
+
+@dataclass
+class DemoConfig:
+    """Every size and setting of the demo; each is a `dpokit demo` flag."""
+
+    output: str = "runs/demo"
+    model: str | None = None  # default: the embedded base model
+    judge: str = "vader"
+    seed: int = 0
+    sft_reviews: int = 2000
+    sft_steps: int = 60
+    sft_lr: float = 3e-4
+    prompts: int = 96
+    completions: int = 4
+    labeling: str = "argmax"
+    bt_scale: float = 10.0
+    dpo_steps: int = 100
+    beta: float = 0.1
+    lr: float = 2e-4
+    batch_size: int = 16
+    eval_prompts: int = 96
+    eval_samples: int = 2
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    examples_shown: int = 5
+
+    def __post_init__(self) -> None:
+        if self.labeling not in ("argmax", "bradley-terry"):
+            raise ConfigError(f"--labeling must be argmax or bradley-terry; got {self.labeling!r}")
+        if self.completions < 2:
+            raise ConfigError("--completions must be at least 2 to form pairs")
+        for name in ("prompts", "eval_prompts", "eval_samples", "sft_steps", "dpo_steps", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+@torch.no_grad()
+def sample_continuations(model, tokenizer, prompts: list[str], n: int, config: DemoConfig, seed: int):
+    """`n` sampled continuations per prompt: (prompt ids, continuation ids incl. EOS if emitted, text)."""
+    torch.manual_seed(seed)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    out = []
+    for start in range(0, len(prompts), 32):
+        chunk = [p for p in prompts[start : start + 32] for _ in range(n)]
+        encoded = [tokenizer(p)["input_ids"] for p in chunk]
+        width = max(map(len, encoded))
+        ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
+        mask = (torch.arange(width)[None] >= torch.tensor([width - len(e) for e in encoded])[:, None]).long()
+        generated = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0,
+                                   temperature=config.temperature, max_new_tokens=config.max_new_tokens,
+                                   eos_token_id=eos, pad_token_id=pad)[:, width:].tolist()
+        for prompt_ids, tokens in zip(encoded, generated):
+            if eos in tokens:
+                tokens = tokens[: tokens.index(eos) + 1]
+            out.append((prompt_ids, tokens, tokenizer.decode(tokens, skip_special_tokens=True)))
+    return [out[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+
+def label_pairs(prompt: str, texts: list[str], scores: list[float], config: DemoConfig, rng: random.Random,
+                source: str) -> tuple[list[PreferencePair], int]:
+    """Every pair of differently-scored continuations as a preference pair; returns pairs and ties."""
+    pairs, ties = [], 0
+    for i in range(len(texts)):
+        for j in range(i + 1, len(texts)):
+            if scores[i] == scores[j] or texts[i] == texts[j]:
+                ties += 1
+                continue
+            if config.labeling == "argmax":
+                first = scores[i] > scores[j]
+            else:
+                first = rng.random() < 1 / (1 + math.exp(-config.bt_scale * (scores[i] - scores[j])))
+            chosen, rejected = (texts[i], texts[j]) if first else (texts[j], texts[i])
+            pairs.append(PreferencePair(prompt, chosen, rejected, f"{source} pair ({i},{j})"))
+    return pairs, ties
+
+
+def _kl_per_sequence(policy, reference, samples) -> list[float]:
+    """log π(y|x) − log π_ref(y|x) for each y sampled from π: a Monte-Carlo estimate of the sequence KL."""
+    examples = [TokenizedExample(tuple(p), (tuple(y),)) for p, y, _ in samples if y]
+    kls = []
+    for start in range(0, len(examples), 32):
+        chunk = examples[start : start + 32]
+        batch = collate(chunk, range(len(chunk)), layout="packed")
+        with torch.no_grad():
+            kls += (sequence_logprobs(policy, batch) - sequence_logprobs(reference, batch)).tolist()
+    return kls
+
+
+def _summary(scores: list[float]) -> dict[str, float]:
+    return {"mean_score": sum(scores) / len(scores),
+            "positive_share": sum(s > POSITIVE_THRESHOLD for s in scores) / len(scores)}
+
+
+def run_demo(config: DemoConfig, log=print) -> dict:
+    """Run the whole demo; write report.json and plots to `config.output`; return the report."""
+    out = Path(config.output)
+    out.mkdir(parents=True, exist_ok=True)
+    judge = load_judge(config.judge)
+    base = config.model or base_model_path()
+    tokenizer = load_tokenizer(base)
+    rng = random.Random(config.seed)
+
+    log(f"[1/4] SFT of {base} on {config.sft_reviews} generated reviews")
+    reviews = generate_reviews(config.sft_reviews, seed=config.seed + 1)
+    (out / "sft.jsonl").write_text("".join(json.dumps({"prompt": "", "completion": " " + r.strip()}) + "\n"
+                                           for r in reviews))
+    train_sft(TrainConfig(model=base, data=str(out / "sft.jsonl"), output=str(out / "sft"), lr=config.sft_lr,
+                          optimizer="adamw", warmup_steps=5, max_steps=config.sft_steps,
+                          batch_size=config.batch_size, seed=config.seed, max_length=256, max_prompt_length=8))
+    sft_dir = str(out / "sft" / "final")
+    reference = load_model(sft_dir)
+
+    log(f"[2/4] sampling {config.completions} continuations of {config.prompts} prompts, labelled by {config.judge}")
+    train_prompts = review_prefixes(config.prompts, config.seed + 2, tokenizer)
+    held_out = [p for p in review_prefixes(config.eval_prompts * 3, config.seed + 3, tokenizer)
+                if p not in set(train_prompts)][: config.eval_prompts]
+    pairs, ties = [], 0
+    samples = sample_continuations(reference, tokenizer, train_prompts, config.completions, config, config.seed)
+    for k, (prompt, group) in enumerate(zip(train_prompts, samples)):
+        texts = [text for _, _, text in group]
+        scores = judge([prompt + t for t in texts])
+        new, tied = label_pairs(prompt, texts, scores, config, rng, f"prompt {k}")
+        pairs += new
+        ties += tied
+    (out / "pairs.jsonl").write_text("".join(
+        json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n" for p in pairs))
+    log(f"      {len(pairs)} pairs ({ties} skipped: equal judge scores or identical text)")
+
+    log(f"[3/4] DPO from the SFT model, β={config.beta}, {config.dpo_steps} steps")
+    train_dpo(TrainConfig(model=sft_dir, data=str(out / "pairs.jsonl"), output=str(out / "dpo"), beta=config.beta,
+                          lr=config.lr, optimizer="adamw", warmup_steps=10, max_steps=config.dpo_steps,
+                          batch_size=config.batch_size, seed=config.seed, max_length=128, max_prompt_length=16,
+                          precompute_ref=True))
+    policy = load_model(str(out / "dpo" / "final"))
+
+    log(f"[4/4] evaluating on {len(held_out)} held-out prompts")
+    report = _evaluate(policy, reference, tokenizer, judge, held_out, config, rng)
+    report.update({"config": asdict(config), "train_pairs": len(pairs), "train_ties": ties,
+                   "train_prompts": train_prompts})
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    plot_report(out, report)
+    log(format_report(report))
+    return report
+
+
+def _evaluate(policy, reference, tokenizer, judge, prompts, config, rng) -> dict:
+    sft_samples = sample_continuations(reference, tokenizer, prompts, config.eval_samples, config, config.seed + 10)
+    dpo_samples = sample_continuations(policy, tokenizer, prompts, config.eval_samples, config, config.seed + 11)
+    rows, sft_scores, dpo_scores = [], [], []
+    for prompt, sft_group, dpo_group in zip(prompts, sft_samples, dpo_samples):
+        s = judge([prompt + t for _, _, t in sft_group])
+        d = judge([prompt + t for _, _, t in dpo_group])
+        sft_scores += s
+        dpo_scores += d
+        rows.append({"prompt": prompt, "sft": [t for _, _, t in sft_group], "sft_scores": s,
+                     "dpo": [t for _, _, t in dpo_group], "dpo_scores": d})
+    kls = _kl_per_sequence(policy, reference, [x for group in dpo_samples for x in group])
+
+    # Held-out preference pairs, labelled like the training pairs, from fresh reference samples.
+    pair_samples = sample_continuations(reference, tokenizer, prompts, config.completions, config, config.seed + 12)
+    pairs = []
+    for k, (prompt, group) in enumerate(zip(prompts, pair_samples)):
+        texts = [t for _, _, t in group]
+        pairs += label_pairs(prompt, texts, judge([prompt + t for t in texts]), config, rng, f"held-out {k}")[0]
+    examples = tokenize_examples(pairs, tokenizer, TokenizeConfig(max_length=128, max_prompt_length=16))[0]
+    objective = DPOObjective(LossConfig(beta=config.beta), ModelReference(reference))
+    eval_config = TrainConfig(model="-", data="-", output="-", batch_size=32)
+    metrics = evaluate_objective(policy, objective, examples, eval_config, Accelerator(), tokenizer.pad_token_id)
+    return {
+        "sft": _summary(sft_scores), "dpo": _summary(dpo_scores),
+        "kl": {"mean": sum(kls) / len(kls), "median": sorted(kls)[len(kls) // 2], "samples": len(kls)},
+        "held_out_pairs": len(examples), "held_out_reward_accuracy": metrics["rewards/accuracies"],
+        "held_out_metrics": metrics, "prompts": rows,
+        "sft_scores": sft_scores, "dpo_scores": dpo_scores,
+    }
+
+
+def format_report(report: dict) -> str:
+    """The demo's result as a few readable lines, with side-by-side examples."""
+    sft, dpo = report["sft"], report["dpo"]
+    lines = [
+        "",
+        f"{'':28s}{'SFT (π_ref)':>14s}{'DPO (π_θ)':>14s}",
+        f"{'mean judge score':28s}{sft['mean_score']:>14.3f}{dpo['mean_score']:>14.3f}",
+        f"{'positive continuations':28s}{sft['positive_share']:>14.1%}{dpo['positive_share']:>14.1%}",
+        f"KL(π_θ‖π_ref) per sequence: {report['kl']['mean']:.2f} nats (mean of {report['kl']['samples']} samples)",
+        f"held-out implicit-reward accuracy: {report['held_out_reward_accuracy']:.3f} "
+        f"on {report['held_out_pairs']} pairs",
+        "",
+        "held-out examples (SFT → DPO):",
+    ]
+    for row in report["prompts"][: report["config"]["examples_shown"]]:
+        lines.append(f"  {row['prompt']!r}")
+        lines.append(f"    SFT [{row['sft_scores'][0]:+.2f}] {row['sft'][0].strip()}")
+        lines.append(f"    DPO [{row['dpo_scores'][0]:+.2f}] {row['dpo'][0].strip()}")
+    return "\n".join(lines)
