@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpokit.config import TrainConfig
@@ -101,6 +102,9 @@ def _accelerator(config: TrainConfig) -> Accelerator:
     # Launched as several processes (torchrun / accelerate launch) on a machine without CUDA: accelerate
     # sets up gloo only when told to use the CPU; otherwise every process would train alone as "main".
     cpu_only = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    # accelerate keeps one process-wide state and refuses a second Accelerator with another mixed precision;
+    # forget it (not the process group) so that e.g. a float32 SFT and a bfloat16 DPO run in one process.
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision="bf16" if config.dtype == "bfloat16" else "no", cpu=cpu_only)
 
 

@@ -93,7 +93,10 @@ def load_trainer_state(checkpoint: Path, model, optimizer, scheduler) -> int:
     for key, value in state["optimizer"]["scalars"].items():
         _, index, name = key.split(".", 2)
         per_param.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": per_param, "param_groups": state["optimizer"]["param_groups"]})
+    # JSON turned tuple hyper-parameters (Adam's betas) into lists; give them back their type
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in group.items()}
+              for group in state["optimizer"]["param_groups"]]
+    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(tensors["rng.torch"])
     return int(state["step"])

@@ -14,6 +14,13 @@ from dpokit.errors import DpokitError
 EPILOG = "Any option can also be given in a YAML file with --config (keys are the option names with underscores); flags override it."
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors on one line (no usage dump) like every other dpokit error; exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -141,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every dpokit command."""
     from dpokit import __version__
 
-    parser = argparse.ArgumentParser(prog="dpokit", description="Direct Preference Optimization for causal LMs.")
+    parser = _Parser(prog="dpokit", description="Direct Preference Optimization for causal LMs.")
     parser.add_argument("--version", action="version", version=f"dpokit {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = argparse.ArgumentDefaultsHelpFormatter

@@ -77,6 +77,20 @@ def lr_factor(step: int, config: TrainConfig, total_steps: int) -> float:
     return 1.0
 
 
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off, in case the config has it on: DPO compares log-probs, which must be deterministic.
+
+    Besides nn.Dropout modules, attention layers of many families (Llama, Mistral, Qwen2, ...) keep their
+    attention dropout as a float attribute passed to the attention kernel in training mode; zero those too.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if isinstance(value, float) and ("dropout" in name or "pdrop" in name):
+                setattr(module, name, 0.0)
+
+
 def _sum_across(values: torch.Tensor, accelerator: Accelerator) -> torch.Tensor:
     if accelerator.num_processes > 1:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
@@ -153,9 +167,7 @@ def train(
     """
     plan = make_plan(len(train_examples), config, accelerator.num_processes)
     model.train()
-    for module in model.modules():  # dropout off, in case the config has it on: DPO compares log-probs
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
+    disable_dropout(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config, plan.total_steps))
@@ -198,6 +210,7 @@ def train(
         _all_reduce_gradients(params, accelerator)
         max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        lr = scheduler.get_last_lr()[0]  # the rate this step used (after scheduler.step() it is the next one's)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -210,7 +223,7 @@ def train(
             seconds = time.perf_counter() - started
             tokens = _sequence_tokens([train_examples[i] for i in indices])
             row = {k: totals[i].item() for i, k in enumerate(keys)}
-            row.update({"grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0],
+            row.update({"grad_norm": grad_norm.item(), "lr": lr,
                         "tokens_per_second": tokens / seconds, "seconds_per_step": seconds,
                         "epoch": step / plan.steps_per_epoch})
             log.write("train", step, row)
