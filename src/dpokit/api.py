@@ -98,7 +98,8 @@ def prepare_data(config: TrainConfig, stage: str, tokenizer, log=print) -> Prepa
     return PreparedData(train_examples, eval_examples)
 
 
-def _accelerator(config: TrainConfig) -> Accelerator:
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    """An Accelerator for `config`: its mixed precision, and gloo on CPU-only multi-process launches."""
     # Launched as several processes (torchrun / accelerate launch) on a machine without CUDA: accelerate
     # sets up gloo only when told to use the CPU; otherwise every process would train alone as "main".
     cpu_only = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
@@ -129,7 +130,7 @@ def _reference_model(config: TrainConfig, policy, accelerator: Accelerator):
 
 def train_dpo(config: TrainConfig) -> dict[str, float]:
     """Fine-tune `config.model` with DPO on `config.data`; returns the final evaluation metrics."""
-    accelerator = _accelerator(config)
+    accelerator = make_accelerator(config)
     torch.manual_seed(config.seed)
     log = print if accelerator.is_main_process else (lambda *_: None)
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
@@ -161,7 +162,7 @@ def train_dpo(config: TrainConfig) -> dict[str, float]:
 
 def train_sft(config: TrainConfig) -> dict[str, float]:
     """Supervised fine-tuning of `config.model` on completions (or the chosen responses of a preference set)."""
-    accelerator = _accelerator(config)
+    accelerator = make_accelerator(config)
     torch.manual_seed(config.seed)
     log = print if accelerator.is_main_process else (lambda *_: None)
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
@@ -213,7 +214,7 @@ def evaluate(
                          reference_free=reference_free, batch_size=batch_size, max_length=max_length,
                          max_prompt_length=max_prompt_length, truncation=truncation, format=format, dtype=dtype,
                          layout=layout, on_filtered=on_filtered)
-    accelerator = Accelerator()
+    accelerator = make_accelerator(config)
     tokenizer = load_tokenizer(model)
     examples = prepare_data(config, "dpo", tokenizer, log).train
     policy = load_model(model, dtype=dtype).to(accelerator.device)

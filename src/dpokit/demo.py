@@ -22,9 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 
-from dpokit.api import load_model, load_tokenizer, train_dpo, train_sft
+from dpokit.api import load_model, load_tokenizer, make_accelerator, train_dpo, train_sft
 from dpokit.batching import collate
 from dpokit.config import TrainConfig
 from dpokit.data.records import PreferencePair
@@ -206,7 +205,8 @@ def _evaluate(policy, reference, tokenizer, judge, prompts, config, rng) -> dict
     examples = tokenize_examples(pairs, tokenizer, TokenizeConfig(max_length=128, max_prompt_length=16))[0]
     objective = DPOObjective(LossConfig(beta=config.beta), ModelReference(reference))
     eval_config = TrainConfig(model="-", data="-", output="-", batch_size=32)
-    metrics = evaluate_objective(policy, objective, examples, eval_config, Accelerator(), tokenizer.pad_token_id)
+    metrics = evaluate_objective(policy, objective, examples, eval_config, make_accelerator(eval_config),
+                                 tokenizer.pad_token_id)
     return {
         "sft": _summary(sft_scores), "dpo": _summary(dpo_scores),
         "kl": {"mean": sum(kls) / len(kls), "median": sorted(kls)[len(kls) // 2], "samples": len(kls)},
