@@ -350,9 +350,9 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     if hasattr(tokenizer, "encode"):
         try:
             enc = tokenizer.encode(text, add_special_tokens=False)
-        except TypeError:  # a raw ``tokenizers.Tokenizer`` has no add_special_tokens keyword name clash
+        except TypeError:  # an encode() without that keyword
             enc = tokenizer.encode(text)
-        return list(getattr(enc, "ids", enc))
+        return list(getattr(enc, "ids", enc))  # a raw ``tokenizers.Tokenizer`` returns an Encoding
     raise TypeError("tokenizer must have an encode() method")
 
 
