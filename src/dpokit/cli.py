@@ -117,6 +117,7 @@ DEMO_HELP = {
     "prompts": "training prompts P (review openings of 2-8 tokens)",
     "completions": "continuations sampled per prompt (4 gives up to 6 pairs)",
     "labeling": "argmax: the higher judge score is chosen; bradley-terry: sampled with P = σ(scale·Δscore)",
+    "min_score_gap": "pairs whose judge scores differ by less than this are ties: no pair",
     "bt_scale": "score scale of the Bradley-Terry labeling",
     "dpo_steps": "DPO optimizer steps",
     "beta": "DPO β",

@@ -6,7 +6,8 @@ x is the 2–8-token opening of a movie review; the policy should continue it po
 2. For each of P training prompts, sample K continuations from π_ref and score prompt + continuation with
    the judge; every pair of the K with different scores becomes a preference pair, the higher-scored one
    chosen (``--labeling argmax``), or chosen by sampling a Bradley–Terry model of the judge scores
-   (``--labeling bradley-terry``, P(i ≻ j) = σ(scale·(s_i − s_j))). K = 4 gives up to 6 pairs per prompt.
+   (``--labeling bradley-terry``, P(i ≻ j) = σ(scale·(s_i − s_j))). K = 4 gives up to 6 pairs per prompt;
+   pairs whose scores differ by less than ``--min-score-gap`` are ties and give none (counted).
 3. DPO from π_ref.
 4. Evaluation on held-out prompts never used in training: judge scores and share of positive
    continuations of π_ref and π_θ, KL(π_θ‖π_ref) per sequence estimated from π_θ's own samples, and the
@@ -50,15 +51,16 @@ class DemoConfig:
     sft_reviews: int = 2000
     sft_steps: int = 60
     sft_lr: float = 3e-4
-    prompts: int = 96
+    prompts: int = 256
     completions: int = 4
     labeling: str = "argmax"
+    min_score_gap: float = 0.1
     bt_scale: float = 10.0
-    dpo_steps: int = 100
+    dpo_steps: int = 150
     beta: float = 0.1
-    lr: float = 2e-4
+    lr: float = 1e-4
     batch_size: int = 16
-    eval_prompts: int = 96
+    eval_prompts: int = 128
     eval_samples: int = 2
     max_new_tokens: int = 32
     temperature: float = 1.0
@@ -79,6 +81,7 @@ def sample_continuations(model, tokenizer, prompts: list[str], n: int, config: D
     """`n` sampled continuations per prompt: (prompt ids, continuation ids incl. EOS if emitted, text)."""
     torch.manual_seed(seed)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    model.generation_config.max_length = None  # max_new_tokens decides; silences transformers' warning
     out = []
     for start in range(0, len(prompts), 32):
         chunk = [p for p in prompts[start : start + 32] for _ in range(n)]
@@ -98,11 +101,15 @@ def sample_continuations(model, tokenizer, prompts: list[str], n: int, config: D
 
 def label_pairs(prompt: str, texts: list[str], scores: list[float], config: DemoConfig, rng: random.Random,
                 source: str) -> tuple[list[PreferencePair], int]:
-    """Every pair of differently-scored continuations as a preference pair; returns pairs and ties."""
+    """Every pair of continuations whose judge scores differ by at least `min_score_gap`, as a preference pair.
+
+    Closer scores count as ties and give no pair: VADER's order between, say, 0.86 and 0.91 says little about
+    sentiment. Returns the pairs and the number of ties.
+    """
     pairs, ties = [], 0
     for i in range(len(texts)):
         for j in range(i + 1, len(texts)):
-            if scores[i] == scores[j] or texts[i] == texts[j]:
+            if abs(scores[i] - scores[j]) < max(config.min_score_gap, 1e-12) or texts[i] == texts[j]:
                 ties += 1
                 continue
             if config.labeling == "argmax":
@@ -152,8 +159,9 @@ def run_demo(config: DemoConfig, log=print) -> dict:
 
     log(f"[2/4] sampling {config.completions} continuations of {config.prompts} prompts, labelled by {config.judge}")
     train_prompts = review_prefixes(config.prompts, config.seed + 2, tokenizer)
-    held_out = [p for p in review_prefixes(config.eval_prompts * 3, config.seed + 3, tokenizer)
-                if p not in set(train_prompts)][: config.eval_prompts]
+    seen = set(train_prompts)  # held-out prompts: distinct, and never used in training
+    candidates = review_prefixes(config.eval_prompts * 4, config.seed + 3, tokenizer)
+    held_out = list(dict.fromkeys(p for p in candidates if p not in seen))[: config.eval_prompts]
     pairs, ties = [], 0
     samples = sample_continuations(reference, tokenizer, train_prompts, config.completions, config, config.seed)
     for k, (prompt, group) in enumerate(zip(train_prompts, samples)):
@@ -164,7 +172,8 @@ def run_demo(config: DemoConfig, log=print) -> dict:
         ties += tied
     (out / "pairs.jsonl").write_text("".join(
         json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n" for p in pairs))
-    log(f"      {len(pairs)} pairs ({ties} skipped: equal judge scores or identical text)")
+    log(f"      {len(pairs)} pairs ({ties} ties skipped: judge scores closer than {config.min_score_gap} "
+        "or identical text)")
 
     log(f"[3/4] DPO from the SFT model, β={config.beta}, {config.dpo_steps} steps")
     train_dpo(TrainConfig(model=sft_dir, data=str(out / "pairs.jsonl"), output=str(out / "dpo"), beta=config.beta,
