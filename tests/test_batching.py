@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dpokit.batching import collate
+from dpokit.batching import collate, forward_groups
 from dpokit.errors import ConfigError
 from dpokit.tokenize import TokenizedExample
 
@@ -69,3 +69,12 @@ def test_unknown_layout():
 def test_to_moves_tensors():
     batch = collate(EXAMPLES, [0, 1, 2]).to(torch.device("cpu"))
     assert batch.input_ids.device.type == "cpu" and batch.num_responses == 2
+
+
+def test_forward_groups_sort_by_length_and_respect_the_budget():
+    # lengths: 8, 3, 11
+    assert forward_groups([0, 1, 2], EXAMPLES, 0) == [[0, 1, 2]]
+    assert forward_groups([0, 1, 2], EXAMPLES, 11) == [[1, 0], [2]]
+    assert forward_groups([0, 1, 2], EXAMPLES, 10) == [[1], [0], [2]]
+    assert forward_groups([0, 1, 2], EXAMPLES, 1) == [[1], [0], [2]]  # longer than the budget: alone
+    assert forward_groups([2, 0], EXAMPLES, 100) == [[0, 2]]

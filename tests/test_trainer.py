@@ -95,6 +95,20 @@ def test_accumulation_gives_the_same_updates_as_one_big_batch(stage, optimizer, 
     assert_same_rows(train_rows(big), train_rows(acc), keys)
 
 
+@pytest.mark.parametrize("stage", ["dpo", "sft"])
+def test_forward_groups_change_no_number(stage, tiny_model_dir, sentiment_data, tmp_path):
+    """One example per forward pass (forward_tokens=1) gives the whole micro-batch's update (forward_tokens=0)."""
+    runs = {}
+    for budget in (0, 1):
+        out = tmp_path / f"budget{budget}"
+        STAGES[stage](config(tiny_model_dir, sentiment_data["train"], out, batch_size=8, forward_tokens=budget,
+                             optimizer="adamw", save_every=1, save_final=False, max_steps=2))
+        runs[budget] = out
+    assert_same_weights(runs[0] / "checkpoint-000002", runs[1] / "checkpoint-000002")
+    assert_weights_moved(runs[0] / "checkpoint-000001", tiny_model_dir)
+    assert_same_rows(train_rows(runs[0]), train_rows(runs[1]), ["loss", "grad_norm"])
+
+
 def test_sft_micro_batches_really_differ_in_token_counts(tiny_model_dir, sentiment_data, tokenizer):
     """Guard for the test above: its micro-batches of step 1 do not all hold the same number of tokens."""
     from dpokit.api import prepare_data

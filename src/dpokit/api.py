@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from dpokit.checkpoint import save_model_dir
 from dpokit.config import TrainConfig
 from dpokit.data import ColumnMap, load_completions, load_preferences, split_eval
 from dpokit.errors import ConfigError
@@ -176,10 +177,8 @@ def _run(model, tokenizer, objective, data, config, accelerator, eval_objective)
     metrics = train(model, tokenizer, objective, data.train, data.eval, config, accelerator,
                     eval_objective=eval_objective)
     if config.save_final and accelerator.is_main_process:
-        final = config.output_dir / "final"
-        model.save_pretrained(final, safe_serialization=True)
-        tokenizer.save_pretrained(final)
-        (final / "dpokit_metrics.json").write_text(json.dumps(metrics, indent=1))
+        final = save_model_dir(config.output_dir / "final", model, tokenizer,
+                               lambda tmp: (tmp / "dpokit_metrics.json").write_text(json.dumps(metrics, indent=1)))
         print(f"saved the trained model to {final}")
     accelerator.wait_for_everyone()
     return metrics

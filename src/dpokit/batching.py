@@ -170,3 +170,25 @@ def _finish(input_ids, positions, mask, index, ids, seq_of, examples, example_id
         example_ids=torch.tensor(list(example_ids), dtype=torch.long),
         num_responses=num_responses,
     )
+
+
+def forward_groups(ids: Sequence[int], examples: Sequence[TokenizedExample], max_tokens: int) -> list[list[int]]:
+    """Split a micro-batch into groups of at most `max_tokens` tokens (shared-layout count), shortest first.
+
+    The groups are run one after another and their gradients add up to the micro-batch's, so the split changes
+    no number; it changes speed. On CPUs a forward pass over ~1k tokens keeps its activations in cache and runs
+    faster per token than one over the whole micro-batch (bench/README.md); sorting also trims padding. An
+    example longer than the budget forms a group of its own. `max_tokens` 0 keeps the micro-batch whole.
+    """
+    if max_tokens <= 0:
+        return [list(ids)]
+    groups: list[list[int]] = []
+    tokens = 0
+    for i in sorted(ids, key=lambda i: examples[i].length):
+        if groups and tokens + examples[i].length <= max_tokens:
+            groups[-1].append(i)
+            tokens += examples[i].length
+        else:
+            groups.append([i])
+            tokens = examples[i].length
+    return groups

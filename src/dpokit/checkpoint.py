@@ -44,14 +44,30 @@ def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
+def save_model_dir(path: str | Path, model, tokenizer, write_extra=None) -> Path:
+    """Save `model` and `tokenizer` as a Hugging Face directory at `path`, atomically.
+
+    Everything is written under ``PATH.tmp``, `write_extra(tmp_dir)` adds any further files, and the directory is
+    then renamed into place, replacing an older one.
+    """
+    final = Path(path)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if write_extra is not None:
+        write_extra(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
 def save_checkpoint(output_dir, step, model, tokenizer, optimizer, scheduler, accelerator, extra: dict) -> Path:
     """Write checkpoint-STEP atomically (main process only) and wait for every process."""
     final = Path(output_dir) / f"checkpoint-{step:06d}"
-    if accelerator.is_main_process:
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+
+    def write_state(tmp: Path) -> None:
         tensors, optimizer_meta = _optimizer_state(optimizer)
         tensors["rng.torch"] = torch.get_rng_state()
         if torch.cuda.is_available():
@@ -60,9 +76,9 @@ def save_checkpoint(output_dir, step, model, tokenizer, optimizer, scheduler, ac
         save_file(tensors, str(tmp / "trainer_state.safetensors"))
         state = {"step": step, "scheduler": scheduler.state_dict(), "optimizer": optimizer_meta, **extra}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+
+    if accelerator.is_main_process:
+        save_model_dir(final, accelerator.unwrap_model(model), tokenizer, write_state)
     accelerator.wait_for_everyone()
     return final
 

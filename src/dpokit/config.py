@@ -81,6 +81,9 @@ class TrainConfig:
                       choices=("packed", "shared", "plain"))
     logits: str = opt("chunked", "chunked: logits only at response positions, in chunks; full: every position",
                       choices=("chunked", "full"))
+    forward_tokens: int | None = opt(None, "split each micro-batch into forward passes of at most this many tokens, "
+                                     "shortest examples together (exact; faster on CPU). Default: 1024 on CPU, "
+                                     "whole micro-batch on GPU; 0 = whole micro-batch")
     trust_remote_code: bool = opt(False, "allow model code from the model's repository to run")
     save_final: bool = opt(True, "save the final model to OUTPUT/final")
 

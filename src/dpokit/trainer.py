@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
-from dpokit.batching import collate
+from dpokit.batching import collate, forward_groups
 from dpokit.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from dpokit.config import TrainConfig
 from dpokit.errors import ConfigError
@@ -89,6 +89,13 @@ def disable_dropout(model: nn.Module) -> None:
         for name, value in list(vars(module).items()):
             if isinstance(value, float) and ("dropout" in name or "pdrop" in name):
                 setattr(module, name, 0.0)
+
+
+def forward_tokens(config: TrainConfig, device: torch.device) -> int:
+    """The token budget of one forward pass: `config.forward_tokens`, or by default 1024 on CPU, unlimited on GPU."""
+    if config.forward_tokens is not None:
+        return config.forward_tokens
+    return 1024 if device.type == "cpu" else 0
 
 
 def _sum_across(values: torch.Tensor, accelerator: Accelerator) -> torch.Tensor:
@@ -196,8 +203,9 @@ def train(
         indices = step_indices(step, plan, len(train_examples), config.seed)
         micro = [indices[(k * accelerator.num_processes + accelerator.process_index) * config.batch_size:]
                  [: config.batch_size] for k in range(config.grad_accum)]
-        batches = [collate([train_examples[i] for i in ids], ids, layout=config.layout, pad_token_id=pad)
-                   .to(accelerator.device) for ids in micro]
+        budget = forward_tokens(config, accelerator.device)
+        batches = [collate([train_examples[i] for i in group], group, layout=config.layout, pad_token_id=pad)
+                   .to(accelerator.device) for ids in micro for group in forward_groups(ids, train_examples, budget)]
         divisor = _sum_across(torch.tensor(float(sum(objective.divisor(b) for b in batches)),
                                            dtype=torch.float64, device=accelerator.device), accelerator)
         metric_sums: dict[str, torch.Tensor] = {}
