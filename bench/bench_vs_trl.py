@@ -27,7 +27,7 @@ What it does:
 3. Measures the machine's float32 matrix-multiply rate (before and after the rounds, with the same thread
    count) and reports dpokit's achieved FLOP/s as a fraction of it (an estimate; formula in the README).
 4. Checks exactness on a batch of the benchmark data: log-probs, DPO losses and the gradients of every
-   parameter with every optimisation on (packed layout, chunked response-only logits) against every
+   parameter with every optimisation on (packed layout, chunked response-only logits, forward groups) against every
    optimisation off (plain padded layout, full logits).
 5. Prints a markdown table and writes everything to ``bench/results/<timestamp>.json``.
 """
@@ -54,14 +54,19 @@ EOT = "<|endoftext|>"
 
 # name -> (kind, options). Kind "dpokit" options are TrainConfig fields; kind "trl" options are DPOConfig fields.
 SYSTEMS = {
-    "dpokit": ("dpokit", {"layout": "packed", "logits": "chunked", "precompute_ref": False}),
+    "dpokit": ("dpokit", {"layout": "packed", "logits": "chunked", "precompute_ref": False, "forward_tokens": None}),
     "trl": ("trl", {"precompute_ref_log_probs": False}),
-    "dpokit-precompute": ("dpokit", {"layout": "packed", "logits": "chunked", "precompute_ref": True}),
+    "dpokit-precompute": ("dpokit", {"layout": "packed", "logits": "chunked", "precompute_ref": True,
+                                     "forward_tokens": None}),
     "trl-precompute": ("trl", {"precompute_ref_log_probs": True}),
     # ablations (reference model in memory), from every optimisation off to every optimisation on
-    "dpokit-plain-full": ("dpokit", {"layout": "plain", "logits": "full", "precompute_ref": False}),
-    "dpokit-plain-chunked": ("dpokit", {"layout": "plain", "logits": "chunked", "precompute_ref": False}),
-    "dpokit-shared-chunked": ("dpokit", {"layout": "shared", "logits": "chunked", "precompute_ref": False}),
+    "dpokit-plain-full": ("dpokit", {"layout": "plain", "logits": "full", "precompute_ref": False, "forward_tokens": 0}),
+    "dpokit-plain-chunked": ("dpokit", {"layout": "plain", "logits": "chunked", "precompute_ref": False,
+                                        "forward_tokens": 0}),
+    "dpokit-shared-chunked": ("dpokit", {"layout": "shared", "logits": "chunked", "precompute_ref": False,
+                                         "forward_tokens": 0}),
+    "dpokit-packed-whole": ("dpokit", {"layout": "packed", "logits": "chunked", "precompute_ref": False,
+                                       "forward_tokens": 0}),
 }
 DEFAULT_SYSTEMS = list(SYSTEMS)
 PAIRS = [("dpokit", "trl"), ("dpokit-precompute", "trl-precompute")]
@@ -300,7 +305,7 @@ def child_dpokit(spec: dict) -> dict:
         max_length=spec["max_length"], max_prompt_length=spec["max_prompt_length"], max_steps=spec["steps"],
         optimizer="adamw", lr=1e-6, warmup_steps=0, dtype="float32", seed=spec["seed"], save_final=False,
         save_every=0, log_every=1, layout=opts["layout"], logits=opts["logits"],
-        precompute_ref=opts["precompute_ref"],
+        precompute_ref=opts["precompute_ref"], forward_tokens=opts["forward_tokens"],
     )
     api.train_dpo(config)
     from dpokit.metrics import read_metrics
@@ -437,12 +442,12 @@ def matmul_gflops(threads: int, size: int, repeats: int = 5) -> float:
 
 
 def exactness(setup: dict, args) -> dict:
-    """Log-probs, losses and gradients: every optimisation on (packed, chunked) vs off (plain, full)."""
+    """Log-probs, losses and gradients: every optimisation on (packed, chunked, forward groups) vs off (plain, full)."""
     import copy
 
     import torch
     from dpokit.api import load_model, load_tokenizer, prepare_data
-    from dpokit.batching import collate
+    from dpokit.batching import collate, forward_groups
     from dpokit.config import TrainConfig
     from dpokit.logprobs import sequence_logprobs, token_logprobs
     from dpokit.losses import LossConfig
@@ -479,9 +484,18 @@ def exactness(setup: dict, args) -> dict:
 
         with torch.no_grad():
             losses = preference_loss(seqs[0::2], seqs[1::2], ref[0::2], ref[1::2], LossConfig(beta=0.1)).losses
+        loss = (result.loss_sum / objective.divisor(batch)).detach()
+        if name == "on":  # the trainer's default path also splits the batch into forward groups (CPU)
+            policy.zero_grad(set_to_none=True)
+            loss = torch.zeros(())
+            for group in forward_groups(ids, examples, 1024):
+                part = objective(policy, collate([examples[i] for i in group], group, layout=layout,
+                                                 pad_token_id=pad))
+                (part.loss_sum / objective.divisor(batch)).backward()
+                loss += (part.loss_sum / objective.divisor(batch)).detach()
         out[name] = {
             "target_ids": batch.target_ids, "token_logps": tokens, "policy_logps": seqs.detach(),
-            "reference_logps": ref, "losses": losses, "loss": (result.loss_sum / objective.divisor(batch)).detach(),
+            "reference_logps": ref, "losses": losses, "loss": loss,
             "grads": {n: p.grad.detach().clone() for n, p in policy.named_parameters()},
         }
 
@@ -695,7 +709,7 @@ def main() -> None:
     if exact:
         print()
         print(f"exactness on {exact['batch']['pairs']} pairs ({exact['batch']['scored_tokens']} scored tokens), "
-              f"packed+chunked vs plain+full, float32: {'PASS' if exact['pass'] else 'FAIL'} (allclose rtol=atol=1e-5)")
+              f"packed+chunked+groups vs plain+full, float32: {'PASS' if exact['pass'] else 'FAIL'} (allclose rtol=atol=1e-5)")
         for key in ("token_logps", "policy_logps", "reference_logps", "losses", "loss", "grads_all_params"):
             v = exact[key]
             print(f"  {key:16s} max abs diff {v['max_abs']:.2e}  max |diff|/max |value| {v['max_abs_over_max_value']:.2e}"
