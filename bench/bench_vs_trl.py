@@ -247,8 +247,7 @@ def batch_shapes(batch, examples) -> dict:
     rows, width = batch.input_ids.shape
     targets = int(batch.target_ids.numel())
     seq_lens = [len(e.prompt_ids) + len(r) for e in examples for r in e.responses]
-    return {"rows": rows, "width": width, "targets": targets,
-            "padded_rows": len(seq_lens), "padded_width": max(seq_lens)}
+    return {"rows": rows, "width": width, "targets": targets, "seq_lens": seq_lens}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -267,14 +266,19 @@ def child_dpokit(spec: dict) -> dict:
     after_import_rss = rss_mib()
     shapes: list[dict] = []
     marks: dict = {}
-    real_collate = trainer.collate
+    real_collate, real_step_indices = trainer.collate, trainer.step_indices
 
-    def collate(examples, ids, **kw):  # record what each training step computes
+    def step_indices(*a, **k):  # called once at the start of every training step
+        shapes.append([])
+        return real_step_indices(*a, **k)
+
+    def collate(examples, ids, **kw):  # record what each training step computes (one entry per forward pass)
         batch = real_collate(examples, ids, **kw)
-        shapes.append(batch_shapes(batch, examples))
+        if shapes:
+            shapes[-1].append(batch_shapes(batch, examples))
         return batch
 
-    trainer.collate = collate
+    trainer.collate, trainer.step_indices = collate, step_indices
 
     def no_checkpoint(*a, **k):  # the trainer checkpoints at its last step: not part of the benchmark
         marks["peak_before_checkpoint_mib"] = peak_rss_mib()
@@ -552,11 +556,14 @@ def summarise(results: dict, setup: dict, args, gflops: list[float]) -> dict:
                 kind, opts = SYSTEMS[name]
                 ref = 0 if opts.get("precompute_ref") else 1
                 executed, useful = [], []
-                for s in shapes:
-                    head = s["targets"] if opts["logits"] == "chunked" else s["rows"] * s["width"]
-                    executed.append((3 + ref) * forward_flops(m, s["rows"], s["width"], head))
-                    pw = s["padded_rows"] * s["padded_width"]
-                    useful.append((3 + ref) * forward_flops(m, s["padded_rows"], s["padded_width"], pw))
+                for passes in shapes:  # one training step: the forward passes it ran
+                    flops = 0.0
+                    for s in passes:
+                        head = s["targets"] if opts["logits"] == "chunked" else s["rows"] * s["width"]
+                        flops += (3 + ref) * forward_flops(m, s["rows"], s["width"], head)
+                    executed.append(flops)
+                    lens = [n for s in passes for n in s["seq_lens"]]  # TRL: every sequence padded to the longest
+                    useful.append((3 + ref) * forward_flops(m, len(lens), max(lens), len(lens) * max(lens)))
                 entry["executed_flops_per_second"] = sum(executed) / sum(sec)
                 entry["executed_fraction_of_matmul"] = entry["executed_flops_per_second"] / peak
                 entry["trl_equivalent_flops_per_second"] = sum(useful) / sum(sec)

@@ -114,73 +114,79 @@ def _loss_config(config: TrainConfig) -> LossConfig:
     return LossConfig(config.loss, config.beta, config.label_smoothing, config.reference_free, config.sft_weight)
 
 
-def _load_policy(config: TrainConfig, tokenizer, data: PreparedData, accelerator: Accelerator):
+@dataclass
+class _Run:
+    """What both training stages start from."""
+
+    accelerator: Accelerator
+    log: object
+    tokenizer: object
+    data: PreparedData
+    model: torch.nn.Module
+
+
+def _start(config: TrainConfig, stage: str) -> _Run:
+    """Accelerator, seed, tokenizer, tokenised data and policy (with its layout checked) for `stage`."""
+    accelerator = make_accelerator(config)
+    torch.manual_seed(config.seed)
+    log = print if accelerator.is_main_process else (lambda *_: None)
+    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    data = prepare_data(config, stage, tokenizer, log)
     model = load_model(config.model, trust_remote_code=config.trust_remote_code).to(accelerator.device)
     config.layout = check_layout(model, data.train, config.layout, tokenizer.pad_token_id)
-    return model
+    return _Run(accelerator, log, tokenizer, data, model)
 
 
-def _reference_model(config: TrainConfig, policy, accelerator: Accelerator):
+def _references(config: TrainConfig, run: _Run, chunked: bool):
+    """The reference for training and for evaluation: one resident frozen model, or two cached tables."""
     ref_dtype = config.ref_dtype or config.dtype
     if config.ref_model:
-        reference = load_model(config.ref_model, dtype=ref_dtype, trust_remote_code=config.trust_remote_code)
+        ref_model = load_model(config.ref_model, dtype=ref_dtype, trust_remote_code=config.trust_remote_code)
     else:
-        reference = copy.deepcopy(policy).to(DTYPES[ref_dtype])
-    return reference.eval().requires_grad_(False).to(accelerator.device)
+        ref_model = copy.deepcopy(run.model).to(DTYPES[ref_dtype])
+    ref_model = ref_model.eval().requires_grad_(False).to(run.accelerator.device)
+    if not config.precompute_ref:
+        reference = ModelReference(ref_model, chunked=chunked)
+        return reference, reference
+    cache = config.ref_cache_dir or str(config.output_dir / "ref_cache")
+    kwargs = dict(batch_size=config.eval_batch_size or config.batch_size, layout=config.layout, chunked=chunked,
+                  device=run.accelerator.device, log=run.log)
+    train_table = cached_reference_logps(ref_model, run.tokenizer, run.data.train, cache, **kwargs)[0]
+    eval_table = None
+    if run.data.eval:
+        eval_table = cached_reference_logps(ref_model, run.tokenizer, run.data.eval, cache,
+                                            description="reference log-probs (eval)", **kwargs)[0]
+    # ref_model goes out of scope here: it is not kept in memory during training
+    return CachedReference(train_table), None if eval_table is None else CachedReference(eval_table)
 
 
 def train_dpo(config: TrainConfig) -> dict[str, float]:
     """Fine-tune `config.model` with DPO on `config.data`; returns the final evaluation metrics."""
-    accelerator = make_accelerator(config)
-    torch.manual_seed(config.seed)
-    log = print if accelerator.is_main_process else (lambda *_: None)
-    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-    data = prepare_data(config, "dpo", tokenizer, log)
-    model = _load_policy(config, tokenizer, data, accelerator)
+    run = _start(config, "dpo")
     loss = _loss_config(config)
     chunked = config.logits == "chunked"
-    reference = eval_reference = None
-    if not loss.reference_free:
-        ref_model = _reference_model(config, model, accelerator)
-        if config.precompute_ref:
-            cache = config.ref_cache_dir or str(config.output_dir / "ref_cache")
-            kwargs = dict(batch_size=config.eval_batch_size or config.batch_size, layout=config.layout,
-                          chunked=chunked, device=accelerator.device, log=log)
-            table, _, _ = cached_reference_logps(ref_model, tokenizer, data.train, cache, **kwargs)
-            reference = CachedReference(table)
-            if data.eval:
-                eval_table, _, _ = cached_reference_logps(ref_model, tokenizer, data.eval, cache,
-                                                          description="reference log-probs (eval)", **kwargs)
-                eval_reference = CachedReference(eval_table)
-            del ref_model  # not kept in memory during training
-        else:
-            reference = eval_reference = ModelReference(ref_model, chunked=chunked)
+    reference, eval_reference = (None, None) if loss.reference_free else _references(config, run, chunked)
     objective = DPOObjective(loss, reference, chunked=chunked, average_logps=config.average_logps)
     eval_objective = DPOObjective(loss, eval_reference, chunked=chunked, average_logps=config.average_logps) \
-        if data.eval else None
-    return _run(model, tokenizer, objective, data, config, accelerator, eval_objective)
+        if run.data.eval else None
+    return _run(run, objective, config, eval_objective)
 
 
 def train_sft(config: TrainConfig) -> dict[str, float]:
     """Supervised fine-tuning of `config.model` on completions (or the chosen responses of a preference set)."""
-    accelerator = make_accelerator(config)
-    torch.manual_seed(config.seed)
-    log = print if accelerator.is_main_process else (lambda *_: None)
-    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-    data = prepare_data(config, "sft", tokenizer, log)
-    model = _load_policy(config, tokenizer, data, accelerator)
+    run = _start(config, "sft")
     objective = SFTObjective(chunked=config.logits == "chunked")
-    return _run(model, tokenizer, objective, data, config, accelerator, objective)
+    return _run(run, objective, config, objective)
 
 
-def _run(model, tokenizer, objective, data, config, accelerator, eval_objective) -> dict[str, float]:
-    metrics = train(model, tokenizer, objective, data.train, data.eval, config, accelerator,
+def _run(run: _Run, objective, config: TrainConfig, eval_objective) -> dict[str, float]:
+    metrics = train(run.model, run.tokenizer, objective, run.data.train, run.data.eval, config, run.accelerator,
                     eval_objective=eval_objective)
-    if config.save_final and accelerator.is_main_process:
-        final = save_model_dir(config.output_dir / "final", model, tokenizer,
+    if config.save_final and run.accelerator.is_main_process:
+        final = save_model_dir(config.output_dir / "final", run.model, run.tokenizer,
                                lambda tmp: (tmp / "dpokit_metrics.json").write_text(json.dumps(metrics, indent=1)))
         print(f"saved the trained model to {final}")
-    accelerator.wait_for_everyone()
+    run.accelerator.wait_for_everyone()
     return metrics
 
 
