@@ -339,3 +339,35 @@ def test_bfloat16_mixed_precision_runs_with_finite_losses(tiny_model_dir, sentim
     assert losses["sft", "bfloat16"] != pytest.approx(losses["sft", "float32"], abs=1e-6)  # autocast did act
     assert losses["sft", "bfloat16"] == pytest.approx(losses["sft", "float32"], rel=0.05)
     assert losses["dpo", "bfloat16"][1:] == pytest.approx(losses["dpo", "float32"][1:], abs=0.05)
+
+
+def test_a_non_finite_gradient_stops_training_with_a_clear_error(tmp_path):
+    """A NaN loss (fp16 overflow, a bad learning rate) stops the run before it corrupts the weights."""
+    from dpokit.errors import TrainingError
+
+    class NaNAfterFirstStep(DPOObjective):
+        calls = 0
+
+        def __call__(self, model, batch):
+            result = super().__call__(model, batch)
+            NaNAfterFirstStep.calls += 1
+            if NaNAfterFirstStep.calls > 1:
+                result.loss_sum = result.loss_sum * float("nan")
+            return result
+
+    model = make_llama()
+    cfg = TrainConfig(model="m", data="d", output=str(tmp_path), batch_size=2, max_steps=3, lr=1e-3,
+                      warmup_steps=0, save_every=1, save_final=False, forward_tokens=0)
+    objective = NaNAfterFirstStep(LossConfig("sigmoid", 0.1), ModelReference(copy.deepcopy(model)))
+
+    class Tok:
+        pad_token_id = 0
+        eos_token_id = 0
+
+        def save_pretrained(self, path):
+            Path(path, "tokenizer_stub.txt").write_text("stub")
+
+    with pytest.raises(TrainingError, match=r"step 2: the gradient norm is nan .*nothing was updated"):
+        train(model, Tok(), objective, _examples(8, seed=3), None, cfg, Accelerator())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert (tmp_path / "checkpoint-000001").exists() and not (tmp_path / "checkpoint-000002").exists()

@@ -11,3 +11,7 @@ class DataError(DpokitError):
 
 class ConfigError(DpokitError):
     """An invalid option or combination of options."""
+
+
+class TrainingError(DpokitError):
+    """Training cannot go on (a non-finite gradient, say); the message says what to change."""

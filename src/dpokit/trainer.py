@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from dpokit.batching import collate, forward_groups
 from dpokit.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from dpokit.config import TrainConfig
-from dpokit.errors import ConfigError
+from dpokit.errors import ConfigError, TrainingError
 from dpokit.metrics import MetricsLogger
 from dpokit.tokenize import TokenizedExample
 
@@ -196,6 +196,7 @@ def train(
         "left out of each epoch's order (a different few each epoch)"
     )
 
+    budget = forward_tokens(config, accelerator.device)
     eval_metrics: dict[str, float] = {}
     bar = tqdm(total=plan.total_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
     while step < plan.total_steps:
@@ -203,7 +204,6 @@ def train(
         indices = step_indices(step, plan, len(train_examples), config.seed)
         micro = [indices[(k * accelerator.num_processes + accelerator.process_index) * config.batch_size:]
                  [: config.batch_size] for k in range(config.grad_accum)]
-        budget = forward_tokens(config, accelerator.device)
         batches = [collate([train_examples[i] for i in group], group, layout=config.layout, pad_token_id=pad)
                    .to(accelerator.device) for ids in micro for group in forward_groups(ids, train_examples, budget)]
         divisor = _sum_across(torch.tensor(float(sum(objective.divisor(b) for b in batches)),
@@ -218,6 +218,12 @@ def train(
         _all_reduce_gradients(params, accelerator)
         max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if not torch.isfinite(grad_norm):  # one sync per step; an update with NaN/inf would ruin the weights
+            raise TrainingError(
+                f"step {step + 1}: the gradient norm is {grad_norm.item()} (loss "
+                f"{(metric_sums['loss'] / divisor).item():.4g} on this process); nothing was updated. "
+                "Lower --lr, or use --dtype float32 if this ran in bfloat16; checkpoints so far are intact"
+            )
         lr = scheduler.get_last_lr()[0]  # the rate this step used (after scheduler.step() it is the next one's)
         optimizer.step()
         scheduler.step()
