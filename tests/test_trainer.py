@@ -195,6 +195,15 @@ def test_resume_equals_an_uninterrupted_run(tiny_model_dir, sentiment_data, tmp_
     assert_same_weights(full / "checkpoint-000006", cut / "checkpoint-000006")
 
 
+def test_resume_with_another_data_order_is_an_error(tiny_model_dir, sentiment_data, tmp_path, capsys):
+    """The data position is the step: resuming with another global batch would silently change the order."""
+    args = ["dpo", "--model", tiny_model_dir, "--data", sentiment_data["train"], "--max-steps", "2",
+            "--output", str(tmp_path / "run")]
+    assert main(args + ["--batch-size", "4"]) == 0
+    assert main(args + ["--batch-size", "2", "--resume"]) == 2
+    assert "another data order (global_batch 4 -> 2)" in capsys.readouterr().err
+
+
 def test_resume_without_a_checkpoint_starts_from_scratch(tiny_model_dir, sentiment_data, tmp_path):
     out = tmp_path / "fresh"
     train_sft(config(tiny_model_dir, sentiment_data["train"], out, max_steps=1, batch_size=4, resume=True))

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from dpokit.errors import ConfigError
+
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -96,10 +98,20 @@ def _load_weights(model, checkpoint: Path) -> None:
                            f"(missing {result.missing_keys}, unexpected {result.unexpected_keys})")
 
 
-def load_trainer_state(checkpoint: Path, model, optimizer, scheduler) -> int:
-    """Restore model weights, optimizer, scheduler and RNG state from `checkpoint`; return its step."""
-    _load_weights(model, checkpoint)
+def load_trainer_state(checkpoint: Path, model, optimizer, scheduler, data_order: dict | None = None) -> int:
+    """Restore model weights, optimizer, scheduler and RNG state from `checkpoint`; return its step.
+
+    The data position is the step itself (each step's examples follow from the seed and the global batch), so
+    a resume with another data set size, global batch or seed would silently train on a different order:
+    `data_order` is compared with the checkpoint's, and a mismatch is an error.
+    """
     state = json.loads((checkpoint / "trainer_state.json").read_text())
+    saved = state.get("data_order")
+    if data_order is not None and saved is not None and saved != data_order:
+        changed = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in data_order.items() if saved.get(k) != v)
+        raise ConfigError(f"--resume: {checkpoint} was trained with another data order ({changed}); "
+                          "resume with the same data, batch sizes, processes and seed, or start a new --output")
+    _load_weights(model, checkpoint)
     tensors = load_file(str(checkpoint / "trainer_state.safetensors"))
     per_param: dict[int, dict] = {}
     for key, value in tensors.items():

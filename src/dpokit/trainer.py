@@ -181,13 +181,14 @@ def train(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     log = MetricsLogger(config.output_dir, enabled=accelerator.is_main_process)
 
+    data_order = {"examples": len(train_examples), "global_batch": plan.global_batch, "seed": config.seed}
     step = 0
     if config.resume:
         checkpoint = latest_checkpoint(config.output_dir)
         if checkpoint is None:
             log.print(f"--resume: no checkpoint in {config.output_dir}; starting from scratch")
         else:
-            step = load_trainer_state(checkpoint, model, optimizer, scheduler)
+            step = load_trainer_state(checkpoint, model, optimizer, scheduler, data_order)
             log.print(f"resumed from {checkpoint} at step {step}")
     log.print(
         f"training {plan.total_steps} steps: global batch {plan.global_batch} "
@@ -249,7 +250,7 @@ def train(
             log.print(f"eval @ step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
         if (config.save_every and step % config.save_every == 0) or last:
             save_checkpoint(config.output_dir, step, model, tokenizer, optimizer, scheduler, accelerator,
-                            {"config": config_dict(config), "metrics": eval_metrics})
+                            {"config": config_dict(config), "metrics": eval_metrics, "data_order": data_order})
     bar.close()
     log.close()
     return eval_metrics
