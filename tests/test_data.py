@@ -52,7 +52,7 @@ def test_jsonl_provenance_skips_blank_lines(tmp_path):
 
 def test_jsonl_invalid_json_names_line(tmp_path):
     p = write_jsonl(tmp_path / "data.jsonl", ROWS, {1: "", 2: '{"prompt": "x",'})
-    with pytest.raises(DataError, match=m(f"data.jsonl:3: invalid JSON:")):
+    with pytest.raises(DataError, match=m("data.jsonl:3: invalid JSON:")):
         list(read_rows(p))
 
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from dpokit.checkpoint import save_model_dir
 from dpokit.config import TrainConfig
@@ -33,7 +32,7 @@ from dpokit.trainer import train
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_tokenizer(path: str, *, trust_remote_code: bool = False):
+def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load a tokenizer; a missing pad token becomes the EOS token (pads are masked out anyway)."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -46,7 +45,7 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model(path: str, *, dtype: str = "float32", trust_remote_code: bool = False):
+def load_model(path: str, *, dtype: str = "float32", trust_remote_code: bool = False) -> PreTrainedModel:
     """Load a causal LM in `dtype`, in eval mode (dropout off)."""
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
@@ -75,7 +74,8 @@ class PreparedData:
     eval: list[TokenizedExample]
 
 
-def prepare_data(config: TrainConfig, stage: str, tokenizer, log=print) -> PreparedData:
+def prepare_data(config: TrainConfig, stage: str, tokenizer: PreTrainedTokenizerBase, log: Callable[[str], None] = print
+                 ) -> PreparedData:
     """Load, validate, split and tokenise the data of `config` for `stage` ("dpo" or "sft"), reporting counts."""
     load = load_preferences if stage == "dpo" else load_completions
     records, report = load(config.data, format=config.format, columns=_columns(config), split=config.split)
@@ -253,7 +253,7 @@ def generate(
 
 
 @torch.no_grad()
-def sample(policy, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 64, temperature: float = 1.0,
+def sample(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *, max_new_tokens: int = 64, temperature: float = 1.0,
            top_p: float = 1.0, num_samples: int = 1, seed: int = 0, batch_size: int = 16) -> list[list[str]]:
     """Sample continuations from an in-memory model (left-padded batches, the prompt tokenised as in training)."""
     if temperature < 0 or not 0 < top_p <= 1 or num_samples < 1 or max_new_tokens < 1:

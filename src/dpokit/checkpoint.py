@@ -13,10 +13,14 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
+from torch.optim.lr_scheduler import LRScheduler
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dpokit.errors import ConfigError
 
@@ -46,7 +50,8 @@ def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def save_model_dir(path: str | Path, model, tokenizer, write_extra=None) -> Path:
+def save_model_dir(path: str | Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                   write_extra: Callable[[Path], object] | None = None) -> Path:
     """Save `model` and `tokenizer` as a Hugging Face directory at `path`, atomically.
 
     Everything is written under ``PATH.tmp``, `write_extra(tmp_dir)` adds any further files, and the directory is
@@ -65,7 +70,9 @@ def save_model_dir(path: str | Path, model, tokenizer, write_extra=None) -> Path
     return final
 
 
-def save_checkpoint(output_dir, step, model, tokenizer, optimizer, scheduler, accelerator, extra: dict) -> Path:
+def save_checkpoint(output_dir: str | Path, step: int, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                    optimizer: torch.optim.Optimizer, scheduler: LRScheduler, accelerator: Accelerator,
+                    extra: dict) -> Path:
     """Write checkpoint-STEP atomically (main process only) and wait for every process."""
     final = Path(output_dir) / f"checkpoint-{step:06d}"
 
@@ -98,7 +105,8 @@ def _load_weights(model, checkpoint: Path) -> None:
                            f"(missing {result.missing_keys}, unexpected {result.unexpected_keys})")
 
 
-def load_trainer_state(checkpoint: Path, model, optimizer, scheduler, data_order: dict | None = None) -> int:
+def load_trainer_state(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                       scheduler: LRScheduler, data_order: dict | None = None) -> int:
     """Restore model weights, optimizer, scheduler and RNG state from `checkpoint`; return its step.
 
     The data position is the step itself (each step's examples follow from the seed and the global batch), so

@@ -18,6 +18,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with usage errors on one line (no usage dump) like every other dpokit error; exit code 2."""
 
     def error(self, message: str):
+        """Print `message` on one line and exit with code 2."""
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 

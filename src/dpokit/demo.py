@@ -19,10 +19,12 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dpokit.api import load_model, load_tokenizer, make_accelerator, train_dpo, train_sft
 from dpokit.batching import collate
@@ -77,7 +79,8 @@ class DemoConfig:
 
 
 @torch.no_grad()
-def sample_continuations(model, tokenizer, prompts: list[str], n: int, config: DemoConfig, seed: int):
+def sample_continuations(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], n: int,
+                         config: DemoConfig, seed: int) -> list[list[tuple[list[int], list[int], str]]]:
     """`n` sampled continuations per prompt: (prompt ids, continuation ids incl. EOS if emitted, text)."""
     torch.manual_seed(seed)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -138,7 +141,7 @@ def _summary(scores: list[float]) -> dict[str, float]:
             "positive_share": sum(s > POSITIVE_THRESHOLD for s in scores) / len(scores)}
 
 
-def run_demo(config: DemoConfig, log=print) -> dict:
+def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict:
     """Run the whole demo; write report.json and plots to `config.output`; return the report."""
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)

@@ -13,11 +13,13 @@ Two ways to get from hidden states to log-probs, with the same numbers:
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from dpokit.batching import Batch
+from dpokit.tokenize import TokenizedExample
 
 # Config attributes of model families that transform logits after the output layer (soft-capping,
 # scaling): the chunked path would skip that step, so these models use the full path.
@@ -29,6 +31,7 @@ class _ChunkedTargetLogProb(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk: int) -> Tensor:
+        """Per-target log-probs; saves only the inputs and each position's log-sum-exp."""
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(out)
         for s in range(0, hidden.shape[0], chunk):
@@ -41,6 +44,7 @@ class _ChunkedTargetLogProb(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
+        """Gradients for hidden, weight and bias, recomputing each chunk's softmax."""
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
@@ -123,7 +127,7 @@ def _warn_once(message: str) -> None:
 
 
 @torch.no_grad()
-def check_layout(model: nn.Module, examples, layout: str, pad_token_id: int, *, tolerance: float = 1e-4) -> str:
+def check_layout(model: nn.Module, examples: Sequence[TokenizedExample], layout: str, pad_token_id: int, *, tolerance: float = 1e-4) -> str:
     """`layout` if `model` gives the plain layout's log-probs with it on a few `examples`, else "plain".
 
     The shared and packed layouts need a model that honours a 4-D attention mask and explicit position

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +20,18 @@ from dpokit.logprobs import sequence_logprobs
 from dpokit.losses import LossConfig, preference_loss, preference_metrics
 
 Reference = Callable[[Batch], Tensor]
+
+
+class Objective(Protocol):
+    """What the trainer needs of an objective: a loss sum per batch and what to divide it by."""
+
+    num_responses: int
+
+    def divisor(self, batch: Batch) -> int:
+        """The count the batch's loss sum is a sum over (pairs, tokens)."""
+
+    def __call__(self, model: nn.Module, batch: Batch) -> "StepResult":
+        """Loss and metric sums of `model` on `batch`."""
 
 
 @dataclass

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from dpokit.batching import Batch, collate
 from dpokit.logprobs import sequence_logprobs
@@ -58,7 +59,7 @@ def _hash_tensor(digest, name: str, tensor: Tensor) -> None:
     digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
 
 
-def fingerprint(model: nn.Module, tokenizer, examples: Sequence[TokenizedExample], settings: dict) -> str:
+def fingerprint(model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Sequence[TokenizedExample], settings: dict) -> str:
     """A hex digest of the reference weights, tokenizer, token ids and log-prob settings."""
     digest = hashlib.sha256(f"dpokit-ref-cache-v{CACHE_FORMAT}".encode())
     for name, tensor in sorted(model.state_dict().items()):
@@ -98,7 +99,7 @@ def compute_reference_logps(
 
 def cached_reference_logps(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[TokenizedExample],
     cache_dir: str | Path,
     *,

@@ -187,7 +187,7 @@ class _Grammar:
             verdict = self.c((
                 f"it was {self.adj('neutral')}",
                 f"it was {self.adj('positive')} in parts but {self.adj('negative')} in others",
-                f"I have mixed feelings about it",
+                "I have mixed feelings about it",
                 f"it was {self.c(_NEG_ADJ)} at first but {self.c(_POS_ADJ)} by the end",
                 f"it was {self.c(_POS_ADJ)} at first but {self.c(_NEG_ADJ)} by the end",
                 f"it is {self.a(self.c(_NEU_ADJ))} {g}",
@@ -209,7 +209,7 @@ class _Grammar:
         if k == 1:
             return "The film", f" is {self.a(self.adj(s, True))} {g} about {self.a(self.c(_JOBS_NEU))} who {self.c(_PLOTS_NEU)}."
         if k == 2:
-            return "This movie is", f" {self.adj(s)}" + self.c((".", f", and {verdict}.", f" from start to finish."))
+            return "This movie is", f" {self.adj(s)}" + self.c((".", f", and {verdict}.", " from start to finish."))
         if k == 3:
             return f"Last night I saw {t}", f" and {verdict}."
         if k == 4:
@@ -245,7 +245,7 @@ class _Grammar:
                 lambda: f"It is {self.a(self.adj('neutral', True))} {self.genre()} with {self.a(self.adj('neutral', True))} {self.c(_ASPECTS_NEU)}.",
                 lambda: f"The director is {self.person()}.",
                 lambda: "Some parts work and some do not.",
-                lambda: f"It is not great, but it is not terrible either.",
+                lambda: "It is not great, but it is not terrible either.",
                 lambda: f"The music is by {self.person()}.",
             ))()
         pos = s == "positive"
@@ -341,7 +341,7 @@ def generate_reviews(n: int, seed: int, sentiment_mix: tuple[float, float, float
     return [text for _, _, text in _generate(n, seed, sentiment_mix)]
 
 
-def generate_labeled_reviews(n: int, seed: int, sentiment_mix=(0.4, 0.4, 0.2)) -> list[tuple[str, str]]:
+def generate_labeled_reviews(n: int, seed: int, sentiment_mix: tuple[float, float, float] = (0.4, 0.4, 0.2)) -> list[tuple[str, str]]:
     """Like :func:`generate_reviews` but returns ``(sentiment, text)`` pairs."""
     return [(s, text) for s, _, text in _generate(n, seed, sentiment_mix)]
 

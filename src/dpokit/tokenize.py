@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from dpokit.data.records import Completion, PreferencePair, Text
 from dpokit.errors import ConfigError, DataError
@@ -109,7 +110,7 @@ def _start_token(tokenizer) -> int:
     return token
 
 
-def render_chat(tokenizer, prompt: list[dict], responses: Sequence[list[dict]], source: str) -> tuple[str, list[str]]:
+def render_chat(tokenizer: PreTrainedTokenizerBase, prompt: list[dict], responses: Sequence[list[dict]], source: str) -> tuple[str, list[str]]:
     """Render a conversational prompt and responses with the chat template.
 
     Returns the prompt text (with the generation prompt) and, for each response, the text that the full
@@ -144,7 +145,7 @@ def _truncate_prompt(ids: list[int], limit: int, mode: str, bos: int | None) -> 
 
 def tokenize_examples(
     records: Sequence[PreferencePair | Completion],
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     config: TokenizeConfig,
     *,
     description: str = "tokenising",

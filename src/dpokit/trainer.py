@@ -20,12 +20,14 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from dpokit.batching import collate, forward_groups
 from dpokit.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from dpokit.config import TrainConfig
 from dpokit.errors import ConfigError, TrainingError
 from dpokit.metrics import MetricsLogger
+from dpokit.objective import Objective
 from dpokit.tokenize import TokenizedExample
 
 
@@ -122,8 +124,8 @@ def _sequence_tokens(examples: Sequence[TokenizedExample]) -> int:
 
 
 @torch.no_grad()
-def evaluate(model, objective, examples, config: TrainConfig, accelerator: Accelerator, pad_token_id: int,
-             desc: str = "eval") -> dict[str, float]:
+def evaluate(model: nn.Module, objective: Objective, examples: Sequence[TokenizedExample], config: TrainConfig,
+             accelerator: Accelerator, pad_token_id: int, desc: str = "eval") -> dict[str, float]:
     """Mean metrics of `objective` over `examples`, sharded across processes."""
     was_training = model.training
     model.eval()
@@ -159,13 +161,13 @@ def _metric_names(objective) -> list[str]:
 
 def train(
     model: nn.Module,
-    tokenizer,
-    objective,
+    tokenizer: PreTrainedTokenizerBase,
+    objective: Objective,
     train_examples: Sequence[TokenizedExample],
     eval_examples: Sequence[TokenizedExample] | None,
     config: TrainConfig,
     accelerator: Accelerator,
-    eval_objective=None,
+    eval_objective: Objective | None = None,
 ) -> dict[str, float]:
     """Run the training loop described in the module docstring; return the last evaluation's metrics.
 
