@@ -1,0 +1,219 @@
+"""The child processes: one dpokit or TRL training run each, timed and with its memory measured."""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+
+# name -> (kind, options). Kind "dpokit" options are TrainConfig fields; kind "trl" options are DPOConfig fields.
+SYSTEMS = {
+    "dpokit": ("dpokit", {"layout": "packed", "logits": "chunked", "precompute_ref": False, "forward_tokens": None}),
+    "trl": ("trl", {"precompute_ref_log_probs": False}),
+    "dpokit-precompute": ("dpokit", {"layout": "packed", "logits": "chunked", "precompute_ref": True,
+                                     "forward_tokens": None}),
+    "trl-precompute": ("trl", {"precompute_ref_log_probs": True}),
+    # ablations (reference model in memory), from every optimisation off to every optimisation on
+    "dpokit-plain-full": ("dpokit", {"layout": "plain", "logits": "full", "precompute_ref": False, "forward_tokens": 0}),
+    "dpokit-plain-chunked": ("dpokit", {"layout": "plain", "logits": "chunked", "precompute_ref": False,
+                                        "forward_tokens": 0}),
+    "dpokit-shared-chunked": ("dpokit", {"layout": "shared", "logits": "chunked", "precompute_ref": False,
+                                         "forward_tokens": 0}),
+    "dpokit-packed-whole": ("dpokit", {"layout": "packed", "logits": "chunked", "precompute_ref": False,
+                                       "forward_tokens": 0}),
+}
+DEFAULT_SYSTEMS = list(SYSTEMS)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# memory helpers (Linux /proc; ru_maxrss as fallback)
+
+
+def _proc_status(field: str) -> float | None:
+    """A ``kB`` field of /proc/self/status, in MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def rss_mib() -> float | None:
+    """Current resident set size, MiB."""
+    return _proc_status("VmRSS")
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process over its lifetime, MiB (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_hwm() -> bool:
+    """Reset the VmHWM high-water mark (Linux: write 5 to /proc/self/clear_refs); False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------------------------
+# children
+
+
+def batch_shapes(batch, examples) -> dict:
+    """What dpokit computes for this batch, and what a padded concatenated (TRL) step computes for it."""
+    rows, width = batch.input_ids.shape
+    targets = int(batch.target_ids.numel())
+    seq_lens = [len(e.prompt_ids) + len(r) for e in examples for r in e.responses]
+    return {"rows": rows, "width": width, "targets": targets, "seq_lens": seq_lens}
+
+
+def child_dpokit(spec: dict) -> dict:
+    base_rss = rss_mib()
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    import dpokit.api as api
+    import dpokit.trainer as trainer
+    from dpokit.config import TrainConfig
+
+    after_import_rss = rss_mib()
+    shapes: list[dict] = []
+    marks: dict = {}
+    real_collate, real_step_indices = trainer.collate, trainer.step_indices
+
+    def step_indices(*a, **k):  # called once at the start of every training step
+        shapes.append([])
+        return real_step_indices(*a, **k)
+
+    def collate(examples, ids, **kw):  # record what each training step computes (one entry per forward pass)
+        batch = real_collate(examples, ids, **kw)
+        if shapes:
+            shapes[-1].append(batch_shapes(batch, examples))
+        return batch
+
+    trainer.collate, trainer.step_indices = collate, step_indices
+
+    def no_checkpoint(*a, **k):  # the trainer checkpoints at its last step: not part of the benchmark
+        marks["peak_before_checkpoint_mib"] = peak_rss_mib()
+
+    trainer.save_checkpoint = no_checkpoint
+
+    real_cached = api.cached_reference_logps
+
+    def cached(*a, **k):
+        t = time.perf_counter()
+        out = real_cached(*a, **k)
+        marks["precompute_seconds"] = time.perf_counter() - t
+        return out
+
+    api.cached_reference_logps = cached
+    real_train = api.train
+
+    def train(*a, **k):
+        marks["rss_before_train_mib"] = rss_mib()
+        marks["hwm_reset"] = reset_hwm()
+        return real_train(*a, **k)
+
+    api.train = train
+
+    opts = spec["options"]
+    config = TrainConfig(
+        model=spec["model_dir"], data=spec["data"], output=spec["output"], batch_size=spec["batch_size"],
+        max_length=spec["max_length"], max_prompt_length=spec["max_prompt_length"], max_steps=spec["steps"],
+        optimizer="adamw", lr=1e-6, warmup_steps=0, dtype="float32", seed=spec["seed"], save_final=False,
+        save_every=0, log_every=1, layout=opts["layout"], logits=opts["logits"],
+        precompute_ref=opts["precompute_ref"], forward_tokens=opts["forward_tokens"],
+    )
+    api.train_dpo(config)
+    from dpokit.metrics import read_metrics
+
+    rows = [r for r in read_metrics(Path(spec["output"]) / "metrics.jsonl") if r["split"] == "train"]
+    return {
+        "seconds_per_step": [r["seconds_per_step"] for r in rows],
+        "tokens_per_step": [round(r["tokens_per_second"] * r["seconds_per_step"]) for r in rows],
+        "loss": [r["loss"] for r in rows],
+        "shapes": shapes,
+        "precompute_seconds": marks.get("precompute_seconds"),
+        "rss_start_mib": base_rss, "rss_after_import_mib": after_import_rss,
+        "rss_before_train_mib": marks.get("rss_before_train_mib"),
+        "peak_rss_mib": marks.get("peak_before_checkpoint_mib", peak_rss_mib()),
+        "train_peak_rss_mib": _proc_status("VmHWM") if marks.get("hwm_reset") else None,
+    }
+
+
+def child_trl(spec: dict) -> dict:
+    base_rss = rss_mib()
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    datasets.disable_progress_bars()
+    after_import_rss = rss_mib()
+    opts = spec["options"]
+    rows = [json.loads(line) for line in Path(spec["data_trl"]).read_text().splitlines()]
+    dataset = datasets.Dataset.from_list(rows)
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
+    ref_model = None
+    if not opts["precompute_ref_log_probs"]:
+        ref_model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.begin, self.end = [], []
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.begin.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            self.end.append(time.perf_counter())
+
+    timer = Timer()
+    tokens: list[int] = []
+
+    class Trainer(DPOTrainer):
+        def training_step(self, model, inputs, *a, **k):
+            tokens.append(int(inputs["attention_mask"].sum()))
+            return super().training_step(model, inputs, *a, **k)
+
+        def _precompute_ref_logps(self, *a, **k):
+            t = time.perf_counter()
+            out = super()._precompute_ref_logps(*a, **k)
+            marks["precompute_seconds"] = marks.get("precompute_seconds", 0.0) + time.perf_counter() - t
+            return out
+
+    marks: dict = {}
+    config = DPOConfig(
+        output_dir=spec["output"], per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
+        max_length=spec["max_length"], max_steps=spec["steps"], learning_rate=1e-6, lr_scheduler_type="constant",
+        warmup_steps=0, optim="adamw_torch", gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True,
+        report_to=[], logging_steps=1, save_strategy="no", dataloader_num_workers=0, dataloader_pin_memory=False,
+        disable_tqdm=True, seed=spec["seed"], train_sampling_strategy="sequential", beta=0.1,
+        precompute_ref_log_probs=opts["precompute_ref_log_probs"],
+    )
+    trainer = Trainer(model=model, ref_model=ref_model, args=config, train_dataset=dataset,
+                      processing_class=tokenizer, callbacks=[timer])
+    rss_before = rss_mib()
+    hwm_reset = reset_hwm()
+    trainer.train()
+    steps = len(timer.end)
+    seconds = [timer.end[0] - timer.begin[0]] + [timer.end[i] - timer.end[i - 1] for i in range(1, steps)]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {
+        "seconds_per_step": seconds,
+        "seconds_per_step_compute_only": [e - b for b, e in zip(timer.begin, timer.end)],
+        "tokens_per_step": tokens[:steps],
+        "loss": losses,
+        "precompute_seconds": marks.get("precompute_seconds"),
+        "rss_start_mib": base_rss, "rss_after_import_mib": after_import_rss, "rss_before_train_mib": rss_before,
+        "peak_rss_mib": peak_rss_mib(),
+        "train_peak_rss_mib": _proc_status("VmHWM") if hwm_reset else None,
+    }

@@ -1,0 +1,130 @@
+"""Building the benchmark's inputs: the byte-level BPE tokenizer, the random Llama model and the preference data."""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+from pathlib import Path
+
+EOT = "<|endoftext|>"
+
+
+def _words(rng: random.Random, count: int) -> list[str]:
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words: set[str] = set()
+    while len(words) < count:
+        words.add("".join(rng.choice(letters) for _ in range(rng.randint(2, 9))))
+    return sorted(words)
+
+
+def _zipf_sampler(rng: random.Random, words: list[str]):
+    weights = [1.0 / (rank + 1) ** 1.05 for rank in range(len(words))]
+    order = words[:]
+    rng.shuffle(order)
+
+    def sample(n: int) -> list[str]:
+        return rng.choices(order, weights=weights, k=n)
+
+    return sample
+
+
+def build_tokenizer(sample, vocab_size: int, out: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = [" ".join(sample(60)) for _ in range(8000)]
+    tok.train_from_iterator(corpus, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT, pad_token=EOT,
+                                   unk_token=None)
+    fast.save_pretrained(out)
+    return fast
+
+
+def text_of_tokens(tokenizer, sample, n: int, leading_space: bool) -> str:
+    """Text that the tokenizer encodes into exactly (or, rarely, about) `n` tokens."""
+    text = (" " if leading_space else "") + " ".join(sample(n + 8))
+    enc = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+    text = text[: enc.offsets[n - 1][1]]
+    return text
+
+
+def build_everything(args, work: Path) -> dict:
+    """Tokenizer, model (saved), preference data (JSONL + TRL-ordered JSONL); returns a description."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    rng = random.Random(args.seed)
+    sample = _zipf_sampler(rng, _words(rng, 6000))
+    model_dir = work / "model"
+    tokenizer = build_tokenizer(sample, args.vocab, model_dir)
+
+    config = LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate or 4 * args.hidden,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+        max_position_embeddings=max(1024, args.max_length), tie_word_embeddings=False,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+        attention_dropout=0.0,
+    )
+    torch.manual_seed(args.seed)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    model.save_pretrained(model_dir, safe_serialization=True)
+    params = {name: p.numel() for name, p in model.named_parameters()}
+    total = sum(params.values())
+    embed = model.get_input_embeddings().weight.numel()
+    head = model.get_output_embeddings().weight.numel()
+    del model
+
+    def length(mean: int) -> int:
+        return max(4, round(mean * rng.uniform(1 - args.spread, 1 + args.spread)))
+
+    rows = []
+    for i in range(args.pairs):
+        p = length(args.prompt_len)
+        # the response lengths include the EOS token that both libraries append
+        c, r = length(args.response_len) - 1, length(args.response_len) - 1
+        rows.append({
+            "prompt": text_of_tokens(tokenizer, sample, p, leading_space=False),
+            "chosen": text_of_tokens(tokenizer, sample, c, leading_space=True),
+            "rejected": text_of_tokens(tokenizer, sample, r, leading_space=True),
+        })
+    data = work / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    # Token lengths as dpokit tokenises them (and check that nothing is filtered or truncated)
+    from dpokit.api import prepare_data
+    from dpokit.config import TrainConfig
+
+    cfg = TrainConfig(model=str(model_dir), data=str(data), output=str(work / "probe"), max_length=args.max_length,
+                      max_prompt_length=min(args.max_length - 1, 256 if args.max_length > 256 else args.max_length // 2))
+    examples = prepare_data(cfg, "dpo", tokenizer, log=lambda *_: None).train
+    if len(examples) != len(rows):
+        raise SystemExit(f"dpokit kept {len(examples)} of {len(rows)} pairs; lengths exceed --max-length?")
+    prompt_lens = [len(e.prompt_ids) for e in examples]
+    resp_lens = [len(r) for e in examples for r in e.responses]
+    if max(p + max(map(len, e.responses)) for p, e in zip(prompt_lens, examples)) > args.max_length:
+        raise SystemExit("a sequence exceeds --max-length")
+
+    # TRL reads the rows in the order dpokit's trainer visits them in epoch 0 (its sampler is made sequential)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    (work / "pairs_trl_order.jsonl").write_text("".join(json.dumps(rows[i]) + "\n" for i in order))
+
+    def stats(xs):
+        return {"mean": round(statistics.mean(xs), 1), "min": min(xs), "max": max(xs)}
+
+    return {
+        "model_dir": str(model_dir), "data": str(data), "data_trl": str(work / "pairs_trl_order.jsonl"),
+        "max_prompt_length": cfg.max_prompt_length,
+        "model": {"arch": "LlamaForCausalLM (random init)", "vocab": args.vocab, "tokenizer_vocab": len(tokenizer),
+                  "hidden": args.hidden, "layers": args.layers, "heads": args.heads,
+                  "intermediate": config.intermediate_size, "tied_embeddings": False,
+                  "params_total": total, "params_embedding": embed, "params_lm_head": head,
+                  "params_decoder_layers": total - embed - head},
+        "data_stats": {"pairs": len(rows), "prompt_tokens": stats(prompt_lens),
+                       "response_tokens_incl_eos": stats(resp_lens)},
+    }
