@@ -204,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `dpokit` command."""
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights"/"Writing model shards" bars: dpokit shows its own progress
     try:
         args.func(args)
     except DpokitError as error:
