@@ -287,18 +287,21 @@ def test_evaluate_does_not_depend_on_the_eval_batch_size(tokenizer):
     assert results[0]["loss"] == pytest.approx(sum(s["loss"] for s in singles) / 7, abs=1e-6)
 
 
+class _StubTokenizer:
+    """The trainer only needs the pad id and save_pretrained."""
+
+    pad_token_id = 0
+    eos_token_id = 0
+
+    def save_pretrained(self, path):
+        Path(path, "tokenizer_stub.txt").write_text("stub")
+
+
 def _train_in_memory(model, tmp_path, steps=2):
     cfg = TrainConfig(model="m", data="d", output=str(tmp_path), batch_size=2, max_steps=steps, lr=1e-3,
                       warmup_steps=0, save_every=0, save_final=False, log_every=100)
     objective = DPOObjective(LossConfig("sigmoid", 0.1), ModelReference(copy.deepcopy(model)))
-    class Tok:  # the trainer only needs the pad id and save_pretrained
-        pad_token_id = 0
-        eos_token_id = 0
-
-        def save_pretrained(self, path):
-            Path(path, "tokenizer_stub.txt").write_text("stub")
-
-    train(model, Tok(), objective, _examples(8, seed=3), None, cfg, Accelerator())
+    train(model, _StubTokenizer(), objective, _examples(8, seed=3), None, cfg, Accelerator())
     return model
 
 
@@ -369,14 +372,7 @@ def test_a_non_finite_gradient_stops_training_with_a_clear_error(tmp_path):
                       warmup_steps=0, save_every=1, save_final=False, forward_tokens=0)
     objective = NaNAfterFirstStep(LossConfig("sigmoid", 0.1), ModelReference(copy.deepcopy(model)))
 
-    class Tok:
-        pad_token_id = 0
-        eos_token_id = 0
-
-        def save_pretrained(self, path):
-            Path(path, "tokenizer_stub.txt").write_text("stub")
-
     with pytest.raises(TrainingError, match=r"step 2: the gradient norm is nan .*nothing was updated"):
-        train(model, Tok(), objective, _examples(8, seed=3), None, cfg, Accelerator())
+        train(model, _StubTokenizer(), objective, _examples(8, seed=3), None, cfg, Accelerator())
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert (tmp_path / "checkpoint-000001").exists() and not (tmp_path / "checkpoint-000002").exists()
