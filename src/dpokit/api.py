@@ -252,25 +252,51 @@ def generate(
                   top_p=top_p, num_samples=num_samples, seed=seed, batch_size=batch_size)
 
 
+@dataclass(frozen=True)
+class Sample:
+    """One sampled continuation: the prompt ids, the generated ids (through EOS if emitted), and its text."""
+
+    prompt_ids: list[int]
+    ids: list[int]
+    text: str
+
+
 @torch.no_grad()
-def sample(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *, max_new_tokens: int = 64, temperature: float = 1.0,
-           top_p: float = 1.0, num_samples: int = 1, seed: int = 0, batch_size: int = 16) -> list[list[str]]:
-    """Sample continuations from an in-memory model (left-padded batches, the prompt tokenised as in training)."""
+def sample_ids(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *,
+               max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, num_samples: int = 1,
+               seed: int = 0, batch_size: int = 16) -> list[list[Sample]]:
+    """`num_samples` continuations of each prompt from an in-memory model, with their token ids.
+
+    Batches are left-padded; each prompt is tokenised as in training; temperature 0 is greedy. `batch_size`
+    counts sequences (prompts × samples).
+    """
     if temperature < 0 or not 0 < top_p <= 1 or num_samples < 1 or max_new_tokens < 1:
         raise ConfigError("need temperature >= 0, 0 < top_p <= 1, num_samples >= 1 and max_new_tokens >= 1")
     torch.manual_seed(seed)
     policy.eval()
+    policy.generation_config.max_length = None  # max_new_tokens decides; silences transformers' warning
     device = next(policy.parameters()).device
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 \
+        else dict(do_sample=False)
     flat = [p for p in prompts for _ in range(num_samples)]
-    outputs: list[str] = []
+    outputs: list[Sample] = []
     for i in range(0, len(flat), batch_size):
         encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] or [start] for p in flat[i : i + batch_size]]
         width = max(map(len, encoded))
-        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(e)) + e for e in encoded], device=device)
+        ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(do_sample=False)
-        out = policy.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling)
-        outputs += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        generated = policy.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                    pad_token_id=pad, eos_token_id=eos, **sampling)[:, width:].tolist()
+        for prompt_ids, tokens in zip(encoded, generated):
+            if eos in tokens:
+                tokens = tokens[: tokens.index(eos) + 1]
+            outputs.append(Sample(prompt_ids, tokens, tokenizer.decode(tokens, skip_special_tokens=True)))
     return [outputs[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
+
+
+def sample(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+           **options) -> list[list[str]]:
+    """The texts of :func:`sample_ids` (same options)."""
+    return [[s.text for s in group] for group in sample_ids(policy, tokenizer, prompts, **options)]

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from dpokit.api import load_model, load_tokenizer, make_accelerator, train_dpo, train_sft
+from dpokit.api import Sample, load_model, load_tokenizer, make_accelerator, sample_ids, train_dpo, train_sft
 from dpokit.batching import collate
 from dpokit.config import TrainConfig
 from dpokit.data.records import PreferencePair
@@ -78,28 +78,12 @@ class DemoConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
 
 
-@torch.no_grad()
 def sample_continuations(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], n: int,
-                         config: DemoConfig, seed: int) -> list[list[tuple[list[int], list[int], str]]]:
-    """`n` sampled continuations per prompt: (prompt ids, continuation ids incl. EOS if emitted, text)."""
-    torch.manual_seed(seed)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    model.generation_config.max_length = None  # max_new_tokens decides; silences transformers' warning
-    out = []
-    for start in range(0, len(prompts), 32):
-        chunk = [p for p in prompts[start : start + 32] for _ in range(n)]
-        encoded = [tokenizer(p)["input_ids"] for p in chunk]
-        width = max(map(len, encoded))
-        ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
-        mask = (torch.arange(width)[None] >= torch.tensor([width - len(e) for e in encoded])[:, None]).long()
-        generated = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0,
-                                   temperature=config.temperature, max_new_tokens=config.max_new_tokens,
-                                   eos_token_id=eos, pad_token_id=pad)[:, width:].tolist()
-        for prompt_ids, tokens in zip(encoded, generated):
-            if eos in tokens:
-                tokens = tokens[: tokens.index(eos) + 1]
-            out.append((prompt_ids, tokens, tokenizer.decode(tokens, skip_special_tokens=True)))
-    return [out[i * n : (i + 1) * n] for i in range(len(prompts))]
+                         config: DemoConfig, seed: int) -> list[list[Sample]]:
+    """`n` continuations per prompt, sampled at the demo's temperature with no top-k/top-p truncation, so that
+    they are exact samples of the model (the KL estimate relies on it)."""
+    return sample_ids(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens,
+                      temperature=config.temperature, num_samples=n, seed=seed, batch_size=32 * n)
 
 
 def label_pairs(prompt: str, texts: list[str], scores: list[float], config: DemoConfig, rng: random.Random,
@@ -126,7 +110,7 @@ def label_pairs(prompt: str, texts: list[str], scores: list[float], config: Demo
 
 def _kl_per_sequence(policy, reference, samples) -> list[float]:
     """log π(y|x) − log π_ref(y|x) for each y sampled from π: a Monte-Carlo estimate of the sequence KL."""
-    examples = [TokenizedExample(tuple(p), (tuple(y),)) for p, y, _ in samples if y]
+    examples = [TokenizedExample(tuple(x.prompt_ids), (tuple(x.ids),)) for x in samples if x.ids]
     kls = []
     for start in range(0, len(examples), 32):
         chunk = examples[start : start + 32]
@@ -168,7 +152,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict:
     pairs, ties = [], 0
     samples = sample_continuations(reference, tokenizer, train_prompts, config.completions, config, config.seed)
     for k, (prompt, group) in enumerate(zip(train_prompts, samples)):
-        texts = [text for _, _, text in group]
+        texts = [x.text for x in group]
         scores = judge([prompt + t for t in texts])
         new, tied = label_pairs(prompt, texts, scores, config, rng, f"prompt {k}")
         pairs += new
@@ -200,19 +184,19 @@ def _evaluate(policy, reference, tokenizer, judge, prompts, config, rng) -> dict
     dpo_samples = sample_continuations(policy, tokenizer, prompts, config.eval_samples, config, config.seed + 11)
     rows, sft_scores, dpo_scores = [], [], []
     for prompt, sft_group, dpo_group in zip(prompts, sft_samples, dpo_samples):
-        s = judge([prompt + t for _, _, t in sft_group])
-        d = judge([prompt + t for _, _, t in dpo_group])
+        s = judge([prompt + x.text for x in sft_group])
+        d = judge([prompt + x.text for x in dpo_group])
         sft_scores += s
         dpo_scores += d
-        rows.append({"prompt": prompt, "sft": [t for _, _, t in sft_group], "sft_scores": s,
-                     "dpo": [t for _, _, t in dpo_group], "dpo_scores": d})
+        rows.append({"prompt": prompt, "sft": [x.text for x in sft_group], "sft_scores": s,
+                     "dpo": [x.text for x in dpo_group], "dpo_scores": d})
     kls = _kl_per_sequence(policy, reference, [x for group in dpo_samples for x in group])
 
     # Held-out preference pairs, labelled like the training pairs, from fresh reference samples.
     pair_samples = sample_continuations(reference, tokenizer, prompts, config.completions, config, config.seed + 12)
     pairs = []
     for k, (prompt, group) in enumerate(zip(prompts, pair_samples)):
-        texts = [t for _, _, t in group]
+        texts = [x.text for x in group]
         pairs += label_pairs(prompt, texts, judge([prompt + t for t in texts]), config, rng, f"held-out {k}")[0]
     examples = tokenize_examples(pairs, tokenizer, TokenizeConfig(max_length=128, max_prompt_length=16))[0]
     objective = DPOObjective(LossConfig(beta=config.beta), ModelReference(reference))
