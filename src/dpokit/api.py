@@ -24,7 +24,7 @@ from dpokit.errors import ConfigError
 from dpokit.logprobs import check_layout
 from dpokit.losses import LossConfig
 from dpokit.objective import DPOObjective, SFTObjective
-from dpokit.reference import CachedReference, ModelReference, cached_reference_logps
+from dpokit.reference import CachedReference, ModelReference, cached_reference_logps, weights_digest
 from dpokit.tokenize import TokenizeConfig, TokenizedExample, tokenize_examples
 from dpokit.trainer import evaluate as evaluate_objective
 from dpokit.trainer import train
@@ -150,7 +150,7 @@ def _references(config: TrainConfig, run: _Run, chunked: bool):
         return reference, reference
     cache = config.ref_cache_dir or str(config.output_dir / "ref_cache")
     kwargs = dict(batch_size=config.eval_batch_size or config.batch_size, layout=config.layout, chunked=chunked,
-                  device=run.accelerator.device, log=run.log)
+                  device=run.accelerator.device, weights=weights_digest(ref_model), log=run.log)
     train_table = cached_reference_logps(ref_model, run.tokenizer, run.data.train, cache, **kwargs)[0]
     eval_table = None
     if run.data.eval:

@@ -59,11 +59,18 @@ def _hash_tensor(digest, name: str, tensor: Tensor) -> None:
     digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
 
 
-def fingerprint(model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: Sequence[TokenizedExample], settings: dict) -> str:
-    """A hex digest of the reference weights, tokenizer, token ids and log-prob settings."""
-    digest = hashlib.sha256(f"dpokit-ref-cache-v{CACHE_FORMAT}".encode())
+def weights_digest(model: nn.Module) -> str:
+    """A hex digest of every weight tensor's name, dtype, shape and bytes (the expensive part of a fingerprint)."""
+    digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         _hash_tensor(digest, name, tensor)
+    return digest.hexdigest()
+
+
+def fingerprint(weights: str, tokenizer: PreTrainedTokenizerBase, examples: Sequence[TokenizedExample],
+                settings: dict) -> str:
+    """A hex digest of the reference weights' digest, the tokenizer, every token id and the log-prob settings."""
+    digest = hashlib.sha256(f"dpokit-ref-cache-v{CACHE_FORMAT}|{weights}".encode())
     vocab = sorted(tokenizer.get_vocab().items())
     digest.update(json.dumps([vocab, tokenizer.all_special_tokens]).encode())
     for example in examples:
@@ -108,13 +115,16 @@ def cached_reference_logps(
     chunked: bool,
     device: torch.device | str = "cpu",
     description: str = "reference log-probs",
+    weights: str | None = None,
     log=print,
 ) -> tuple[Tensor, Path, bool]:
     """Load the reference log-prob table from `cache_dir`, or compute and store it.
 
+    `weights` is the model's :func:`weights_digest`, when the caller already has it (it reads every weight).
     Returns the table, the cache file and whether it was reused.
     """
-    key = fingerprint(model, tokenizer, examples, {"chunked": chunked})
+    weights = weights or weights_digest(model)
+    key = fingerprint(weights, tokenizer, examples, {"chunked": chunked})
     path = Path(cache_dir) / f"{key}.safetensors"
     if path.exists():
         table = load_file(str(path))["logps"]
