@@ -11,7 +11,7 @@ from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpokit.batching import collate
-from dpokit.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from dpokit.checkpoint import latest_checkpoint, load_model_weights, load_trainer_state, save_checkpoint
 from dpokit.cli import main
 from dpokit.config import TrainConfig
 from dpokit.logprobs import sequence_logprobs
@@ -19,7 +19,8 @@ from dpokit.losses import LossConfig
 from dpokit.objective import DPOObjective
 from dpokit.reference import ModelReference
 from dpokit.tokenize import TokenizedExample
-from dpokit.trainer import lr_factor, make_optimizer, train
+from dpokit.engine import unwrap_optimizer
+from dpokit.trainer import prepare, train
 from helpers import make_llama
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -43,7 +44,7 @@ def trained(tmp_path, tokenizer):
     cfg = TrainConfig(model="m", data="d", output=str(tmp_path / "run"), batch_size=2, max_steps=3, save_every=1,
                       lr=1e-3, warmup_steps=2, schedule="cosine", optimizer="adamw")
     objective = DPOObjective(LossConfig("sigmoid", 0.1), ModelReference(copy.deepcopy(model)))
-    train(model, tokenizer, objective, _examples(8), None, cfg, Accelerator())
+    train(prepare(model, 8, cfg, Accelerator()), tokenizer, objective, _examples(8), None, cfg)
     return model, cfg
 
 
@@ -118,13 +119,12 @@ def test_latest_checkpoint_ignores_partial_and_temporary_directories(tmp_path):
 
 
 def test_save_replaces_a_leftover_temporary_directory(tmp_path, tokenizer):
-    model = make_llama(vocab_size=len(tokenizer))
-    optimizer = make_optimizer(model, TrainConfig(model="m", data="d", output="o"))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    engine = prepare(make_llama(vocab_size=len(tokenizer)), 8, TrainConfig(model="m", data="d", output="o"),
+                     Accelerator())
     stale = tmp_path / "checkpoint-000003.tmp"
     stale.mkdir(parents=True)
     (stale / "junk.bin").write_bytes(b"junk")
-    path = save_checkpoint(tmp_path, 3, model, tokenizer, optimizer, scheduler, Accelerator(), {})
+    path = save_checkpoint(tmp_path, 3, engine, tokenizer, {})
     assert path == tmp_path / "checkpoint-000003" and not stale.exists()
     assert not (path / "junk.bin").exists()
     assert latest_checkpoint(tmp_path) == path
@@ -135,13 +135,11 @@ def test_optimizer_scheduler_and_rng_state_round_trip_exactly(name, tmp_path, to
     cfg = TrainConfig(model="m", data="d", output=str(tmp_path), optimizer=name, lr=1e-3, weight_decay=0.01,
                       warmup_steps=3, schedule="cosine")
 
-    def build(seed):
-        model = make_llama(vocab_size=len(tokenizer), seed=seed)
-        optimizer = make_optimizer(model, cfg)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, 10))
-        return model, optimizer, scheduler
+    def build(seed):  # 80 examples in global batches of 8: a 10-step schedule
+        engine = prepare(make_llama(vocab_size=len(tokenizer), seed=seed), 80, cfg, Accelerator())
+        return engine, engine.model, unwrap_optimizer(engine.optimizer), engine.scheduler
 
-    model, optimizer, scheduler = build(0)
+    engine, model, optimizer, scheduler = build(0)
     batch = collate(_examples(4), list(range(4)))
     for _ in range(2):
         sequence_logprobs(model, batch).sum().backward()
@@ -149,12 +147,13 @@ def test_optimizer_scheduler_and_rng_state_round_trip_exactly(name, tmp_path, to
         scheduler.step()
         optimizer.zero_grad()
     torch.manual_seed(123)
-    path = save_checkpoint(tmp_path, 2, model, tokenizer, optimizer, scheduler, Accelerator(), {"metrics": {}})
+    path = save_checkpoint(tmp_path, 2, engine, tokenizer, {"metrics": {}})
     expected_random = torch.rand(5)
 
-    fresh_model, fresh_optimizer, fresh_scheduler = build(1)
+    fresh_engine, fresh_model, fresh_optimizer, fresh_scheduler = build(1)
     torch.manual_seed(999)
-    assert load_trainer_state(path, fresh_model, fresh_optimizer, fresh_scheduler) == 2
+    load_model_weights(fresh_model, path)
+    assert load_trainer_state(path, fresh_engine.scorer, fresh_optimizer, fresh_scheduler) == 2
     assert torch.equal(torch.rand(5), expected_random)  # the RNG continues where the run left it
 
     for (k, a), b in zip(model.state_dict().items(), fresh_model.state_dict().values()):

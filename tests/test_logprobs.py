@@ -9,6 +9,7 @@ from torch import nn
 
 from dpokit.batching import collate
 from dpokit.data.records import PreferencePair
+from dpokit.engine import Scorer
 from dpokit.logprobs import check_layout, sequence_logprobs, supports_chunked_logits
 from dpokit.tokenize import TokenizeConfig, tokenize_examples
 from helpers import WORDS, make_gpt2, make_llama
@@ -114,8 +115,8 @@ class _IgnoresCustomMasks(nn.Module):
 
 def test_check_layout_falls_back_to_plain_for_models_that_ignore_the_mask(examples):
     good = make_llama()
-    assert check_layout(good, examples, "packed", 0) == "packed"
+    assert check_layout(Scorer(good), examples, "packed", 0, device="cpu") == "packed"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert check_layout(_IgnoresCustomMasks(make_llama()), examples, "shared", 0) == "plain"
+        assert check_layout(Scorer(_IgnoresCustomMasks(make_llama())), examples, "shared", 0, device="cpu") == "plain"
     assert any("does not support the shared layout" in str(w.message) for w in caught)

@@ -5,7 +5,7 @@ import torch
 
 from dpokit.batching import collate
 from dpokit.data.records import PreferencePair
-from dpokit.reference import CachedReference, ModelReference, cached_reference_logps
+from dpokit.reference import CachedReference, ModelReference, cached_reference_logps, weights_digest
 from dpokit.tokenize import TokenizeConfig, tokenize_examples
 from helpers import make_llama, make_tokenizer
 
@@ -18,8 +18,8 @@ def _examples(tokenizer, **settings):
 
 
 def _cache(model, tokenizer, examples, tmp_path):
-    return cached_reference_logps(model, tokenizer, examples, tmp_path, batch_size=4, layout="packed",
-                                  chunked=True, log=lambda *_: None)
+    return cached_reference_logps(ModelReference(model), weights_digest(model), tokenizer, examples, tmp_path,
+                                  batch_size=4, layout="packed", chunked=True, log=lambda *_: None)
 
 
 def test_cached_table_equals_the_model(tokenizer, tmp_path):

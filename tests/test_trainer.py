@@ -28,7 +28,8 @@ from dpokit.metrics import read_metrics
 from dpokit.objective import DPOObjective, SFTObjective
 from dpokit.reference import ModelReference
 from dpokit.tokenize import TokenizedExample
-from dpokit.trainer import Plan, evaluate, lr_factor, make_plan, step_indices, train
+from dpokit.engine import Scorer
+from dpokit.trainer import Plan, evaluate, lr_factor, make_plan, prepare, step_indices, train
 from helpers import make_gpt2, make_llama
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -274,7 +275,7 @@ def test_evaluate_does_not_depend_on_the_eval_batch_size(tokenizer):
     results = []
     for batch_size in (1, 3, 16):
         cfg = TrainConfig(model="m", data="d", output="o", eval_batch_size=batch_size)
-        results.append(evaluate(policy, objective, examples, cfg, accelerator, pad_token_id=0))
+        results.append(evaluate(Scorer(policy), objective, examples, cfg, accelerator, pad_token_id=0))
     assert set(results[0]) == {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
                                "rewards/accuracies", "logps/chosen", "logps/rejected"}
     assert 0 < results[0]["rewards/accuracies"] < 1  # a real mix, so a wrong mean would show
@@ -282,7 +283,7 @@ def test_evaluate_does_not_depend_on_the_eval_batch_size(tokenizer):
         for key, value in results[0].items():
             assert other[key] == pytest.approx(value, abs=1e-5), key
     # the eval mean is over pairs: it equals the mean of the 7 single-example results
-    singles = [evaluate(policy, objective, [e], TrainConfig(model="m", data="d", output="o"), accelerator, 0)
+    singles = [evaluate(Scorer(policy), objective, [e], TrainConfig(model="m", data="d", output="o"), accelerator, 0)
                for e in examples]
     assert results[0]["loss"] == pytest.approx(sum(s["loss"] for s in singles) / 7, abs=1e-6)
 
@@ -301,7 +302,7 @@ def _train_in_memory(model, tmp_path, steps=2):
     cfg = TrainConfig(model="m", data="d", output=str(tmp_path), batch_size=2, max_steps=steps, lr=1e-3,
                       warmup_steps=0, save_every=0, save_final=False, log_every=100)
     objective = DPOObjective(LossConfig("sigmoid", 0.1), ModelReference(copy.deepcopy(model)))
-    train(model, _StubTokenizer(), objective, _examples(8, seed=3), None, cfg, Accelerator())
+    train(prepare(model, 8, cfg, Accelerator()), _StubTokenizer(), objective, _examples(8, seed=3), None, cfg)
     return model
 
 
@@ -373,6 +374,6 @@ def test_a_non_finite_gradient_stops_training_with_a_clear_error(tmp_path):
     objective = NaNAfterFirstStep(LossConfig("sigmoid", 0.1), ModelReference(copy.deepcopy(model)))
 
     with pytest.raises(TrainingError, match=r"step 2: the gradient norm is nan .*nothing was updated"):
-        train(model, _StubTokenizer(), objective, _examples(8, seed=3), None, cfg, Accelerator())
+        train(prepare(model, 8, cfg, Accelerator()), _StubTokenizer(), objective, _examples(8, seed=3), None, cfg)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert (tmp_path / "checkpoint-000001").exists() and not (tmp_path / "checkpoint-000002").exists()

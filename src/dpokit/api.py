@@ -6,34 +6,42 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from dpokit.checkpoint import save_model_dir
+from dpokit.checkpoint import save_final
 from dpokit.config import TrainConfig
 from dpokit.data import ColumnMap, load_completions, load_preferences, split_eval
+from dpokit.engine import (ReferenceState, Scorer, check_engine, engine_name, engine_on_cpu, place_reference,
+                           shards_parameters)
 from dpokit.errors import ConfigError
 from dpokit.logprobs import check_layout
+from dpokit.lora import (LoraOptions, adapter_base, adapter_disabled, add_adapter, add_reference_adapter,
+                         is_adapter_dir, load_adapter, reference_adapter, trained_adapter_weight)
 from dpokit.losses import LossConfig
 from dpokit.objective import DPOObjective, SFTObjective
-from dpokit.reference import CachedReference, ModelReference, cached_reference_logps, weights_digest
+from dpokit.reference import (CachedReference, ModelReference, PolicyReference, cached_reference_logps,
+                              weights_digest)
 from dpokit.tokenize import TokenizeConfig, TokenizedExample, tokenize_examples
+from dpokit.trainer import Engine, prepare, train
 from dpokit.trainer import evaluate as evaluate_objective
-from dpokit.trainer import train
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """Load a tokenizer; a missing pad token becomes the EOS token (pads are masked out anyway)."""
+    """Load a tokenizer (from an adapter directory, or its base model when it has none); a missing pad token
+    becomes the EOS token (pads are masked out anyway)."""
+    if is_adapter_dir(path) and not any((Path(path) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
+        path = adapter_base(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
@@ -45,13 +53,64 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> PreTrainedT
     return tokenizer
 
 
-def load_model(path: str, *, dtype: str = "float32", trust_remote_code: bool = False) -> PreTrainedModel:
-    """Load a causal LM in `dtype`, in eval mode (dropout off)."""
+def _quantization(bits: int | None, dtype: str):
+    if bits is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=DTYPES[dtype])
+
+
+def load_model(path: str, *, dtype: str = "float32", trust_remote_code: bool = False, bits: int | None = None,
+               device: torch.device | str | None = None, trainable_adapter: bool = False) -> PreTrainedModel:
+    """Load a causal LM in `dtype`, in eval mode (dropout off): a model directory or hub name, or a PEFT adapter
+    directory (its base model with the adapter). `bits` 4 or 8 quantizes the base with bitsandbytes."""
+    if is_adapter_dir(path):
+        base = load_model(adapter_base(path), dtype=dtype, trust_remote_code=trust_remote_code, bits=bits,
+                          device=device)
+        return load_adapter(base, path, trainable=trainable_adapter).eval()
+    kwargs = {}
+    if bits is not None:
+        kwargs = {"quantization_config": _quantization(bits, dtype), "device_map": {"": str(device or "cpu")}}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                                                     **kwargs)
     except (OSError, ValueError) as error:
         raise ConfigError(f"cannot load a causal language model from {path!r}: {error}") from None
     return model.eval()
+
+
+def load_policy(config: TrainConfig, device: torch.device | str, *, with_reference: bool = True
+                ) -> tuple[PreTrainedModel, ReferenceState | None]:
+    """The model to train: full, with a fresh LoRA adapter, or an adapter directory trained further (base
+    quantized for QLoRA). Also returns how to switch a LoRA policy to its reference (None: no such reference;
+    none is set up without `with_reference`)."""
+    bits = 4 if config.load_in_4bit else 8 if config.load_in_8bit else None
+    model = load_model(config.model, trust_remote_code=config.trust_remote_code, bits=bits, device=device,
+                       trainable_adapter=True)
+    if bits is not None:
+        from peft import prepare_model_for_kbit_training
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    reference_state = None
+    if config.lora_r is not None:
+        alpha = config.lora_alpha if config.lora_alpha is not None else 2 * config.lora_r
+        targets = [t.strip() for t in config.lora_target_modules.split(",")] if config.lora_target_modules else None
+        model = add_adapter(model, LoraOptions(config.lora_r, alpha, config.lora_dropout, targets))
+        reference_state = adapter_disabled if with_reference else None
+    elif is_adapter_dir(config.model) and with_reference:
+        add_reference_adapter(model, config.ref_adapter or config.model)
+        reference_state = reference_adapter
+    if bits is None:
+        model = model.to(device)
+    return model, reference_state
 
 
 def _columns(config: TrainConfig) -> ColumnMap:
@@ -104,10 +163,19 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     # Launched as several processes (torchrun / accelerate launch) on a machine without CUDA: accelerate
     # sets up gloo only when told to use the CPU; otherwise every process would train alone as "main".
     cpu_only = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    if (os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1") and "MASTER_ADDR" in os.environ
+            and "WORLD_SIZE" not in os.environ and "OMPI_COMM_WORLD_SIZE" not in os.environ
+            and "PMI_SIZE" not in os.environ):
+        raise ConfigError("`accelerate launch --cpu` with several processes starts only one (its CPU launcher needs "
+                          "mpirun): leave out --cpu; on a machine without GPUs dpokit runs every process on the CPU "
+                          "with gloo, under DDP, FSDP2 or DeepSpeed as the --config_file says")
     # accelerate keeps one process-wide state and refuses a second Accelerator with another mixed precision;
     # forget it (not the process group) so that e.g. a float32 SFT and a bfloat16 DPO run in one process.
     AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision="bf16" if config.dtype == "bfloat16" else "no", cpu=cpu_only)
+    accelerator = Accelerator(mixed_precision="bf16" if config.dtype == "bfloat16" else "no", cpu=cpu_only)
+    if cpu_only:
+        engine_on_cpu(accelerator)
+    return accelerator
 
 
 def _loss_config(config: TrainConfig) -> LossConfig:
@@ -119,44 +187,65 @@ class _Run:
     """What both training stages start from."""
 
     accelerator: Accelerator
-    log: object
-    tokenizer: object
+    log: Callable[[str], None]
+    tokenizer: PreTrainedTokenizerBase
     data: PreparedData
     model: torch.nn.Module
+    reference_state: ReferenceState | None
 
 
 def _start(config: TrainConfig, stage: str) -> _Run:
     """Accelerator, seed, tokenizer, tokenised data and policy (with its layout checked) for `stage`."""
     accelerator = make_accelerator(config)
+    check_engine(accelerator)
+    if shards_parameters(accelerator) and (config.load_in_4bit or config.load_in_8bit):
+        raise ConfigError(f"--load-in-4bit/8bit under {engine_name(accelerator)} is not supported: quantized weights "
+                          "are not sharded; launch QLoRA with DDP (configs/accelerate/ddp.yaml) or one process")
     torch.manual_seed(config.seed)
     log = print if accelerator.is_main_process else (lambda *_: None)
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     data = prepare_data(config, stage, tokenizer, log)
-    model = load_model(config.model, trust_remote_code=config.trust_remote_code).to(accelerator.device)
-    config.layout = check_layout(model, data.train, config.layout, tokenizer.pad_token_id)
-    return _Run(accelerator, log, tokenizer, data, model)
+    with_reference = stage == "dpo" and not config.reference_free and config.ref_model is None
+    model, reference_state = load_policy(config, accelerator.device, with_reference=with_reference)
+    return _Run(accelerator, log, tokenizer, data, model, reference_state)
 
 
-def _references(config: TrainConfig, run: _Run, chunked: bool):
-    """The reference for training and for evaluation: one resident frozen model, or two cached tables."""
-    ref_dtype = config.ref_dtype or config.dtype
-    if config.ref_model:
-        ref_model = load_model(config.ref_model, dtype=ref_dtype, trust_remote_code=config.trust_remote_code)
-    else:
-        ref_model = copy.deepcopy(run.model).to(DTYPES[ref_dtype])
-    ref_model = ref_model.eval().requires_grad_(False).to(run.accelerator.device)
+def _reference_model(config: TrainConfig, run: _Run, chunked: bool) -> tuple[Scorer, str]:
+    """A separate reference model (--ref-model, or a fresh copy of --model's starting weights), its digest
+    taken before the engine places it like the policy."""
+    path = config.ref_model or config.model
+    model = load_model(path, dtype=config.ref_dtype or config.dtype, trust_remote_code=config.trust_remote_code)
+    digest = weights_digest(model)
+    placed = place_reference(run.accelerator, Scorer(model, chunked=chunked), offload=config.ref_offload)
+    return placed, digest
+
+
+def _references(config: TrainConfig, run: _Run, engine: Engine, chunked: bool, start_digest: str | None):
+    """The reference for training and for evaluation: inside the policy's weights (LoRA), a resident frozen
+    model placed like the policy, or two cached tables computed before the first step by every process."""
+    if run.reference_state is not None and not config.precompute_ref:
+        return PolicyReference(), PolicyReference()
     if not config.precompute_ref:
-        reference = ModelReference(ref_model, chunked=chunked)
+        reference = ModelReference(_reference_model(config, run, chunked)[0])
         return reference, reference
+    if run.reference_state is not None:  # the reference is in the policy's own (frozen) weights
+        score, digest = (lambda batch: engine.scorer(batch, reference=True)), start_digest
+    elif config.ref_model is None and engine.step == 0:  # the policy before its first update is the reference
+        score, digest = engine.scorer, start_digest
+    else:  # another model, or a resumed policy that has moved: score with a separate copy
+        score, digest = _reference_model(config, run, chunked)
     cache = config.ref_cache_dir or str(config.output_dir / "ref_cache")
     kwargs = dict(batch_size=config.eval_batch_size or config.batch_size, layout=config.layout, chunked=chunked,
-                  device=run.accelerator.device, weights=weights_digest(ref_model), log=run.log)
-    train_table = cached_reference_logps(ref_model, run.tokenizer, run.data.train, cache, **kwargs)[0]
+                  accelerator=run.accelerator, log=run.log)
+    was_training = engine.scorer.training
+    engine.scorer.eval()
+    train_table = cached_reference_logps(score, digest, run.tokenizer, run.data.train, cache, **kwargs)[0]
     eval_table = None
     if run.data.eval:
-        eval_table = cached_reference_logps(ref_model, run.tokenizer, run.data.eval, cache,
+        eval_table = cached_reference_logps(score, digest, run.tokenizer, run.data.eval, cache,
                                             description="reference log-probs (eval)", **kwargs)[0]
-    # ref_model goes out of scope here: it is not kept in memory during training
+    engine.scorer.train(was_training)
+    # a separate reference model goes out of scope here: it is not kept in memory during training
     return CachedReference(train_table), None if eval_table is None else CachedReference(eval_table)
 
 
@@ -165,27 +254,44 @@ def train_dpo(config: TrainConfig) -> dict[str, float]:
     run = _start(config, "dpo")
     loss = _loss_config(config)
     chunked = config.logits == "chunked"
-    reference, eval_reference = (None, None) if loss.reference_free else _references(config, run, chunked)
-    objective = DPOObjective(loss, reference, chunked=chunked, average_logps=config.average_logps)
-    eval_objective = DPOObjective(loss, eval_reference, chunked=chunked, average_logps=config.average_logps) \
+    start_digest = None
+    if config.precompute_ref and not loss.reference_free and config.ref_model is None:
+        # taken before a checkpoint's weights are loaded or the engine shards the model; a LoRA run's trained
+        # adapter is left out, since its reference never uses it
+        start_digest = weights_digest(run.model, skip=trained_adapter_weight if config.uses_lora else lambda n: False)
+    engine = _prepare(run, config, chunked)
+    reference, eval_reference = (None, None) if loss.reference_free else \
+        _references(config, run, engine, chunked, start_digest)
+    objective = DPOObjective(loss, reference, average_logps=config.average_logps)
+    eval_objective = DPOObjective(loss, eval_reference, average_logps=config.average_logps) \
         if run.data.eval else None
-    return _run(run, objective, config, eval_objective)
+    return _run(run, engine, objective, config, eval_objective)
 
 
 def train_sft(config: TrainConfig) -> dict[str, float]:
     """Supervised fine-tuning of `config.model` on completions (or the chosen responses of a preference set)."""
     run = _start(config, "sft")
-    objective = SFTObjective(chunked=config.logits == "chunked")
-    return _run(run, objective, config, objective)
+    engine = _prepare(run, config, config.logits == "chunked")
+    objective = SFTObjective()
+    return _run(run, engine, objective, config, objective)
 
 
-def _run(run: _Run, objective, config: TrainConfig, eval_objective) -> dict[str, float]:
-    metrics = train(run.model, run.tokenizer, objective, run.data.train, run.data.eval, config, run.accelerator,
+def _prepare(run: _Run, config: TrainConfig, chunked: bool) -> Engine:
+    """The engine-wrapped policy, with the batch layout checked on it (every process takes part)."""
+    engine = prepare(run.model, len(run.data.train), config, run.accelerator, chunked=chunked,
+                     reference_state=run.reference_state, log=run.log)
+    config.layout = check_layout(engine.scorer, run.data.train, config.layout, run.tokenizer.pad_token_id,
+                                 device=run.accelerator.device)
+    return engine
+
+
+def _run(run: _Run, engine: Engine, objective, config: TrainConfig, eval_objective) -> dict[str, float]:
+    metrics = train(engine, run.tokenizer, objective, run.data.train, run.data.eval, config,
                     eval_objective=eval_objective)
-    if config.save_final and run.accelerator.is_main_process:
-        final = save_model_dir(config.output_dir / "final", run.model, run.tokenizer,
-                               lambda tmp: (tmp / "dpokit_metrics.json").write_text(json.dumps(metrics, indent=1)))
-        print(f"saved the trained model to {final}")
+    if config.save_final:
+        final = save_final(config.output_dir / "final", engine, run.tokenizer,
+                           lambda tmp: (tmp / "dpokit_metrics.json").write_text(json.dumps(metrics, indent=1)))
+        run.log(f"saved the trained {'adapter' if config.uses_lora else 'model'} to {final}")
     run.accelerator.wait_for_everyone()
     return metrics
 
@@ -222,7 +328,7 @@ def evaluate(
     accelerator = make_accelerator(config)
     tokenizer = load_tokenizer(model)
     examples = prepare_data(config, "dpo", tokenizer, log).train
-    policy = load_model(model, dtype=dtype).to(accelerator.device)
+    policy = Scorer(load_model(model, dtype=dtype).to(accelerator.device))
     reference = None
     if not reference_free:
         reference = ModelReference(load_model(ref_model, dtype=dtype).to(accelerator.device))

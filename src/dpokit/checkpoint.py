@@ -1,8 +1,9 @@
 """Checkpoints: a Hugging Face model directory plus the trainer's state, all safetensors/JSON, written atomically.
 
 Layout of ``OUTPUT/checkpoint-000100/``: the model (``model.safetensors``, ``config.json``), the tokenizer,
-``trainer_state.safetensors`` (optimizer tensors and RNG states) and ``trainer_state.json`` (step,
-scheduler, optimizer hyper-parameters, config, metrics). The directory is written under a temporary name
+``trainer_state.safetensors`` (optimizer tensors, keyed by parameter name, and RNG states) and
+``trainer_state.json`` (step, scheduler, optimizer hyper-parameters, config, metrics). A LoRA run's checkpoint
+holds the adapter (``adapter_model.safetensors``, ``adapter_config.json``) instead of the whole model. The directory is written under a temporary name
 and renamed into place, so a crash never leaves a half-written checkpoint that ``--resume`` would pick up.
 Nothing is ever unpickled.
 """
@@ -17,11 +18,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 from torch.optim.lr_scheduler import LRScheduler
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from dpokit.engine import unwrap_optimizer
 from dpokit.errors import ConfigError
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -37,30 +39,53 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer state dict keyed by parameter name -> (safetensors tensors, JSON-able rest)."""
     tensors, scalars = {}, {}
-    state = optimizer.state_dict()
-    for index, values in state["state"].items():
-        for name, value in values.items():
-            key = f"optimizer.{index}.{name}"
+    for name, values in state["state"].items():
+        for key, value in values.items():
             if isinstance(value, torch.Tensor):
-                tensors[key] = value.detach().cpu().contiguous()
+                tensors[f"optimizer.{name}.{key}"] = value.detach().cpu().contiguous()
             else:
-                scalars[key] = value
+                scalars[f"{name}\t{key}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    per_param: dict[str, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            name, _, field = key[len("optimizer."):].rpartition(".")
+            per_param.setdefault(name, {})[field] = value
+    for key, value in meta["scalars"].items():
+        name, field = key.split("\t")
+        per_param.setdefault(name, {})[field] = value
+    # JSON turned tuple hyper-parameters (Adam's betas) into lists; give them back their type
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in group.items()}
+              for group in meta["param_groups"]]
+    return {"state": per_param, "param_groups": groups}
+
+
+def _is_adapter(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
 def save_model_dir(path: str | Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                   write_extra: Callable[[Path], object] | None = None) -> Path:
+                   write_extra: Callable[[Path], object] | None = None, state_dict: dict | None = None) -> Path:
     """Save `model` and `tokenizer` as a Hugging Face directory at `path`, atomically.
 
-    Everything is written under ``PATH.tmp``, `write_extra(tmp_dir)` adds any further files, and the directory is
-    then renamed into place, replacing an older one.
+    A PEFT model is saved as its trained adapter only (``adapter_config.json``, ``adapter_model.safetensors``;
+    `PeftModel.from_pretrained` loads it). `state_dict` is the model's full state when an engine holds it in
+    shards. Everything is written under ``PATH.tmp``, `write_extra(tmp_dir)` adds any further files, and the
+    directory is then renamed into place, replacing an older one.
     """
     final = Path(path)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    if _is_adapter(model):
+        model.save_pretrained(tmp, state_dict=state_dict, selected_adapters=["default"])
+    else:
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     if write_extra is not None:
         write_extra(tmp)
@@ -70,29 +95,76 @@ def save_model_dir(path: str | Path, model: PreTrainedModel, tokenizer: PreTrain
     return final
 
 
-def save_checkpoint(output_dir: str | Path, step: int, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                    optimizer: torch.optim.Optimizer, scheduler: LRScheduler, accelerator: Accelerator,
+def gather_weights(engine) -> dict:
+    """The policy's full state on the main process (every process takes part; FSDP2 and ZeRO-3 gather their
+    shards; the others get an empty dict under FSDP2)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if engine.accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return _strip_prefix(engine.accelerator.get_state_dict(engine.scorer))
+    return _strip_prefix(get_model_state_dict(engine.scorer, options=StateDictOptions(full_state_dict=True,
+                                                                                       cpu_offload=True)))
+
+
+def save_final(path: str | Path, engine, tokenizer: PreTrainedTokenizerBase,
+               write_extra: Callable[[Path], object] | None = None) -> Path:
+    """Save the trained policy (the adapter, for LoRA) as a Hugging Face directory at `path`, atomically."""
+    weights = gather_weights(engine)
+    if engine.accelerator.is_main_process:
+        save_model_dir(path, engine.model, tokenizer, write_extra, state_dict=weights)
+    engine.accelerator.wait_for_everyone()
+    return Path(path)
+
+
+def save_checkpoint(output_dir: str | Path, step: int, engine, tokenizer: PreTrainedTokenizerBase,
                     extra: dict) -> Path:
-    """Write checkpoint-STEP atomically (main process only) and wait for every process."""
+    """Write checkpoint-STEP atomically: every process gathers its shards, the main process writes.
+
+    Under DeepSpeed the optimizer state stays in DeepSpeed's partitions and is not saved: such a checkpoint
+    holds the model and can be trained from, but not resumed (``resumable: false``).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    accelerator = engine.accelerator
     final = Path(output_dir) / f"checkpoint-{step:06d}"
+    weights = gather_weights(engine)
+    optimizer_state = None
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        optimizer_state = get_optimizer_state_dict(engine.scorer, unwrap_optimizer(engine.optimizer),
+                                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def write_state(tmp: Path) -> None:
-        tensors, optimizer_meta = _optimizer_state(optimizer)
+        tensors, optimizer_meta = _flatten_optimizer(optimizer_state) if optimizer_state else ({}, None)
         tensors["rng.torch"] = torch.get_rng_state()
         if torch.cuda.is_available():
             for i, rng in enumerate(torch.cuda.get_rng_state_all()):
                 tensors[f"rng.cuda.{i}"] = rng
         save_file(tensors, str(tmp / "trainer_state.safetensors"))
-        state = {"step": step, "scheduler": scheduler.state_dict(), "optimizer": optimizer_meta, **extra}
+        state = {"step": step, "scheduler": engine.scheduler.state_dict(), "optimizer": optimizer_meta,
+                 "resumable": optimizer_state is not None, **extra}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
 
     if accelerator.is_main_process:
-        save_model_dir(final, accelerator.unwrap_model(model), tokenizer, write_state)
+        save_model_dir(final, engine.model, tokenizer, write_state, state_dict=weights)
     accelerator.wait_for_everyone()
     return final
 
 
-def _load_weights(model, checkpoint: Path) -> None:
+def _strip_prefix(state_dict: dict, prefix: str = "model.") -> dict:
+    """Scorer's state keys (``model.`` + the wrapped model's own) -> the wrapped model's keys."""
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in (state_dict or {}).items()}
+
+
+def load_model_weights(model, checkpoint: Path) -> None:
+    """Load a checkpoint's weights (a full model, or a PEFT adapter) into `model`, before an engine wraps it."""
+    if _is_adapter(model):
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(str(checkpoint / "adapter_model.safetensors")),
+                                           adapter_name="default")
+        if getattr(result, "unexpected_keys", None):
+            raise ConfigError(f"{checkpoint}: the adapter does not match the model ({result.unexpected_keys[:3]}...)")
+        return
     index = checkpoint / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
     weights = {}
@@ -101,38 +173,36 @@ def _load_weights(model, checkpoint: Path) -> None:
     result = model.load_state_dict(weights, strict=False)
     tied = {k for k in result.missing_keys if k.endswith("lm_head.weight") or "embed" in k}
     if result.unexpected_keys or set(result.missing_keys) - tied:
-        raise RuntimeError(f"{checkpoint}: weights do not match the model "
-                           f"(missing {result.missing_keys}, unexpected {result.unexpected_keys})")
+        raise ConfigError(f"{checkpoint}: weights do not match the model "
+                          f"(missing {result.missing_keys}, unexpected {result.unexpected_keys})")
 
 
-def load_trainer_state(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                       scheduler: LRScheduler, data_order: dict | None = None) -> int:
-    """Restore model weights, optimizer, scheduler and RNG state from `checkpoint`; return its step.
+def check_resumable(checkpoint: Path, data_order: dict, engine: str) -> None:
+    """Refuse to resume from `checkpoint` into another data order, or from one that holds no optimizer state.
 
     The data position is the step itself (each step's examples follow from the seed and the global batch), so
-    a resume with another data set size, global batch or seed would silently train on a different order:
-    `data_order` is compared with the checkpoint's, and a mismatch is an error.
+    a resume with another data set size, global batch or seed would silently train on a different order.
     """
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     saved = state.get("data_order")
-    if data_order is not None and saved is not None and saved != data_order:
+    if saved is not None and saved != data_order:
         changed = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in data_order.items() if saved.get(k) != v)
         raise ConfigError(f"--resume: {checkpoint} was trained with another data order ({changed}); "
                           "resume with the same data, batch sizes, processes and seed, or start a new --output")
-    _load_weights(model, checkpoint)
+    if not state.get("resumable", True):
+        raise ConfigError(f"--resume: {checkpoint} was written under DeepSpeed, whose optimizer state dpokit does not "
+                          "save yet; resume under DDP or FSDP2 is exact, or train on from its weights with --model")
+
+
+def load_trainer_state(checkpoint: Path, scorer: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                       scheduler: LRScheduler, *, sharded: bool = False) -> int:
+    """Restore optimizer, scheduler and RNG state from `checkpoint` into the prepared policy; return its step."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
     tensors = load_file(str(checkpoint / "trainer_state.safetensors"))
-    per_param: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
-            per_param.setdefault(int(index), {})[name] = value
-    for key, value in state["optimizer"]["scalars"].items():
-        _, index, name = key.split(".", 2)
-        per_param.setdefault(int(index), {})[name] = value
-    # JSON turned tuple hyper-parameters (Adam's betas) into lists; give them back their type
-    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in group.items()}
-              for group in state["optimizer"]["param_groups"]]
-    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+    set_optimizer_state_dict(scorer, optimizer, _unflatten_optimizer(tensors, state["optimizer"]),
+                             options=StateDictOptions(full_state_dict=sharded))
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(tensors["rng.torch"])
     return int(state["step"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from typing import Any
 
@@ -59,20 +60,21 @@ def _train_config(stage: str, args: argparse.Namespace) -> TrainConfig:
     return make_config(stage, values)
 
 
+def _print_metrics(metrics: dict) -> None:
+    if metrics and int(os.environ.get("RANK", "0")) == 0:  # once, not once per process
+        print(json.dumps({"eval": metrics}))
+
+
 def _cmd_dpo(args):
     from dpokit.api import train_dpo
 
-    metrics = train_dpo(_train_config("dpo", args))
-    if metrics:
-        print(json.dumps({"eval": metrics}))
+    _print_metrics(train_dpo(_train_config("dpo", args)))
 
 
 def _cmd_sft(args):
     from dpokit.api import train_sft
 
-    metrics = train_sft(_train_config("sft", args))
-    if metrics:
-        print(json.dumps({"eval": metrics}))
+    _print_metrics(train_sft(_train_config("sft", args)))
 
 
 def _cmd_eval(args):

@@ -56,12 +56,30 @@ class TrainConfig:
     precompute_ref: bool = opt(False, "compute reference log-probs once before training, cached on disk; "
                                "the reference model is then not kept in memory", DPO)
     ref_cache_dir: str | None = opt(None, "where to cache precomputed reference log-probs (default: OUTPUT/ref_cache)", DPO)
+    ref_offload: bool = opt(False, "keep the resident reference model's weights in CPU memory (FSDP2/ZeRO-3: "
+                            "its shards), moved to the accelerator layer by layer", DPO)
+    ref_adapter: str | None = opt(None, "when --model is a LoRA adapter: the adapter directory whose starting state "
+                                  "is the reference (default: --model itself)", DPO)
+
+    lora_r: int | None = opt(None, "train a LoRA adapter of this rank on the frozen model (peft); the reference is "
+                             "the model with the adapter disabled")
+    lora_alpha: float | None = opt(None, "LoRA scaling numerator α (scale α/r; default: 2 × --lora-r)")
+    lora_dropout: float = opt(0.0, "dropout on the LoRA adapter's input (the reference never sees it)")
+    lora_target_modules: str | None = opt(None, "comma-separated module names to adapt (default: every linear "
+                                          "layer of the decoder)")
+    load_in_4bit: bool = opt(False, "QLoRA: load the frozen base in 4-bit NF4 (bitsandbytes); needs --lora-r or an "
+                             "adapter --model")
+    load_in_8bit: bool = opt(False, "load the frozen base in 8-bit (bitsandbytes); needs --lora-r or an adapter --model")
+    gradient_checkpointing: bool = opt(False, "recompute each decoder layer's activations in the backward pass "
+                                       "(less memory, same numbers, one more forward pass of compute)")
 
     batch_size: int = opt(8, "examples per process per micro-batch (global batch = this × grad_accum × processes)")
     eval_batch_size: int | None = opt(None, "examples per evaluation batch (default: --batch-size)")
     grad_accum: int = opt(1, "micro-batches accumulated per optimizer step")
     lr: float = opt(1e-6, "peak learning rate")
-    optimizer: str = opt("rmsprop", "optimizer (the paper uses RMSprop)", choices=("rmsprop", "adamw"))
+    optimizer: str = opt("rmsprop", "optimizer (the paper uses RMSprop); adamw8bit and paged_adamw8bit keep "
+                         "Adam's states in 8 bits (bitsandbytes)",
+                         choices=("rmsprop", "adamw", "adamw8bit", "paged_adamw8bit"))
     weight_decay: float = opt(0.0, "weight decay")
     warmup_steps: int = opt(150, "linear warm-up steps")
     schedule: str = opt("constant", "learning-rate schedule after warm-up", choices=("constant", "cosine"))
@@ -106,6 +124,52 @@ class TrainConfig:
             raise ConfigError(f"--eval-fraction must be in [0, 1); got {self.eval_fraction}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ConfigError(f"--max-steps must be positive; got {self.max_steps}")
+        self._check_adapters()
+
+    def _check_adapters(self) -> None:
+        from dpokit.lora import is_adapter_dir
+
+        adapter_model = is_adapter_dir(self.model)
+        if self.lora_r is not None and self.lora_r <= 0:
+            raise ConfigError(f"--lora-r must be positive; got {self.lora_r}")
+        if self.lora_r is not None and adapter_model:
+            raise ConfigError(f"--model {self.model} is already a LoRA adapter, which is trained further; "
+                              "--lora-r adds a fresh adapter to a full model")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"--lora-dropout must be in [0, 1); got {self.lora_dropout}")
+        if self.lora_r is None and not adapter_model:
+            for flag in ("lora_alpha", "lora_target_modules"):
+                if getattr(self, flag) is not None:
+                    raise ConfigError(f"--{flag.replace('_', '-')} needs --lora-r (or an adapter directory as --model)")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ConfigError("--load-in-4bit and --load-in-8bit exclude each other")
+        if (self.load_in_4bit or self.load_in_8bit) and self.lora_r is None and not adapter_model:
+            raise ConfigError("quantized weights cannot be trained directly: add --lora-r (QLoRA) or start from "
+                              "an adapter directory")
+        if self.load_in_4bit or self.load_in_8bit or self.optimizer.endswith("8bit"):
+            import importlib.util
+
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise ConfigError("--load-in-4bit/--load-in-8bit and 8-bit optimizers need bitsandbytes: "
+                                  "pip install bitsandbytes")
+        if self.ref_adapter is not None:
+            if not adapter_model:
+                raise ConfigError("--ref-adapter applies when --model is a LoRA adapter directory")
+            if not is_adapter_dir(self.ref_adapter):
+                raise ConfigError(f"--ref-adapter {self.ref_adapter}: not an adapter directory (no adapter_config.json)")
+            if self.ref_model is not None:
+                raise ConfigError("--ref-adapter and --ref-model name two different references; give one")
+        if self.ref_offload and (self.precompute_ref or self.reference_free or
+                                 ((self.lora_r is not None or adapter_model) and self.ref_model is None)):
+            raise ConfigError("--ref-offload places a separate reference model; this run has none "
+                              "(precomputed, reference-free, or the reference is inside the LoRA model)")
+
+    @property
+    def uses_lora(self) -> bool:
+        """Whether the policy is a LoRA adapter (fresh, or loaded from an adapter directory)."""
+        from dpokit.lora import is_adapter_dir
+
+        return self.lora_r is not None or is_adapter_dir(self.model)
 
     @property
     def output_dir(self) -> Path:

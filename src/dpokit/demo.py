@@ -34,6 +34,7 @@ from dpokit.errors import ConfigError
 from dpokit.judges import POSITIVE_THRESHOLD, load_judge
 from dpokit.logprobs import sequence_logprobs
 from dpokit.losses import LossConfig
+from dpokit.engine import Scorer
 from dpokit.objective import DPOObjective
 from dpokit.reference import ModelReference
 from dpokit.report import plot_report
@@ -201,7 +202,7 @@ def _evaluate(policy, reference, tokenizer, judge, prompts, config, rng) -> dict
     examples = tokenize_examples(pairs, tokenizer, TokenizeConfig(max_length=128, max_prompt_length=16))[0]
     objective = DPOObjective(LossConfig(beta=config.beta), ModelReference(reference))
     eval_config = TrainConfig(model="-", data="-", output="-", batch_size=32)
-    metrics = evaluate_objective(policy, objective, examples, eval_config, make_accelerator(eval_config),
+    metrics = evaluate_objective(Scorer(policy), objective, examples, eval_config, make_accelerator(eval_config),
                                  tokenizer.pad_token_id)
     return {
         "sft": _summary(sft_scores), "dpo": _summary(dpo_scores),

@@ -76,6 +76,30 @@ def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return logits.float()
 
 
+def _chunk_target_logprobs(head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
+    logits = head(hidden).float()
+    return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+def _sharded(weight: Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(weight, DTensor) or getattr(weight, "ds_id", None) is not None
+
+
+def _module_target_logprobs(head: nn.Module, hidden: Tensor, targets: Tensor, chunk: int) -> Tensor:
+    """The chunked path through the output layer's own forward, each chunk's logits recomputed in backward.
+
+    For engines that gather a layer's sharded weight only inside its forward (FSDP2, DeepSpeed ZeRO-3), where
+    the weight cannot be read directly. Same numbers as :class:`_ChunkedTargetLogProb`.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    pieces = [checkpoint(_chunk_target_logprobs, head, hidden[s : s + chunk], targets[s : s + chunk],
+                         use_reentrant=False) for s in range(0, hidden.shape[0], chunk)]
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+
 def supports_chunked_logits(model: nn.Module) -> bool:
     """Whether the model's logits are exactly ``output_layer(decoder(x))``, so the chunked path is exact."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -96,12 +120,14 @@ def _model_mask(batch: Batch, dtype: torch.dtype) -> Tensor:
 
 def token_logprobs(model: nn.Module, batch: Batch, *, chunked: bool = True, chunk_size: int = 1024) -> Tensor:
     """Log-prob (float32) of every target token of `batch`, in `batch.target_ids` order."""
-    mask = _model_mask(batch, model.dtype)
+    mask = _model_mask(batch, model.get_input_embeddings().weight.dtype)
     inputs = dict(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=False)
     if chunked and supports_chunked_logits(model):
         hidden = model.get_decoder()(**inputs)[0]
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_index)
         head = model.get_output_embeddings()
+        if _sharded(head.weight):  # FSDP2 and ZeRO-3 gather it in the layer's own forward hooks
+            return _module_target_logprobs(head, hidden, batch.target_ids, chunk_size)
         return _ChunkedTargetLogProb.apply(hidden, head.weight, head.bias, batch.target_ids, chunk_size)
     if chunked:
         _warn_once(f"{type(model).__name__} transforms its logits after the output layer; using full logits")
@@ -127,11 +153,13 @@ def _warn_once(message: str) -> None:
 
 
 @torch.no_grad()
-def check_layout(model: nn.Module, examples: Sequence[TokenizedExample], layout: str, pad_token_id: int, *, tolerance: float = 1e-4) -> str:
-    """`layout` if `model` gives the plain layout's log-probs with it on a few `examples`, else "plain".
+def check_layout(scorer: nn.Module, examples: Sequence[TokenizedExample], layout: str, pad_token_id: int, *,
+                 device: torch.device | str, tolerance: float = 1e-4) -> str:
+    """`layout` if the model gives the plain layout's log-probs with it on a few `examples`, else "plain".
 
     The shared and packed layouts need a model that honours a 4-D attention mask and explicit position
-    ids. Rather than keep a list of families, this asks the model itself, once, before training.
+    ids. Rather than keep a list of families, this asks the model itself, once, before training, through
+    `scorer` (batch -> log-probs; the engine-wrapped policy, so every process takes part in the check).
     """
     from dpokit.batching import collate
 
@@ -139,20 +167,19 @@ def check_layout(model: nn.Module, examples: Sequence[TokenizedExample], layout:
         return layout
     sample = list(examples[:4])
     ids = list(range(len(sample)))
-    was_training = model.training
-    model.eval()
+    was_training = scorer.training
+    scorer.eval()
     try:
-        plain = sequence_logprobs(model, collate(sample, ids, layout="plain", pad_token_id=pad_token_id)
-                                  .to(model.device), chunked=False)
-        other = sequence_logprobs(model, collate(sample, ids, layout=layout, pad_token_id=pad_token_id)
-                                  .to(model.device), chunked=False)
+        plain = scorer(collate(sample, ids, layout="plain", pad_token_id=pad_token_id).to(device))
+        other = scorer(collate(sample, ids, layout=layout, pad_token_id=pad_token_id).to(device))
         error = ((other - plain).abs() / plain.abs().clamp_min(1.0)).max().item()
         reason = None if error <= tolerance else f"log-probs differ by {error:.2e}"
     except Exception as exc:  # a family that rejects 4-D masks or position ids outright
         reason = f"{type(exc).__name__}: {exc}"
     finally:
-        model.train(was_training)
+        scorer.train(was_training)
     if reason is None:
         return layout
-    _warn_once(f"{type(model).__name__} does not support the {layout} layout ({reason}); using the plain layout")
+    name = type(getattr(scorer, "model", scorer)).__name__
+    _warn_once(f"{name} does not support the {layout} layout ({reason}); using the plain layout")
     return "plain"

@@ -16,10 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from dpokit.batching import Batch
-from dpokit.logprobs import sequence_logprobs
 from dpokit.losses import LossConfig, preference_loss, preference_metrics
 
-Reference = Callable[[Batch], Tensor]
+Reference = Callable[[Batch, nn.Module], Tensor]  # (batch, the engine-wrapped policy) -> log-probs
 
 
 class Objective(Protocol):
@@ -30,8 +29,8 @@ class Objective(Protocol):
     def divisor(self, batch: Batch) -> int:
         """The count the batch's loss sum is a sum over (pairs, tokens)."""
 
-    def __call__(self, model: nn.Module, batch: Batch) -> "StepResult":
-        """Loss and metric sums of `model` on `batch`."""
+    def __call__(self, scorer: nn.Module, batch: Batch) -> "StepResult":
+        """Loss and metric sums on `batch` of the policy whose log-probs `scorer(batch)` returns."""
 
 
 @dataclass
@@ -47,26 +46,24 @@ class DPOObjective:
 
     num_responses = 2
 
-    def __init__(self, loss: LossConfig, reference: Reference | None, *, chunked: bool = True,
-                 average_logps: bool = False) -> None:
+    def __init__(self, loss: LossConfig, reference: Reference | None, *, average_logps: bool = False) -> None:
         if reference is None and not loss.reference_free:
             raise ValueError("a reference is required unless the loss is reference-free")
         self.loss = loss
         self.reference = reference
-        self.chunked = chunked
         self.average_logps = average_logps
 
     def divisor(self, batch: Batch) -> int:
         """Pairs in the batch: the DPO loss is a mean over pairs."""
         return batch.num_sequences // 2
 
-    def __call__(self, model: nn.Module, batch: Batch) -> StepResult:
-        """Loss and metric sums of `model` on `batch`."""
-        policy = sequence_logprobs(model, batch, chunked=self.chunked)
+    def __call__(self, scorer: nn.Module, batch: Batch) -> StepResult:
+        """Loss and metric sums on `batch` of the policy whose log-probs `scorer(batch)` returns."""
+        policy = scorer(batch)
         reference = None
         if not self.loss.reference_free:
             with torch.no_grad():
-                reference = self.reference(batch).float()
+                reference = self.reference(batch, scorer).float()
         counts = batch.token_counts.to(policy.device).float()
         if self.average_logps:
             policy = policy / counts
@@ -86,14 +83,11 @@ class SFTObjective:
 
     num_responses = 1
 
-    def __init__(self, *, chunked: bool = True) -> None:
-        self.chunked = chunked
-
     def divisor(self, batch: Batch) -> int:
         """Response tokens in the batch: SFT's loss is a mean over tokens."""
         return int(batch.token_counts.sum())
 
-    def __call__(self, model: nn.Module, batch: Batch) -> StepResult:
-        """Loss and metric sums of `model` on `batch`."""
-        nll = -sequence_logprobs(model, batch, chunked=self.chunked).sum()
+    def __call__(self, scorer: nn.Module, batch: Batch) -> StepResult:
+        """Loss and metric sums on `batch` of the policy whose log-probs `scorer(batch)` returns."""
+        nll = -scorer(batch).sum()
         return StepResult(nll, {"loss": nll.detach()})

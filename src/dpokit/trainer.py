@@ -1,10 +1,10 @@
 """The one training loop, shared by SFT and DPO: accumulate, reduce, clip, step, evaluate, log, checkpoint.
 
 Data parallelism: each process scores its slice of every global batch; the objective's loss sums are divided
-by the divisor of the whole global batch (all micro-batches, all processes), and gradients are then summed
-across processes. The update is therefore the same for any split of a global batch into processes and
-micro-batches (tests/test_trainer.py checks both). Gradients are all-reduced by hand, in one flat buffer,
-rather than through DistributedDataParallel, because the fast log-prob path calls the decoder directly.
+by the divisor of the whole global batch (all micro-batches, all processes). The engine accelerate was launched
+with (DDP, FSDP2, DeepSpeed ZeRO; see engine.py) synchronises the gradients, so the update is the same for any
+split of a global batch into processes and micro-batches (tests/test_trainer.py and tests/test_engine.py
+check it for every engine).
 """
 
 from __future__ import annotations
@@ -16,15 +16,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from dpokit.batching import collate, forward_groups
-from dpokit.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from dpokit.checkpoint import (check_resumable, latest_checkpoint, load_model_weights, load_trainer_state,
+                               save_checkpoint)
 from dpokit.config import TrainConfig
+from dpokit.engine import (ReferenceState, Scorer, check_engine, configure_deepspeed, engine_name, micro_step,
+                           shards_parameters, unwrap_optimizer)
 from dpokit.errors import ConfigError, TrainingError
 from dpokit.metrics import MetricsLogger
 from dpokit.objective import Objective
@@ -62,10 +64,17 @@ def step_indices(step: int, plan: Plan, num_examples: int, seed: int) -> list[in
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """RMSprop (the paper's) or AdamW over the trainable parameters."""
+    """RMSprop (the paper's), AdamW, or bitsandbytes' 8-bit AdamW over the trainable parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("the model has no trainable parameters (a LoRA adapter loaded for inference only?)")
     if config.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer.endswith("8bit"):
+        import bitsandbytes as bnb
+
+        kind = bnb.optim.PagedAdamW8bit if config.optimizer.startswith("paged") else bnb.optim.AdamW8bit
+        return kind(params, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
@@ -84,8 +93,12 @@ def disable_dropout(model: nn.Module) -> None:
 
     Besides nn.Dropout modules, attention layers of many families (Llama, Mistral, Qwen2, ...) keep their
     attention dropout as a float attribute passed to the attention kernel in training mode; zero those too.
+    A LoRA adapter's own dropout (``--lora-dropout``, default 0) is left as asked: it acts on the trained
+    adapter path only, never on the reference, which runs with the adapter disabled or in eval mode.
     """
-    for module in model.modules():
+    for name, module in model.named_modules():
+        if "lora_dropout" in name:
+            continue
         if isinstance(module, nn.Dropout):
             module.p = 0.0
         for name, value in list(vars(module).items()):
@@ -100,55 +113,41 @@ def forward_tokens(config: TrainConfig, device: torch.device) -> int:
     return 1024 if device.type == "cpu" else 0
 
 
-def _sum_across(values: torch.Tensor, accelerator: Accelerator) -> torch.Tensor:
-    if accelerator.num_processes > 1:
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
-
-
-def _all_reduce_gradients(params: Sequence[nn.Parameter], accelerator: Accelerator) -> None:
-    if accelerator.num_processes == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
 def _sequence_tokens(examples: Sequence[TokenizedExample]) -> int:
     """Tokens of every prompt+response sequence, as a padded layout would see them (a layout-fair count)."""
     return sum(len(e.prompt_ids) * len(e.responses) + sum(map(len, e.responses)) for e in examples)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, objective: Objective, examples: Sequence[TokenizedExample], config: TrainConfig,
+def evaluate(scorer: nn.Module, objective: Objective, examples: Sequence[TokenizedExample], config: TrainConfig,
              accelerator: Accelerator, pad_token_id: int, desc: str = "eval") -> dict[str, float]:
-    """Mean metrics of `objective` over `examples`, sharded across processes."""
-    was_training = model.training
-    model.eval()
+    """Mean metrics of `objective` over `examples`, sharded across processes.
+
+    Every process runs the same number of batches (a process whose share has run out scores a stand-in batch
+    and discards it), because under FSDP2 and ZeRO-3 each forward pass gathers weights from all processes.
+    """
+    was_training = scorer.training
+    scorer.eval()
     batch_size = config.eval_batch_size or config.batch_size
     mine = list(range(accelerator.process_index, len(examples), accelerator.num_processes))
-    sums: dict[str, torch.Tensor] = {}
+    rounds = math.ceil(math.ceil(len(examples) / accelerator.num_processes) / batch_size)
+    sums = {k: torch.zeros((), dtype=torch.float64, device=accelerator.device) for k in _metric_names(objective)}
     divisor = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    starts = range(0, len(mine), batch_size)
-    for start in tqdm(starts, desc=desc, disable=not accelerator.is_main_process or len(starts) < 4, leave=False):
-        ids = mine[start : start + batch_size]
+    for k in tqdm(range(rounds), desc=desc, disable=not accelerator.is_main_process or rounds < 4, leave=False):
+        ids = mine[k * batch_size : (k + 1) * batch_size]
+        real = bool(ids)
+        ids = ids or [0]
         batch = collate([examples[i] for i in ids], ids, layout=config.layout, pad_token_id=pad_token_id)
         batch = batch.to(accelerator.device)
         with accelerator.autocast():
-            result = objective(model, batch)
-        divisor += objective.divisor(batch)
-        for k, v in result.metric_sums.items():
-            sums[k] = sums.get(k, 0) + v.double()
+            result = objective(scorer, batch)
+        if real:
+            divisor += objective.divisor(batch)
+            for key, value in result.metric_sums.items():
+                sums[key] += value.double()
     keys = sorted(sums)
-    if not keys:  # this process had no examples: still take part in the reduction
-        keys = sorted(_metric_names(objective))
-        sums = {k: torch.zeros((), dtype=torch.float64, device=accelerator.device) for k in keys}
-    totals = _sum_across(torch.stack([divisor] + [sums[k] for k in keys]), accelerator)
-    model.train(was_training)
+    totals = accelerator.reduce(torch.stack([divisor] + [sums[k] for k in keys]), reduction="sum")
+    scorer.train(was_training)
     return {k: (totals[i + 1] / totals[0]).item() for i, k in enumerate(keys)}
 
 
@@ -159,14 +158,58 @@ def _metric_names(objective) -> list[str]:
             "logps/chosen", "logps/rejected"]
 
 
+@dataclass
+class Engine:
+    """The policy as the engine prepared it, its optimizer and schedule, and the step the run continues from."""
+
+    accelerator: Accelerator
+    model: nn.Module  # the Hugging Face (or PEFT) model inside `scorer`: what checkpoints save
+    scorer: nn.Module  # Scorer wrapped by the engine: forward(batch) -> log-probs
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    plan: Plan
+    step: int
+    data_order: dict
+
+
+def prepare(model: nn.Module, num_examples: int, config: TrainConfig, accelerator: Accelerator, *,
+            chunked: bool = True, reference_state: ReferenceState | None = None, log=print) -> Engine:
+    """Wrap `model` in a Scorer, hand it and its optimizer to the engine, and restore `--resume` state.
+
+    A checkpoint's weights are loaded before the engine shards the model and its optimizer state after,
+    so resuming works the same under every engine that can save optimizer state.
+    """
+    check_engine(accelerator)
+    plan = make_plan(num_examples, config, accelerator.num_processes)
+    data_order = {"examples": num_examples, "global_batch": plan.global_batch, "seed": config.seed}
+    model.train()
+    disable_dropout(model)
+    checkpoint = latest_checkpoint(config.output_dir) if config.resume else None
+    if config.resume and checkpoint is None:
+        log(f"--resume: no checkpoint in {config.output_dir}; starting from scratch")
+    if checkpoint is not None:
+        check_resumable(checkpoint, data_order, engine_name(accelerator))
+        load_model_weights(model, checkpoint)
+    configure_deepspeed(accelerator, config.batch_size, config.max_grad_norm)
+    optimizer = make_optimizer(model, config)
+    scorer, optimizer = accelerator.prepare(Scorer(model, chunked=chunked, reference_state=reference_state), optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(unwrap_optimizer(optimizer),
+                                                  lambda s: lr_factor(s, config, plan.total_steps))
+    step = 0
+    if checkpoint is not None:
+        step = load_trainer_state(checkpoint, scorer, unwrap_optimizer(optimizer), scheduler,
+                                  sharded=shards_parameters(accelerator))
+        log(f"resumed from {checkpoint} at step {step}")
+    return Engine(accelerator, model, scorer, optimizer, scheduler, plan, step, data_order)
+
+
 def train(
-    model: nn.Module,
+    engine: Engine,
     tokenizer: PreTrainedTokenizerBase,
     objective: Objective,
     train_examples: Sequence[TokenizedExample],
     eval_examples: Sequence[TokenizedExample] | None,
     config: TrainConfig,
-    accelerator: Accelerator,
     eval_objective: Objective | None = None,
 ) -> dict[str, float]:
     """Run the training loop described in the module docstring; return the last evaluation's metrics.
@@ -174,32 +217,22 @@ def train(
     `eval_objective` scores the evaluation set (default: `objective`); it differs when reference log-probs
     are precomputed, since the evaluation examples have their own table.
     """
-    plan = make_plan(len(train_examples), config, accelerator.num_processes)
-    model.train()
-    disable_dropout(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config, plan.total_steps))
+    accelerator, scorer, optimizer, scheduler, plan = (engine.accelerator, engine.scorer, engine.optimizer,
+                                                       engine.scheduler, engine.plan)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     log = MetricsLogger(config.output_dir, enabled=accelerator.is_main_process)
-
-    data_order = {"examples": len(train_examples), "global_batch": plan.global_batch, "seed": config.seed}
-    step = 0
-    if config.resume:
-        checkpoint = latest_checkpoint(config.output_dir)
-        if checkpoint is None:
-            log.print(f"--resume: no checkpoint in {config.output_dir}; starting from scratch")
-        else:
-            step = load_trainer_state(checkpoint, model, optimizer, scheduler, data_order)
-            log.print(f"resumed from {checkpoint} at step {step}")
     log.print(
-        f"training {plan.total_steps} steps: global batch {plan.global_batch} "
+        f"training {plan.total_steps} steps ({engine_name(accelerator)}): global batch {plan.global_batch} "
         f"({config.batch_size} x {config.grad_accum} accumulation x {accelerator.num_processes} processes), "
         f"{plan.steps_per_epoch} steps per epoch, {len(train_examples) % plan.global_batch} examples "
         "left out of each epoch's order (a different few each epoch)"
     )
-
-    budget = forward_tokens(config, accelerator.device)
+    # Under FSDP2 and ZeRO-3 every forward pass is a collective: all processes must run the same number, so
+    # each micro-batch is one pass there (forward groups would differ between processes).
+    budget = 0 if shards_parameters(accelerator) else forward_tokens(config, accelerator.device)
+    params = [p for p in scorer.parameters() if p.requires_grad]
+    max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+    step = engine.step
     eval_metrics: dict[str, float] = {}
     bar = tqdm(total=plan.total_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
     while step < plan.total_steps:
@@ -209,23 +242,27 @@ def train(
                  [: config.batch_size] for k in range(config.grad_accum)]
         batches = [collate([train_examples[i] for i in group], group, layout=config.layout, pad_token_id=pad)
                    .to(accelerator.device) for ids in micro for group in forward_groups(ids, train_examples, budget)]
-        divisor = _sum_across(torch.tensor(float(sum(objective.divisor(b) for b in batches)),
-                                           dtype=torch.float64, device=accelerator.device), accelerator)
+        divisor = accelerator.reduce(torch.tensor(float(sum(objective.divisor(b) for b in batches)),
+                                                  dtype=torch.float64, device=accelerator.device), reduction="sum")
+        # The engines average gradients over processes: scale so that the update is d(global mean loss).
+        scale = accelerator.num_processes / divisor.float()
         metric_sums: dict[str, torch.Tensor] = {}
-        for batch in batches:
-            with accelerator.autocast():
-                result = objective(model, batch)
-            (result.loss_sum / divisor.float()).backward()
+        for i, batch in enumerate(batches):
+            with micro_step(accelerator, scorer, last=i == len(batches) - 1):
+                with accelerator.autocast():
+                    result = objective(scorer, batch)
+                accelerator.backward(result.loss_sum * scale)
             for k, v in result.metric_sums.items():
                 metric_sums[k] = metric_sums.get(k, 0) + v.double()
-        _all_reduce_gradients(params, accelerator)
-        max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grad_norm = accelerator.clip_grad_norm_(params, max_norm)  # DeepSpeed: clipped and stepped in backward
+        grad_norm = torch.as_tensor(float("nan") if grad_norm is None else grad_norm, dtype=torch.float32)
         if not torch.isfinite(grad_norm):  # one sync per step; an update with NaN/inf would ruin the weights
             raise TrainingError(
                 f"step {step + 1}: the gradient norm is {grad_norm.item()} (loss "
-                f"{(metric_sums['loss'] / divisor).item():.4g} on this process); nothing was updated. "
-                "Lower --lr, or use --dtype float32 if this ran in bfloat16; checkpoints so far are intact"
+                f"{(metric_sums['loss'] / divisor).item():.4g} on this process); "
+                + ("DeepSpeed has already applied this update. " if engine_name(accelerator).startswith("zero")
+                   else "nothing was updated. ")
+                + "Lower --lr, or use --dtype float32 if this ran in bfloat16; checkpoints so far are intact"
             )
         lr = scheduler.get_last_lr()[0]  # the rate this step used (after scheduler.step() it is the next one's)
         optimizer.step()
@@ -236,7 +273,7 @@ def train(
 
         if step % config.log_every == 0 or step == plan.total_steps:
             keys = sorted(metric_sums)
-            totals = _sum_across(torch.stack([metric_sums[k] for k in keys]), accelerator) / divisor
+            totals = accelerator.reduce(torch.stack([metric_sums[k] for k in keys]), reduction="sum") / divisor
             seconds = time.perf_counter() - started
             tokens = _sequence_tokens([train_examples[i] for i in indices])
             row = {k: totals[i].item() for i, k in enumerate(keys)}
@@ -247,12 +284,12 @@ def train(
             bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "rewards/accuracies") if k in row})
         last = step == plan.total_steps
         if eval_examples and ((config.eval_every and step % config.eval_every == 0) or last):
-            eval_metrics = evaluate(model, eval_objective or objective, eval_examples, config, accelerator, pad)
+            eval_metrics = evaluate(scorer, eval_objective or objective, eval_examples, config, accelerator, pad)
             log.write("eval", step, eval_metrics)
             log.print(f"eval @ step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
         if (config.save_every and step % config.save_every == 0) or last:
-            save_checkpoint(config.output_dir, step, model, tokenizer, optimizer, scheduler, accelerator,
-                            {"config": config_dict(config), "metrics": eval_metrics, "data_order": data_order})
+            save_checkpoint(config.output_dir, step, engine, tokenizer,
+                            {"config": config_dict(config), "metrics": eval_metrics, "data_order": engine.data_order})
     bar.close()
     log.close()
     return eval_metrics
