@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import DistributedType
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from dpokit.checkpoint import save_final
@@ -172,6 +173,8 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     # accelerate keeps one process-wide state and refuses a second Accelerator with another mixed precision;
     # forget it (not the process group) so that e.g. a float32 SFT and a bfloat16 DPO run in one process.
     AcceleratorState._reset_state(reset_partial_state=False)
+    if cpu_only and PartialState._shared_state:  # undo engine_on_cpu of an earlier run in this process
+        PartialState._shared_state["distributed_type"] = DistributedType.MULTI_CPU
     accelerator = Accelerator(mixed_precision="bf16" if config.dtype == "bfloat16" else "no", cpu=cpu_only)
     if cpu_only:
         engine_on_cpu(accelerator)

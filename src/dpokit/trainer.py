@@ -230,7 +230,6 @@ def train(
     # Under FSDP2 and ZeRO-3 every forward pass is a collective: all processes must run the same number, so
     # each micro-batch is one pass there (forward groups would differ between processes).
     budget = 0 if shards_parameters(accelerator) else forward_tokens(config, accelerator.device)
-    params = [p for p in scorer.parameters() if p.requires_grad]
     max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
     step = engine.step
     eval_metrics: dict[str, float] = {}
@@ -254,7 +253,8 @@ def train(
                 accelerator.backward(result.loss_sum * scale)
             for k, v in result.metric_sums.items():
                 metric_sums[k] = metric_sums.get(k, 0) + v.double()
-        grad_norm = accelerator.clip_grad_norm_(params, max_norm)  # DeepSpeed: clipped and stepped in backward
+        # all parameters, read now (FSDP2 swaps sharded and unsharded ones); DeepSpeed clipped and stepped in backward
+        grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), max_norm)
         grad_norm = torch.as_tensor(float("nan") if grad_norm is None else grad_norm, dtype=torch.float32)
         if not torch.isfinite(grad_norm):  # one sync per step; an update with NaN/inf would ruin the weights
             raise TrainingError(
