@@ -18,7 +18,7 @@ from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from dpokit.checkpoint import save_final
+from dpokit.checkpoint import save_final, save_model_dir
 from dpokit.config import TrainConfig
 from dpokit.data import ColumnMap, load_completions, load_preferences, split_eval
 from dpokit.engine import (ReferenceState, Scorer, check_engine, engine_name, engine_on_cpu, place_reference,
@@ -26,7 +26,8 @@ from dpokit.engine import (ReferenceState, Scorer, check_engine, engine_name, en
 from dpokit.errors import ConfigError
 from dpokit.logprobs import check_layout
 from dpokit.lora import (LoraOptions, adapter_base, adapter_disabled, add_adapter, add_reference_adapter,
-                         is_adapter_dir, load_adapter, reference_adapter, trained_adapter_weight)
+                         is_adapter_dir, load_adapter, merge_adapter, reference_adapter,
+                         trained_adapter_weight)
 from dpokit.losses import LossConfig
 from dpokit.objective import DPOObjective, SFTObjective
 from dpokit.reference import (CachedReference, ModelReference, PolicyReference, cached_reference_logps,
@@ -98,7 +99,10 @@ def load_policy(config: TrainConfig, device: torch.device | str, *, with_referen
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     reference_state = None
     if config.lora_r is not None:
@@ -297,6 +301,20 @@ def _run(run: _Run, engine: Engine, objective, config: TrainConfig, eval_objecti
         run.log(f"saved the trained {'adapter' if config.uses_lora else 'model'} to {final}")
     run.accelerator.wait_for_everyone()
     return metrics
+
+
+def merge(adapter: str, output: str, *, dtype: str = "float32", log=print) -> Path:
+    """Fold the LoRA adapter in `adapter` into its base model and save a plain Hugging Face model at `output`.
+
+    The base is loaded unquantized in `dtype`, also for an adapter trained with QLoRA.
+    """
+    if not is_adapter_dir(adapter):
+        raise ConfigError(f"{adapter}: not a LoRA adapter directory (no adapter_config.json)")
+    tokenizer = load_tokenizer(adapter)
+    merged = merge_adapter(load_model(adapter, dtype=dtype))
+    path = save_model_dir(output, merged, tokenizer)
+    log(f"merged {adapter} into {adapter_base(adapter)}: saved {path}")
+    return path
 
 
 def evaluate(

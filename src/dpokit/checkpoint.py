@@ -42,24 +42,39 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """An optimizer state dict keyed by parameter name -> (safetensors tensors, JSON-able rest)."""
     tensors, scalars = {}, {}
+
+    def put(name: str, key: str, value) -> None:
+        if isinstance(value, dict):  # nested state (bitsandbytes' 8-bit optimizers): key path joined by "/"
+            for inner, item in value.items():
+                put(name, f"{key}/{inner}", item)
+        elif isinstance(value, torch.Tensor):
+            tensors[f"optimizer.{name}.{key}"] = value.detach().to("cpu", copy=True).contiguous()  # unshared
+        else:
+            scalars[f"{name}\t{key}"] = value
+
     for name, values in state["state"].items():
         for key, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optimizer.{name}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{name}\t{key}"] = value
+            put(name, key, value)
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     per_param: dict[str, dict] = {}
+
+    def put(name: str, path: str, value) -> None:
+        *outer, last = path.split("/")
+        target = per_param.setdefault(name, {})
+        for key in outer:
+            target = target.setdefault(key, {})
+        target[last] = value
+
     for key, value in tensors.items():
         if key.startswith("optimizer."):
             name, _, field = key[len("optimizer."):].rpartition(".")
-            per_param.setdefault(name, {})[field] = value
+            put(name, field, value)
     for key, value in meta["scalars"].items():
         name, field = key.split("\t")
-        per_param.setdefault(name, {})[field] = value
+        put(name, field, value)
     # JSON turned tuple hyper-parameters (Adam's betas) into lists; give them back their type
     groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in group.items()}
               for group in meta["param_groups"]]

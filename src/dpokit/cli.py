@@ -109,6 +109,12 @@ def _cmd_generate(args):
             print(json.dumps({"prompt": prompt, "completion": text}) if args.jsonl else prompt + text)
 
 
+def _cmd_merge(args):
+    from dpokit.api import merge
+
+    merge(args.adapter, args.output, dtype=args.dtype)
+
+
 DEMO_HELP = {
     "output": "output directory: report.json, plots, the SFT and DPO models",
     "model": "base model to start from (default: the embedded tiny review model)",
@@ -166,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = commands.add_parser("eval", formatter_class=fmt,
                              help="loss, reward accuracy, margins and log-probs of a policy vs a reference")
-    ev.add_argument("--model", required=True, help="policy model directory or hub name")
-    ev.add_argument("--ref-model", help="reference model (required unless --reference-free)")
+    ev.add_argument("--model", required=True, help="policy: model directory, LoRA adapter directory or hub name")
+    ev.add_argument("--ref-model", help="reference model or adapter directory (required unless --reference-free)")
     ev.add_argument("--data", required=True, help="preference data (any format dpokit dpo takes)")
     ev.add_argument("--loss", default="sigmoid", choices=("sigmoid", "ipo", "hinge", "robust"), help="preference loss")
     ev.add_argument("--beta", type=float, default=0.1, help="β")
@@ -189,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     gen = commands.add_parser("generate", formatter_class=fmt, help="sample continuations of prompts")
-    gen.add_argument("--model", required=True, help="model directory or hub name")
+    gen.add_argument("--model", required=True, help="model directory, LoRA adapter directory or hub name")
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt")
     source.add_argument("--prompts", help="a text file with one prompt per line")
@@ -200,6 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="random seed")
     gen.add_argument("--jsonl", action="store_true", help="print one JSON object per sample")
     gen.set_defaults(func=_cmd_generate)
+
+    mer = commands.add_parser("merge", formatter_class=fmt,
+                              help="fold a LoRA adapter into its base model: a plain Hugging Face model directory")
+    mer.add_argument("--adapter", required=True, help="LoRA adapter directory (a LoRA run's final/ or checkpoint)")
+    mer.add_argument("--output", required=True, help="directory for the merged model")
+    mer.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                     help="dtype of the merged weights")
+    mer.set_defaults(func=_cmd_merge)
     return parser
 
 
