@@ -17,7 +17,29 @@ RUNS = {
     "dpo-precompute": (train_dpo, {"precompute_ref": True}),
     "sft": (train_sft, {}),
     "lora": (train_dpo, {"lora_r": 4, "lora_alpha": 8, "optimizer": "adamw"}),
+    "dpo-ref-offload": (train_dpo, {"ref_offload": True}),
 }
+# Trained to step 2 (checkpointed), cut back as a crash would leave it, then resumed: must equal "dpo".
+RESUMED = "dpo-resumed"
+
+
+def resumed_run(options: dict) -> None:
+    """Train 2 of 3 steps, keep only checkpoint 2 and its metrics, resume to the end (main process tidies)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from accelerate import PartialState
+
+    train_dpo(TrainConfig(**{**options, "max_steps": 2, "save_final": False}))
+    out = Path(options["output"])
+    if PartialState().is_main_process:
+        for name in ("checkpoint-000001",):
+            shutil.rmtree(out / name, ignore_errors=True)
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= 2))
+    PartialState().wait_for_everyone()
+    train_dpo(TrainConfig(**{**options, "resume": True}))
 
 
 def common(model: str, train: str, eval_data: str, output: str) -> dict:
@@ -29,5 +51,8 @@ def common(model: str, train: str, eval_data: str, output: str) -> dict:
 if __name__ == "__main__":
     output, model, train, eval_data, *runs = sys.argv[1:]
     for name in runs:
+        if name == RESUMED:
+            resumed_run(common(model, train, eval_data, f"{output}/{name}"))
+            continue
         stage, options = RUNS[name]
         stage(TrainConfig(**{**common(model, train, eval_data, f"{output}/{name}"), **options}))

@@ -1,8 +1,8 @@
 """The engines (DDP, FSDP2, DeepSpeed ZeRO-2/3), each with 2 CPU processes (gloo), give the update of one process.
 
 For each engine one `accelerate launch` with its shipped config (configs/accelerate/*.yaml) trains: DPO with the
-reference resident, DPO with reference log-probs precomputed by a sharded pass, SFT, and LoRA DPO, each at
-batch 2 x accumulation 2 x 2 processes; the same runs in this process at batch 8 x 1 must give the same weights
+reference resident (also offloaded), DPO with reference log-probs precomputed by a sharded pass, SFT, LoRA DPO
+and DPO interrupted after checkpoint 2 and resumed, each at batch 2 x accumulation 2 x 2 processes; the same runs in this process at batch 8 x 1 must give the same weights
 after 3 steps (float32, 1e-5) and the same train and eval metrics.
 """
 
@@ -19,14 +19,16 @@ import torch
 from safetensors.torch import load_file
 
 from dpokit.metrics import read_metrics
-from engine_runs import RUNS, common
+from engine_runs import RESUMED, RUNS, common
 
 pytestmark = [pytest.mark.usefixtures("single_thread"),
               pytest.mark.skipif(torch.cuda.is_available(), reason="the 2-process engine checks run on CPU (gloo)")]
 
 ROOT = Path(__file__).resolve().parents[1]
-ENGINES = {"ddp": list(RUNS), "fsdp2": list(RUNS), "zero2": ["dpo", "dpo-precompute"],
-           "zero3": ["dpo", "dpo-precompute", "lora"]}
+ENGINES = {"ddp": ["dpo", "dpo-precompute", "sft", "lora", RESUMED],
+           "fsdp2": ["dpo", "dpo-precompute", "sft", "lora", "dpo-ref-offload", RESUMED],
+           "zero2": ["dpo", "dpo-precompute"],
+           "zero3": ["dpo", "dpo-precompute", "lora", "dpo-ref-offload"]}
 
 
 def _free_port() -> int:
@@ -64,6 +66,8 @@ def one_process(tiny_model_dir, data, tmp_path_factory):
     done: dict[str, Path] = {}
 
     def run(name: str) -> Path:
+        if name == RESUMED:  # a resumed run must equal the uninterrupted one
+            name = "dpo"
         if name not in done:
             stage, options = RUNS[name]
             values = {**common(tiny_model_dir, data["train"], data["eval"], str(root / name)), **options,
@@ -105,3 +109,17 @@ def test_two_processes_under_the_engine_equal_one_process(engine, tiny_model_dir
                     assert ra[key] == pytest.approx(rb[key], abs=1e-5, rel=1e-5), (engine, name, ra["step"], key)
         if name == "dpo-precompute":
             assert list((two / "ref_cache").glob("*.safetensors")), "the sharded pass wrote no cache"
+
+
+def test_accelerate_launch_cpu_with_several_processes_is_a_clear_error(tiny_model_dir, data, tmp_path):
+    """`accelerate launch --cpu --num_processes 2` starts one process (its CPU launcher needs mpirun): dpokit says
+    so and how to launch instead, rather than silently training alone."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "configs" / "accelerate" / "fsdp2.yaml"), "--num_processes", "2", "--cpu",
+               "--main_process_port", str(_free_port()), "-m", "dpokit.cli", "dpo", "--model", tiny_model_dir,
+               "--data", data["train"], "--output", str(tmp_path / "x"), "--max-steps", "1"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "leave out --cpu" in result.stderr and "Traceback" not in result.stderr.split("dpokit dpo: error")[0][-200:]
+    assert not (tmp_path / "x" / "metrics.jsonl").exists()
