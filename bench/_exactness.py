@@ -13,6 +13,7 @@ def exactness(setup: dict, args) -> dict:
     from dpokit.config import TrainConfig
     from dpokit.logprobs import sequence_logprobs, token_logprobs
     from dpokit.losses import LossConfig
+    from dpokit.engine import Scorer
     from dpokit.objective import DPOObjective
     from dpokit.reference import ModelReference
 
@@ -34,13 +35,13 @@ def exactness(setup: dict, args) -> dict:
     for name, layout, chunked in (("on", "packed", True), ("off", "plain", False), ("shared", "shared", True)):
         batch = collate(examples, ids, layout=layout, pad_token_id=pad)
         policy.zero_grad(set_to_none=True)
-        objective = DPOObjective(LossConfig(beta=0.1), ModelReference(reference_model, chunked=chunked),
-                                 chunked=chunked)
+        objective = DPOObjective(LossConfig(beta=0.1), ModelReference(reference_model, chunked=chunked))
+        scorer = Scorer(policy, chunked=chunked)
         with torch.no_grad():
             tokens = token_logprobs(policy, batch, chunked=chunked)
             ref = sequence_logprobs(reference_model, batch, chunked=chunked)
         seqs = sequence_logprobs(policy, batch, chunked=chunked)
-        result = objective(policy, batch)
+        result = objective(scorer, batch)
         (result.loss_sum / objective.divisor(batch)).backward()
         from dpokit.losses import preference_loss
 
@@ -51,7 +52,7 @@ def exactness(setup: dict, args) -> dict:
             policy.zero_grad(set_to_none=True)
             loss = torch.zeros(())
             for group in forward_groups(ids, examples, 1024):
-                part = objective(policy, collate([examples[i] for i in group], group, layout=layout,
+                part = objective(scorer, collate([examples[i] for i in group], group, layout=layout,
                                                  pad_token_id=pad))
                 (part.loss_sum / objective.divisor(batch)).backward()
                 loss += (part.loss_sum / objective.divisor(batch)).detach()
