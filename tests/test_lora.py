@@ -12,7 +12,8 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from dpokit.api import evaluate, generate, load_model, load_policy, load_tokenizer, merge, prepare_data
+from dpokit.api import evaluate, generate, prepare_data
+from dpokit.models import load_model, load_policy, load_tokenizer, merge
 from dpokit.batching import collate
 from dpokit.checkpoint import save_final
 from dpokit.cli import main
@@ -215,3 +216,17 @@ def test_bad_lora_options_are_one_line_errors(flags, message, tiny_model_dir, se
                  str(tmp_path / "x"), "--max-steps", "1"] + flags)
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_lora_in_bfloat16_stores_the_frozen_base_in_bfloat16(tiny_model_dir, sentiment_data, tmp_path):
+    cfg = TrainConfig(model=tiny_model_dir, data="d", output="o", lora_r=4, dtype="bfloat16")
+    model = load_policy(cfg, "cpu")[0]
+    dtypes = {p.dtype for n, p in model.named_parameters() if "lora_" not in n}
+    assert dtypes == {torch.bfloat16}  # half the memory of a float32 base
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    out = tmp_path / "bf16"
+    assert main(["dpo", "--model", tiny_model_dir, "--data", sentiment_data["train"], "--output", str(out),
+                 "--lora-r", "4", "--dtype", "bfloat16", "--batch-size", "4", "--max-steps", "2", "--lr", "1e-2",
+                 "--warmup-steps", "0", "--optimizer", "adamw"]) == 0
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows) and rows[0]["loss"] == pytest.approx(0.6931, abs=1e-3)

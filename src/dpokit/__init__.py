@@ -34,4 +34,11 @@ def generate(model: str, prompts: list[str], **kwargs) -> list[list[str]]:
     return run(model, prompts, **kwargs)
 
 
-__all__ = ["TrainConfig", "train_dpo", "train_sft", "evaluate", "generate", "ConfigError", "DataError", "DpokitError"]
+def merge(adapter: str, output: str, **kwargs):
+    """Fold a LoRA adapter into its base model and save it (see dpokit.models.merge)."""
+    from dpokit.models import merge as run
+
+    return run(adapter, output, **kwargs)
+
+
+__all__ = ["TrainConfig", "train_dpo", "train_sft", "evaluate", "generate", "merge", "ConfigError", "DataError", "DpokitError"]

@@ -110,7 +110,7 @@ def _cmd_generate(args):
 
 
 def _cmd_merge(args):
-    from dpokit.api import merge
+    from dpokit.models import merge
 
     merge(args.adapter, args.output, dtype=args.dtype)
 

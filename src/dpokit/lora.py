@@ -17,10 +17,12 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from dpokit.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported only when a model is touched: config checks stay fast
+    from torch import nn
 
 REFERENCE_ADAPTER = "reference"
 
@@ -50,6 +52,8 @@ class LoraOptions:
 
 
 def _linear_names(model: nn.Module) -> list[str]:
+    from torch import nn
+
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
              if isinstance(module, nn.Linear) and module is not head}

@@ -1,0 +1,115 @@
+"""Model loading, one way for every command: a model directory or hub name, or a PEFT adapter directory (its
+base + the adapter), optionally quantized (bitsandbytes), and the policy to train with its LoRA reference.
+Also `merge`, which folds an adapter into its base."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from dpokit.checkpoint import save_model_dir
+from dpokit.config import TrainConfig
+from dpokit.engine import ReferenceState
+from dpokit.errors import ConfigError
+from dpokit.lora import (LoraOptions, adapter_base, adapter_disabled, add_adapter, add_reference_adapter,
+                         is_adapter_dir, load_adapter, merge_adapter, reference_adapter)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load a tokenizer (from an adapter directory, or its base model when it has none); a missing pad token
+    becomes the EOS token (pads are masked out anyway)."""
+    if is_adapter_dir(path) and not any((Path(path) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
+        path = adapter_base(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"cannot load a tokenizer from {path!r}: {error}") from None
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"the tokenizer of {path!r} has no EOS token; dpokit appends EOS to responses")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _quantization(bits: int | None, dtype: str):
+    if bits is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=DTYPES[dtype])
+
+
+def load_model(path: str, *, dtype: str = "float32", trust_remote_code: bool = False, bits: int | None = None,
+               device: torch.device | str | None = None, trainable_adapter: bool = False) -> PreTrainedModel:
+    """Load a causal LM in `dtype`, in eval mode (dropout off): a model directory or hub name, or a PEFT adapter
+    directory (its base model with the adapter). `bits` 4 or 8 quantizes the base with bitsandbytes."""
+    if is_adapter_dir(path):
+        base = load_model(adapter_base(path), dtype=dtype, trust_remote_code=trust_remote_code, bits=bits,
+                          device=device)
+        return load_adapter(base, path, trainable=trainable_adapter).eval()
+    kwargs = {}
+    if bits is not None:
+        kwargs = {"quantization_config": _quantization(bits, dtype), "device_map": {"": str(device or "cpu")}}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                                                     **kwargs)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"cannot load a causal language model from {path!r}: {error}") from None
+    return model.eval()
+
+
+def load_policy(config: TrainConfig, device: torch.device | str, *, with_reference: bool = True
+                ) -> tuple[PreTrainedModel, ReferenceState | None]:
+    """The model to train: full, with a fresh LoRA adapter, or an adapter directory trained further (base
+    quantized for QLoRA). Also returns how to switch a LoRA policy to its reference (None: no such reference;
+    none is set up without `with_reference`)."""
+    bits = 4 if config.load_in_4bit else 8 if config.load_in_8bit else None
+    # Full fine-tuning keeps float32 master weights (bfloat16 is autocast); a LoRA base is frozen, so it is
+    # stored in the training dtype itself (peft keeps the adapter's own weights in float32).
+    dtype = config.dtype if config.uses_lora else "float32"
+    model = load_model(config.model, dtype=dtype, trust_remote_code=config.trust_remote_code, bits=bits,
+                       device=device, trainable_adapter=True)
+    if bits is not None:
+        from peft import prepare_model_for_kbit_training
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    if config.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    reference_state = None
+    if config.lora_r is not None:
+        alpha = config.lora_alpha if config.lora_alpha is not None else 2 * config.lora_r
+        targets = [t.strip() for t in config.lora_target_modules.split(",")] if config.lora_target_modules else None
+        model = add_adapter(model, LoraOptions(config.lora_r, alpha, config.lora_dropout, targets))
+        reference_state = adapter_disabled if with_reference else None
+    elif is_adapter_dir(config.model) and with_reference:
+        add_reference_adapter(model, config.ref_adapter or config.model)
+        reference_state = reference_adapter
+    if bits is None:
+        model = model.to(device)
+    return model, reference_state
+
+
+def merge(adapter: str, output: str, *, dtype: str = "float32", log=print) -> Path:
+    """Fold the LoRA adapter in `adapter` into its base model and save a plain Hugging Face model at `output`.
+
+    The base is loaded unquantized in `dtype`, also for an adapter trained with QLoRA.
+    """
+    if not is_adapter_dir(adapter):
+        raise ConfigError(f"{adapter}: not a LoRA adapter directory (no adapter_config.json)")
+    tokenizer = load_tokenizer(adapter)
+    merged = merge_adapter(load_model(adapter, dtype=dtype))
+    path = save_model_dir(output, merged, tokenizer)
+    log(f"merged {adapter} into {adapter_base(adapter)}: saved {path}")
+    return path
