@@ -11,7 +11,8 @@ from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpokit.batching import collate
-from dpokit.checkpoint import latest_checkpoint, load_model_weights, load_trainer_state, save_checkpoint
+from dpokit.checkpoint import (latest_checkpoint, load_model_weights, load_trainer_state, save_checkpoint,
+                               write_manifest)
 from dpokit.cli import main
 from dpokit.config import TrainConfig
 from dpokit.logprobs import sequence_logprobs
@@ -94,15 +95,17 @@ def test_no_pickle_files_anywhere_in_a_dpo_output(tiny_model_dir, sentiment_data
             assert path.read_bytes()[:1] != b"\x80", path
 
 
-def test_latest_checkpoint_ignores_partial_and_temporary_directories(tmp_path):
+def test_latest_checkpoint_ignores_partial_damaged_and_temporary_directories(tmp_path, capsys):
     assert latest_checkpoint(tmp_path) is None
     assert latest_checkpoint(tmp_path / "missing") is None
 
     def make(name, complete=True):
         path = tmp_path / name
         path.mkdir()
+        (path / "trainer_state.json").write_text("{}")
+        (path / "model.safetensors").write_bytes(b"weights" * 10)
         if complete:
-            (path / "trainer_state.json").write_text("{}")
+            write_manifest(path)
         return path
 
     make("checkpoint-000002")
@@ -110,10 +113,21 @@ def test_latest_checkpoint_ignores_partial_and_temporary_directories(tmp_path):
     make("checkpoint-000009")
     make("checkpoint-000003.tmp")  # a save interrupted before its rename: complete-looking but temporary
     make("checkpoint-000011.tmp", complete=False)
-    make("checkpoint-000012", complete=False)  # no trainer_state.json: not a checkpoint
+    make("checkpoint-000012", complete=False)  # no manifest: never finished
     make("checkpoint-final")
     (tmp_path / "checkpoint-000013").write_text("a file, not a directory")
+    truncated = make("checkpoint-000014")
+    (truncated / "model.safetensors").write_bytes(b"weights")  # cut short by a full disk or a dying node
+    flipped = make("checkpoint-000015")
+    (flipped / "model.safetensors").write_bytes(b"WEIGHTS" * 10)  # same size, other bytes
+    missing = make("checkpoint-000016")
+    (missing / "trainer_state.json").unlink()
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-000010"
+    out = capsys.readouterr().out
+    assert "checkpoint-000016: trainer_state.json is missing" in out
+    assert "checkpoint-000015: model.safetensors does not match its checksum" in out
+    assert "checkpoint-000014: model.safetensors has 7 bytes, its manifest says 70" in out
+    assert "checkpoint-000012: no readable manifest" in out
     make("checkpoint-1000000")  # more digits than the padding still sorts by number
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-1000000"
 

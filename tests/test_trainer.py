@@ -249,10 +249,23 @@ def test_lr_factor_warmup_then_cosine_or_constant():
 
 
 def test_logged_lr_is_the_rate_the_step_used(tiny_model_dir, sentiment_data, tmp_path):
+    """The rate each optimizer.step() really ran with (read from its param_groups as it starts, not from the
+    scheduler) is the warm-up rate of that step, and it is the logged one. A scheduler stepped before the
+    optimizer would make step k use step k+1's rate while still logging step k's."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    used = []
+    hook = register_optimizer_step_pre_hook(lambda optimizer, args, kwargs: used.append(
+        [group["lr"] for group in optimizer.param_groups]))
     out = tmp_path / "lr"
-    train_sft(config(tiny_model_dir, sentiment_data["train"], out, batch_size=4, max_steps=4, warmup_steps=2,
-                     lr=1e-3, save_final=False))
-    assert [r["lr"] for r in train_rows(out)] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3])
+    try:
+        train_sft(config(tiny_model_dir, sentiment_data["train"], out, batch_size=4, max_steps=4, warmup_steps=3,
+                         lr=1e-3, save_final=False))
+    finally:
+        hook.remove()
+    assert len(used) == 4 and all(len(set(rates)) == 1 for rates in used)
+    assert [rates[0] for rates in used] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3], rel=1e-12)
+    assert [r["lr"] for r in train_rows(out)] == pytest.approx([rates[0] for rates in used], rel=1e-12)
 
 
 # --- evaluation and dropout, on in-memory models -----------------------------------------------------------

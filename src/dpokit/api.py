@@ -17,7 +17,7 @@ from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from dpokit.checkpoint import save_final
+from dpokit.checkpoint import run_identity, save_final
 from dpokit.config import TrainConfig
 from dpokit.data import ColumnMap, load_completions, load_preferences, split_eval
 from dpokit.engine import (ReferenceState, Scorer, check_engine, engine_name, engine_on_cpu, place_reference,
@@ -31,7 +31,8 @@ from dpokit.objective import DPOObjective, SFTObjective
 from dpokit.reference import (CachedReference, ModelReference, PolicyReference, cached_reference_logps,
                               weights_digest)
 from dpokit.tokenize import TokenizeConfig, TokenizedExample, tokenize_examples
-from dpokit.trainer import Engine, prepare, train
+from dpokit.rundir import claim_output
+from dpokit.trainer import Engine, config_dict, prepare, train
 from dpokit.trainer import evaluate as evaluate_objective
 
 def _columns(config: TrainConfig) -> ColumnMap:
@@ -172,8 +173,19 @@ def _references(config: TrainConfig, run: _Run, engine: Engine, chunked: bool, s
     return CachedReference(train_table), None if eval_table is None else CachedReference(eval_table)
 
 
+def _claim(config: TrainConfig):
+    """Hold --output for this run (a lock; no silent reuse of another run's directory): see rundir.py."""
+    return claim_output(config.output_dir, resume=config.resume, overwrite=config.overwrite,
+                        main_process=int(os.environ.get("RANK", "0")) == 0)
+
+
 def train_dpo(config: TrainConfig) -> dict[str, float]:
     """Fine-tune `config.model` with DPO on `config.data`; returns the final evaluation metrics."""
+    with _claim(config):
+        return _train_dpo(config)
+
+
+def _train_dpo(config: TrainConfig) -> dict[str, float]:
     run = _start(config, "dpo")
     loss = _loss_config(config)
     chunked = config.logits == "chunked"
@@ -193,16 +205,17 @@ def train_dpo(config: TrainConfig) -> dict[str, float]:
 
 def train_sft(config: TrainConfig) -> dict[str, float]:
     """Supervised fine-tuning of `config.model` on completions (or the chosen responses of a preference set)."""
-    run = _start(config, "sft")
-    engine = _prepare(run, config, config.logits == "chunked")
-    objective = SFTObjective()
-    return _run(run, engine, objective, config, objective)
+    with _claim(config):
+        run = _start(config, "sft")
+        engine = _prepare(run, config, config.logits == "chunked")
+        return _run(run, engine, SFTObjective(), config, SFTObjective())
 
 
 def _prepare(run: _Run, config: TrainConfig, chunked: bool) -> Engine:
     """The engine-wrapped policy, with the batch layout checked on it (every process takes part)."""
+    identity = run_identity(config_dict(config), run.data.train, config.model)
     engine = prepare(run.model, len(run.data.train), config, run.accelerator, chunked=chunked,
-                     reference_state=run.reference_state, log=run.log)
+                     reference_state=run.reference_state, identity=identity, log=run.log)
     config.layout = check_layout(engine.scorer, run.data.train, config.layout, run.tokenizer.pad_token_id,
                                  device=run.accelerator.device)
     return engine

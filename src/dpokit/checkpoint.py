@@ -10,6 +10,7 @@ Nothing is ever unpickled.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -25,18 +26,76 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dpokit.engine import unwrap_optimizer
 from dpokit.errors import ConfigError
+from dpokit.rundir import apply_umask
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step in `output_dir`, if any."""
-    found = []
-    for path in Path(output_dir).glob("checkpoint-*"):
-        match = _NAME.match(path.name)
-        if match and (path / "trainer_state.json").exists():
-            found.append((int(match.group(1)), path))
-    return max(found)[1] if found else None
+MANIFEST = "manifest.json"
+
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """The checkpoint directories of `output_dir` (complete-looking or not; not the .tmp ones), by step."""
+    found = [(int(m.group(1)), path) for path in Path(output_dir).glob("checkpoint-*")
+             if path.is_dir() and (m := _NAME.match(path.name))]
+    return [path for _, path in sorted(found)]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """Record the size and checksum of every file of `directory` (after fsyncing it) in its manifest."""
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
+        with path.open("rb") as handle:
+            os.fsync(handle.fileno())
+        files[str(path.relative_to(directory))] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None if every file of the checkpoint matches its manifest; otherwise what is wrong."""
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return "no readable manifest"
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != expected["bytes"]:
+            return f"{name} has {file.stat().st_size} bytes, its manifest says {expected['bytes']}"
+        if _sha256(file) != expected["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def latest_checkpoint(output_dir: str | Path, log=print) -> Path | None:
+    """The intact checkpoint with the highest step in `output_dir`, if any; damaged ones are reported, skipped."""
+    for path in reversed(checkpoints(output_dir)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        log(f"{path}: {problem}; skipped in favour of the previous checkpoint")
+    return None
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint directory was written at."""
+    return int(_NAME.match(path.name).group(1))
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` intact checkpoints (called after a newer one is complete)."""
+    intact = [p for p in checkpoints(output_dir) if verify_checkpoint(p) is None]
+    for path in intact[:-keep] if keep > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -104,6 +163,7 @@ def save_model_dir(path: str | Path, model: PreTrainedModel, tokenizer: PreTrain
     tokenizer.save_pretrained(tmp)
     if write_extra is not None:
         write_extra(tmp)
+    apply_umask(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -158,6 +218,7 @@ def save_checkpoint(output_dir: str | Path, step: int, engine, tokenizer: PreTra
         state = {"step": step, "scheduler": engine.scheduler.state_dict(), "optimizer": optimizer_meta,
                  "resumable": optimizer_state is not None, **extra}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
+        write_manifest(tmp)  # last: a checkpoint whose files do not all match it is skipped on resume
 
     if accelerator.is_main_process:
         save_model_dir(final, engine.model, tokenizer, write_state, state_dict=weights)
@@ -192,8 +253,33 @@ def load_model_weights(model, checkpoint: Path) -> None:
                           f"(missing {result.missing_keys}, unexpected {result.unexpected_keys})")
 
 
-def check_resumable(checkpoint: Path, data_order: dict, engine: str) -> None:
-    """Refuse to resume from `checkpoint` into another data order, or from one that holds no optimizer state.
+# Options a resumed run may change: where and how often it reports, saves and stops; not what it computes.
+FREE_OPTIONS = {"resume", "overwrite", "output", "max_steps", "epochs", "eval_every", "save_every",
+                "save_every_minutes", "keep_checkpoints", "log_every", "save_final", "eval_batch_size",
+                "ref_cache_dir"}
+
+
+def run_identity(config: dict, examples, model: str) -> dict:
+    """What makes a run this run: its options (but FREE_OPTIONS), a digest of its tokenised training data, and
+    of its starting model (the path, its config and the names and sizes of its weight files)."""
+    data = hashlib.sha256()
+    for example in examples:
+        data.update(json.dumps([example.prompt_ids, example.responses]).encode())
+    weights = hashlib.sha256(model.encode())
+    root = Path(model)
+    if root.is_dir():
+        for path in sorted(root.iterdir()):
+            if path.name in ("config.json", "adapter_config.json"):
+                weights.update(path.read_bytes())
+            elif path.suffix == ".safetensors":
+                weights.update(f"{path.name}:{path.stat().st_size}".encode())
+    return {"config": {k: v for k, v in sorted(config.items()) if k not in FREE_OPTIONS},
+            "data": data.hexdigest(), "model": weights.hexdigest()}
+
+
+def check_resumable(checkpoint: Path, data_order: dict, engine: str, identity: dict | None = None) -> None:
+    """Refuse to resume from a checkpoint of another run (config, data or model), into another data order, or
+    from one that holds no optimizer state.
 
     The data position is the step itself (each step's examples follow from the seed and the global batch), so
     a resume with another data set size, global batch or seed would silently train on a different order.
@@ -204,6 +290,13 @@ def check_resumable(checkpoint: Path, data_order: dict, engine: str) -> None:
         changed = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in data_order.items() if saved.get(k) != v)
         raise ConfigError(f"--resume: {checkpoint} was trained with another data order ({changed}); "
                           "resume with the same data, batch sizes, processes and seed, or start a new --output")
+    saved_identity = state.get("identity")
+    if identity is not None and saved_identity is not None and saved_identity != identity:
+        changes = [f"{k} {saved_identity['config'].get(k)!r} -> {v!r}" for k, v in identity["config"].items()
+                   if saved_identity["config"].get(k) != v]
+        changes += [f"the {part} changed" for part in ("data", "model") if saved_identity[part] != identity[part]]
+        raise ConfigError(f"--resume: {checkpoint} belongs to another run ({'; '.join(changes)}); resume with the "
+                          "same options, data and model, or start a new --output")
     if not state.get("resumable", True):
         raise ConfigError(f"--resume: {checkpoint} was written under DeepSpeed, whose optimizer state dpokit does not "
                           "save yet; resume under DDP or FSDP2 is exact, or train on from its weights with --model")

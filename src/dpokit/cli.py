@@ -6,11 +6,12 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sys
 from typing import Any
 
 from dpokit.config import TrainConfig, fields_for, make_config, read_yaml
-from dpokit.errors import DpokitError
+from dpokit.errors import EXIT_INTERRUPTED, DpokitError, Interrupted
 
 EPILOG = "Any option can also be given in a YAML file with --config (keys are the option names with underscores); flags override it."
 
@@ -225,6 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # "Loading weights"/"Writing model shards" bars: dpokit shows its own progress
     try:
         args.func(args)
+    except Interrupted as stop:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        again = "dpokit " + " ".join(shlex.quote(a) for a in argv + ([] if "--resume" in argv else ["--resume"]))
+        print(f"dpokit {args.command}: {stop}\nresume with: {again}"
+              + ("   (under the same accelerate launch)" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""),
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     except DpokitError as error:
         print(f"dpokit {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -92,7 +92,11 @@ class TrainConfig:
     dtype: str = opt("float32", "training precision: float32, or bfloat16 mixed precision", choices=("float32", "bfloat16"))
     seed: int = opt(0, "random seed (data order, initialisation of anything random)")
     eval_every: int = opt(0, "evaluate every N steps (0 = only at the end)")
-    save_every: int = opt(0, "checkpoint every N steps (0 = only at the end)")
+    save_every: int = opt(0, "checkpoint every N steps (0 = only at the end and by --save-every-minutes)")
+    save_every_minutes: float = opt(30.0, "also checkpoint when this many minutes have passed since the last one "
+                                    "(0 = off): a kill never loses more")
+    keep_checkpoints: int = opt(0, "keep only the newest N checkpoints, pruned after a newer one is complete (0 = all)")
+    overwrite: bool = opt(False, "replace the run already in --output (default: refuse; --resume continues it)")
     log_every: int = opt(1, "log metrics every N steps")
     resume: bool = opt(False, "continue from the latest checkpoint in --output")
     layout: str = opt("packed", "batch layout: packed (fastest), shared prompt, or plain (one row per response)",
@@ -114,6 +118,8 @@ class TrainConfig:
             value = getattr(self, f.name)
             if choices and value is not None and value not in choices:
                 raise ConfigError(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}; got {value!r}")
+        if self.save_every_minutes < 0 or self.keep_checkpoints < 0 or self.save_every < 0:
+            raise ConfigError("--save-every, --save-every-minutes and --keep-checkpoints must not be negative")
         positive = ("batch_size", "grad_accum", "max_length", "max_prompt_length", "log_every")
         for name in positive:
             if getattr(self, name) <= 0:

@@ -15,3 +15,14 @@ class ConfigError(DpokitError):
 
 class TrainingError(DpokitError):
     """Training cannot go on (a non-finite gradient, say); the message says what to change."""
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM after writing a checkpoint (the CLI exits with EXIT_INTERRUPTED)."""
+
+    def __init__(self, signal: str, step: int, checkpoint) -> None:
+        super().__init__(f"stopped by {signal} after step {step}; checkpoint written: {checkpoint}")
+        self.signal, self.step, self.checkpoint = signal, step, checkpoint
+
+
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped cleanly, resumable; distinct from errors (2) and Ctrl-C twice (130)

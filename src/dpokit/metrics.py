@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -43,6 +44,29 @@ class MetricsLogger:
         """Flush TensorBoard."""
         if self.board is not None:
             self.board.close()
+
+
+def truncate_metrics(output_dir: str | Path, step: int) -> int:
+    """Keep the rows of OUTPUT/metrics.jsonl up to `step` (a resume continues from there, so every step is
+    logged once) and drop a last line cut short by a kill. Rewritten atomically; returns the rows dropped."""
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # a row the kill interrupted
+            dropped += 1
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+    return dropped
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,13 +24,13 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from dpokit.batching import collate, forward_groups
-from dpokit.checkpoint import (check_resumable, latest_checkpoint, load_model_weights, load_trainer_state,
-                               save_checkpoint)
+from dpokit.checkpoint import (check_resumable, checkpoint_step, latest_checkpoint, load_model_weights,
+                               load_trainer_state, prune_checkpoints, save_checkpoint)
 from dpokit.config import TrainConfig
 from dpokit.engine import (ReferenceState, Scorer, check_engine, configure_deepspeed, engine_name, micro_step,
                            shards_parameters, unwrap_optimizer)
-from dpokit.errors import ConfigError, TrainingError
-from dpokit.metrics import MetricsLogger
+from dpokit.errors import ConfigError, Interrupted, TrainingError
+from dpokit.metrics import MetricsLogger, truncate_metrics
 from dpokit.objective import Objective
 from dpokit.tokenize import TokenizedExample
 
@@ -170,25 +172,32 @@ class Engine:
     plan: Plan
     step: int
     data_order: dict
+    identity: dict | None = None  # run_identity: a resume must continue the same run
 
 
 def prepare(model: nn.Module, num_examples: int, config: TrainConfig, accelerator: Accelerator, *,
-            chunked: bool = True, reference_state: ReferenceState | None = None, log=print) -> Engine:
+            chunked: bool = True, reference_state: ReferenceState | None = None, identity: dict | None = None,
+            log=print) -> Engine:
     """Wrap `model` in a Scorer, hand it and its optimizer to the engine, and restore `--resume` state.
 
     A checkpoint's weights are loaded before the engine shards the model and its optimizer state after,
-    so resuming works the same under every engine that can save optimizer state.
+    so resuming works the same under every engine that can save optimizer state. A checkpoint of another
+    run (`identity`) or past the planned steps is refused; metrics logged after it are dropped.
     """
     check_engine(accelerator)
     plan = make_plan(num_examples, config, accelerator.num_processes)
     data_order = {"examples": num_examples, "global_batch": plan.global_batch, "seed": config.seed}
     model.train()
     disable_dropout(model)
-    checkpoint = latest_checkpoint(config.output_dir) if config.resume else None
+    checkpoint = latest_checkpoint(config.output_dir, log=log) if config.resume else None
     if config.resume and checkpoint is None:
         log(f"--resume: no checkpoint in {config.output_dir}; starting from scratch")
     if checkpoint is not None:
-        check_resumable(checkpoint, data_order, engine_name(accelerator))
+        check_resumable(checkpoint, data_order, engine_name(accelerator), identity)
+        saved_step = checkpoint_step(checkpoint)
+        if saved_step > plan.total_steps:
+            raise ConfigError(f"--resume: {checkpoint} is at step {saved_step}, past the {plan.total_steps} steps of "
+                              "this run (--max-steps/--epochs); raise them to train on, or start a new --output")
         load_model_weights(model, checkpoint)
     configure_deepspeed(accelerator, config.batch_size, config.max_grad_norm)
     optimizer = make_optimizer(model, config)
@@ -199,8 +208,12 @@ def prepare(model: nn.Module, num_examples: int, config: TrainConfig, accelerato
     if checkpoint is not None:
         step = load_trainer_state(checkpoint, scorer, unwrap_optimizer(optimizer), scheduler,
                                   sharded=shards_parameters(accelerator))
-        log(f"resumed from {checkpoint} at step {step}")
-    return Engine(accelerator, model, scorer, optimizer, scheduler, plan, step, data_order)
+        if accelerator.is_main_process:
+            dropped = truncate_metrics(config.output_dir, step)
+            log(f"resumed from {checkpoint} at step {step}" + (f" ({dropped} metrics rows after it dropped)"
+                                                                 if dropped else ""))
+        accelerator.wait_for_everyone()
+    return Engine(accelerator, model, scorer, optimizer, scheduler, plan, step, data_order, identity)
 
 
 def train(
@@ -233,66 +246,108 @@ def train(
     max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
     step = engine.step
     eval_metrics: dict[str, float] = {}
+    last_save = time.monotonic()
+    stop = StopRequests(log.print)
     bar = tqdm(total=plan.total_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
-    while step < plan.total_steps:
-        started = time.perf_counter()
-        indices = step_indices(step, plan, len(train_examples), config.seed)
-        micro = [indices[(k * accelerator.num_processes + accelerator.process_index) * config.batch_size:]
-                 [: config.batch_size] for k in range(config.grad_accum)]
-        batches = [collate([train_examples[i] for i in group], group, layout=config.layout, pad_token_id=pad)
-                   .to(accelerator.device) for ids in micro for group in forward_groups(ids, train_examples, budget)]
-        divisor = accelerator.reduce(torch.tensor(float(sum(objective.divisor(b) for b in batches)),
-                                                  dtype=torch.float64, device=accelerator.device), reduction="sum")
-        # The engines average gradients over processes: scale so that the update is d(global mean loss).
-        scale = accelerator.num_processes / divisor.float()
-        metric_sums: dict[str, torch.Tensor] = {}
-        for i, batch in enumerate(batches):
-            with micro_step(accelerator, scorer, last=i == len(batches) - 1):
-                with accelerator.autocast():
-                    result = objective(scorer, batch)
-                accelerator.backward(result.loss_sum * scale)
-            for k, v in result.metric_sums.items():
-                metric_sums[k] = metric_sums.get(k, 0) + v.double()
-        # all parameters, read now (FSDP2 swaps sharded and unsharded ones); DeepSpeed clipped and stepped in backward
-        grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), max_norm)
-        grad_norm = torch.as_tensor(float("nan") if grad_norm is None else grad_norm, dtype=torch.float32)
-        if not torch.isfinite(grad_norm):  # one sync per step; an update with NaN/inf would ruin the weights
-            raise TrainingError(
-                f"step {step + 1}: the gradient norm is {grad_norm.item()} (loss "
-                f"{(metric_sums['loss'] / divisor).item():.4g} on this process); "
-                + ("DeepSpeed has already applied this update. " if engine_name(accelerator).startswith("zero")
-                   else "nothing was updated. ")
-                + "Lower --lr, or use --dtype float32 if this ran in bfloat16; checkpoints so far are intact"
-            )
-        lr = scheduler.get_last_lr()[0]  # the rate this step used (after scheduler.step() it is the next one's)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
+    with stop:
+        while step < plan.total_steps:
+            started = time.perf_counter()
+            indices = step_indices(step, plan, len(train_examples), config.seed)
+            micro = [indices[(k * accelerator.num_processes + accelerator.process_index) * config.batch_size:]
+                     [: config.batch_size] for k in range(config.grad_accum)]
+            batches = [collate([train_examples[i] for i in group], group, layout=config.layout, pad_token_id=pad)
+                       .to(accelerator.device) for ids in micro for group in forward_groups(ids, train_examples, budget)]
+            divisor = accelerator.reduce(torch.tensor(float(sum(objective.divisor(b) for b in batches)),
+                                                      dtype=torch.float64, device=accelerator.device), reduction="sum")
+            # The engines average gradients over processes: scale so that the update is d(global mean loss).
+            scale = accelerator.num_processes / divisor.float()
+            metric_sums: dict[str, torch.Tensor] = {}
+            for i, batch in enumerate(batches):
+                with micro_step(accelerator, scorer, last=i == len(batches) - 1):
+                    with accelerator.autocast():
+                        result = objective(scorer, batch)
+                    accelerator.backward(result.loss_sum * scale)
+                for k, v in result.metric_sums.items():
+                    metric_sums[k] = metric_sums.get(k, 0) + v.double()
+            # all parameters, read now (FSDP2 swaps sharded and unsharded ones); DeepSpeed clipped and stepped in backward
+            grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), max_norm)
+            grad_norm = torch.as_tensor(float("nan") if grad_norm is None else grad_norm, dtype=torch.float32)
+            if not torch.isfinite(grad_norm):  # one sync per step; an update with NaN/inf would ruin the weights
+                raise TrainingError(
+                    f"step {step + 1}: the gradient norm is {grad_norm.item()} (loss "
+                    f"{(metric_sums['loss'] / divisor).item():.4g} on this process); "
+                    + ("DeepSpeed has already applied this update. " if engine_name(accelerator).startswith("zero")
+                       else "nothing was updated. ")
+                    + "Lower --lr, or use --dtype float32 if this ran in bfloat16; checkpoints so far are intact"
+                )
+            lr = scheduler.get_last_lr()[0]  # the rate this step used (after scheduler.step() it is the next one's)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
 
-        if step % config.log_every == 0 or step == plan.total_steps:
-            keys = sorted(metric_sums)
-            totals = accelerator.reduce(torch.stack([metric_sums[k] for k in keys]), reduction="sum") / divisor
-            seconds = time.perf_counter() - started
-            tokens = _sequence_tokens([train_examples[i] for i in indices])
-            row = {k: totals[i].item() for i, k in enumerate(keys)}
-            row.update({"grad_norm": grad_norm.item(), "lr": lr,
-                        "tokens_per_second": tokens / seconds, "seconds_per_step": seconds,
-                        "epoch": step / plan.steps_per_epoch})
-            log.write("train", step, row)
-            bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "rewards/accuracies") if k in row})
-        last = step == plan.total_steps
-        if eval_examples and ((config.eval_every and step % config.eval_every == 0) or last):
-            eval_metrics = evaluate(scorer, eval_objective or objective, eval_examples, config, accelerator, pad)
-            log.write("eval", step, eval_metrics)
-            log.print(f"eval @ step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
-        if (config.save_every and step % config.save_every == 0) or last:
-            save_checkpoint(config.output_dir, step, engine, tokenizer,
-                            {"config": config_dict(config), "metrics": eval_metrics, "data_order": engine.data_order})
+            if step % config.log_every == 0 or step == plan.total_steps:
+                keys = sorted(metric_sums)
+                totals = accelerator.reduce(torch.stack([metric_sums[k] for k in keys]), reduction="sum") / divisor
+                seconds = time.perf_counter() - started
+                tokens = _sequence_tokens([train_examples[i] for i in indices])
+                row = {k: totals[i].item() for i, k in enumerate(keys)}
+                row.update({"grad_norm": grad_norm.item(), "lr": lr,
+                            "tokens_per_second": tokens / seconds, "seconds_per_step": seconds,
+                            "epoch": step / plan.steps_per_epoch})
+                log.write("train", step, row)
+                bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "rewards/accuracies") if k in row})
+            last = step == plan.total_steps
+            if eval_examples and ((config.eval_every and step % config.eval_every == 0) or last):
+                eval_metrics = evaluate(scorer, eval_objective or objective, eval_examples, config, accelerator, pad)
+                log.write("eval", step, eval_metrics)
+                log.print(f"eval @ step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+            # one collective: did any process get SIGINT/SIGTERM, is the time-based checkpoint due (main's clock)?
+            due = config.save_every_minutes > 0 and time.monotonic() - last_save >= 60 * config.save_every_minutes
+            stopping, due = (accelerator.reduce(torch.tensor([float(stop.signal is not None), float(due)],
+                                                             device=accelerator.device), reduction="sum") > 0).tolist()
+            if stopping or due or last or (config.save_every and step % config.save_every == 0):
+                path = save_checkpoint(config.output_dir, step, engine, tokenizer,
+                                       {"config": config_dict(config), "metrics": eval_metrics,
+                                        "data_order": engine.data_order, "identity": engine.identity})
+                last_save = time.monotonic()
+                if config.keep_checkpoints and accelerator.is_main_process:
+                    prune_checkpoints(config.output_dir, config.keep_checkpoints)
+                if stopping:
+                    bar.close()
+                    log.close()
+                    raise Interrupted(stop.signal or "a signal to another process", step, path)
     bar.close()
     log.close()
     return eval_metrics
+
+
+class StopRequests:
+    """SIGINT/SIGTERM during training: the first asks the loop to finish its step, checkpoint and stop; a
+    second SIGINT stops at once. Handlers are installed only while the loop runs, in the main thread."""
+
+    def __init__(self, say=print) -> None:
+        self.signal: str | None = None
+        self.say = say
+        self._saved: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        self.say(f"{self.signal}: finishing this step, then writing a checkpoint and stopping "
+                 "(Ctrl-C again to stop at once, losing the step)")
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for kind in (signal.SIGINT, signal.SIGTERM):
+                self._saved[kind] = signal.signal(kind, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for kind, handler in self._saved.items():
+            signal.signal(kind, handler)
 
 
 def config_dict(config: TrainConfig) -> dict:
