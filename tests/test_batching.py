@@ -67,8 +67,23 @@ def test_unknown_layout():
 
 
 def test_to_moves_tensors():
-    batch = collate(EXAMPLES, [0, 1, 2]).to(torch.device("cpu"))
-    assert batch.input_ids.device.type == "cpu" and batch.num_responses == 2
+    """Every tensor field goes to the device (the "meta" device, so this can fail on a CPU-only machine) with
+    its shape and dtype; the other fields are kept; the original batch stays where it was."""
+    batch = collate(EXAMPLES, [0, 1, 2])
+    moved = batch.to(torch.device("meta"))
+    fields = vars(batch)
+    assert {k for k, v in fields.items() if isinstance(v, torch.Tensor)} == {
+        "input_ids", "position_ids", "attention_mask", "target_index", "target_ids", "target_seq", "token_counts",
+        "example_ids"}
+    for name, value in fields.items():
+        other = getattr(moved, name)
+        if isinstance(value, torch.Tensor):
+            assert other.device.type == "meta", name
+            assert (other.shape, other.dtype) == (value.shape, value.dtype), name
+            assert value.device.type == "cpu", name
+        else:
+            assert other == value, name
+    assert moved.num_responses == 2 and moved.num_sequences == batch.num_sequences
 
 
 def test_forward_groups_sort_by_length_and_respect_the_budget():
@@ -78,3 +93,21 @@ def test_forward_groups_sort_by_length_and_respect_the_budget():
     assert forward_groups([0, 1, 2], EXAMPLES, 10) == [[1], [0], [2]]
     assert forward_groups([0, 1, 2], EXAMPLES, 1) == [[1], [0], [2]]  # longer than the budget: alone
     assert forward_groups([2, 0], EXAMPLES, 100) == [[0, 2]]
+
+
+def test_packing_is_first_fit_decreasing():
+    """Lengths 5, 9, 3, 6, 4 in rows of at most 9 tokens: longest first fills three rows with no padding,
+    [9], [6, 3], [5, 4]. First fit in increasing order ([3, 4], [5], [6], [9]) or in the given order
+    ([5, 3], [9], [6], [4]) needs four rows."""
+    lengths = [5, 9, 3, 6, 4]
+    examples = []
+    for i, n in enumerate(lengths):  # every token of example i is 100 + i; prompt 1, chosen 1, rejected n - 2
+        t = 100 + i
+        examples.append(TokenizedExample((t,), ((t,), (t,) * (n - 2))))
+    assert [e.length for e in examples] == lengths
+    batch = collate(examples, range(5), layout="packed", pad_token_id=0)
+    rows = [[1], [3, 2], [0, 4]]
+    assert batch.input_ids.tolist() == [[100 + i for i in row for _ in range(lengths[i])] for row in rows]
+    # and each example still restarts its positions and scores its own tokens
+    assert batch.position_ids[1].tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 2]
+    assert batch.token_counts.tolist() == [c for n in lengths for c in (1, n - 2)]

@@ -127,3 +127,33 @@ def test_nothing_left_is_an_error(tokenizer):
 def test_bad_settings(settings, message):
     with pytest.raises(ConfigError, match=message):
         TokenizeConfig(**settings)
+
+
+def _bos_tokenizer():
+    """The test tokenizer with a BOS that it adds to every encoding with special tokens, Llama style."""
+    tokenizer = make_tokenizer()
+    bos = "<|im_start|>"
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, tokenizer.convert_tokens_to_ids(bos))])
+    tokenizer.bos_token = bos
+    return tokenizer
+
+
+def test_responses_get_no_special_tokens_only_the_prompt_starts_with_bos():
+    """A BOS inside a response would be scored as a token the model must emit mid-answer; only the prompt gets
+    the tokenizer's special tokens (its BOS), and it gets exactly one."""
+    tokenizer = _bos_tokenizer()
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    assert tokenizer(" great fun")["input_ids"][0] == bos  # the tokenizer really adds one
+    records = [PreferencePair("the film was", " great fun", " awful", "x:1"),
+               PreferencePair("", " good", " bad", "x:2"),
+               Completion("the plot", " was slow", "x:3")]
+    examples, _ = tokenize_examples(records, tokenizer, TokenizeConfig())
+    assert [e.prompt_ids.count(bos) for e in examples] == [1, 1, 1]
+    assert all(e.prompt_ids[0] == bos for e in examples)
+    assert examples[1].prompt_ids == (bos,)  # an empty prompt is the BOS alone
+    for example, record in zip(examples, records):
+        texts = (record.chosen, record.rejected) if isinstance(record, PreferencePair) else (record.completion,)
+        for ids, text in zip(example.responses, texts):
+            assert bos not in ids
+            assert list(ids) == tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]

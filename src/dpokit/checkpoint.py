@@ -25,8 +25,8 @@ from torch.optim.lr_scheduler import LRScheduler
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dpokit.engine import unwrap_optimizer
-from dpokit.errors import ConfigError
-from dpokit.rundir import apply_umask
+from dpokit.errors import ConfigError, TrainingError
+from dpokit.rundir import apply_umask, disk_full
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -156,13 +156,20 @@ def save_model_dir(path: str | Path, model: PreTrainedModel, tokenizer: PreTrain
     final = Path(path)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    if _is_adapter(model):
-        model.save_pretrained(tmp, state_dict=state_dict, selected_adapters=["default"])
-    else:
-        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if write_extra is not None:
-        write_extra(tmp)
+    try:
+        if _is_adapter(model):
+            model.save_pretrained(tmp, state_dict=state_dict, selected_adapters=["default"])
+        else:
+            model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if write_extra is not None:
+            write_extra(tmp)
+    except Exception as error:
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space back; what was saved before stays intact
+        if disk_full(error):
+            raise TrainingError(f"{final}: no space left on the device; nothing of it was kept and earlier "
+                                "checkpoints are intact: free some space and --resume") from None
+        raise
     apply_umask(tmp)
     if final.exists():
         shutil.rmtree(final)

@@ -236,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     except DpokitError as error:
         print(f"dpokit {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # the file system's word (full disk, permissions): one line, not a traceback
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"dpokit {args.command}: error: {where}{error.strerror or error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"dpokit {args.command}: interrupted", file=sys.stderr)
         return 130

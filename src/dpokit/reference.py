@@ -26,6 +26,8 @@ from transformers import PreTrainedTokenizerBase
 
 from dpokit.batching import Batch, collate
 from dpokit.engine import Scorer
+from dpokit.errors import TrainingError
+from dpokit.rundir import apply_umask, disk_full
 from dpokit.tokenize import TokenizedExample
 
 CACHE_FORMAT = 1
@@ -185,8 +187,15 @@ def cached_reference_logps(
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         os.close(handle)
-        save_file({"logps": table.contiguous()}, tmp, metadata={"fingerprint": key, "examples": str(len(examples))})
+        try:
+            save_file({"logps": table.contiguous()}, tmp, metadata={"fingerprint": key, "examples": str(len(examples))})
+        except Exception as error:
+            os.unlink(tmp)
+            if disk_full(error):
+                raise TrainingError(f"{path}: no space left on the device for the reference log-probs") from None
+            raise
         os.replace(tmp, path)
+        apply_umask(path)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     log(f"reference log-probs: computed for {len(examples)} examples, cached in {path}")

@@ -8,6 +8,7 @@ The lock file holds the owner's pid and host; a lock whose process is gone (same
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -116,3 +117,11 @@ def apply_umask(path: str | Path) -> None:
     items = [path] + (list(path.rglob("*")) if path.is_dir() else [])
     for item in items:
         os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+
+
+def disk_full(error: Exception) -> bool:
+    """An OSError, or safetensors' own error wrapping one (it reports "os error 28"), for a full device."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return True
+    text = str(error)
+    return f"os error {errno.ENOSPC}" in text or "No space left" in text
