@@ -192,6 +192,8 @@ def prepare(model: nn.Module, num_examples: int, config: TrainConfig, accelerato
     checkpoint = latest_checkpoint(config.output_dir, log=log) if config.resume else None
     if config.resume and checkpoint is None:
         log(f"--resume: no checkpoint in {config.output_dir}; starting from scratch")
+        if accelerator.is_main_process:
+            truncate_metrics(config.output_dir, 0)  # rows of a run killed before its first checkpoint
     if checkpoint is not None:
         check_resumable(checkpoint, data_order, engine_name(accelerator), identity)
         saved_step = checkpoint_step(checkpoint)
