@@ -193,3 +193,22 @@ def test_optimizer_scheduler_and_rng_state_round_trip_exactly(name, tmp_path, to
         sch.step()
     for (k, a), b in zip(model.state_dict().items(), fresh_model.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_a_whole_run_and_its_resume_unpickle_nothing(tiny_model_dir, sentiment_data, tmp_path, monkeypatch):
+    """Loading is safetensors and JSON only: pickle's and torch's loaders fail the test if anything calls them
+    (training with a LoRA adapter and precomputed reference, checkpoints, a resume, the final save and eval)."""
+    import pickle
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("something was unpickled")
+
+    for owner, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")):
+        monkeypatch.setattr(owner, name, refuse)
+    args = ["dpo", "--model", tiny_model_dir, "--data", sentiment_data["train"], "--eval-fraction", "0.1",
+            "--batch-size", "4", "--save-every", "1", "--precompute-ref", "--warmup-steps", "0", "--lora-r", "4"]
+    out = tmp_path / "run"
+    assert main(args + ["--max-steps", "2", "--output", str(out)]) == 0
+    assert main(args + ["--max-steps", "3", "--output", str(out), "--resume"]) == 0
+    assert main(["eval", "--model", str(out / "final"), "--ref-model", tiny_model_dir,
+                 "--data", sentiment_data["eval"], "--json"]) == 0
