@@ -131,6 +131,9 @@ class TrainConfig:
         if self.max_steps is not None and self.max_steps <= 0:
             raise ConfigError(f"--max-steps must be positive; got {self.max_steps}")
         self._check_adapters()
+        from dpokit.losses import LossConfig  # the loss's own checks (β, ε and which losses take it), up front
+
+        LossConfig(self.loss, self.beta, self.label_smoothing, self.reference_free, self.sft_weight)
 
     def _check_adapters(self) -> None:
         from dpokit.lora import is_adapter_dir
@@ -202,7 +205,27 @@ def read_yaml(path: str | Path, stage: str) -> dict[str, Any]:
     unknown = sorted(k for k in data if k.replace("-", "_") not in known)
     if unknown:
         raise ConfigError(f"{path}: unknown option(s) for `dpokit {stage}`: {', '.join(unknown)}")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    values = {k.replace("-", "_"): v for k, v in data.items()}
+    types = {f.name: str(f.type) for f in fields_for(stage)}
+    for key, value in values.items():
+        expected = _expected_type(types[key])
+        if value is None and "None" in types[key]:
+            continue
+        ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
+        if not ok:
+            kind = "a number" if isinstance(expected, tuple) else expected.__name__
+            raise ConfigError(f"{path}: option '{key}' must be {kind}, got {value!r}")
+    return values
+
+
+def _expected_type(annotation: str):
+    if "bool" in annotation:
+        return bool
+    if "float" in annotation:
+        return (int, float)
+    if "int" in annotation:
+        return int
+    return str
 
 
 def make_config(stage: str, values: dict[str, Any]) -> TrainConfig:
