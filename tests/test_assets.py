@@ -10,6 +10,8 @@ import torch
 
 from dpokit.reviews import base_model_path, generate_reviews
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: extra threads only contend (conftest.py)
+
 BASE = resources.files("dpokit") / "assets" / "base"
 
 

@@ -108,6 +108,6 @@ def test_packing_is_first_fit_decreasing():
     batch = collate(examples, range(5), layout="packed", pad_token_id=0)
     rows = [[1], [3, 2], [0, 4]]
     assert batch.input_ids.tolist() == [[100 + i for i in row for _ in range(lengths[i])] for row in rows]
-    # and each example still restarts its positions and scores its own tokens
-    assert batch.position_ids[1].tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 2]
+    # each example starts again at position 0; each response continues from its prompt
+    assert batch.position_ids[1].tolist() == [0, 1, 1, 2, 3, 4, 0, 1, 1]
     assert batch.token_counts.tolist() == [c for n in lengths for c in (1, n - 2)]

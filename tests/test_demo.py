@@ -6,6 +6,8 @@ import pytest
 
 from dpokit.demo import DemoConfig, label_pairs, run_demo
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: extra threads only contend (conftest.py)
+
 
 def test_label_pairs_forms_every_differently_scored_pair():
     import random

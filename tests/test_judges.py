@@ -13,6 +13,8 @@ from dpokit.judges import (
     vader_judge,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: extra threads only contend (conftest.py)
+
 
 def text_length(text: str) -> float:  # used through load_judge("tests.test_judges:...") below
     return float(len(text))

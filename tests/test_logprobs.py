@@ -14,6 +14,8 @@ from dpokit.logprobs import check_layout, sequence_logprobs, supports_chunked_lo
 from dpokit.tokenize import TokenizeConfig, tokenize_examples
 from helpers import WORDS, make_gpt2, make_llama
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: extra threads only contend (conftest.py)
+
 
 @pytest.fixture(scope="module")
 def examples(tokenizer):

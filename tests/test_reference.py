@@ -9,6 +9,8 @@ from dpokit.reference import CachedReference, ModelReference, cached_reference_l
 from dpokit.tokenize import TokenizeConfig, tokenize_examples
 from helpers import make_llama, make_tokenizer
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: extra threads only contend (conftest.py)
+
 PAIRS = [PreferencePair(f"the film {w}", f" was great {w}", f" was bad {w}", f"d:{i}")
          for i, w in enumerate("a b c d e f".split())]
 

@@ -16,9 +16,11 @@ written from the definitions and uses no dpokit code except to build the data:
 dpokit runs with 2 examples x 2 accumulated micro-batches per step, the packed layout, chunked log-probs and
 several forward passes per micro-batch, and a `max_grad_norm` far below the gradient norm so clipping really
 acts. The logged loss, rewards margin, grad_norm and lr of both steps and the weights after each step must
-match the hand-written steps to 1e-6. Each of these mutations of trainer.py fails this test (checked by hand
-when the test was written): clipping removed; the scheduler stepped before the optimizer; the loss not
-divided by the global batch (or divided by the micro-batch instead).
+match the hand-written steps to 1e-6 (the weights after step 1 are read from checkpoint-000001). Found
+differences are ~1e-7; these mutations of trainer.py, each checked when the test was written, fail it for both
+optimizers: clipping removed, or at twice max_grad_norm; the scheduler stepped before the optimizer; the logged
+lr read after the scheduler step; the loss not divided by the global batch, divided per forward pass, or
+doubled; the logged loss divided wrongly; zero_grad dropped.
 """
 
 from __future__ import annotations
@@ -168,4 +170,5 @@ def test_two_steps_equal_the_update_written_by_hand(optimizer, weight_decay, tmp
             assert row[key] == pytest.approx(want[key], rel=TOL, abs=TOL), (step, key)
         assert _max_difference(got, want["weights"]) <= TOL, step
         assert _max_difference(got, start) > 20 * TOL  # the weights moved far more than the tolerance
-    assert expected[0]["grad_norm"] != pytest.approx(expected[1]["grad_norm"], rel=0.5)  # clipping differs
+    # the two steps clip by clearly different factors, so that even Adam-like (scale-free) updates see clipping
+    assert expected[0]["grad_norm"] > 1.5 * expected[1]["grad_norm"]
