@@ -7,7 +7,8 @@ uninterrupted run: the same final weights (byte for byte) and the same metrics r
 tests/test_kill_resume.py runs 10 kill points of it in CI. The run (8 steps, a checkpoint every 2, evaluation
 every 3, reference log-probs precomputed and cached) spends its time in the phases a kill can hit: loading,
 the reference pass and its cache write, forward/backward, evaluation, checkpoint writes. Kill times are drawn
-(seeded) from the window between the process's first output line and its end in the uninterrupted run.
+(seeded) from the span of the uninterrupted run's work, counted from the moment a run takes its output
+directory (its lock file appears: imports are done).
 """
 
 from __future__ import annotations
@@ -43,24 +44,29 @@ def rows(output: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
 
 
-def reference_run(model: str, data: str, eval_data: str, workdir: Path) -> tuple[Path, float, float]:
-    """The uninterrupted run: its output, and when (seconds after start) it first printed and when it ended."""
+def _wait_for_work(process: subprocess.Popen, output: Path) -> float:
+    """Wait until the run holds its output directory (imports done, real work begun); return when that was."""
+    while not (output / ".dpokit.lock").exists() and process.poll() is None:
+        time.sleep(0.01)
+    return time.monotonic()
+
+
+def reference_run(model: str, data: str, eval_data: str, workdir: Path) -> tuple[Path, float]:
+    """The uninterrupted run: its output, and how long its work lasted (from taking the output directory)."""
     output = workdir / "whole"
-    start = time.monotonic()
-    process = subprocess.Popen(_command(run_args(model, data, eval_data, output)), env=ENV, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    first = None
-    for _ in process.stdout:
-        first = first or time.monotonic() - start
+    process = subprocess.Popen(_command(run_args(model, data, eval_data, output)), env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    began = _wait_for_work(process, output)
     if process.wait() != 0:
         raise RuntimeError("the uninterrupted run failed")
-    return output, first or 0.0, time.monotonic() - start
+    return output, time.monotonic() - began
 
 
 def kill_and_resume(model: str, data: str, eval_data: str, output: Path, delay: float) -> dict:
-    """SIGKILL the run `delay` seconds after its start, resume it to the end; say where it died."""
+    """SIGKILL the run `delay` seconds into its work, resume it to the end; say where it died."""
     args = run_args(model, data, eval_data, output)
     process = subprocess.Popen(_command(args), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for_work(process, output)
     try:
         process.wait(timeout=delay)
         killed = False  # it finished first
@@ -68,10 +74,23 @@ def kill_and_resume(model: str, data: str, eval_data: str, output: Path, delay: 
         process.kill()
         process.wait()
         killed = True
-    left = sorted(p.name for p in output.glob("*")) if output.exists() else []
+    left = sorted(p.name for p in output.glob("*") if p.name != ".dpokit.lock") if output.exists() else []
     resumed = subprocess.run(_command(args + ["--resume"]), env=ENV, capture_output=True, text=True, timeout=600)
     return {"delay": round(delay, 2), "killed": killed, "left": left, "resume_code": resumed.returncode,
             "resume_tail": resumed.stderr[-1500:]}
+
+
+def phases(results: list[dict]) -> dict[str, int]:
+    """How many kill points left which state behind (where they died, roughly)."""
+    counts: dict[str, int] = {}
+    for result in results:
+        left = result["left"]
+        name = ("an unfinished checkpoint or model write" if any(n.endswith(".tmp") for n in left) else
+                "nothing written yet (loading, tokenising)" if not left else
+                f"{sum(n.startswith('checkpoint-') for n in left)} checkpoints"
+                + (", evaluation or training after them" if "metrics.jsonl" in left else ""))
+        counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 def check(whole: Path, output: Path) -> list[str]:
@@ -93,9 +112,9 @@ def run_kill_points(model: str, data: str, eval_data: str, workdir: Path, kills:
     killed, what it left, and what differed."""
     from concurrent.futures import ThreadPoolExecutor
 
-    whole, first, end = reference_run(model, data, eval_data, workdir)
+    whole, work = reference_run(model, data, eval_data, workdir)
     rng = random.Random(seed)
-    delays = [rng.uniform(max(0.5, first - 1.0), end) for _ in range(kills)]
+    delays = [rng.uniform(0.0, work) for _ in range(kills)]
 
     def one(k: int) -> dict:
         output = workdir / f"kill-{k:03d}"
@@ -130,6 +149,7 @@ def main() -> int:
     results = run_kill_points(str(model), data, eval_data, workdir, args.kills, args.seed, args.parallel)
     bad = [r for r in results if r["problems"]]
     print(json.dumps(results, indent=1))
+    print("killed after:", json.dumps(phases(results)))
     print(f"{len(results)} kill points ({sum(r['killed'] for r in results)} killed before the end), "
           f"{len(bad)} with differences, {time.monotonic() - started:.0f} s; workdir {workdir}")
     return 1 if bad else 0
