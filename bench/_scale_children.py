@@ -1,0 +1,203 @@
+"""The child processes of bench_scale.py: one DPO training run each (dpokit or TRL; full, LoRA or QLoRA).
+
+Every child trains the same model on the same batches with AdamW (constant learning rate, no warm-up) in
+float32 and reports its per-step seconds, token counts, trainable parameter count and peak RSS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _children import _proc_status, peak_rss_mib, reset_hwm, rss_mib
+
+LR = 1e-5
+LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
+
+# name -> (library, options). dpokit options are TrainConfig fields; TRL options are interpreted by child_trl.
+SYSTEMS = {
+    "dpokit-full": ("dpokit", {}),
+    "dpokit-lora": ("dpokit", {"lora_r": LORA["r"], "lora_alpha": LORA["alpha"], "lora_dropout": LORA["dropout"]}),
+    "dpokit-qlora": ("dpokit", {"lora_r": LORA["r"], "lora_alpha": LORA["alpha"], "lora_dropout": LORA["dropout"],
+                                "load_in_4bit": True}),
+    # not in the default set: LoRA with gradient checkpointing (activations recomputed in the backward pass)
+    "dpokit-lora-gc": ("dpokit", {"lora_r": LORA["r"], "lora_alpha": LORA["alpha"], "lora_dropout": LORA["dropout"],
+                                  "gradient_checkpointing": True}),
+    "trl-full": ("trl", {"peft": False, "load_in_4bit": False}),
+    "trl-lora": ("trl", {"peft": True, "load_in_4bit": False}),
+    "trl-qlora": ("trl", {"peft": True, "load_in_4bit": True}),
+}
+DEFAULT_SYSTEMS = ["dpokit-full", "dpokit-lora", "dpokit-qlora", "trl-full", "trl-lora", "trl-qlora"]
+
+
+def dpokit_lora_fields() -> list[str]:
+    """The LoRA/quantisation fields the installed dpokit.TrainConfig has (empty before LoRA support exists)."""
+    import dataclasses
+
+    from dpokit.config import TrainConfig
+
+    wanted = {"lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "load_in_4bit", "load_in_8bit",
+              "gradient_checkpointing"}
+    return sorted(f.name for f in dataclasses.fields(TrainConfig) if f.name in wanted)
+
+
+def tree_state(repo: Path) -> dict:
+    """Which dpokit was measured: HEAD and a digest of the uncommitted changes and untracked files under src/."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True).stdout
+
+    diff = git("diff", "HEAD", "--", "src")
+    untracked = sorted(git("ls-files", "--others", "--exclude-standard", "--", "src").split())
+    digest = hashlib.sha1(diff.encode())
+    for path in untracked:
+        digest.update(path.encode() + (repo / path).read_bytes())
+    return {"head": git("rev-parse", "HEAD").strip(), "src_uncommitted_diff_lines": diff.count("\n"),
+            "src_untracked": untracked, "src_state_sha1": digest.hexdigest()}
+
+
+def _count_adamw(counter: dict):
+    """Replace torch.optim.AdamW by a subclass that records how many parameters it updates."""
+    import torch
+
+    real = torch.optim.AdamW
+
+    class CountingAdamW(real):
+        def __init__(self, params, *a, **k):
+            params = list(params)
+            flat = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+            counter["trainable_params"] = counter.get("trainable_params", 0) + sum(p.numel() for p in flat)
+            super().__init__(params, *a, **k)
+
+    torch.optim.AdamW = CountingAdamW
+
+
+def child_dpokit(spec: dict) -> dict:
+    base_rss = rss_mib()
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    import dpokit.api as api
+    from dpokit.config import TrainConfig
+    from dpokit.metrics import read_metrics
+
+    after_import_rss = rss_mib()
+    marks: dict = {}
+    _count_adamw(marks)
+
+    def no_checkpoint(*a, **k):  # the end-of-run checkpoint is not part of training: skipped, peak read here
+        marks["peak_before_checkpoint_mib"] = peak_rss_mib()
+
+    # the trainer (or the engine that may replace it) imports save_checkpoint by name: patch it wherever it is
+    patched = []
+    for name, module in list(sys.modules.items()):
+        if name.startswith("dpokit") and hasattr(module, "save_checkpoint"):
+            module.save_checkpoint = no_checkpoint
+            patched.append(name)
+    real_train = api.train
+
+    def train(*a, **k):
+        marks["rss_before_train_mib"] = rss_mib()
+        marks["hwm_reset"] = reset_hwm()
+        return real_train(*a, **k)
+
+    api.train = train
+
+    config = TrainConfig(
+        model=spec["model_dir"], data=spec["data"], output=spec["output"], batch_size=spec["batch_size"],
+        max_length=spec["max_length"], max_prompt_length=spec["max_prompt_length"], max_steps=spec["steps"],
+        optimizer="adamw", lr=LR, warmup_steps=0, schedule="constant", dtype="float32", seed=spec["seed"],
+        beta=0.1, save_final=False, save_every=0, log_every=1, **spec["options"],
+    )
+    api.train_dpo(config)
+    rows = [r for r in read_metrics(Path(spec["output"]) / "metrics.jsonl") if r["split"] == "train"]
+    return {
+        "seconds_per_step": [r["seconds_per_step"] for r in rows],
+        "tokens_per_step": [round(r["tokens_per_second"] * r["seconds_per_step"]) for r in rows],
+        "loss": [r["loss"] for r in rows],
+        "trainable_params": marks.get("trainable_params"),
+        "checkpoint_patched_in": patched,
+        "rss_start_mib": base_rss, "rss_after_import_mib": after_import_rss,
+        "rss_before_train_mib": marks.get("rss_before_train_mib"),
+        "peak_rss_mib": marks.get("peak_before_checkpoint_mib", peak_rss_mib()),
+        "train_peak_rss_mib": _proc_status("VmHWM") if marks.get("hwm_reset") else None,
+    }
+
+
+def child_trl(spec: dict) -> dict:
+    base_rss = rss_mib()
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    datasets.disable_progress_bars()
+    after_import_rss = rss_mib()
+    opts = spec["options"]
+    rows = [json.loads(line) for line in Path(spec["data_trl"]).read_text().splitlines()]
+    dataset = datasets.Dataset.from_list(rows)
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
+    load = {"dtype": torch.float32}
+    if opts["load_in_4bit"]:
+        load["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                         bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], **load)
+    ref_model = peft_config = None
+    if opts["peft"]:
+        import peft
+
+        peft_config = peft.LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                                      target_modules="all-linear", task_type="CAUSAL_LM")
+    else:
+        ref_model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.begin, self.end = [], []
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.begin.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            self.end.append(time.perf_counter())
+
+    timer = Timer()
+    tokens: list[int] = []
+
+    class Trainer(DPOTrainer):
+        def training_step(self, model, inputs, *a, **k):
+            tokens.append(int(inputs["attention_mask"].sum()))
+            return super().training_step(model, inputs, *a, **k)
+
+    config = DPOConfig(
+        output_dir=spec["output"], per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
+        max_length=spec["max_length"], max_steps=spec["steps"], learning_rate=LR, lr_scheduler_type="constant",
+        warmup_steps=0, optim="adamw_torch", gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True,
+        report_to=[], logging_steps=1, save_strategy="no", dataloader_num_workers=0, dataloader_pin_memory=False,
+        disable_tqdm=True, seed=spec["seed"], train_sampling_strategy="sequential", beta=0.1, max_grad_norm=10.0,
+        precompute_ref_log_probs=False,
+    )
+    trainer = Trainer(model=model, ref_model=ref_model, args=config, train_dataset=dataset,
+                      processing_class=tokenizer, callbacks=[timer], peft_config=peft_config)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    rss_before = rss_mib()
+    hwm_reset = reset_hwm()
+    trainer.train()
+    steps = len(timer.end)
+    seconds = [timer.end[0] - timer.begin[0]] + [timer.end[i] - timer.end[i - 1] for i in range(1, steps)]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {
+        "seconds_per_step": seconds,
+        "seconds_per_step_compute_only": [e - b for b, e in zip(timer.begin, timer.end)],
+        "tokens_per_step": tokens[:steps],
+        "loss": losses,
+        "trainable_params": trainable,
+        "rss_start_mib": base_rss, "rss_after_import_mib": after_import_rss, "rss_before_train_mib": rss_before,
+        "peak_rss_mib": peak_rss_mib(),
+        "train_peak_rss_mib": _proc_status("VmHWM") if hwm_reset else None,
+    }

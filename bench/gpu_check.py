@@ -1,0 +1,360 @@
+#!/usr/bin/env python
+"""One-GPU smoke test of dpokit's engines and adapters at ~1B parameters, with TRL on the same work.
+
+Run through bench/gpu_check.sh (see bench/README.md, "GPU smoke test"):
+
+    bash bench/gpu_check.sh              # one CUDA GPU, bf16, ~1B-parameter Llama, a few steps per run
+                                         # (sized for < 8 min on an H100/H200; not yet run on a GPU)
+    bash bench/gpu_check.sh --dry-run    # the same sequence on CPU: tiny model, float32, 2 steps (< 3 min)
+
+Nothing is downloaded: a byte-level BPE tokenizer is trained locally and a ``LlamaForCausalLM`` is built with
+random weights (bench/_setup.py), with synthetic preference data. Then, each in its own process:
+
+==============  =====================================================================================
+dpokit-full     ``dpokit.api.train_dpo``, one process, full fine-tuning, reference resident
+dpokit-fsdp2    the same under ``accelerate launch --config_file configs/accelerate/fsdp2.yaml``
+dpokit-zero3    the same under ``accelerate launch --config_file configs/accelerate/zero3.yaml``
+dpokit-lora     LoRA r=16, alpha=32, dropout 0 on every decoder linear layer (reference: adapter disabled)
+dpokit-qlora    the same on a 4-bit NF4 base (``load_in_4bit``)
+trl-full        ``trl.DPOTrainer`` with a reference model
+trl-lora        ``trl.DPOTrainer`` with the same LoRA config (``peft_config``), no reference model
+==============  =====================================================================================
+
+All train with AdamW (lr 1e-5, constant) on the same batches; on the GPU in bf16 mixed precision (dpokit
+``dtype=bfloat16``, TRL ``bf16=True``; reference weights in bf16 for both), with one process. Reported per run:
+the engine dpokit says it used (its "training N steps (<engine>)" line; for the FSDP2/ZeRO-3 runs it must be
+fsdp2/zero3, else the run fails), seconds per step (dpokit: ``seconds_per_step`` from OUTPUT/metrics.jsonl;
+TRL: time between ``on_step_end`` callbacks; median over the steps after the first), peak CUDA memory
+(``torch.cuda.max_memory_allocated`` after training; on CPU peak RSS instead), first and last loss.
+
+``--dry-run`` (CPU, what CI runs): hidden 64, 2 layers, float32, 2 steps. accelerate enables FSDP and DeepSpeed
+only for multi-process launches on a CPU (``--cpu`` selects its single-process launcher, i.e. no engine at
+all), so there the FSDP2 and ZeRO-3 runs use 2 CPU processes with gloo (``DS_ACCELERATOR=cpu`` for DeepSpeed,
+whose JIT-compiled shared-memory all-reduce kernel is replaced by torch.distributed's gloo to avoid a 1-2 minute
+C++ build); the engine check still applies. Any failed run makes the exit status non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+LORA = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0}
+
+# name, library, accelerate config (None: a plain process), options, engine dpokit must report
+RUNS = [
+    ("dpokit-full", "dpokit", None, {}, "single"),
+    ("dpokit-fsdp2", "dpokit", "fsdp2", {}, "fsdp2"),
+    ("dpokit-zero3", "dpokit", "zero3", {}, "zero3"),
+    ("dpokit-lora", "dpokit", None, dict(LORA), "single"),
+    ("dpokit-qlora", "dpokit", None, dict(LORA, load_in_4bit=True), "single"),
+    ("trl-full", "trl", None, {"peft": False}, None),
+    ("trl-lora", "trl", None, {"peft": True}, None),
+]
+
+SHAPES = {  # model and data per mode
+    "gpu": dict(hidden=2048, layers=16, heads=16, intermediate=5632, vocab=32000, batch_size=4, steps=6,
+                prompt_len=128, response_len=96, max_length=512, timeout=300),
+    "dry": dict(hidden=64, layers=2, heads=2, intermediate=128, vocab=1024, batch_size=2, steps=2,
+                prompt_len=24, response_len=12, max_length=96, timeout=150),
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _med(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# children
+
+
+def _peak_cuda() -> int | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+
+
+def _is_main() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def child_dpokit(spec: dict) -> dict:
+    import torch
+
+    from dpokit.api import train_dpo
+    from dpokit.config import TrainConfig
+    from dpokit.metrics import read_metrics
+
+    if spec.get("no_deepspeed_shm_op"):
+        # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce kernel (C++, 1-2 min on 2 cores, and
+        # rebuilt whenever another Python environment shares ~/.cache/torch_extensions); without it DeepSpeed
+        # uses torch.distributed (gloo). The dry run checks dpokit under ZeRO-3, not that kernel.
+        import importlib
+
+        # (the attribute deepspeed.comm.torch is the torch package, re-exported: patch the module itself)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    skipped = []
+    if not spec["checkpoint"]:  # the end-of-run checkpoint (optimizer state included) is not what is timed
+        import dpokit.api  # noqa: F401  (imports the trainer and whatever it saves with)
+
+        for name, module in list(sys.modules.items()):
+            if name.startswith("dpokit") and hasattr(module, "save_checkpoint"):
+                module.save_checkpoint = lambda *a, **k: None
+                skipped.append(name)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    config = TrainConfig(
+        model=spec["model_dir"], data=spec["data"], output=spec["output"], batch_size=spec["batch_size"],
+        max_length=spec["max_length"], max_prompt_length=spec["max_prompt_length"], max_steps=spec["steps"],
+        optimizer="adamw", lr=1e-5, warmup_steps=0, schedule="constant", dtype=spec["dtype"], seed=0, beta=0.1,
+        save_final=False, save_every=0, log_every=1, **spec["options"],
+    )
+    train_dpo(config)
+    peak = _peak_cuda()
+    result = {"peak_cuda_bytes": peak, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "checkpoint_skipped_in": skipped}
+    if _is_main():
+        rows = [r for r in read_metrics(Path(spec["output"]) / "metrics.jsonl") if r["split"] == "train"]
+        result.update(seconds_per_step=[r["seconds_per_step"] for r in rows], loss=[r["loss"] for r in rows])
+    return result
+
+
+def child_trl(spec: dict) -> dict:
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    datasets.disable_progress_bars()
+    cuda = torch.cuda.is_available()
+    bf16 = spec["dtype"] == "bfloat16"
+    rows = [json.loads(line) for line in Path(spec["data_trl"]).read_text().splitlines()]
+    dataset = datasets.Dataset.from_list(rows)
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
+    ref_model = peft_config = None
+    if spec["options"]["peft"]:
+        import peft
+
+        peft_config = peft.LoraConfig(r=LORA["lora_r"], lora_alpha=LORA["lora_alpha"],
+                                      lora_dropout=LORA["lora_dropout"], target_modules="all-linear",
+                                      task_type="CAUSAL_LM")
+    else:  # dpokit keeps its reference in the training dtype (ref_dtype defaults to dtype): the same here
+        ref_model = AutoModelForCausalLM.from_pretrained(spec["model_dir"],
+                                                         dtype=torch.bfloat16 if bf16 else torch.float32)
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.begin, self.end = [], []
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.begin.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            self.end.append(time.perf_counter())
+
+    timer = Timer()
+    config = DPOConfig(
+        output_dir=spec["output"], per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
+        max_length=spec["max_length"], max_steps=spec["steps"], learning_rate=1e-5, lr_scheduler_type="constant",
+        warmup_steps=0, optim="adamw_torch", gradient_checkpointing=False, bf16=bf16, fp16=False, use_cpu=not cuda,
+        report_to=[], logging_steps=1, save_strategy="no", dataloader_num_workers=0, disable_tqdm=True, seed=0,
+        train_sampling_strategy="sequential", beta=0.1, max_grad_norm=10.0,
+    )
+    trainer = DPOTrainer(model=model, ref_model=ref_model, args=config, train_dataset=dataset,
+                         processing_class=tokenizer, callbacks=[timer], peft_config=peft_config)
+    trainer.train()
+    steps = len(timer.end)
+    seconds = [timer.end[0] - timer.begin[0]] + [timer.end[i] - timer.end[i - 1] for i in range(1, steps)]
+    return {"seconds_per_step": seconds, "loss": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+            "peak_cuda_bytes": _peak_cuda(),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# parent
+
+
+def build(mode: str, work: Path) -> dict:
+    sys.path.insert(0, str(HERE))
+    from _setup import build_everything
+
+    s = SHAPES[mode]
+    args = argparse.Namespace(seed=0, spread=0.3, pairs=s["batch_size"] * s["steps"] * 2,
+                              **{k: s[k] for k in ("vocab", "hidden", "layers", "heads", "intermediate",
+                                                   "max_length", "prompt_len", "response_len")})
+    return build_everything(args, work)
+
+
+def run(name: str, library: str, launcher: str | None, options: dict, mode: str, setup: dict, work: Path,
+        processes: int, checkpoint: bool) -> dict:
+    s = SHAPES[mode]
+    out = work / f"run_{name}"
+    spec = {"library": library, "options": options, "model_dir": setup["model_dir"], "data": setup["data"],
+            "data_trl": setup["data_trl"], "output": str(out), "batch_size": s["batch_size"], "steps": s["steps"],
+            "max_length": s["max_length"], "max_prompt_length": setup["max_prompt_length"],
+            "dtype": "bfloat16" if mode == "gpu" else "float32", "checkpoint": checkpoint,
+            "result": str(work / f"result_{name}.json"),
+            "no_deepspeed_shm_op": mode == "dry" and launcher is not None and launcher.startswith("zero")}
+    spec_path = work / f"spec_{name}.json"
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1",
+               TQDM_DISABLE="1", PYTHONWARNINGS="ignore", HF_DATASETS_CACHE=str(work / "hf_datasets_cache"))
+    env.pop("ACCELERATE_USE_CPU", None)
+    if launcher:
+        if mode == "dry":
+            env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "configs" / "accelerate" / f"{launcher}.yaml"), "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "bf16" if mode == "gpu" else "no",
+               "--main_process_port", str(_free_port()), __file__, "--child", str(spec_path)]
+    else:
+        cmd = [sys.executable, __file__, "--child", str(spec_path)]
+    log = work / f"log_{name}.txt"
+    started = time.perf_counter()
+    status, error = "ok", None
+    try:
+        with log.open("w") as handle:
+            proc = subprocess.run(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT, cwd=work, timeout=s["timeout"])
+        if proc.returncode != 0:
+            status, error = "FAILED", f"exit code {proc.returncode}"
+    except subprocess.TimeoutExpired:
+        status, error = "FAILED", f"timed out after {s['timeout']} s"
+    wall = time.perf_counter() - started
+    text = log.read_text(errors="replace")
+    result: dict = {"name": name, "command": " ".join(cmd), "wall_seconds": wall, "log": str(log)}
+    if status == "ok":
+        path = Path(spec["result"])
+        if not path.exists():
+            status, error = "FAILED", "no result written"
+        else:
+            result.update(json.loads(path.read_text()))
+            if not result.get("seconds_per_step"):
+                status, error = "FAILED", "no training steps recorded"
+    if library == "dpokit":
+        found = re.findall(r"training \d+ steps \(([\w-]+)\)", text)
+        result["engine"] = found[-1] if found else None
+        expected = next(r[4] for r in RUNS if r[0] == name)
+        if status == "ok" and result["engine"] != expected:
+            status, error = "FAILED", f"dpokit reported engine {result['engine']!r}, expected {expected!r}"
+    else:
+        result["engine"] = "trl"
+    result.update(status=status, error=error)
+    if status != "ok":
+        result["log_tail"] = text[-5000:]
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny model, float32, 2 steps (what CI runs)")
+    parser.add_argument("--runs", default=",".join(r[0] for r in RUNS),
+                        help="comma-separated subset of the runs (default: all)")
+    parser.add_argument("--checkpoint", action="store_true",
+                        help="keep dpokit's end-of-run checkpoint (skipped by default: it is not what is timed)")
+    parser.add_argument("--workdir", help="keep the model, data and logs here (default: a temporary directory)")
+    args = parser.parse_args()
+
+    if args.child:
+        spec = json.loads(Path(args.child).read_text())
+        result = (child_dpokit if spec["library"] == "dpokit" else child_trl)(spec)
+        if _is_main():
+            Path(spec["result"]).write_text(json.dumps(result))
+        return 0
+
+    t0 = time.perf_counter()
+    mode = "dry" if args.dry_run else "gpu"
+    if mode == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("gpu_check: no CUDA device; run with --dry-run for the CPU check", file=sys.stderr)
+            return 2
+        device = torch.cuda.get_device_name(0)
+    else:
+        device = "cpu (dry run)"
+    wanted = [n.strip() for n in args.runs.split(",") if n.strip()]
+    unknown = sorted(set(wanted) - {r[0] for r in RUNS})
+    if unknown:
+        parser.error(f"unknown runs {unknown}")
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="dpokit_gpu_check_"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"gpu_check ({mode}, {device}): building tokenizer, model and data in {work} ...", flush=True)
+    setup = build(mode, work)
+    m = setup["model"]
+    s = SHAPES[mode]
+    print(f"model: {m['params_total'] / 1e6:.1f}M parameters (hidden {m['hidden']}, {m['layers']} layers, vocab "
+          f"{m['vocab']}); {s['steps']} steps of {s['batch_size']} pairs, max_length {s['max_length']}; "
+          f"built in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    results = []
+    for name, library, launcher, options, _ in RUNS:
+        if name not in wanted:
+            continue
+        processes = 2 if (launcher and mode == "dry") else 1
+        r = run(name, library, launcher, options, mode, setup, work, processes, args.checkpoint)
+        r["processes"] = processes
+        results.append(r)
+        sec = r.get("seconds_per_step") or []
+        print(f"{name:13s} {r['status']:6s} engine {str(r['engine']):7s} {_med(sec[1:] or sec):8.3f} s/step  "
+              f"({r['wall_seconds']:.0f} s){'  ' + r['error'] if r['error'] else ''}", flush=True)
+        if r["status"] != "ok":
+            print(f"--- {name}: {r['command']}\n--- log tail:\n{r['log_tail']}\n---", flush=True)
+
+    memory = "peak CUDA GiB" if mode == "gpu" else "peak RSS MiB (CPU)"
+    lines = [f"| run | status | engine | processes | s/step | {memory} | loss first → last | wall s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        sec = r.get("seconds_per_step") or []
+        loss = r.get("loss") or []
+        if mode == "gpu" and r.get("peak_cuda_bytes") is not None:
+            mem = f"{r['peak_cuda_bytes'] / 2**30:.2f}"
+        elif r.get("peak_rss_mib") is not None:
+            mem = f"{r['peak_rss_mib']:.0f}"
+        else:
+            mem = "–"
+        lines.append(f"| {r['name']} | {r['status']} | {r['engine'] or '–'} | {r['processes']} | "
+                     f"{_med(sec[1:] or sec):.3f} | {mem} | "
+                     f"{f'{loss[0]:.4f} → {loss[-1]:.4f}' if loss else '–'} | {r['wall_seconds']:.0f} |")
+    table = "\n".join(lines)
+    print(f"\ngpu_check summary ({mode}; {device}; model {m['params_total'] / 1e6:.1f}M params; s/step: median over "
+          f"the steps after the first; {time.perf_counter() - t0:.0f} s in all)")
+    print(table)
+    failed = [r["name"] for r in results if r["status"] != "ok"]
+    (work / "gpu_check.json").write_text(json.dumps({"mode": mode, "device": device, "setup": setup,
+                                                     "results": results, "table": table}, indent=1, default=str))
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    if failed:
+        print(f"\ngpu_check FAILED: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    print("\ngpu_check passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

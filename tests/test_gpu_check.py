@@ -1,0 +1,21 @@
+"""bench/gpu_check.sh --dry-run: the GPU smoke test's whole sequence (FSDP2, ZeRO-3, LoRA, QLoRA, TRL beside them)
+on CPU with a tiny model, so the script is known to work before a GPU is lent."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_gpu_check_runs_every_part_on_cpu(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run", "--workdir", str(tmp_path)],
+                            env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = result.stdout.split("gpu_check summary")[1]
+    for run, engine in (("dpokit-fsdp2", "fsdp2"), ("dpokit-zero3", "zero3"), ("dpokit-lora", "single"),
+                        ("dpokit-qlora", "single"), ("trl-full", "trl"), ("trl-lora", "trl")):
+        assert f"| {run} | ok | {engine} |" in summary, summary
+    assert "gpu_check passed" in result.stdout
