@@ -111,6 +111,11 @@ def engine_on_cpu(accelerator: Accelerator) -> None:
         state.fsdp_plugin = plugin
         kind = DistributedType.FSDP
     elif os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce kernel on first use (1-2 minutes
+        # of C++ build, repeated per Python environment); on CPU dpokit communicates over gloo like the others.
+        import deepspeed.comm.torch as ds_torch
+
+        ds_torch.build_shm_op = lambda: None
         plugin = DeepSpeedPlugin()
         plugin.set_mixed_precision(accelerator.mixed_precision)
         plugin.select(_from_accelerator_state=True)
