@@ -30,7 +30,6 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from dpokit.config import TrainConfig
@@ -40,6 +39,7 @@ from dpokit.objective import DPOObjective
 from dpokit.reference import ModelReference
 from dpokit.tokenize import TokenizedExample
 from dpokit.trainer import prepare, train
+from dpokit.api import make_accelerator
 from helpers import make_llama
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -156,7 +156,8 @@ def test_two_steps_equal_the_update_written_by_hand(optimizer, weight_decay, tmp
                       max_grad_norm=MAX_NORM, beta=BETA, seed=SEED, layout="packed", forward_tokens=12,
                       save_every=1, save_final=False)
     objective = DPOObjective(LossConfig("sigmoid", BETA), ModelReference(copy.deepcopy(reference)))
-    train(prepare(policy, N_EXAMPLES, cfg, Accelerator()), _StubTokenizer(), objective, examples, None, cfg)
+    # make_accelerator forgets the process-wide state an earlier test left (e.g. bf16 mixed precision)
+    train(prepare(policy, N_EXAMPLES, cfg, make_accelerator(cfg)), _StubTokenizer(), objective, examples, None, cfg)
     rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["split"] == "train"]
     weights = [load_file(str(tmp_path / "checkpoint-000001" / "model.safetensors")),
                {n: p.detach() for n, p in policy.named_parameters()}]
