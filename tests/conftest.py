@@ -3,6 +3,21 @@ import pytest
 from helpers import make_tokenizer
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_data_cache(tmp_path_factory):
+    """Tokenised-data cache entries of the tests go to a temporary directory, never the user's ~/.cache (the
+    variable is inherited by the subprocesses that tests launch)."""
+    import os
+
+    previous = os.environ.get("DPOKIT_CACHE")
+    os.environ["DPOKIT_CACHE"] = str(tmp_path_factory.mktemp("dpokit-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("DPOKIT_CACHE", None)
+    else:
+        os.environ["DPOKIT_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()

@@ -415,3 +415,31 @@ def test_split_eval_empty_part():
         split_eval(list(range(4)), 0.1, seed=0)
     with pytest.raises(ConfigError, match="gives 4 eval and 0 train items"):
         split_eval(list(range(4)), 0.9, seed=0)
+
+
+# --- blank values, checked without copying the text (isspace, as strip() would) --------------------------------
+
+
+@pytest.mark.parametrize("blank", ["", " ", "\t\n", "\u3000", "\x1c\x1f", "\u2028 \u00a0"])
+def test_whitespace_only_fields_are_empty(tmp_path, blank):
+    assert not blank.strip()  # the rule these checks keep
+    p = write_jsonl(tmp_path / "w.jsonl", [{"prompt": "Q", "chosen": blank, "rejected": "b"}])
+    with pytest.raises(DataError, match=m(":1: field 'chosen' is empty")):
+        load_preferences(p)
+    chat = [{"prompt": [{"role": "user", "content": "hi"}],
+             "chosen": [{"role": "assistant", "content": blank}, {"role": "assistant", "content": " "}],
+             "rejected": "b"}]
+    with pytest.raises(DataError, match=m(":1: field 'chosen' is empty")):
+        load_preferences(write_jsonl(tmp_path / "c.jsonl", chat))
+
+
+def test_text_with_surrounding_whitespace_is_kept_as_it_is(tmp_path):
+    p = write_jsonl(tmp_path / "w.jsonl", [{"prompt": "  Q ", "chosen": " a\u3000", "rejected": "\tb\n"}])
+    (pair,), _ = load_preferences(p)
+    assert (pair.prompt, pair.chosen, pair.rejected) == ("  Q ", " a\u3000", "\tb\n")
+
+
+def test_whitespace_only_jsonl_lines_are_skipped(tmp_path):
+    p = tmp_path / "blank.jsonl"
+    p.write_text(json.dumps(ROWS[0]) + "\n\u3000\n \t\n" + json.dumps(ROWS[1]) + "\n", encoding="utf-8")
+    assert [prov for _, prov in read_rows(p)] == [f"{p}:1", f"{p}:4"]

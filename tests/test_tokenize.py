@@ -1,5 +1,7 @@
 """Tokenisation rules: boundary, EOS, chat templates, truncation, filtering (see dpokit/tokenize.py)."""
 
+import re
+
 import pytest
 from tokenizers import processors
 
@@ -157,3 +159,233 @@ def test_responses_get_no_special_tokens_only_the_prompt_starts_with_bos():
         for ids, text in zip(example.responses, texts):
             assert bos not in ids
             assert list(ids) == tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+
+
+# --- the batched, chunked implementation against the per-row reference ------------------------------------------
+
+def reference_tokenize_examples(records, tokenizer, config):
+    """dpokit's tokenisation before the chunked numpy implementation (commit 7a49e62), kept as the reference: the
+    rules applied record by record on Python lists. Returns (examples, report) or raises as it did."""
+    from dpokit.tokenize import FilterReport, TokenizedExample, render_chat
+
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ConfigError("the tokenizer has no EOS token; set tokenizer.eos_token before training")
+    specials = set(tokenizer.all_special_ids)
+    bos = tokenizer.bos_token_id
+    start = bos if bos is not None else eos
+    report = FilterReport()
+    examples = []
+
+    def truncate(ids, limit, mode):
+        keep_bos = bos is not None and ids and ids[0] == bos
+        head, body = (ids[:1], ids[1:]) if keep_bos else ([], ids)
+        room = limit - len(head)
+        body = body[-room:] if mode == "keep_end" else body[:room]
+        return head + body
+
+    rendered = []
+    for record in records:
+        responses = (record.chosen, record.rejected) if isinstance(record, PreferencePair) else (record.completion,)
+        if isinstance(record.prompt, list):
+            prompt_text, texts = render_chat(tokenizer, record.prompt, responses, record.source)
+            rendered.append((prompt_text, False, texts))
+        else:
+            rendered.append((record.prompt, True, list(responses)))
+    for record, (prompt, special, texts) in zip(records, rendered):
+        prompt_ids = list(tokenizer(prompt, add_special_tokens=special)["input_ids"])
+        if special and len(prompt_ids) > 1 and prompt_ids[-1] == eos:
+            prompt_ids = prompt_ids[:-1]
+        if not prompt_ids:
+            prompt_ids = [start]
+        resps = []
+        for text in texts:
+            ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if not ids or ids[-1] not in specials:
+                ids.append(eos)
+            resps.append(ids)
+        if len(resps) == 2 and resps[0] == resps[1]:
+            report.add("identical chosen and rejected", record.source)
+            continue
+        longest = max(len(r) for r in resps)
+        if len(prompt_ids) + longest > config.max_length and len(prompt_ids) > config.max_prompt_length:
+            prompt_ids = truncate(prompt_ids, config.max_prompt_length, config.truncation)
+            report.prompts_truncated += 1
+        if len(prompt_ids) + longest > config.max_length:
+            report.add(f"longer than max_length={config.max_length} after prompt truncation", record.source)
+            continue
+        examples.append(TokenizedExample(tuple(prompt_ids), tuple(tuple(r) for r in resps), record.source))
+    report.kept = len(examples)
+    if report.filtered and config.on_filtered == "error":
+        raise DataError(f"{report.summary()} (pass --on-filtered skip to drop them instead)")
+    if not examples:
+        raise DataError(f"no usable examples left after tokenisation: {report.summary()}")
+    return examples, report
+
+
+def _eos_appending_tokenizer():
+    """The test tokenizer with a post-processor that appends EOS to every encoding with special tokens."""
+    tokenizer = make_tokenizer()
+    eos = "<|endoftext|>"
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"$A {eos}", special_tokens=[(eos, tokenizer.eos_token_id)])
+    return tokenizer
+
+
+def _bos_chat_tokenizer():
+    tokenizer = make_tokenizer(chat_template=True)
+    bos = "<|im_start|>"
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, tokenizer.convert_tokens_to_ids(bos))])
+    tokenizer.bos_token = bos
+    return tokenizer
+
+
+def varied_records(n: int, seed: int, chat: bool = False, mixed: bool = False) -> list:
+    """Records exercising every rule: empty, short and long prompts, identical and nearly identical responses,
+    responses ending in special-token text, empty-after-render responses, repeated texts, pairs and completions."""
+    import random
+
+    from helpers import WORDS
+
+    rng = random.Random(seed)
+
+    def text(lo, hi, space=True):
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+        return (" " if space and rng.random() < 0.7 else "") + words
+
+    records = []
+    shared_prompt = text(3, 30, space=False)
+    for i in range(n):
+        kind = rng.random()
+        prompt = "" if kind < 0.08 else shared_prompt if kind < 0.2 else text(1, 60 if kind < 0.7 else 150, False)
+        chosen = text(1, 40)
+        roll = rng.random()
+        if roll < 0.08:
+            rejected = chosen  # identical
+        elif roll < 0.14:
+            rejected, chosen = chosen + "<|endoftext|>", chosen  # identical once EOS is appended
+        elif roll < 0.2:
+            rejected = text(1, 10) + rng.choice(["<|im_end|>", "<|endoftext|>", "<|im_start|>"])
+        elif roll < 0.25:
+            rejected = text(60, 120)  # long response: filtered at small max_length
+        elif roll < 0.35:
+            rejected = chosen.rsplit(" ", 1)[0] + " " + rng.choice(WORDS)  # differs in at most its last word
+        else:
+            rejected = text(1, 40)
+        source = f"d.jsonl:{i + 1}"
+        if chat and rng.random() < 0.6:
+            messages = [{"role": "user", "content": prompt or "hi"}]
+            if rng.random() < 0.3:
+                messages = [{"role": "system", "content": text(1, 8, False)}] + messages
+            records.append(PreferencePair(messages, [{"role": "assistant", "content": chosen}],
+                                          [{"role": "assistant", "content": rejected if roll > 0.03 else " "}],
+                                          source))
+        elif mixed and rng.random() < 0.3:
+            records.append(Completion(prompt, chosen, source))
+        else:
+            records.append(PreferencePair(prompt, chosen, rejected, source))
+    return records
+
+
+def _same(records, tokenizer, chunk_size, **settings):
+    from dpokit.tokenize import tokenize_examples as batched
+
+    config = TokenizeConfig(**settings)
+    try:
+        expected = reference_tokenize_examples(records, tokenizer, config)
+    except (DataError, ConfigError) as error:
+        with pytest.raises(type(error), match=re.escape(str(error))):
+            batched(records, tokenizer, config, chunk_size=chunk_size)
+        return None
+    examples, report = batched(records, tokenizer, config, chunk_size=chunk_size)
+    assert examples == expected[0]
+    assert [type(t) for e in examples[:3] for t in e.prompt_ids] == [int] * sum(len(e.prompt_ids) for e in examples[:3])
+    assert vars(report) == vars(expected[1])
+    return report
+
+
+def _bos_declared_eos_appending_tokenizer():
+    """Appends EOS to every encoding and declares a BOS that it does not add: an empty prompt encodes to EOS."""
+    tokenizer = _eos_appending_tokenizer()
+    tokenizer.bos_token = "<|im_start|>"
+    return tokenizer
+
+
+TOKENIZERS = {
+    "gpt2-style": lambda: make_tokenizer(),
+    "bos": _bos_tokenizer,
+    "eos-appending": _eos_appending_tokenizer,
+    "bos-declared-eos-appending": _bos_declared_eos_appending_tokenizer,
+    "chat": lambda: make_tokenizer(chat_template=True),
+    "bos-chat": _bos_chat_tokenizer,
+}
+
+
+@pytest.mark.parametrize("name", list(TOKENIZERS))
+@pytest.mark.parametrize("settings", [
+    dict(),  # nothing truncated
+    dict(max_length=64, max_prompt_length=24, truncation="keep_end"),
+    dict(max_length=64, max_prompt_length=24, truncation="keep_start"),
+    dict(max_length=40, max_prompt_length=1, truncation="keep_end"),  # a kept BOS leaves no room
+    dict(max_length=40, max_prompt_length=1, truncation="keep_start"),
+    dict(max_length=48, max_prompt_length=16, on_filtered="error"),
+])
+def test_batched_tokenisation_equals_the_per_row_reference(name, settings):
+    tokenizer = TOKENIZERS[name]()
+    chat = tokenizer.chat_template is not None
+    records = varied_records(300, seed=len(name), chat=chat, mixed=not chat)
+    report = _same(records, tokenizer, chunk_size=37, **settings)  # chunk boundaries everywhere
+    if report is not None and settings.get("max_length"):
+        assert report.prompts_truncated and report.filtered  # the rules were exercised
+
+
+def test_batched_tokenisation_equal_for_any_chunk_size_and_single_records(tokenizer, chat_tokenizer):
+    records = varied_records(120, seed=7, mixed=True)
+    for chunk_size in (1, 2, 1000):
+        _same(records, tokenizer, chunk_size, max_length=64, max_prompt_length=24)
+    chats = varied_records(60, seed=8, chat=True)
+    _same(chats, chat_tokenizer, 5, max_length=64, max_prompt_length=24)
+    for record in records[:30]:
+        _same([record], tokenizer, 1000, max_length=64, max_prompt_length=24)
+
+
+def test_batched_tokenisation_edge_cases(tokenizer):
+    # everything filtered; nothing at all; all prompts empty; one identical pair in the middle of a chunk
+    _same([PreferencePair("a", " x", " x", "d:1"), PreferencePair("b", " y", " y", "d:2")], tokenizer, 1000)
+    _same([], tokenizer, 1000)
+    _same([PreferencePair("", " x", " y", "d:1"), PreferencePair("", " y", " x", "d:2")], tokenizer, 1000)
+    _same([PreferencePair("a", " x", " y", "d:1"), PreferencePair("a", " z", " z", "d:2"),
+           PreferencePair("a", " y", " x", "d:3")], tokenizer, 1000)
+    # same-length responses that differ in exactly one token are not identical
+    from helpers import WORDS
+
+    single = [w for w in WORDS if len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1][:2]
+    assert len(single) == 2
+    _same([PreferencePair("a", " the film" + " " + single[0], " the film" + " " + single[1], "d:1"),
+           PreferencePair("a", " " + single[0], " " + single[1], "d:2")], tokenizer, 1000)
+    # empty responses (validation rejects them, tokenisation still defines them): EOS alone, even after a
+    # response that ends with a special token
+    _same([PreferencePair("a", " x<|endoftext|>", "", "d:1"), Completion("b", "", "d:2"),
+           PreferencePair("", "", " y", "d:3")], tokenizer, 1000)
+
+
+def test_the_tokenizer_is_called_once_per_chunk_and_kind_of_text(monkeypatch):
+    """No per-row tokenizer calls: a chunk of records costs one call for its prompts and one for its responses
+    (plus one for rendered chat prompts), and a text repeated in a chunk is tokenised once."""
+    from dpokit.tokenize import tokenize_examples as batched
+
+    tokenizer = make_tokenizer()
+    calls = []
+    real = type(tokenizer).__call__
+
+    def counting(self, text, *a, **k):
+        calls.append(len(text) if isinstance(text, list) else 1)
+        return real(self, text, *a, **k)
+
+    monkeypatch.setattr(type(tokenizer), "__call__", counting)
+    records = [PreferencePair("the same prompt", f" good {i % 7}", f" bad {i}", f"d:{i}") for i in range(2500)]
+    examples, _ = batched(records, tokenizer, TokenizeConfig(), chunk_size=1000)
+    assert len(examples) == 2500
+    # per chunk: the shared prompt once; its 7 distinct chosen and 1000 (or 500) rejected responses
+    assert calls == [1, 1007, 1, 1007, 1, 507]

@@ -55,28 +55,73 @@ class PreparedData:
     eval: list[TokenizedExample]
 
 
-def prepare_data(config: TrainConfig, stage: str, tokenizer: PreTrainedTokenizerBase, log: Callable[[str], None] = print
-                 ) -> PreparedData:
-    """Load, validate, split and tokenise the data of `config` for `stage` ("dpo" or "sft"), reporting counts."""
-    load = load_preferences if stage == "dpo" else load_completions
-    records, report = load(config.data, format=config.format, columns=_columns(config), split=config.split)
-    log(f"data: {len(records)} examples from {config.data} ({report.format} format, {report.rows} rows"
-        + "".join(f"; {n} {reason}" for reason, n in report.counts.items()) + ")")
-    eval_records: Sequence = []
-    if config.eval_data:
-        eval_records, eval_report = load(config.eval_data, format=config.format, columns=_columns(config),
-                                         split=config.eval_split)
-        log(f"eval data: {len(eval_records)} examples from {config.eval_data}")
-    elif config.eval_fraction:
-        records, eval_records = split_eval(records, config.eval_fraction, config.seed)
-        log(f"eval data: {len(eval_records)} examples held out of {config.data} (seed {config.seed})")
+def prepare_data(config: TrainConfig, stage: str, tokenizer: PreTrainedTokenizerBase, log: Callable[[str], None] = print,
+                 *, cache_dir: str | os.PathLike | None = None, use_cache: bool | None = None) -> PreparedData:
+    """Load, validate, split and tokenise the data of `config` for `stage` ("dpo" or "sft"), reporting counts.
+
+    The tokenised examples are cached on disk (see dpokit.datacache) under a key of the raw data, tokenizer and
+    every setting that decides the token ids: a later call with the same inputs reads them back instead of
+    loading and tokenising again, and logs the same lines. `cache_dir` defaults to ``config.data_cache_dir``,
+    else ``$DPOKIT_CACHE`` or ``~/.cache/dpokit/tokenized``; `use_cache` defaults to ``config.data_cache``.
+    Only the process with LOCAL_RANK 0 writes entries.
+    """
+    from dpokit.datacache import open_cache
+    from dpokit.tokenize import release_freed_memory
+
     settings = tokenize_config(config)
-    train_examples, train_report = tokenize_examples(records, tokenizer, settings, description="tokenising")
-    log(f"tokenised training data: {train_report.summary()}")
-    eval_examples: list[TokenizedExample] = []
-    if eval_records:
-        eval_examples, eval_report = tokenize_examples(eval_records, tokenizer, settings, description="tokenising eval")
-        log(f"tokenised eval data: {eval_report.summary()}")
+    if use_cache is None:
+        use_cache = config.data_cache
+    if cache_dir is None:
+        cache_dir = config.data_cache_dir
+    cache = open_cache(config, stage, tokenizer, settings, _columns(config), cache_dir=cache_dir, log=log) \
+        if use_cache else None
+    if cache is not None:
+        cached = cache.load(log)
+        if cached is not None:
+            for line in cached.log:
+                log(line)
+            log(f"tokenised data: reusing {cached.path}")
+            return PreparedData(cached.examples["train"], cached.examples.get("eval", []))
+    writer = cache.writer(log) if cache is not None and int(os.environ.get("LOCAL_RANK", "0") or 0) == 0 else None
+    lines: list[str] = []
+
+    def say(line: str) -> None:
+        lines.append(line)
+        log(line)
+
+    try:
+        load = load_preferences if stage == "dpo" else load_completions
+        records, report = load(config.data, format=config.format, columns=_columns(config), split=config.split)
+        say(f"data: {len(records)} examples from {config.data} ({report.format} format, {report.rows} rows"
+            + "".join(f"; {n} {reason}" for reason, n in report.counts.items()) + ")")
+        eval_records: Sequence = []
+        if config.eval_data:
+            eval_records, eval_report = load(config.eval_data, format=config.format, columns=_columns(config),
+                                             split=config.eval_split)
+            say(f"eval data: {len(eval_records)} examples from {config.eval_data}")
+        elif config.eval_fraction:
+            records, eval_records = split_eval(records, config.eval_fraction, config.seed)
+            say(f"eval data: {len(eval_records)} examples held out of {config.data} (seed {config.seed})")
+        train_examples, train_report = tokenize_examples(records, tokenizer, settings, description="tokenising",
+                                                         sink=writer and writer.sink("train"))
+        del records
+        say(f"tokenised training data: {train_report.summary()}")
+        eval_examples: list[TokenizedExample] = []
+        reports = {"train": train_report}
+        if eval_records:
+            eval_examples, reports["eval"] = tokenize_examples(eval_records, tokenizer, settings,
+                                                               description="tokenising eval",
+                                                               sink=writer and writer.sink("eval"))
+            say(f"tokenised eval data: {reports['eval'].summary()}")
+        del eval_records
+        if writer is not None:
+            entry = writer.commit(cache.inputs, lines, reports)
+            log(f"tokenised data: cached in {entry}" if entry else f"tokenised data: not cached ({writer.error})")
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    release_freed_memory()  # the raw records and the tokenizer's output, freed
     return PreparedData(train_examples, eval_examples)
 
 

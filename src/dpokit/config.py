@@ -43,6 +43,10 @@ class TrainConfig:
     completion_column: str = opt("completion", "name of the completion column (SFT prompt/completion data)")
     responses_column: str = opt("responses", "name of the responses column (ranked data)")
     scores_column: str = opt("scores", "name of the scores column (ranked data)")
+    data_cache: bool = opt(True, "cache the tokenised data on disk, keyed by the raw data, tokenizer and settings: "
+                           "a later run with the same inputs skips loading and tokenising")
+    data_cache_dir: str | None = opt(None, "where tokenised data is cached (default: $DPOKIT_CACHE or "
+                                     "~/.cache/dpokit/tokenized)")
     on_filtered: str = opt("skip", "what to do with identical or too-long pairs: skip them (counted) or fail", choices=("skip", "error"))
 
     ref_model: str | None = opt(None, "reference model (default: a frozen copy of --model)", DPO)

@@ -139,9 +139,10 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict:
     reviews = generate_reviews(config.sft_reviews, seed=config.seed + 1)
     (out / "sft.jsonl").write_text("".join(json.dumps({"prompt": "", "completion": " " + r.strip()}) + "\n"
                                            for r in reviews))
-    # the demo owns its output directory: a re-run replaces its stages (overwrite)
+    # the demo owns its output directory: a re-run replaces its stages (overwrite); its data is made afresh on
+    # every run, so caching the tokenised copy would only fill the user's cache
     train_sft(TrainConfig(model=base, data=str(out / "sft.jsonl"), output=str(out / "sft"), lr=config.sft_lr,
-                          overwrite=True, optimizer="adamw", warmup_steps=5, max_steps=config.sft_steps,
+                          overwrite=True, data_cache=False, optimizer="adamw", warmup_steps=5, max_steps=config.sft_steps,
                           batch_size=config.batch_size, seed=config.seed, max_length=256, max_prompt_length=8))
     sft_dir = str(out / "sft" / "final")
     reference = load_model(sft_dir)
@@ -165,7 +166,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict:
         "or identical text)")
 
     log(f"[3/4] DPO from the SFT model, β={config.beta}, {config.dpo_steps} steps")
-    train_dpo(TrainConfig(model=sft_dir, overwrite=True,
+    train_dpo(TrainConfig(model=sft_dir, overwrite=True, data_cache=False,
                           data=str(out / "pairs.jsonl"), output=str(out / "dpo"), beta=config.beta,
                           lr=config.lr, optimizer="adamw", warmup_steps=10, max_steps=config.dpo_steps,
                           batch_size=config.batch_size, seed=config.seed, max_length=128, max_prompt_length=16,

@@ -18,6 +18,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
+from tqdm.auto import tqdm
+
 from dpokit.data.records import Completion, PreferencePair
 from dpokit.data.sources import read_rows
 from dpokit.errors import ConfigError, DataError
@@ -157,14 +159,19 @@ def _load(
         raise ConfigError(f"unknown data format {format!r}; choose auto or one of: {', '.join(FORMATS)}")
     source = os.fspath(spec)
     report = LoadReport(source=source, format=format)
-    for row, prov in read_rows(spec, split):
-        if report.rows == 0 and format == "auto":
-            try:
-                report.format = detect_format(row, c)
-            except DataError as e:
-                raise DataError(f"{prov}: {e}") from None
-        report.rows += 1
-        convert(row, prov, report.format, report)
+    # a progress bar (rows read) for data sets that take more than a second to read
+    rows = tqdm(read_rows(spec, split), desc=f"reading {source}", unit=" rows", delay=1.0, mininterval=0.5)
+    try:
+        for row, prov in rows:
+            if report.rows == 0 and format == "auto":
+                try:
+                    report.format = detect_format(row, c)
+                except DataError as e:
+                    raise DataError(f"{prov}: {e}") from None
+            report.rows += 1
+            convert(row, prov, report.format, report)
+    finally:
+        rows.close()
     if report.rows == 0:
         raise DataError(f"{source}: the data set has no rows")
     return report
@@ -183,7 +190,7 @@ def _type_name(value: Any) -> str:
 def _string(value: Any, name: str, prov: str, *, allow_empty: bool = False) -> str:
     if not isinstance(value, str):
         raise DataError(f"{prov}: field {name!r} must be a string, got {_type_name(value)}")
-    if not allow_empty and not value.strip():
+    if not allow_empty and (not value or value.isspace()):  # as `not value.strip()`, without copying the text
         raise DataError(f"{prov}: field {name!r} is empty")
     return value
 
@@ -219,7 +226,7 @@ def _response(row: dict, name: str, prov: str, *, conversational: bool, fmt: str
     if isinstance(value, str):
         return [{"role": "assistant", "content": _string(value, name, prov)}]
     messages = [_message(value, name, prov)] if isinstance(value, dict) else _messages(value, name, prov)
-    if not "".join(m["content"] for m in messages).strip():
+    if all(not m["content"] or m["content"].isspace() for m in messages):
         raise DataError(f"{prov}: field {name!r} is empty")
     return messages
 

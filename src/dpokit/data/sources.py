@@ -81,7 +81,7 @@ def _read_jsonl(path: Path, label: str) -> Iterator[tuple[Row, str]]:
                 raise DataError(f"{prov}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
             if lineno == 1:
                 line = line.lstrip("\ufeff")
-            if not line.strip():
+            if line.isspace() or not line:  # a blank line (as `not line.strip()`, without copying the line)
                 continue
             yield _parse_json_object(line, prov), prov
 
