@@ -138,3 +138,18 @@ def test_a_yaml_value_outside_its_choices_is_a_one_line_error(tmp_path, capsys):
     assert main(["dpo", "--config", str(config), "--model", "m", "--data", "d", "--output", "o"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("dpokit dpo: error: --loss must be one of")
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--loss", "apo_zero", "--label-smoothing", "0.1"], ("--label-smoothing", "apo_zero")),
+    (["--loss", "exo_pair"], ("--label-smoothing", "exo_pair")),
+    (["--loss", "orpo", "--sft-weight", "0.5"], ("--sft-weight", "orpo")),
+    (["--loss", "sigmoid", "--simpo-gamma", "0.5"], ("--simpo-gamma", "sigmoid")),
+    (["--loss", "simpo", "--ref-model", "some/model"], ("--ref-model", "simpo", "reference-free")),
+    (["--loss", "orpo", "--precompute-ref"], ("--precompute-ref", "orpo")),
+])
+def test_an_option_the_loss_does_not_take_is_a_one_line_error(flags, words, tmp_path, capsys):
+    args = ["dpo", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "d.jsonl"), "--output",
+            str(tmp_path / "out"), *flags]
+    assert_one_line_error(_in_process(args, capsys), "dpo", *words)
+    assert not (tmp_path / "out").exists()

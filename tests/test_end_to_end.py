@@ -97,3 +97,34 @@ def test_generate_is_deterministic_for_a_seed(runs, capsys):
     assert generate(0) == first
     outputs = {generate(seed) for seed in range(1, 6)}
     assert len(outputs | {first}) > 1  # sampling, not greedy: seeds matter
+
+
+@pytest.mark.parametrize("loss, beta", [("simpo", 2.0), ("orpo", 0.5)])
+def test_reference_free_losses_train_without_a_reference(loss, beta, tiny_model_dir, sentiment_data, tmp_path,
+                                                         capsys, monkeypatch):
+    """`dpokit dpo --loss simpo|orpo` trains with no reference model at all (building one would fail here), the
+    held-out loss falls, and `dpokit eval` without --ref-model reproduces the run's last evaluation."""
+    import dpokit.api
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("a reference-free loss built a reference")
+
+    monkeypatch.setattr(dpokit.api, "_references", no_reference)
+    monkeypatch.setattr(dpokit.api, "_reference_model", no_reference)
+    out = tmp_path / loss
+    assert main(["dpo", "--model", tiny_model_dir, "--data", sentiment_data["train"], "--eval-data",
+                 sentiment_data["eval"], "--output", str(out), "--loss", loss, "--beta", str(beta), "--max-steps", "12",
+                 "--lr", "3e-3", "--optimizer", "adamw", "--warmup-steps", "0", "--batch-size", "8",
+                 "--eval-every", "6", "--save-every", "12"]) == 0
+    stored = json.loads((out / "checkpoint-000012" / "trainer_state.json").read_text())["config"]
+    assert stored["loss"] == loss and stored["reference_free"] is True
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "eval"]
+    assert [r["step"] for r in rows] == [6, 12]
+    after = eval_json(capsys, "--model", str(out / "final"), "--data", sentiment_data["eval"], "--loss", loss,
+                      "--beta", str(beta))
+    before = eval_json(capsys, "--model", tiny_model_dir, "--data", sentiment_data["eval"], "--loss", loss,
+                       "--beta", str(beta))
+    for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert rows[-1][key] == pytest.approx(after[key], abs=1e-4), key
+    assert after["loss"] < before["loss"] - 0.05, (before, after)
+    assert after["rewards/margins"] > before["rewards/margins"]

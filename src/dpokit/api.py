@@ -26,7 +26,7 @@ from dpokit.errors import ConfigError
 from dpokit.logprobs import check_layout
 from dpokit.lora import trained_adapter_weight
 from dpokit.models import load_model, load_policy, load_tokenizer
-from dpokit.losses import LossConfig
+from dpokit.losses import REFERENCE_FREE_LOSSES, LossConfig
 from dpokit.objective import DPOObjective, SFTObjective
 from dpokit.reference import (CachedReference, ModelReference, PolicyReference, cached_reference_logps,
                               weights_digest)
@@ -148,7 +148,7 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
 
 
 def _loss_config(config: TrainConfig) -> LossConfig:
-    return LossConfig(config.loss, config.beta, config.label_smoothing, config.reference_free, config.sft_weight)
+    return config.loss_config()
 
 
 @dataclass
@@ -286,6 +286,7 @@ def evaluate(
     beta: float = 0.1,
     label_smoothing: float = 0.0,
     reference_free: bool = False,
+    simpo_gamma: float | None = None,
     batch_size: int = 8,
     max_length: int = 512,
     max_prompt_length: int = 256,
@@ -300,18 +301,18 @@ def evaluate(
 
     Nothing is trained. Without `ref_model` the evaluation is reference-free.
     """
-    if ref_model is None and not reference_free:
+    if ref_model is None and not reference_free and loss not in REFERENCE_FREE_LOSSES:
         raise ConfigError("evaluation needs --ref-model (or --reference-free)")
     config = TrainConfig(model=model, data=data, output="-", loss=loss, beta=beta, label_smoothing=label_smoothing,
                          reference_free=reference_free, batch_size=batch_size, max_length=max_length,
                          max_prompt_length=max_prompt_length, truncation=truncation, format=format, dtype=dtype,
-                         layout=layout, on_filtered=on_filtered)
+                         layout=layout, on_filtered=on_filtered, ref_model=ref_model, simpo_gamma=simpo_gamma)
     accelerator = make_accelerator(config)
     tokenizer = load_tokenizer(model)
     examples = prepare_data(config, "dpo", tokenizer, log).train
     policy = Scorer(load_model(model, dtype=dtype).to(accelerator.device))
     reference = None
-    if not reference_free:
+    if not config.reference_free:  # simpo and orpo set it
         reference = ModelReference(load_model(ref_model, dtype=dtype).to(accelerator.device))
     objective = DPOObjective(_loss_config(config), reference)
     pad = tokenizer.pad_token_id

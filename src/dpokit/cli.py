@@ -12,6 +12,7 @@ from typing import Any
 
 from dpokit.config import TrainConfig, fields_for, make_config, read_yaml
 from dpokit.errors import EXIT_INTERRUPTED, DpokitError, Interrupted
+from dpokit.loss_config import LOSS_TYPES
 
 EPILOG = "Any option can also be given in a YAML file with --config (keys are the option names with underscores); flags override it."
 
@@ -84,7 +85,7 @@ def _cmd_eval(args):
     log = (lambda *_: None) if args.json else print
     metrics = evaluate(args.model, args.data, ref_model=args.ref_model, loss=args.loss, beta=args.beta,
                        label_smoothing=args.label_smoothing, reference_free=args.reference_free,
-                       batch_size=args.batch_size, max_length=args.max_length,
+                       simpo_gamma=args.simpo_gamma, batch_size=args.batch_size, max_length=args.max_length,
                        max_prompt_length=args.max_prompt_length, truncation=args.truncation, format=args.format,
                        dtype=args.dtype, on_filtered=args.on_filtered, log=log)
     if args.json:
@@ -176,10 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", required=True, help="policy: model directory, LoRA adapter directory or hub name")
     ev.add_argument("--ref-model", help="reference model or adapter directory (required unless --reference-free)")
     ev.add_argument("--data", required=True, help="preference data (any format dpokit dpo takes)")
-    ev.add_argument("--loss", default="sigmoid", choices=("sigmoid", "ipo", "hinge", "robust"), help="preference loss")
-    ev.add_argument("--beta", type=float, default=0.1, help="β")
-    ev.add_argument("--label-smoothing", type=float, default=0.0, help="ε for sigmoid (cDPO) or robust")
-    ev.add_argument("--reference-free", action="store_true", help="score without a reference model")
+    ev.add_argument("--loss", default="sigmoid", choices=LOSS_TYPES, help="preference loss (README: Losses)")
+    ev.add_argument("--beta", type=float, default=0.1, help="β (orpo: λ)")
+    ev.add_argument("--label-smoothing", type=float, default=0.0,
+                    help="ε for sigmoid (cDPO), robust, exo_pair or simpo")
+    ev.add_argument("--simpo-gamma", type=float, help="SimPO's target reward margin γ (default 0.5)")
+    ev.add_argument("--reference-free", action="store_true",
+                    help="score without a reference model (implied by simpo and orpo)")
     ev.add_argument("--batch-size", type=int, default=8, help="examples per batch")
     ev.add_argument("--max-length", type=int, default=512, help="maximum prompt + response tokens")
     ev.add_argument("--max-prompt-length", type=int, default=256, help="prompt length for too-long examples")

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from dpokit.errors import ConfigError
-from dpokit.losses import LOSS_TYPES
+from dpokit.loss_config import LOSS_TYPES
 
 BOTH = ("dpo", "sft")
 DPO = ("dpo",)
@@ -52,10 +52,13 @@ class TrainConfig:
     ref_model: str | None = opt(None, "reference model (default: a frozen copy of --model)", DPO)
     ref_dtype: str | None = opt(None, "reference model dtype (default: --dtype)", DPO, ("float32", "bfloat16", "float16"))
     loss: str = opt("sigmoid", "preference loss", DPO, LOSS_TYPES)
-    beta: float = opt(0.1, "β: strength of the KL constraint to the reference", DPO)
+    beta: float = opt(0.1, "β: strength of the KL constraint to the reference (SimPO's paper uses 2-2.5; for orpo "
+                      "it is ORPO's λ, the odds-ratio weight, as in TRL)", DPO)
     label_smoothing: float = opt(0.0, "assumed label-noise rate ε (conservative DPO for sigmoid; robust)", DPO)
     sft_weight: float = opt(0.0, "weight of an NLL term on chosen responses added to the preference loss", DPO)
-    reference_free: bool = opt(False, "drop the reference model (its log-probs are taken as 0)", DPO)
+    reference_free: bool = opt(False, "drop the reference model (its log-probs are taken as 0); implied by the "
+                               "reference-free losses simpo and orpo", DPO)
+    simpo_gamma: float | None = opt(None, "SimPO's target reward margin γ (--loss simpo only; default 0.5, TRL's)", DPO)
     average_logps: bool = opt(False, "average response log-probs over tokens instead of summing them", DPO)
     precompute_ref: bool = opt(False, "compute reference log-probs once before training, cached on disk; "
                                "the reference model is then not kept in memory", DPO)
@@ -134,10 +137,25 @@ class TrainConfig:
             raise ConfigError(f"--eval-fraction must be in [0, 1); got {self.eval_fraction}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ConfigError(f"--max-steps must be positive; got {self.max_steps}")
+        self._check_loss()
         self._check_adapters()
-        from dpokit.losses import LossConfig  # the loss's own checks (β, ε and which losses take it), up front
 
-        LossConfig(self.loss, self.beta, self.label_smoothing, self.reference_free, self.sft_weight)
+    def _check_loss(self) -> None:
+        from dpokit.loss_config import REFERENCE_FREE_LOSSES
+
+        self.loss_config()  # the loss's own checks (β, ε and which losses take it), up front
+        if self.loss in REFERENCE_FREE_LOSSES:
+            for flag in ("ref_model", "ref_adapter", "precompute_ref", "ref_offload"):
+                if getattr(self, flag):
+                    raise ConfigError(f"--{flag.replace('_', '-')}: loss {self.loss!r} is reference-free")
+            self.reference_free = True  # no reference model is loaded for it
+
+    def loss_config(self):
+        """The validated LossConfig of this run (dpokit.loss_config.LossConfig)."""
+        from dpokit.loss_config import LossConfig
+
+        return LossConfig(self.loss, self.beta, self.label_smoothing, self.reference_free, self.sft_weight,
+                          simpo_gamma=self.simpo_gamma)
 
     def _check_adapters(self) -> None:
         from dpokit.lora import is_adapter_dir

@@ -1,78 +1,52 @@
-"""Preference losses as pure functions of per-sequence log-probabilities.
+"""Preference losses on per-sequence log-probabilities: which formula a LossConfig selects, and its inputs.
 
-Every function here takes per-sequence log-probs that are SUMMED over the scored response
-tokens (shape ``[n]``, one entry per preference pair) and returns per-pair tensors; no model,
-no batching, no reduction. The caller reduces (e.g. a mean over the global batch).
+:func:`preference_loss` takes per-sequence log-probs SUMMED over the scored response tokens (shape ``[n]``,
+one entry per preference pair) and the token counts, builds the quantities each loss is defined on (log-ratios,
+margins, length-averaged log-probs), and applies the formula of ``config.loss_type`` from
+:mod:`dpokit.loss_formulas` (where every formula and its paper are documented). No model, no batching, no
+reduction: the caller reduces (e.g. a mean over the global batch).
 
-With ``h = (policy_chosen - policy_rejected) - (reference_chosen - reference_rejected)``
-(the reference terms are 0 when ``reference_free``), the losses are:
+Which log-probs each loss uses:
 
-* ``sigmoid`` -- DPO (Rafailov et al. 2023, Eq. 7): ``-logsigmoid(beta*h)``; with label
-  smoothing ``eps`` > 0 the conservative cDPO loss
-  ``-(1-eps)*logsigmoid(beta*h) - eps*logsigmoid(-beta*h)``.
-* ``robust`` -- provably robust DPO (Chowdhury et al. 2024), unbiased under label-flip rate eps:
-  ``(-(1-eps)*logsigmoid(beta*h) + eps*logsigmoid(-beta*h)) / (1-2*eps)``.
-* ``hinge`` -- SLiC (Zhao et al. 2023): ``relu(1 - beta*h)``.
-* ``ipo`` -- IPO (Azar et al. 2023): ``(h_avg - 1/(2*beta))**2`` where ``h_avg`` is built from
-  length-averaged log-probs (each log-prob divided by its sequence's token count).
+* summed, against the reference: ``sigmoid``, ``robust``, ``hinge``, ``exo_pair`` (margin ``h``) and
+  ``nca_pair``, ``bco_pair``, ``sppo_hard``, ``apo_zero``, ``apo_down`` (each response's log-ratio);
+* length-averaged, against the reference: ``ipo``, ``sigmoid_norm``;
+* length-averaged, no reference: ``simpo``, ``orpo``.
 
 All arithmetic is done in float32 whatever the input dtype.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from dpokit.errors import ConfigError
+from dpokit import loss_formulas as lf
+from dpokit.loss_config import LOSS_TYPES, REFERENCE_FREE_LOSSES, LossConfig  # noqa: F401  (re-exported)
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
-
-
-def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    """Which preference loss to use and its hyper-parameters (validated on construction).
-
-    ``label_smoothing`` is the assumed label-flip rate eps in [0, 0.5); it is only meaningful for
-    ``sigmoid`` (cDPO) and ``robust`` and is rejected for the other loss types.
-    ``sft_weight`` adds ``sft_weight * (-policy_chosen / chosen_token_counts)`` (the chosen
-    response's mean per-token NLL) to every per-pair loss.
-    """
-
-    loss_type: str = "sigmoid"
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    reference_free: bool = False
-    sft_weight: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.loss_type not in LOSS_TYPES:
-            raise ConfigError(
-                f"unknown loss_type {self.loss_type!r}; expected one of {', '.join(LOSS_TYPES)}"
-            )
-        if not _is_number(self.beta) or not math.isfinite(self.beta) or self.beta <= 0:
-            raise ConfigError(f"beta must be a finite number > 0, got {self.beta!r}")
-        ls = self.label_smoothing
-        if not _is_number(ls) or not 0.0 <= ls < 0.5:
-            raise ConfigError(f"label_smoothing must be a number in [0, 0.5), got {ls!r}")
-        if ls > 0 and self.loss_type not in ("sigmoid", "robust"):
-            raise ConfigError(
-                f"label_smoothing={ls} is only supported with loss_type 'sigmoid' (cDPO) or "
-                f"'robust', not {self.loss_type!r}"
-            )
-        sw = self.sft_weight
-        if not _is_number(sw) or not math.isfinite(sw) or sw < 0:
-            raise ConfigError(f"sft_weight must be a finite number >= 0, got {sw!r}")
-        if not isinstance(self.reference_free, bool):
-            raise ConfigError(f"reference_free must be true or false, got {self.reference_free!r}")
+# loss_type -> formula of the margin h (summed or, for ipo/sigmoid_norm, length-averaged log-probs).
+_MARGIN_LOSSES: dict[str, Callable[[Tensor, LossConfig], Tensor]] = {
+    "sigmoid": lambda h, c: lf.sigmoid_loss(h, c.beta, c.label_smoothing),
+    "robust": lambda h, c: lf.robust_loss(h, c.beta, c.label_smoothing),
+    "hinge": lambda h, c: lf.hinge_loss(h, c.beta),
+    "exo_pair": lambda h, c: lf.exo_pair_loss(h, c.beta, c.label_smoothing),
+    "ipo": lambda h, c: lf.ipo_loss(h, c.beta),
+    "sigmoid_norm": lambda h, c: lf.sigmoid_norm_loss(h, c.beta),
+}
+_AVERAGED_MARGIN = ("ipo", "sigmoid_norm")
+# loss_type -> formula of the two responses' (summed) log-ratios.
+_RATIO_LOSSES: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
+    "nca_pair": lf.nca_pair_loss,
+    "bco_pair": lf.bco_pair_loss,
+    "sppo_hard": lf.sppo_hard_loss,
+    "apo_zero": lf.apo_zero_loss,
+    "apo_down": lf.apo_down_loss,
+}
+# Losses that need the token counts (length averaging); the sft term needs the chosen count too.
+LENGTH_AVERAGED_LOSSES = _AVERAGED_MARGIN + REFERENCE_FREE_LOSSES
 
 
 @dataclass
@@ -80,8 +54,8 @@ class PreferenceLossOutput:
     """Per-pair results of :func:`preference_loss` (all shape ``[n]``, float32)."""
 
     losses: Tensor  # per-pair loss, including the sft term when sft_weight > 0
-    chosen_rewards: Tensor  # beta * (policy_chosen - reference_chosen), detached
-    rejected_rewards: Tensor  # beta * (policy_rejected - reference_rejected), detached
+    chosen_rewards: Tensor  # the implicit reward of the chosen response, detached (see preference_loss)
+    rejected_rewards: Tensor  # the same for the rejected response
 
 
 def _check_1d(name: str, t: Tensor, n: int | None) -> int:
@@ -89,6 +63,13 @@ def _check_1d(name: str, t: Tensor, n: int | None) -> int:
         want = "[n]" if n is None else f"[{n}]"
         raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
     return t.shape[0]
+
+
+def _counts(name: str, counts: Tensor | None, n: int, why: str) -> Tensor:
+    if counts is None:
+        raise ValueError(f"{why} needs {name}")
+    _check_1d(name, counts, n)
+    return counts.float()
 
 
 def preference_loss(
@@ -101,7 +82,7 @@ def preference_loss(
     chosen_token_counts: Tensor | None = None,
     rejected_token_counts: Tensor | None = None,
 ) -> PreferenceLossOutput:
-    """Per-pair preference loss and implicit rewards (see the module docstring for formulas).
+    """Per-pair preference loss and implicit rewards (formulas: :mod:`dpokit.loss_formulas`).
 
     Args:
         policy_chosen, policy_rejected: policy log-probs summed over response tokens, ``[n]``.
@@ -110,56 +91,52 @@ def preference_loss(
         config: the loss to compute.
         chosen_token_counts, rejected_token_counts: number of scored response tokens per
             sequence, ``[n]``, every entry >= 1 (not checked, to avoid a device sync). Both are
-            required for ``ipo``; ``chosen_token_counts`` is required when ``sft_weight > 0``.
+            required for the losses in ``LENGTH_AVERAGED_LOSSES``; ``chosen_token_counts`` is required
+            when ``sft_weight > 0``.
 
     Returns:
-        :class:`PreferenceLossOutput` with unreduced ``[n]`` float32 tensors. Rewards are always
-        ``beta * (policy - reference)`` on the summed log-probs (reference 0 when
-        reference-free), also for ``ipo``.
+        :class:`PreferenceLossOutput` with unreduced ``[n]`` float32 tensors. Rewards are
+        ``beta * (policy - reference)`` on the summed log-probs (reference 0 when reference-free), also for
+        ``ipo`` and ``sigmoid_norm`` (as TRL's DPOTrainer logs them); for ``simpo`` and ``orpo`` they are
+        ``beta * mean per-token log-prob`` (as TRL's CPOTrainer and ORPOTrainer log them).
     """
     n = _check_1d("policy_chosen", policy_chosen, None)
     _check_1d("policy_rejected", policy_rejected, n)
     pc, pr = policy_chosen.float(), policy_rejected.float()
-    if config.reference_free:
-        rc = rr = torch.zeros_like(pc)
-    else:
-        if reference_chosen is None or reference_rejected is None:
-            raise ValueError("reference log-probs are required unless config.reference_free")
-        _check_1d("reference_chosen", reference_chosen, n)
-        _check_1d("reference_rejected", reference_rejected, n)
-        rc, rr = reference_chosen.float(), reference_rejected.float()
+    loss, beta = config.loss_type, config.beta
+    if loss in LENGTH_AVERAGED_LOSSES:
+        cc = _counts("chosen_token_counts", chosen_token_counts, n, f"loss_type {loss!r}")
+        cr = _counts("rejected_token_counts", rejected_token_counts, n, f"loss_type {loss!r}")
 
-    beta, eps = config.beta, config.label_smoothing
-    if config.loss_type == "ipo":
-        if chosen_token_counts is None or rejected_token_counts is None:
-            raise ValueError("loss_type 'ipo' needs chosen_token_counts and rejected_token_counts")
-        _check_1d("chosen_token_counts", chosen_token_counts, n)
-        _check_1d("rejected_token_counts", rejected_token_counts, n)
-        cc, cr = chosen_token_counts.float(), rejected_token_counts.float()
-        h = (pc - rc) / cc - (pr - rr) / cr
-        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    if loss in REFERENCE_FREE_LOSSES:
+        chosen_avg, rejected_avg = pc / cc, pr / cr
+        if loss == "simpo":
+            losses = lf.simpo_loss(chosen_avg, rejected_avg, beta, config.gamma, config.label_smoothing)
+        else:
+            losses = lf.orpo_loss(chosen_avg, rejected_avg, beta)
+        chosen_rewards, rejected_rewards = beta * chosen_avg, beta * rejected_avg
     else:
-        h = (pc - pr) - (rc - rr)
-        if config.loss_type == "sigmoid":
-            losses = -(1.0 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
-        elif config.loss_type == "robust":
-            losses = (
-                -(1.0 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)
-            ) / (1.0 - 2.0 * eps)
-        else:  # hinge
-            losses = torch.relu(1.0 - beta * h)
+        if config.reference_free:
+            chosen_ratio, rejected_ratio = pc, pr
+        else:
+            if reference_chosen is None or reference_rejected is None:
+                raise ValueError("reference log-probs are required unless config.reference_free")
+            _check_1d("reference_chosen", reference_chosen, n)
+            _check_1d("reference_rejected", reference_rejected, n)
+            chosen_ratio, rejected_ratio = pc - reference_chosen.float(), pr - reference_rejected.float()
+        if loss in _RATIO_LOSSES:
+            losses = _RATIO_LOSSES[loss](chosen_ratio, rejected_ratio, beta)
+        elif loss in _AVERAGED_MARGIN:
+            losses = _MARGIN_LOSSES[loss](chosen_ratio / cc - rejected_ratio / cr, config)
+        else:
+            losses = _MARGIN_LOSSES[loss](chosen_ratio - rejected_ratio, config)
+        chosen_rewards, rejected_rewards = beta * chosen_ratio, beta * rejected_ratio
 
     if config.sft_weight > 0:
-        if chosen_token_counts is None:
-            raise ValueError("sft_weight > 0 needs chosen_token_counts")
-        _check_1d("chosen_token_counts", chosen_token_counts, n)
-        losses = losses + config.sft_weight * (-pc / chosen_token_counts.float())
+        counts = _counts("chosen_token_counts", chosen_token_counts, n, "sft_weight > 0")
+        losses = losses + config.sft_weight * (-pc / counts)
 
-    return PreferenceLossOutput(
-        losses=losses,
-        chosen_rewards=(beta * (pc - rc)).detach(),
-        rejected_rewards=(beta * (pr - rr)).detach(),
-    )
+    return PreferenceLossOutput(losses, chosen_rewards.detach(), rejected_rewards.detach())
 
 
 def sft_loss(logps: Tensor, token_counts: Tensor) -> Tensor:

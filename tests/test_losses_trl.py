@@ -1,0 +1,136 @@
+"""Loss parity with TRL 1.16: the same per-sequence log-probs through dpokit's formulas and through TRL's own loss
+code give the same per-pair losses (and rewards) to 1e-5.
+
+TRL is a test-only dependency (the `test` extra): without it this module is skipped.
+
+* DPOTrainer's losses (sigmoid ... sigmoid_norm) are computed inside ``DPOTrainer._compute_loss``, which runs the
+  policy itself. A real DPOTrainer is built on a tiny model, then ``_compute_loss`` is called with a stand-in
+  policy that returns prescribed per-token log-probs (the whole summed log-prob at the first response position)
+  and with precomputed reference log-probs, so TRL's own code computes the loss from exactly our inputs. The
+  response token counts (used by ipo and sigmoid_norm) come from the completion mask, as in TRL.
+* SimPO is ``CPOTrainer.cpo_loss`` and ORPO's odds-ratio term ``ORPOTrainer.odds_ratio_loss`` (trl.experimental),
+  both functions of mean per-token log-probs; they are called on a namespace holding their settings.
+  ORPO's NLL term differs by design: TRL's is the token mean over the chosen prompt *and* response of the whole
+  batch; dpokit's is the mean per-token NLL of the chosen response, per pair, so only the odds-ratio term is
+  compared with TRL (the NLL term has its own hand-computed tests in test_losses.py).
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("trl")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from trl import DPOConfig, DPOTrainer  # noqa: E402
+from trl.experimental.cpo import CPOTrainer  # noqa: E402
+from trl.experimental.orpo import ORPOTrainer  # noqa: E402
+
+from dpokit.loss_formulas import orpo_log_odds_ratio  # noqa: E402
+from dpokit.losses import LossConfig, preference_loss  # noqa: E402
+from helpers import make_llama, make_tokenizer  # noqa: E402
+
+N = 12
+BETA = 0.1
+# TRL's DPOConfig defaults `gradient_checkpointing=True`, which transformers 5 reports as deprecated; not ours.
+pytestmark = pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning")
+
+
+def _inputs(seed: int = 0):
+    """Summed log-probs of policy and reference in [-61, -1] and response token counts in [1, 40]."""
+    g = torch.Generator().manual_seed(seed)
+    pc, pr, rc, rr = -torch.rand(4, N, generator=g) * 60 - 1
+    cc, cr = torch.randint(1, 41, (2, N), generator=g)
+    return pc, pr, rc, rr, cc, cr
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    """A real TRL DPOTrainer (tiny Llama, two rows of data) whose loss code is then run on given log-probs."""
+    root = tmp_path_factory.mktemp("trl-losses")
+    args = DPOConfig(output_dir=str(root), per_device_eval_batch_size=2, beta=BETA, max_length=None, use_cpu=True,
+                     bf16=False, fp16=False, report_to=[], save_strategy="no", logging_strategy="no",
+                     disable_tqdm=True, seed=0)
+    rows = [{"prompt": "the film", "chosen": " was great", "rejected": " was bad"}] * 2
+    trainer = DPOTrainer(model=make_llama(), ref_model=make_llama(seed=1), args=args,
+                         train_dataset=Dataset.from_list(rows),
+                         processing_class=make_tokenizer())
+    trainer.model.eval()
+    trainer.precompute_ref_logps = True  # reference log-probs come with the inputs, like ours
+    return trainer
+
+
+class _PrescribedPolicy:
+    """Stands in for TRL's fused-head model: per-token log-probs that sum to the given per-sequence values."""
+
+    def __init__(self, logps: torch.Tensor, width: int) -> None:
+        self.log_probs = torch.zeros(len(logps), width - 1)
+        self.log_probs[:, 0] = logps
+
+    def __call__(self, **_):
+        zeros = torch.zeros_like(self.log_probs)
+        return SimpleNamespace(log_probs=self.log_probs, entropy=zeros, mean_logits=zeros,
+                               is_top1=zeros.bool())
+
+
+def trl_dpo_loss(trainer, loss_type: str, label_smoothing: float, pc, pr, rc, rr, cc, cr) -> float:
+    """TRL's DPOTrainer loss for ONE pair (its loss is a batch mean; one pair keeps it per pair)."""
+    trainer.loss_types, trainer.loss_weights = [loss_type], [1.0]
+    trainer.beta, trainer.label_smoothing = BETA, label_smoothing
+    width = int(max(cc, cr)) + 1  # position 0 is the prompt
+    completion_mask = torch.zeros(2, width, dtype=torch.long)
+    completion_mask[0, 1 : 1 + int(cc)] = 1
+    completion_mask[1, 1 : 1 + int(cr)] = 1
+    inputs = {"input_ids": torch.zeros(2, width, dtype=torch.long), "attention_mask": torch.ones(2, width),
+              "completion_mask": completion_mask, "ref_chosen_logps": rc.reshape(1),
+              "ref_rejected_logps": rr.reshape(1)}
+    with torch.no_grad():
+        return trainer._compute_loss(_PrescribedPolicy(torch.stack([pc, pr]), width), inputs, False).item()
+
+
+DPO_TRAINER_LOSSES = [("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.1), ("exo_pair", 1e-3),
+                      ("exo_pair", 0.2), ("nca_pair", 0.0), ("bco_pair", 0.0), ("sppo_hard", 0.0),
+                      ("apo_zero", 0.0), ("apo_down", 0.0), ("sigmoid_norm", 0.0)]
+
+
+@pytest.mark.parametrize(("loss_type", "label_smoothing"), DPO_TRAINER_LOSSES)
+def test_dpo_trainer_losses_match_trl(trainer, loss_type, label_smoothing):
+    pc, pr, rc, rr, cc, cr = _inputs()
+    ours = preference_loss(pc, pr, rc, rr, LossConfig(loss_type, BETA, label_smoothing),
+                           chosen_token_counts=cc, rejected_token_counts=cr).losses
+    theirs = torch.tensor([trl_dpo_loss(trainer, loss_type, label_smoothing, *(x[i] for x in (pc, pr, rc, rr, cc, cr)))
+                           for i in range(N)])
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert ours.std() > 1e-3  # the pairs differ: not a comparison of constants
+
+
+@pytest.mark.parametrize(("beta", "gamma", "label_smoothing"), [(2.0, 0.5, 0.0), (2.5, 1.4, 0.0), (0.1, 0.5, 0.2)])
+def test_simpo_matches_trl_cpo(beta, gamma, label_smoothing):
+    pc, pr, _, _, cc, cr = _inputs(seed=1)
+    ours = preference_loss(pc, pr, None, None, LossConfig("simpo", beta, label_smoothing, simpo_gamma=gamma),
+                           chosen_token_counts=cc, rejected_token_counts=cr)
+    cpo = SimpleNamespace(alpha=0.0, loss_type="simpo", beta=beta, simpo_gamma=gamma,
+                          label_smoothing=label_smoothing, accelerator=SimpleNamespace(device="cpu"))
+    losses, chosen_rewards, rejected_rewards = CPOTrainer.cpo_loss(cpo, pc / cc, pr / cr)  # TRL averages first
+    torch.testing.assert_close(ours.losses, losses, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.chosen_rewards, chosen_rewards, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.rejected_rewards, rejected_rewards, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lam", [0.1, 1.0])
+def test_orpo_odds_ratio_term_matches_trl(lam):
+    pc, pr, _, _, cc, cr = _inputs(seed=2)
+    pc, pr = pc / 20, pr / 20  # mean log-probs in (-3, 0), where log(1 - P) matters
+    ours = preference_loss(pc, pr, None, None, LossConfig("orpo", lam),
+                           chosen_token_counts=cc, rejected_token_counts=cr)
+    orpo = SimpleNamespace(beta=lam, accelerator=SimpleNamespace(device="cpu"))
+    losses, chosen_rewards, rejected_rewards, _, mean_log_odds = ORPOTrainer.odds_ratio_loss(orpo, pc / cc, pr / cr)
+    # dpokit's loss = chosen mean NLL - (TRL's term, which TRL subtracts from its NLL)
+    torch.testing.assert_close(ours.losses - (-pc / cc), -losses, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.chosen_rewards, chosen_rewards, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.rejected_rewards, rejected_rewards, rtol=1e-5, atol=1e-5)
+    assert orpo_log_odds_ratio(pc / cc, pr / cr).mean().item() == pytest.approx(mean_log_odds.item(), abs=1e-5)
