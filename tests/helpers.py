@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 WORDS = (
@@ -23,8 +23,27 @@ def corpus(n: int = 400, seed: int = 0) -> list[str]:
     return lines
 
 
-def make_tokenizer(vocab_size: int = 320, chat_template: bool = False) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer with <|endoftext|> as EOS and PAD (and no BOS), GPT-2 style."""
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Llama 3's template in essence: BOS from the template, a header per turn, content trimmed, turns end in <|eot_id|>
+# with no newline after it
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+LLAMA3_TOKENS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def make_tokenizer(vocab_size: int = 320, chat_template: bool | str = False) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with <|endoftext|> as EOS and PAD (and no BOS), GPT-2 style.
+
+    `chat_template`: True or "chatml" adds a ChatML template (<|im_start|>/<|im_end|> turns, ids 1 and 2);
+    "llama3" makes a Llama-3-style tokenizer: BOS <|begin_of_text|> added to plain text by the tokenizer and put
+    first by the template, turns ending in <|eot_id|> (an added special token, not the EOS), ids 320-323 above
+    the shared vocabulary, which is the same as the other variants'."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -35,12 +54,16 @@ def make_tokenizer(vocab_size: int = 320, chat_template: bool = False) -> PreTra
     )
     tok.train_from_iterator(corpus(), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    if chat_template:
+    if chat_template == "llama3":
+        fast.add_special_tokens({"bos_token": "<|begin_of_text|>"})
+        fast.add_tokens([AddedToken(t, special=True) for t in LLAMA3_TOKENS])  # as Llama 3: not named slots
+        bos = fast.bos_token_id
+        fast.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B", special_tokens=[("<|begin_of_text|>", bos)])
+        fast.chat_template = LLAMA3_TEMPLATE
+    elif chat_template:
         fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-        fast.chat_template = (
-            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-        )
+        fast.chat_template = CHATML_TEMPLATE
     return fast
 
 

@@ -90,7 +90,7 @@ def test_every_input_that_decides_the_token_ids_changes_the_key(tmp_path, data, 
     for name, value in dict(max_length=49, max_prompt_length=15, truncation="keep_start", on_filtered="error",
                             format="standard", split="other", eval_fraction=0.2, seed=1, prompt_column="question",
                             chosen_column="good", rejected_column="bad", completion_column="c", responses_column="r",
-                            scores_column="s").items():
+                            scores_column="s", apply_chat_template=True).items():
         changed[name] = _key(_config(data, tmp_path, **{name: value}), tokenizer)
     changed["stage"] = _key(base, tokenizer, stage="sft")
     changed["eval_data"] = _key(_config(data, tmp_path, eval_data=data), tokenizer)
@@ -137,6 +137,21 @@ def test_a_change_tokenises_again_and_matches_a_fresh_run(tmp_path, data, tokeni
     assert not any("reusing" in line for line in lines)
     assert got.train[-1].source.endswith(":121") or got.eval[-1].source.endswith(":121")
     assert len(list(cache.iterdir())) == 5
+
+
+def test_plain_text_with_a_chat_model_is_warned_once_and_apply_chat_template_tokenises_again(tmp_path, data):
+    chat = make_tokenizer(chat_template=True)
+    cache = tmp_path / "cache"
+    raw, lines = _prepare(_config(data, tmp_path), chat, cache)
+    warnings = [line for line in lines if line.startswith("warning:")]
+    assert warnings == [warnings[0]] and "120 of 120 examples are plain text" in warnings[0]  # train + eval
+    assert warnings[0] in _prepare(_config(data, tmp_path), chat, cache)[1]  # a cache hit says it again
+    templated, lines = _prepare(_config(data, tmp_path, apply_chat_template=True), chat, cache)
+    assert not any(line.startswith("warning:") or "reusing" in line for line in lines)
+    turn = tuple(chat("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"])  # (prompts may be cut)
+    im_end = chat.convert_tokens_to_ids("<|im_end|>")
+    assert all(e.prompt_ids[-len(turn):] == turn and e.responses[0][-1] == im_end for e in templated.train)
+    assert not any(e.prompt_ids[-len(turn):] == turn for e in raw.train)
 
 
 def test_custom_columns_sft_and_eval_file_are_cached(tmp_path, tokenizer):

@@ -201,3 +201,87 @@ def test_chat_template_convention_differs(trl_run, chat_tokenizer):
     assert chat_tokenizer.decode(example.responses[0]) == "great<|im_end|>"
     assert chat_tokenizer.decode(theirs["chosen_ids"]) == "great<|im_end|>\n"
     assert theirs["chosen_ids"] == list(example.responses[0]) + chat_tokenizer("\n")["input_ids"]
+
+
+# --- multi-turn conversational data -------------------------------------------------------------------------------
+
+def _conversations(n: int, seed: int = 3) -> list[dict]:
+    """Multi-turn rows: system, user, assistant, user prompts (some shorter); responses of one or two assistant
+    messages."""
+    rng = random.Random(seed)
+    words = [w for w in WORDS if w not in ("Human", "Assistant")]
+
+    def text(lo: int, hi: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(rng.randint(lo, hi)))
+
+    def response() -> list[dict]:
+        return [{"role": "assistant", "content": text(1, 8)} for _ in range(rng.choice((1, 1, 2)))]
+
+    rows = []
+    while len(rows) < n:
+        prompt = [{"role": "system", "content": text(2, 5)}] if rng.random() < 0.7 else []
+        prompt += [{"role": "user", "content": text(2, 8)}]
+        if rng.random() < 0.7:
+            prompt += [{"role": "assistant", "content": text(1, 6)}, {"role": "user", "content": text(2, 8)}]
+        chosen, rejected = response(), response()
+        if chosen != rejected:
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def multi_turn(setup):
+    """The parity setup again with a Llama-3-style tokenizer (turns end in <|eot_id|>, nothing after it, so both
+    libraries score the same tokens) and multi-turn conversational pairs; TRL's evaluate() on them."""
+    root = setup["root"] / "multi"
+    tokenizer = make_tokenizer(chat_template="llama3")
+    dirs = {}
+    for name, seed in (("policy", 1), ("reference", 2)):
+        dirs[name] = str(root / name)
+        make_llama(vocab_size=len(tokenizer), seed=seed, initializer_range=0.3).save_pretrained(dirs[name])
+        tokenizer.save_pretrained(dirs[name])
+    rows = _conversations(N_PAIRS)
+    data = root / "chat.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args = DPOConfig(output_dir=str(root / "trl"), per_device_eval_batch_size=TRL_EVAL_BATCH, beta=0.1,
+                     max_length=None, use_cpu=True, bf16=False, fp16=False, disable_dropout=True, report_to=[],
+                     save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0)
+    dataset = Dataset.from_list(rows)
+    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(dirs["policy"], dtype="float32"),
+                         ref_model=AutoModelForCausalLM.from_pretrained(dirs["reference"], dtype="float32"),
+                         args=args, train_dataset=dataset, eval_dataset=dataset, processing_class=tokenizer)
+    metrics = {k.removeprefix("eval_"): v for k, v in trainer.evaluate().items()}
+    return {"tokenizer": tokenizer, "rows": rows, "data": str(data), "trainer": trainer, "trl": metrics, **dirs}
+
+
+def test_multi_turn_data_tokenises_identically_and_eval_matches_trl(multi_turn):
+    tokenizer, rows = multi_turn["tokenizer"], multi_turn["rows"]
+    records = [PreferencePair(r["prompt"], r["chosen"], r["rejected"], f"row {i}") for i, r in enumerate(rows)]
+    examples, report = tokenize_examples(records, tokenizer, TokenizeConfig())
+    assert report.kept == N_PAIRS and not report.prompts_truncated
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    for ours, theirs in zip(examples, multi_turn["trainer"].eval_dataset):
+        assert list(ours.prompt_ids) == theirs["prompt_ids"]
+        assert [list(r) for r in ours.responses] == [theirs["chosen_ids"], theirs["rejected_ids"]]
+        assert ours.responses[0][-1] == ours.responses[1][-1] == eot
+    assert any(len(r["prompt"]) == 4 for r in rows) and any(len(r["chosen"]) == 2 for r in rows)
+    ours = evaluate(multi_turn["policy"], multi_turn["data"], ref_model=multi_turn["reference"], beta=0.1,
+                    batch_size=7, log=lambda *_: None)
+    assert ours["examples"] == N_PAIRS
+    _assert_close(ours, multi_turn["trl"], "multi-turn conversational data")
+    assert abs(multi_turn["trl"]["rewards/margins"]) > 0.05 and 0 < multi_turn["trl"]["rewards/accuracies"] < 1
+
+
+def test_multi_turn_chatml_differs_only_by_the_newline_trl_scores(multi_turn, chat_tokenizer):
+    """With ChatML the one difference is the documented one, turn by turn: TRL also scores the "\\n" after the
+    final <|im_end|>; the prompts and everything before that newline are the same ids."""
+    rows = multi_turn["rows"][:6]
+    records = [PreferencePair(r["prompt"], r["chosen"], r["rejected"], f"row {i}") for i, r in enumerate(rows)]
+    examples, _ = tokenize_examples(records, chat_tokenizer, TokenizeConfig())
+    trainer = multi_turn["trainer"]
+    theirs = list(trainer._prepare_dataset(Dataset.from_list(rows), chat_tokenizer, trainer.args, "chatml"))
+    newline = chat_tokenizer("\n")["input_ids"]
+    for ours, trl_row in zip(examples, theirs):
+        assert list(ours.prompt_ids) == trl_row["prompt_ids"]
+        assert trl_row["chosen_ids"] == list(ours.responses[0]) + newline
+        assert trl_row["rejected_ids"] == list(ours.responses[1]) + newline

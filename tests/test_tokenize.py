@@ -57,6 +57,84 @@ def test_chat_template_renders_prompt_with_generation_prompt_and_no_extra_eos(ch
     assert example.responses[0][-1] == chat_tokenizer.convert_tokens_to_ids("<|im_end|>")
 
 
+MULTI_TURN = PreferencePair(
+    [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"},
+     {"role": "assistant", "content": "sure"}, {"role": "user", "content": "the film"}],
+    [{"role": "assistant", "content": "was great"}],
+    [{"role": "assistant", "content": "no"}, {"role": "assistant", "content": "was bad"}],  # two messages
+    "multi.jsonl:1")
+# Pinned ids. ChatML: <|im_start|> 1, <|im_end|> 2, "\n" 201, EOS 0. Llama 3: <|begin_of_text|> 320,
+# <|start_header_id|> 321, <|end_header_id|> 322, <|eot_id|> 323. The shared words: "was great" 89 282 294 271 264,
+# "no" 80 81, "was bad" 89 282 274 67 70, "assistant" 282 85 267 86 278 86.
+PINNED = {
+    "chatml": (
+        [1, 85, 91, 85, 86, 71, 79, 201, 68, 71, 274, 84, 75, 71, 72, 2, 201, 1, 87, 85, 269, 201, 287, 263, 2, 201,
+         1, 282, 85, 267, 86, 278, 86, 201, 85, 87, 271, 2, 201, 1, 87, 85, 269, 201, 86, 265, 283, 317, 2, 201,
+         1, 282, 85, 267, 86, 278, 86, 201],
+        [89, 282, 294, 271, 264, 2],
+        [80, 81, 2, 201, 1, 282, 85, 267, 86, 278, 86, 201, 89, 282, 274, 67, 70, 2],
+        "was great<|im_end|>", "no<|im_end|>\n<|im_start|>assistant\nwas bad<|im_end|>"),
+    "llama3": (
+        [320, 321, 85, 91, 85, 86, 71, 79, 322, 201, 201, 68, 71, 274, 84, 75, 71, 72, 323, 321, 87, 85, 269, 322,
+         201, 201, 287, 263, 323, 321, 282, 85, 267, 86, 278, 86, 322, 201, 201, 85, 87, 271, 323, 321, 87, 85,
+         269, 322, 201, 201, 86, 265, 283, 317, 323, 321, 282, 85, 267, 86, 278, 86, 322, 201, 201],
+        [89, 282, 294, 271, 264, 323],
+        [80, 81, 323, 321, 282, 85, 267, 86, 278, 86, 322, 201, 201, 89, 282, 274, 67, 70, 323],
+        "was great<|eot_id|>", "no<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nwas bad<|eot_id|>"),
+}
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama3"])
+def test_multi_turn_conversations_score_exactly_the_final_assistant_turns(template):
+    """A prompt of system, user, assistant, user turns ends in the generation prompt; the scored tokens are the
+    final assistant turn(s) the template renders, through the end-of-turn token (no EOS after it: <|eot_id|> is
+    special although Llama 3 does not name it in a special-token slot); the BOS comes once, from the template."""
+    tokenizer = make_tokenizer(chat_template=template)
+    example, _ = _one(tokenizer, MULTI_TURN)
+    prompt_ids, chosen_ids, rejected_ids, chosen_text, rejected_text = PINNED[template]
+    assert list(example.prompt_ids) == prompt_ids
+    assert [list(r) for r in example.responses] == [chosen_ids, rejected_ids]
+    assert [tokenizer.decode(r) for r in example.responses] == [chosen_text, rejected_text]
+    full = tokenizer.apply_chat_template(MULTI_TURN.prompt + MULTI_TURN.rejected, tokenize=False)
+    assert tokenizer.decode(example.prompt_ids + example.responses[1]) == full.rstrip()
+    assert tokenizer.eos_token_id not in example.prompt_ids + example.responses[0] + example.responses[1]
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama3"])
+def test_apply_chat_template_tokenises_plain_text_exactly_like_conversational_data(template):
+    tokenizer = make_tokenizer(chat_template=template)
+    plain = [PreferencePair("the film", "was great", "was bad", "a:1"), Completion("", "sure", "a:2")]
+    chat = [PreferencePair([{"role": "user", "content": "the film"}], [{"role": "assistant", "content": "was great"}],
+                           [{"role": "assistant", "content": "was bad"}], "a:1"),
+            Completion([{"role": "user", "content": ""}], [{"role": "assistant", "content": "sure"}], "a:2")]
+    wrapped = [_one(tokenizer, r, apply_chat_template=True)[0] for r in plain]
+    assert wrapped == [_one(tokenizer, r)[0] for r in chat]
+    assert tokenizer.decode(wrapped[0].responses[0]) == PINNED[template][3]
+    raw = _one(tokenizer, plain[0])[0]  # without the setting: raw text, prompt and response glued
+    assert raw.prompt_ids == tuple(tokenizer("the film")["input_ids"]) and raw.responses[0][-1] == 0
+
+
+def test_plain_text_with_a_chat_template_is_warned_with_the_count(tokenizer, chat_tokenizer):
+    from dpokit.tokenize import plain_text_warning
+
+    records = [PreferencePair("a", "b", "c", "x:1"), MULTI_TURN, Completion("d", "e", "x:3")]
+    warning = plain_text_warning(records, chat_tokenizer, TokenizeConfig())
+    assert warning.startswith("warning: 2 of 3 examples are plain text") and "--apply-chat-template" in warning
+    assert plain_text_warning(records, chat_tokenizer, TokenizeConfig(apply_chat_template=True)) is None
+    assert plain_text_warning(records, tokenizer, TokenizeConfig()) is None  # no template: raw text is right
+    assert plain_text_warning([MULTI_TURN], chat_tokenizer, TokenizeConfig()) is None
+    with pytest.raises(ConfigError, match="--apply-chat-template needs a tokenizer with a chat template"):
+        tokenize_examples(records[:1], tokenizer, TokenizeConfig(apply_chat_template=True))
+
+
+def test_a_template_that_refuses_a_conversation_is_a_data_error_naming_the_record():
+    tokenizer = make_tokenizer(chat_template=True)
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                               "{{ raise_exception('no system turns') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(DataError, match="multi.jsonl:1: the chat template refused the conversation: no system"):
+        _one(tokenizer, MULTI_TURN)
+
+
 def test_conversational_data_without_chat_template_is_a_clear_error(tokenizer):
     pair = PreferencePair([{"role": "user", "content": "hi"}], [{"role": "assistant", "content": "a"}],
                           [{"role": "assistant", "content": "b"}], "data.jsonl:4")
@@ -171,7 +249,8 @@ def reference_tokenize_examples(records, tokenizer, config):
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ConfigError("the tokenizer has no EOS token; set tokenizer.eos_token before training")
-    specials = set(tokenizer.all_special_ids)
+    # rules version 2: tokens added as special count as special even outside the named slots
+    specials = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     bos = tokenizer.bos_token_id
     start = bos if bos is not None else eos
     report = FilterReport()

@@ -27,9 +27,10 @@ def evaluate(model: str, data: str, **kwargs) -> dict[str, float]:
     return run(model, data, **kwargs)
 
 
-def generate(model: str, prompts: list[str], **kwargs) -> list[list[str]]:
-    """Sample continuations (see dpokit.api.generate)."""
-    from dpokit.api import generate as run
+def generate(model: str, prompts: list, **kwargs) -> list[list[str]]:
+    """Sample continuations, or a chat model's replies: prompts are strings or lists of chat messages, rendered
+    with the tokenizer's chat template when it has one (see dpokit.generation.generate for the options)."""
+    from dpokit.generation import generate as run
 
     return run(model, prompts, **kwargs)
 

@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from dpokit.checkpoint import run_identity, save_final
 from dpokit.config import TrainConfig
@@ -23,6 +23,7 @@ from dpokit.data import ColumnMap, load_completions, load_preferences, split_eva
 from dpokit.engine import (ReferenceState, Scorer, check_engine, engine_name, engine_on_cpu, place_reference,
                            shards_parameters)
 from dpokit.errors import ConfigError
+from dpokit.generation import Sample, generate, sample, sample_ids  # noqa: F401  (the API's names, kept here)
 from dpokit.logprobs import check_layout
 from dpokit.lora import trained_adapter_weight
 from dpokit.models import load_model, load_policy, load_tokenizer
@@ -44,7 +45,8 @@ def _columns(config: TrainConfig) -> ColumnMap:
 
 def tokenize_config(config: TrainConfig) -> TokenizeConfig:
     """The tokenisation settings of a training config."""
-    return TokenizeConfig(config.max_length, config.max_prompt_length, config.truncation, config.on_filtered)
+    return TokenizeConfig(config.max_length, config.max_prompt_length, config.truncation, config.on_filtered,
+                          config.apply_chat_template)
 
 
 @dataclass
@@ -66,7 +68,7 @@ def prepare_data(config: TrainConfig, stage: str, tokenizer: PreTrainedTokenizer
     Only the process with LOCAL_RANK 0 writes entries.
     """
     from dpokit.datacache import open_cache
-    from dpokit.tokenize import release_freed_memory
+    from dpokit.tokenize import plain_text_warning, release_freed_memory
 
     settings = tokenize_config(config)
     if use_cache is None:
@@ -102,6 +104,9 @@ def prepare_data(config: TrainConfig, stage: str, tokenizer: PreTrainedTokenizer
         elif config.eval_fraction:
             records, eval_records = split_eval(records, config.eval_fraction, config.seed)
             say(f"eval data: {len(eval_records)} examples held out of {config.data} (seed {config.seed})")
+        warning = plain_text_warning([*records, *eval_records], tokenizer, settings)
+        if warning:
+            say(warning)
         train_examples, train_report = tokenize_examples(records, tokenizer, settings, description="tokenising",
                                                          sink=writer and writer.sink("train"))
         del records
@@ -295,18 +300,21 @@ def evaluate(
     dtype: str = "float32",
     layout: str = "packed",
     on_filtered: str = "skip",
+    apply_chat_template: bool = False,
     log=print,
 ) -> dict[str, float]:
     """Preference loss, reward accuracy, margins and log-probs of `model` against `ref_model` on `data`.
 
-    Nothing is trained. Without `ref_model` the evaluation is reference-free.
+    Nothing is trained. Without `ref_model` the evaluation is reference-free. `apply_chat_template` renders
+    plain-text data with the chat template, as in training (TrainConfig.apply_chat_template).
     """
     if ref_model is None and not reference_free and loss not in REFERENCE_FREE_LOSSES:
         raise ConfigError("evaluation needs --ref-model (or --reference-free)")
     config = TrainConfig(model=model, data=data, output="-", loss=loss, beta=beta, label_smoothing=label_smoothing,
                          reference_free=reference_free, batch_size=batch_size, max_length=max_length,
                          max_prompt_length=max_prompt_length, truncation=truncation, format=format, dtype=dtype,
-                         layout=layout, on_filtered=on_filtered, ref_model=ref_model, simpo_gamma=simpo_gamma)
+                         layout=layout, on_filtered=on_filtered, ref_model=ref_model, simpo_gamma=simpo_gamma,
+                         apply_chat_template=apply_chat_template)
     accelerator = make_accelerator(config)
     tokenizer = load_tokenizer(model)
     examples = prepare_data(config, "dpo", tokenizer, log).train
@@ -319,72 +327,3 @@ def evaluate(
     metrics = evaluate_objective(policy, objective, examples, config, accelerator, pad)
     metrics["examples"] = len(examples)
     return metrics
-
-
-@torch.no_grad()
-def generate(
-    model: str,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int = 64,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    num_samples: int = 1,
-    seed: int = 0,
-    batch_size: int = 16,
-) -> list[list[str]]:
-    """Sample `num_samples` continuations of each prompt (greedy when temperature is 0)."""
-    tokenizer = load_tokenizer(model)
-    policy = load_model(model)
-    return sample(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                  top_p=top_p, num_samples=num_samples, seed=seed, batch_size=batch_size)
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One sampled continuation: the prompt ids, the generated ids (through EOS if emitted), and its text."""
-
-    prompt_ids: list[int]
-    ids: list[int]
-    text: str
-
-
-@torch.no_grad()
-def sample_ids(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *,
-               max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, num_samples: int = 1,
-               seed: int = 0, batch_size: int = 16) -> list[list[Sample]]:
-    """`num_samples` continuations of each prompt from an in-memory model, with their token ids.
-
-    Batches are left-padded; each prompt is tokenised as in training; temperature 0 is greedy. `batch_size`
-    counts sequences (prompts × samples).
-    """
-    if temperature < 0 or not 0 < top_p <= 1 or num_samples < 1 or max_new_tokens < 1:
-        raise ConfigError("need temperature >= 0, 0 < top_p <= 1, num_samples >= 1 and max_new_tokens >= 1")
-    torch.manual_seed(seed)
-    policy.eval()
-    policy.generation_config.max_length = None  # max_new_tokens decides; silences transformers' warning
-    device = next(policy.parameters()).device
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 \
-        else dict(do_sample=False)
-    flat = [p for p in prompts for _ in range(num_samples)]
-    outputs: list[Sample] = []
-    for i in range(0, len(flat), batch_size):
-        encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] or [start] for p in flat[i : i + batch_size]]
-        width = max(map(len, encoded))
-        ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
-        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
-        generated = policy.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                    pad_token_id=pad, eos_token_id=eos, **sampling)[:, width:].tolist()
-        for prompt_ids, tokens in zip(encoded, generated):
-            if eos in tokens:
-                tokens = tokens[: tokens.index(eos) + 1]
-            outputs.append(Sample(prompt_ids, tokens, tokenizer.decode(tokens, skip_special_tokens=True)))
-    return [outputs[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
-
-
-def sample(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-           **options) -> list[list[str]]:
-    """The texts of :func:`sample_ids` (same options)."""
-    return [[s.text for s in group] for group in sample_ids(policy, tokenizer, prompts, **options)]

@@ -1,28 +1,147 @@
-"""`dpokit` command line: a thin face over dpokit.api. Errors are one line on stderr and exit code 2."""
+"""`dpokit` command line: a thin face over dpokit.api. Errors are one line on stderr and exit code 2.
+
+Parsing and every check that needs no model run before torch or transformers are imported, so `--help`,
+`--version` and a mistyped option answer at once (tests/test_cli.py checks that they are not imported).
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import os
 import shlex
 import sys
 from typing import Any
 
-from dpokit.config import TrainConfig, fields_for, make_config, read_yaml
-from dpokit.errors import EXIT_INTERRUPTED, DpokitError, Interrupted
-from dpokit.loss_config import LOSS_TYPES
+from dpokit.config import REQUIRED, Default, TrainConfig, fields_for, load_yaml_mapping, make_config, read_yaml
+from dpokit.errors import EXIT_INTERRUPTED, ConfigError, DpokitError, Interrupted
+from dpokit.inputs import check_data_spec, check_model_spec
+from dpokit.loss_config import LOSS_TYPES, REFERENCE_FREE_LOSSES
 
 EPILOG = "Any option can also be given in a YAML file with --config (keys are the option names with underscores); flags override it."
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with usage errors on one line (no usage dump) like every other dpokit error; exit code 2."""
+    """argparse, with usage errors on one line (no usage dump) like every other dpokit error; exit code 2.
+
+    No abbreviated flags (``--be`` is not ``--beta``); an unknown flag is answered with the closest known one.
+    A command's ``--config FILE.yaml`` is read before its flags: its values become the command's defaults (so
+    flags override them, and an option the YAML gives is no longer missing), checked against the command's
+    options by `read_config`.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self.read_config = None  # a command's YAML reader: path -> {dest: value}
 
     def error(self, message: str):
         """Print `message` on one line and exit with code 2."""
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        """As argparse's, with the YAML of ``--config`` as defaults and unknown flags an error with a hint."""
+        if self.read_config is None:
+            return super().parse_known_args(args, namespace)
+        args = list(sys.argv[1:] if args is None else args)
+        path = _config_path(args)
+        if path is not None:
+            try:
+                values = self.read_config(path)
+            except DpokitError as error:
+                self.error(str(error))
+            _yaml_defaults(self, values)
+        unknown = _unknown_flags(self, args)
+        if unknown:  # before argparse's own checks: a mistyped flag often is the "missing" required one
+            self.error(_unrecognized(self, unknown, "unknown option" + "s" * (len(unknown) > 1)))
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(_unrecognized(self, extras))
+        return namespace, extras
+
+
+def _config_path(args: list[str]) -> str | None:
+    """The value of ``--config`` in a command's arguments (the last one given), or None."""
+    path = None
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        if arg == "--config" and i + 1 < len(args):
+            path = args[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+    return path
+
+
+def _yaml_defaults(parser: argparse.ArgumentParser, values: dict[str, Any]) -> None:
+    """Make YAML values the parser's defaults; an option (or exclusive group) the YAML gives is not required."""
+    parser.set_defaults(**values)
+    for action in parser._actions:
+        if action.dest in values:
+            action.required = False
+    for group in parser._mutually_exclusive_groups:
+        if any(action.dest in values for action in group._group_actions):
+            group.required = False
+
+
+def _flags(parser: argparse.ArgumentParser) -> list[str]:
+    return [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
+
+
+def _unknown_flags(parser: argparse.ArgumentParser, args: list[str]) -> list[str]:
+    """The ``--flags`` in `args` that `parser` does not know (exact names only: no abbreviations)."""
+    known = set(_flags(parser))
+    unknown = []
+    for arg in args:
+        if arg == "--":
+            break
+        flag = arg.split("=", 1)[0]
+        if flag.startswith("--") and flag not in known:
+            unknown.append(flag)
+    return unknown
+
+
+def _unrecognized(parser: argparse.ArgumentParser, extras: list[str], what: str = "unrecognized arguments") -> str:
+    """argparse's message for unknown arguments, with the closest known flag for each mistyped one."""
+    flags = _flags(parser)
+    hints = []
+    for word in extras:
+        flag = word.split("=", 1)[0]
+        if flag.startswith("--") and flag not in flags:
+            close = difflib.get_close_matches(flag, flags, n=1, cutoff=0.6)
+            hints += [(flag, close[0])] if close else []
+    message = f"{what}: {' '.join(extras)}"
+    if len(hints) == 1:
+        return f"{message} (did you mean {hints[0][1]}?)"
+    return message + (" (did you mean " + ", ".join(f"{good} for {bad}" for bad, good in hints) + "?)" if hints else "")
+
+
+def _option_yaml_reader(parser: argparse.ArgumentParser, command: str):
+    """A YAML reader for a command whose options are plain argparse ones: keys are its option names, values are
+    checked against each option's type and choices."""
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
+
+    def read(path: str) -> dict[str, Any]:
+        values = load_yaml_mapping(path, command, actions)
+        for key, value in values.items():
+            action = actions[key]
+            if action.nargs == 0:  # store_true / --x/--no-x
+                ok, kind = isinstance(value, bool), "true or false"
+            elif action.type in (int, float):
+                ok = isinstance(value, (int, float) if action.type is float else int) and not isinstance(value, bool)
+                kind = "a number" if action.type is float else "an integer"
+            else:
+                ok, kind = isinstance(value, str) or (value is None and action.default is None), "a string"
+            if not ok:
+                raise ConfigError(f"{path}: option '{key}' must be {kind}, got {value!r}")
+            if action.choices and value not in action.choices:
+                raise ConfigError(f"{path}: option '{key}' must be one of {', '.join(map(str, action.choices))}; "
+                                  f"got {value!r}")
+        return values
+
+    return read
 
 
 def _flag(name: str) -> str:
@@ -51,9 +170,11 @@ def _add_config_options(parser: argparse.ArgumentParser, stage: str) -> None:
             continue
         choices = field.metadata.get("choices")
         parser.add_argument(_flag(field.name), type=kind, choices=choices, default=argparse.SUPPRESS,
+                            required=field.name in REQUIRED,
                             metavar=None if choices else field.name.upper(),
                             help=f"{help_text} (default: {default})" if default is not None else help_text)
     parser.add_argument("--config", metavar="FILE.yaml", help="read options from a YAML file; flags override it")
+    parser.read_config = lambda path: read_yaml(path, stage)
 
 
 def _train_config(stage: str, args: argparse.Namespace) -> TrainConfig:
@@ -67,19 +188,44 @@ def _print_metrics(metrics: dict) -> None:
         print(json.dumps({"eval": metrics}))
 
 
+def _quiet_progress_bars() -> None:
+    """transformers' "Loading weights"/"Writing model shards" bars off (dpokit shows its own progress): through the
+    environment while transformers is not imported yet, so that parsing and option checks stay fast."""
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    else:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def _cmd_dpo(args):
+    from dpokit.inputs import check_train_inputs
+
+    config = _train_config("dpo", args)
+    check_train_inputs(config)
     from dpokit.api import train_dpo
 
-    _print_metrics(train_dpo(_train_config("dpo", args)))
+    _print_metrics(train_dpo(config))
 
 
 def _cmd_sft(args):
+    from dpokit.inputs import check_train_inputs
+
+    config = _train_config("sft", args)
+    check_train_inputs(config)
     from dpokit.api import train_sft
 
-    _print_metrics(train_sft(_train_config("sft", args)))
+    _print_metrics(train_sft(config))
 
 
 def _cmd_eval(args):
+    check_model_spec("--model", args.model, gguf_file=args.gguf_file)
+    if args.ref_model is not None:
+        check_model_spec("--ref-model", args.ref_model)
+    elif not args.reference_free and args.loss not in REFERENCE_FREE_LOSSES:
+        raise ConfigError("evaluation needs --ref-model (or --reference-free)")
+    check_data_spec("--data", args.data)
     from dpokit.api import evaluate
 
     log = (lambda *_: None) if args.json else print
@@ -87,7 +233,8 @@ def _cmd_eval(args):
                        label_smoothing=args.label_smoothing, reference_free=args.reference_free,
                        simpo_gamma=args.simpo_gamma, batch_size=args.batch_size, max_length=args.max_length,
                        max_prompt_length=args.max_prompt_length, truncation=args.truncation, format=args.format,
-                       dtype=args.dtype, on_filtered=args.on_filtered, log=log)
+                       dtype=args.dtype, on_filtered=args.on_filtered,
+                       apply_chat_template=args.apply_chat_template, log=log)
     if args.json:
         print(json.dumps(metrics))
     else:
@@ -96,19 +243,23 @@ def _cmd_eval(args):
 
 
 def _cmd_generate(args):
-    from dpokit.api import generate
+    from dpokit.prompts import parse_prompt, read_prompts
 
-    if args.prompts:
-        from pathlib import Path
+    prompts = read_prompts(args.prompts) if args.prompts else [parse_prompt(args.prompt)]
+    check_model_spec("--model", args.model)
+    from dpokit.generation import generate_samples
 
-        prompts = [line for line in Path(args.prompts).read_text().splitlines() if line.strip()]
-    else:
-        prompts = [args.prompt]
-    outputs = generate(args.model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       top_p=args.top_p, num_samples=args.num_samples, seed=args.seed)
+    outputs = generate_samples(args.model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                               top_p=args.top_p, num_samples=args.num_samples, seed=args.seed,
+                               batch_size=args.batch_size, chat_template=args.chat_template, system=args.system)
     for prompt, samples in zip(prompts, outputs):
-        for text in samples:
-            print(json.dumps({"prompt": prompt, "completion": text}) if args.jsonl else prompt + text)
+        for sample in samples:
+            if sample.messages is not None:  # templated: the conversation sent and the reply
+                print(json.dumps({"prompt": sample.messages, "completion": sample.text}, ensure_ascii=False))
+            elif args.jsonl:
+                print(json.dumps({"prompt": prompt, "completion": sample.text}, ensure_ascii=False))
+            else:
+                print(prompt + sample.text)
 
 
 def _cmd_merge(args):
@@ -118,6 +269,7 @@ def _cmd_merge(args):
 
 
 DEMO_HELP = {
+    check_model_spec("--adapter", args.adapter)
     "output": "output directory: report.json, plots, the SFT and DPO models",
     "model": "base model to start from (default: the embedded tiny review model)",
     "judge": "judge: vader, module.path:function (text -> float), or classifier:PATH:LABEL",
@@ -143,7 +295,7 @@ DEMO_HELP = {
 
 
 def _add_demo_options(parser: argparse.ArgumentParser) -> None:
-    from dpokit.demo import DemoConfig
+    from dpokit.demo_config import DemoConfig
 
     for field in dataclasses.fields(DemoConfig):
         kind = {int: int, float: float}.get(type(field.default), str)
@@ -151,9 +303,14 @@ def _add_demo_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_demo(args):
-    from dpokit.demo import DemoConfig, run_demo
+    from dpokit.demo_config import DemoConfig
 
-    run_demo(DemoConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "func")}))
+    config = DemoConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "func", "config")})
+    if config.model is not None:
+        check_model_spec("--model", config.model)
+    from dpokit.demo import run_demo
+
+    run_demo(config)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,12 +342,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--reference-free", action="store_true",
                     help="score without a reference model (implied by simpo and orpo)")
     ev.add_argument("--batch-size", type=int, default=8, help="examples per batch")
-    ev.add_argument("--max-length", type=int, default=512, help="maximum prompt + response tokens")
-    ev.add_argument("--max-prompt-length", type=int, default=256, help="prompt length for too-long examples")
+    ev.add_argument("--gguf-file", help="load --model from this GGUF file in the --model directory (dequantised)")
+    ev.add_argument("--max-length", type=int, default=Default(512),
+                    help="maximum prompt + response tokens (the default is lowered to the model's maximum positions)")
+    ev.add_argument("--max-prompt-length", type=int, default=Default(256),
+                    help="prompt length for too-long examples (the default is lowered to half of --max-length)")
     ev.add_argument("--truncation", default="keep_end", choices=("keep_end", "keep_start"), help="prompt end kept")
     ev.add_argument("--format", default="auto", help="data format (auto-detected by default)")
     ev.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="model dtype")
     ev.add_argument("--on-filtered", default="skip", choices=("skip", "error"), help="identical/too-long pairs")
+    ev.add_argument("--apply-chat-template", action="store_true",
+                    help="render plain-text data with the chat template (prompt = user turn, response = assistant "
+                         "turn), as dpokit dpo --apply-chat-template does")
     ev.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
     ev.set_defaults(func=_cmd_eval)
 
@@ -199,17 +362,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_options(demo)
     demo.set_defaults(func=_cmd_demo)
 
-    gen = commands.add_parser("generate", formatter_class=fmt, help="sample continuations of prompts")
+    gen = commands.add_parser(
+        "generate", formatter_class=fmt, help="sample continuations of prompts, or a chat model's replies",
+        epilog="With a chat model (a tokenizer with a chat template) every prompt is rendered with the template "
+               "and each reply is printed as one JSON line {\"prompt\": [messages sent], \"completion\": reply}, "
+               "which dpokit sft reads as conversational data. Generation stops at EOS and at the template's "
+               "end-of-turn token.")
     gen.add_argument("--model", required=True, help="model directory, LoRA adapter directory or hub name")
     source = gen.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", help="one prompt")
-    source.add_argument("--prompts", help="a text file with one prompt per line")
+    source.add_argument("--prompt", help='one prompt: text, or a JSON list of messages '
+                                         '(\'[{"role": "user", "content": "hi"}]\')')
+    source.add_argument("--prompts", metavar="FILE",
+                        help="prompts: FILE.jsonl with one JSON string, message list or {\"prompt\"|\"messages\": ...} "
+                             "object per line; any other file: one plain-text prompt per line")
+    gen.add_argument("--system", help="a system message put before each prompt that has none (chat models)")
+    gen.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
+                     help="render prompts with the tokenizer's chat template (default: when it has one); "
+                          "--no-chat-template sends the raw text")
     gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
     gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     gen.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
-    gen.add_argument("--seed", type=int, default=0, help="random seed")
-    gen.add_argument("--jsonl", action="store_true", help="print one JSON object per sample")
+    gen.add_argument("--batch-size", type=int, default=16, help="sequences sampled together (prompts x samples)")
+    gen.add_argument("--seed", type=int, default=0, help="random seed (the same seed gives the same samples)")
+    gen.add_argument("--jsonl", action="store_true",
+                     help="print one JSON object per sample (always so when the chat template is applied)")
     gen.set_defaults(func=_cmd_generate)
 
     mer = commands.add_parser("merge", formatter_class=fmt,
@@ -225,13 +402,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `dpokit` command."""
     args = build_parser().parse_args(argv)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # "Loading weights"/"Writing model shards" bars: dpokit shows its own progress
+    _quiet_progress_bars()
     try:
         args.func(args)
     except Interrupted as stop:
         argv = list(sys.argv[1:] if argv is None else argv)
+
+    for name, command in commands.choices.items():  # --config for every command
+        if command.read_config is None:
+            command.add_argument("--config", metavar="FILE.yaml",
+                                 help="read options from a YAML file (keys are the option names); flags override it")
+            command.read_config = _option_yaml_reader(command, name)
         again = "dpokit " + " ".join(shlex.quote(a) for a in argv + ([] if "--resume" in argv else ["--resume"]))
         print(f"dpokit {args.command}: {stop}\nresume with: {again}"
               + ("   (under the same accelerate launch)" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""),
@@ -250,5 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+    except ConfigError as error:  # an option's fault: where to read about the options
+        print(f"dpokit {args.command}: error: {error} (see dpokit {args.command} --help)", file=sys.stderr)
+        return 2
 if __name__ == "__main__":
     sys.exit(main())

@@ -48,6 +48,9 @@ class TrainConfig:
     data_cache_dir: str | None = opt(None, "where tokenised data is cached (default: $DPOKIT_CACHE or "
                                      "~/.cache/dpokit/tokenized)")
     on_filtered: str = opt("skip", "what to do with identical or too-long pairs: skip them (counted) or fail", choices=("skip", "error"))
+    apply_chat_template: bool = opt(False, "render plain-text (standard-format) data with the tokenizer's chat "
+                                    "template: each prompt as a user turn, each response as the assistant turn, "
+                                    "tokenised exactly like conversational data")
 
     ref_model: str | None = opt(None, "reference model (default: a frozen copy of --model)", DPO)
     ref_dtype: str | None = opt(None, "reference model dtype (default: --dtype)", DPO, ("float32", "bfloat16", "float16"))

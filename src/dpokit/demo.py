@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from dpokit.api import Sample, load_model, load_tokenizer, make_accelerator, sample_ids, train_dpo, train_sft
+from dpokit.api import load_model, load_tokenizer, make_accelerator, train_dpo, train_sft
 from dpokit.batching import collate
 from dpokit.config import TrainConfig
 from dpokit.data.records import PreferencePair
@@ -35,6 +35,7 @@ from dpokit.judges import POSITIVE_THRESHOLD, load_judge
 from dpokit.logprobs import sequence_logprobs
 from dpokit.losses import LossConfig
 from dpokit.engine import Scorer
+from dpokit.generation import Sample, sample_ids
 from dpokit.objective import DPOObjective
 from dpokit.reference import ModelReference
 from dpokit.report import plot_report
@@ -82,7 +83,8 @@ class DemoConfig:
 def sample_continuations(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], n: int,
                          config: DemoConfig, seed: int) -> list[list[Sample]]:
     """`n` continuations per prompt, sampled at the demo's temperature with no top-k/top-p truncation, so that
-    they are exact samples of the model (the KL estimate relies on it)."""
+    they are exact samples of the model (the KL estimate relies on it). dpokit's one sampler: a model with a chat
+    template would get it here as in `dpokit generate`; the embedded model has none, so prompts go as raw text."""
     return sample_ids(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens,
                       temperature=config.temperature, num_samples=n, seed=seed, batch_size=32 * n)
 

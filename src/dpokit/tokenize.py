@@ -9,8 +9,12 @@ The rules, which tests/test_tokenize.py pins down:
   response token has a position that predicts it.
 * **EOS.** The EOS token is appended to every response, unless the response already ends with a special
   token (a chat template's end-of-turn marker, say).
-* **Chat.** Conversational records are rendered with the tokenizer's chat template: the prompt with
-  ``add_generation_prompt=True``, each response as the text the full conversation adds after it.
+* **Chat.** Conversational records are rendered with the tokenizer's chat template: the prompt (any number of
+  system/user/assistant turns) with ``add_generation_prompt=True``, each response (one or more assistant
+  messages) as the text the full conversation adds after it, trailing whitespace stripped; so the scored tokens
+  are exactly the final assistant turn(s) the template renders, through its end-of-turn token. With
+  ``apply_chat_template`` a plain-text record is first wrapped as a conversation (prompt = one user turn,
+  response = one assistant turn) and then tokenised exactly like conversational data.
 * **Truncation.** If prompt + longest response exceeds ``max_length``, the prompt is cut to
   ``max_prompt_length`` tokens, keeping its end (``keep_end``, right for dialogue) or its start
   (``keep_start``); a leading BOS is kept either way. Responses are never cut (a cut response loses its
@@ -34,6 +38,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from jinja2 import TemplateError
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
@@ -41,7 +46,7 @@ from dpokit.data.records import Completion, PreferencePair, Text
 from dpokit.errors import ConfigError, DataError
 
 # Bump when a change of the rules changes the token ids of any record: cached tokenised data is keyed on it.
-RULES_VERSION = 1
+RULES_VERSION = 2  # 2: tokens added as special outside the named slots count as special (no EOS after them)
 TRUNCATION_MODES = ("keep_end", "keep_start")
 FILTER_POLICIES = ("skip", "error")
 
@@ -54,6 +59,7 @@ class TokenizeConfig:
     max_prompt_length: int = 256
     truncation: str = "keep_end"
     on_filtered: str = "skip"
+    apply_chat_template: bool = False  # wrap plain-text records as a user turn and an assistant turn
 
     def __post_init__(self) -> None:
         if self.truncation not in TRUNCATION_MODES:
@@ -112,7 +118,11 @@ class FilterReport:
 
 
 def _special_ids(tokenizer) -> set[int]:
-    return set(tokenizer.all_special_ids)
+    # all_special_ids misses tokens added as special outside the named slots (Llama 3's <|eot_id|>)
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return set(tokenizer.all_special_ids) | {i for i, token in added.items() if getattr(token, "special", False)}
+
+
 
 
 def _start_token(tokenizer) -> int:
@@ -120,6 +130,35 @@ def _start_token(tokenizer) -> int:
     if token is None:
         raise ConfigError("the tokenizer has neither a BOS nor an EOS token; dpokit needs an EOS token")
     return token
+
+
+def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether `tokenizer` carries a chat template."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def user_turn(prompt: str) -> list[dict]:
+    """A plain-text prompt as a conversation: one user turn."""
+    return [{"role": "user", "content": prompt}]
+
+
+def assistant_turn(response: str) -> list[dict]:
+    """A plain-text response as one assistant turn."""
+    return [{"role": "assistant", "content": response}]
+
+
+def plain_text_warning(records: Sequence[PreferencePair | Completion], tokenizer: PreTrainedTokenizerBase,
+                       config: TokenizeConfig) -> str | None:
+    """The warning for plain-text (standard-format) records tokenised as raw text although the tokenizer has a
+    chat template (the prompt and response are then glued with no turn markers), or None when there is none."""
+    if config.apply_chat_template or not has_chat_template(tokenizer):
+        return None
+    plain = sum(isinstance(r.prompt, str) for r in records)
+    if not plain:
+        return None
+    return (f"warning: {plain} of {len(records)} examples are plain text but the tokenizer has a chat template: "
+            "they are tokenised as raw text (prompt and response run together, no turn markers); pass "
+            "--apply-chat-template to render each prompt as a user turn and each response as the assistant turn")
 
 
 def render_chat(tokenizer: PreTrainedTokenizerBase, prompt: list[dict], responses: Sequence[list[dict]], source: str) -> tuple[str, list[str]]:
@@ -134,10 +173,13 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, prompt: list[dict], response
             f"{source}: conversational data needs a tokenizer with a chat template; this one has none "
             "(set tokenizer.chat_template, or give the data as plain prompt/chosen/rejected strings)"
         )
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    try:
+        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        fulls = [tokenizer.apply_chat_template(list(prompt) + list(r), tokenize=False) for r in responses]
+    except TemplateError as error:  # a template's own check (roles must alternate, ...): name the record
+        raise DataError(f"{source}: the chat template refused the conversation: {error}") from None
     texts = []
-    for response in responses:
-        full = tokenizer.apply_chat_template(list(prompt) + list(response), tokenize=False)
+    for full in fulls:
         if not full.startswith(prompt_text):
             raise DataError(
                 f"{source}: the chat template does not render the prompt as a prefix of the conversation, "
@@ -145,6 +187,32 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, prompt: list[dict], response
             )
         texts.append(full[len(prompt_text):].rstrip())
     return prompt_text, texts
+
+
+def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: Text, source: str = "prompt") -> list[int]:
+    """The ids of one prompt exactly as tokenisation gives them (before any truncation): a message list rendered
+    with the chat template and its generation prompt, without added special tokens; plain text with the
+    tokenizer's special tokens, less a trailing EOS; an empty prompt as the start token. Generation uses this,
+    so that a model is sampled from the context it was trained on."""
+    if isinstance(prompt, list):
+        text, _ = render_chat(tokenizer, prompt, [], source)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if len(ids) > 1 and ids[-1] == tokenizer.eos_token_id:
+            ids = ids[:-1]
+    return list(ids) or [_start_token(tokenizer)]
+
+
+def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The token a chat template ends an assistant turn with (``<|im_end|>``, ``<|eot_id|>``): the last token
+    of a rendered assistant turn, as tokenisation scores it, when that is a special token; None when the
+    tokenizer has no chat template or the turn ends in ordinary text (responses then end with EOS)."""
+    if not has_chat_template(tokenizer):
+        return None
+    _, (text,) = render_chat(tokenizer, user_turn("hi"), [assistant_turn("ok")], "the chat template")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids[-1] if ids and ids[-1] in _special_ids(tokenizer) else None
 
 
 @dataclass
@@ -264,16 +332,22 @@ class _Context:
         self.start = _start_token(tokenizer)
         self.tokenizer = tokenizer
         self.config = config
+        if config.apply_chat_template and not has_chat_template(tokenizer):
+            raise ConfigError("--apply-chat-template needs a tokenizer with a chat template; this one has none")
 
 
-def _texts(records: Sequence[PreferencePair | Completion],
-           tokenizer) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
+def _texts(records: Sequence[PreferencePair | Completion], tokenizer,
+           wrap_plain: bool = False) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
     """Prompt texts (and whether each gets special tokens: plain text does, a rendered chat prompt does not),
-    the responses' texts in order and the number of responses of each record."""
+    the responses' texts in order and the number of responses of each record. `wrap_plain` renders plain-text
+    records as a user turn and an assistant turn (the apply_chat_template setting)."""
     prompts, special, responses, counts = [], [], [], []
     for record in records:
         resps = (record.chosen, record.rejected) if isinstance(record, PreferencePair) else (record.completion,)
         prompt: Text = record.prompt
+        if wrap_plain and isinstance(prompt, str):
+            prompt = user_turn(prompt)
+            resps = tuple(assistant_turn(r) if isinstance(r, str) else r for r in resps)
         if isinstance(prompt, list):
             prompt_text, texts = render_chat(tokenizer, prompt, resps, record.source)
             prompts.append(prompt_text)
@@ -291,7 +365,7 @@ def _tokenize_chunk(records: Sequence[PreferencePair | Completion], ctx: _Contex
     """Tokenise one chunk of records under the module's rules; filtered ones are counted in `report`."""
     config, eos = ctx.config, ctx.eos
     n = len(records)
-    prompts, special, responses, counts = _texts(records, ctx.tokenizer)
+    prompts, special, responses, counts = _texts(records, ctx.tokenizer, config.apply_chat_template)
 
     # prompts: plain ones with the tokenizer's special tokens, rendered chat prompts without
     prompt_ids: list = [None] * n

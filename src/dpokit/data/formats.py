@@ -226,6 +226,11 @@ def _response(row: dict, name: str, prov: str, *, conversational: bool, fmt: str
     if isinstance(value, str):
         return [{"role": "assistant", "content": _string(value, name, prov)}]
     messages = [_message(value, name, prov)] if isinstance(value, dict) else _messages(value, name, prov)
+    for i, m in enumerate(messages):  # every token of a response is scored: it must all be the assistant's
+        if m["role"] != "assistant":
+            where = name if isinstance(value, dict) else f"{name}[{i}]"
+            raise DataError(f"{prov}: field '{where}.role' is {m['role']!r}: a response holds only assistant "
+                            "messages (its tokens are the ones scored); earlier turns belong in the prompt")
     if all(not m["content"] or m["content"].isspace() for m in messages):
         raise DataError(f"{prov}: field {name!r} is empty")
     return messages

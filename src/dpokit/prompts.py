@@ -1,0 +1,78 @@
+"""Prompts as a user gives them to `dpokit generate`: plain text, or chat messages as JSON (light: no torch).
+
+``--prompt`` is plain text unless it is a JSON list of messages (``[{"role": "user", "content": "hi"}]``).
+A ``--prompts`` file ending in ``.jsonl`` holds one JSON value per non-blank line: a string (plain text), a list
+of messages, or an object with a ``prompt`` (string or messages) or ``messages`` field, so that the output of
+`dpokit generate` can be read back; any other file holds one plain-text prompt per non-blank line. Messages are
+checked like conversational data (roles, string contents), and errors name the file and line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Union
+
+from dpokit.errors import ConfigError, DataError
+
+Prompt = Union[str, list[dict]]  # plain text, or chat messages
+
+
+def _messages(value, where: str) -> list[dict]:
+    from dpokit.data.formats import _messages as checked_messages  # the conversational data's own checks
+
+    return checked_messages(value, "messages", where)
+
+
+def parse_prompt(text: str, where: str = "--prompt") -> Prompt:
+    """A `--prompt` value: a JSON list of messages (``[{"role": "user", "content": "hi"}]``), else plain text."""
+    if text.lstrip().startswith("["):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            return text  # text that happens to start with "["
+        return _messages(value, where)
+    return text
+
+
+def _prompt_of_line(value, where: str) -> Prompt:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return _messages(value, where)
+    if isinstance(value, dict):
+        if "messages" in value:
+            return _messages(value["messages"], where)
+        if isinstance(value.get("prompt"), (str, list)):
+            return _prompt_of_line(value["prompt"], where)
+    raise DataError(f"{where}: expected a JSON string, a list of messages, or an object with a 'prompt' or "
+                    f"'messages' field; got {json.dumps(value)[:60]}")
+
+
+def read_prompts(path: str | Path) -> list[Prompt]:
+    """The prompts of a `--prompts` file.
+
+    ``.jsonl``: one JSON value per non-blank line: a string (plain text), a list of messages, or an object with
+    a ``prompt`` (string or messages) or ``messages`` field (so `dpokit generate --jsonl` output can be read
+    back). Any other file: one plain-text prompt per non-blank line. Errors name the file and line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--prompts {path}: no such file")
+    prompts: list[Prompt] = []
+    jsonl = path.suffix.lower() == ".jsonl"
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        if not jsonl:
+            prompts.append(line)
+            continue
+        where = f"{path}:{number}"
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: not valid JSON ({error.msg})") from None
+        prompts.append(_prompt_of_line(value, where))
+    if not prompts:
+        raise DataError(f"{path}: no prompts (the file is empty)")
+    return prompts
