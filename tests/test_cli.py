@@ -147,6 +147,11 @@ def test_a_yaml_value_outside_its_choices_is_a_one_line_error(tmp_path, capsys):
     (["--loss", "sigmoid", "--simpo-gamma", "0.5"], ("--simpo-gamma", "sigmoid")),
     (["--loss", "simpo", "--ref-model", "some/model"], ("--ref-model", "simpo", "reference-free")),
     (["--loss", "orpo", "--precompute-ref"], ("--precompute-ref", "orpo")),
+    (["--loss", "sigmoid,bco_pair", "--loss-weights", "0.8"], ("--loss-weights", "1 weight(s) for 2")),
+    (["--loss", "sigmoid,bco_pair", "--loss-weights", "0.8,x"], ("--loss-weights", "numbers")),
+    (["--loss", "sigmoid,simpo"], ("--loss", "cannot be mixed")),
+    (["--loss", "sigmoid,nope"], ("--loss", "'nope'")),
+    (["--loss", "sigmoid", "--dpop-lambda", "5"], ("--dpop-lambda", "sigmoid")),
 ])
 def test_an_option_the_loss_does_not_take_is_a_one_line_error(flags, words, tmp_path, capsys):
     args = ["dpo", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "d.jsonl"), "--output",

@@ -8,6 +8,7 @@ itself ties every pair); after a few dozen DPO steps it prefers the positive res
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -128,3 +129,16 @@ def test_reference_free_losses_train_without_a_reference(loss, beta, tiny_model_
         assert rows[-1][key] == pytest.approx(after[key], abs=1e-4), key
     assert after["loss"] < before["loss"] - 0.05, (before, after)
     assert after["rewards/margins"] > before["rewards/margins"]
+
+
+def test_a_mixture_of_losses_from_the_command_line(tiny_model_dir, sentiment_data, tmp_path):
+    """`--loss sigmoid,bco_pair --loss-weights 0.8,0.2` reaches the objective: at step 1 the policy is its
+    reference (every log-ratio 0), so the loss is 0.8*log 2 + 0.2*(2 log 2) exactly, not DPO's log 2."""
+    out = tmp_path / "mix"
+    assert main(["dpo", "--model", tiny_model_dir, "--data", sentiment_data["train"], "--output", str(out),
+                 "--loss", "sigmoid,bco_pair", "--loss-weights", "0.8,0.2", "--max-steps", "1", "--batch-size", "8",
+                 "--warmup-steps", "0", "--no-save-final"]) == 0
+    first = [r for r in read_metrics(out / "metrics.jsonl") if r.get("split") != "eval"][0]
+    assert first["loss"] == pytest.approx(1.2 * math.log(2), abs=1e-5)
+    stored = json.loads((out / "checkpoint-000001" / "trainer_state.json").read_text())["config"]
+    assert stored["loss"] == "sigmoid,bco_pair" and stored["loss_weights"] == "0.8,0.2"

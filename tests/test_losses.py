@@ -361,7 +361,7 @@ def test_sampled_dpo_converges_to_optimal_policy():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"loss_type": "dpo"}, "unknown loss_type 'dpo'"),
+        ({"loss_type": "dpo"}, "--loss must be one of .* got 'dpo'"),
         ({"beta": 0.0}, "beta must be"),
         ({"beta": -0.1}, "beta must be"),
         ({"beta": float("nan")}, "beta must be"),
@@ -529,7 +529,7 @@ FORMULAS = {  # formula -> (number of tensor inputs, its scalar arguments)
     "ipo_loss": (1, (0.3,)), "sigmoid_norm_loss": (1, (0.3,)), "exo_pair_loss": (1, (0.3, 0.01)),
     "nca_pair_loss": (2, (0.3,)), "bco_pair_loss": (2, (0.3,)), "sppo_hard_loss": (2, (0.3,)),
     "apo_zero_loss": (2, (0.3,)), "apo_down_loss": (2, (0.3,)), "simpo_loss": (2, (2.0, 0.5, 0.1)),
-    "orpo_loss": (2, (0.3,)),
+    "orpo_loss": (2, (0.3,)), "dpop_loss": (2, (0.3, 5.0)),
 }
 
 
@@ -570,3 +570,75 @@ def test_further_losses_accept_their_options():
     LossConfig("simpo", 2.0, 0.1, sft_weight=0.5)  # CPO-SimPO: the NLL term on top
     LossConfig("exo_pair", 0.1, 1e-3, reference_free=True)
     assert not LossConfig("bco_pair").reference_free and LossConfig("orpo", reference_free=False).reference_free
+
+
+# ---------------------------------------------------------------- 6. DPO-Positive and mixtures of losses
+
+
+def test_dpop_value_and_penalty():
+    # chosen log-ratio +1 >= 0: no penalty, DPO's value
+    close(one_pair(LossConfig("dpop", BETA)).losses, softplus_neg(0.15))
+    # chosen log-ratio -12 - -11 = -1 < 0: h = -1 - (-0.5) = -0.5, x = 0.1*(-0.5 - 50*1) = -5.05 (lambda 50)
+    out = preference_loss(t(-12.0), t(PR), t(RC), t(RR), LossConfig("dpop", BETA))
+    close(out.losses, softplus_neg(-5.05), tol=1e-5)
+    out = preference_loss(t(-12.0), t(PR), t(RC), t(RR), LossConfig("dpop", BETA, dpop_lambda=2.0))
+    close(out.losses, softplus_neg(0.1 * (-0.5 - 2.0)), tol=1e-5)
+
+
+def test_dpop_gradient():
+    """x = beta*(h - lam*relu(-cl)): dL/dpc = -sigma(-x)*beta*(1 + lam*[cl < 0]), dL/dpr = sigma(-x)*beta."""
+    beta, lam = 0.2, 5.0
+    pc, pr, rc, rr, _, _ = _random_batch(seed=11)
+    preference_loss(pc, pr, rc, rr, LossConfig("dpop", beta, dpop_lambda=lam)).losses.sum().backward()
+    cl, rl = (pc.detach() - rc).double(), (pr.detach() - rr).double()
+    below = (cl < 0).double()
+    assert 0 < below.sum() < len(below)  # both sides of the penalty's kink
+    x = beta * (cl - rl - lam * torch.relu(-cl))
+    torch.testing.assert_close(pc.grad.double(), -torch.sigmoid(-x) * beta * (1 + lam * below), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pr.grad.double(), torch.sigmoid(-x) * beta, rtol=1e-5, atol=1e-6)
+
+
+def test_mixture_is_the_weighted_sum_per_pair():
+    pc, pr, rc, rr, cc, cr = _random_batch(seed=12)
+    counts = {"chosen_token_counts": cc, "rejected_token_counts": cr}
+
+    def losses(cfg):
+        return preference_loss(pc, pr, rc, rr, cfg, **counts)
+
+    parts = {name: losses(LossConfig(name, 0.2, 0.05 if name in ("sigmoid", "exo_pair") else 0.0)).losses
+             for name in ("sigmoid", "bco_pair", "exo_pair", "ipo")}
+    mixed = losses(LossConfig("sigmoid,bco_pair", 0.2, 0.05, loss_weights=(0.8, 0.2)))
+    torch.testing.assert_close(mixed.losses, 0.8 * parts["sigmoid"] + 0.2 * parts["bco_pair"])
+    torch.testing.assert_close(mixed.chosen_rewards, losses(LossConfig("sigmoid", 0.2)).chosen_rewards)
+    # weights default to 1; a smoothed and an unsmoothed loss share eps; a length-averaged one gets the counts
+    mixed = losses(LossConfig("exo_pair, ipo", 0.2, 0.05, sft_weight=0.5))
+    nll = 0.5 * (-pc.detach() / cc)
+    torch.testing.assert_close(mixed.losses, parts["exo_pair"] + parts["ipo"] + nll)
+
+
+def test_mixture_options():
+    cfg = LossConfig(" sigmoid ,bco_pair", loss_weights=(0.8, 0.2))
+    assert cfg.loss_type == "sigmoid,bco_pair" and cfg.loss_types == ("sigmoid", "bco_pair")
+    assert cfg.weights == (0.8, 0.2) and LossConfig("hinge,ipo").weights == (1.0, 1.0)
+    LossConfig("apo_zero,sigmoid", label_smoothing=0.1)  # sigmoid takes eps
+    LossConfig("dpop,sigmoid", dpop_lambda=10.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"loss_type": "sigmoid,bco_pair", "loss_weights": (1.0,)}, r"--loss-weights has 1 weight\(s\) for 2"),
+        ({"loss_type": "sigmoid", "loss_weights": (1.0, 2.0)}, r"--loss-weights has 2 weight\(s\) for 1"),
+        ({"loss_type": "sigmoid,bco_pair", "loss_weights": (1.0, -1.0)}, "must be numbers > 0"),
+        ({"loss_type": "sigmoid,bco_pair", "loss_weights": (1.0, float("nan"))}, "must be numbers > 0"),
+        ({"loss_type": "sigmoid,simpo"}, "cannot be mixed"),
+        ({"loss_type": "sigmoid,sigmoid"}, "names a loss twice"),
+        ({"loss_type": "sigmoid,"}, "got ''"),
+        ({"loss_type": "hinge,apo_zero", "label_smoothing": 0.1}, "only supported with"),
+        ({"loss_type": "sigmoid", "dpop_lambda": 1.0}, r"dpop_lambda \(--dpop-lambda\).*'sigmoid'"),
+        ({"loss_type": "dpop", "dpop_lambda": -1.0}, "dpop_lambda must be"),
+    ],
+)
+def test_mixture_and_dpop_config_validation(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        LossConfig(**kwargs)

@@ -7,7 +7,8 @@ TRL is a test-only dependency (the `test` extra): without it this module is skip
   policy itself. A real DPOTrainer is built on a tiny model, then ``_compute_loss`` is called with a stand-in
   policy that returns prescribed per-token log-probs (the whole summed log-prob at the first response position)
   and with precomputed reference log-probs, so TRL's own code computes the loss from exactly our inputs. The
-  response token counts (used by ipo and sigmoid_norm) come from the completion mask, as in TRL.
+  response token counts (used by ipo and sigmoid_norm) come from the completion mask, as in TRL. Weighted
+  mixtures (`--loss a,b --loss-weights ...`) are compared with TRL's `loss_type` list and `loss_weights`.
 * SimPO is ``CPOTrainer.cpo_loss`` and ORPO's odds-ratio term ``ORPOTrainer.odds_ratio_loss`` (trl.experimental),
   both functions of mean per-token log-probs; they are called on a namespace holding their settings.
   ORPO's NLL term differs by design: TRL's is the token mean over the chosen prompt *and* response of the whole
@@ -77,9 +78,12 @@ class _PrescribedPolicy:
                                is_top1=zeros.bool())
 
 
-def trl_dpo_loss(trainer, loss_type: str, label_smoothing: float, pc, pr, rc, rr, cc, cr) -> float:
-    """TRL's DPOTrainer loss for ONE pair (its loss is a batch mean; one pair keeps it per pair)."""
-    trainer.loss_types, trainer.loss_weights = [loss_type], [1.0]
+def trl_dpo_loss(trainer, loss_type: str, label_smoothing: float, pc, pr, rc, rr, cc, cr,
+                 weights: list[float] | None = None) -> float:
+    """TRL's DPOTrainer loss for ONE pair (its loss is a batch mean; one pair keeps it per pair). `loss_type` may
+    name several losses, comma-separated, with `weights` (TRL's loss_type list and loss_weights)."""
+    trainer.loss_types = loss_type.split(",")
+    trainer.loss_weights = weights or [1.0] * len(trainer.loss_types)
     trainer.beta, trainer.label_smoothing = BETA, label_smoothing
     width = int(max(cc, cr)) + 1  # position 0 is the prompt
     completion_mask = torch.zeros(2, width, dtype=torch.long)
@@ -106,6 +110,18 @@ def test_dpo_trainer_losses_match_trl(trainer, loss_type, label_smoothing):
                            for i in range(N)])
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     assert ours.std() > 1e-3  # the pairs differ: not a comparison of constants
+
+
+@pytest.mark.parametrize(("losses", "weights", "label_smoothing"), [
+    ("sigmoid,bco_pair", [0.8, 0.2], 0.0), ("ipo,sigmoid_norm,apo_zero", [0.5, 1.5, 2.0], 0.0),
+    ("exo_pair,nca_pair", None, 1e-3)])
+def test_mixtures_match_trl(trainer, losses, weights, label_smoothing):
+    pc, pr, rc, rr, cc, cr = _inputs(seed=3)
+    cfg = LossConfig(losses, BETA, label_smoothing, loss_weights=None if weights is None else tuple(weights))
+    ours = preference_loss(pc, pr, rc, rr, cfg, chosen_token_counts=cc, rejected_token_counts=cr).losses
+    theirs = torch.tensor([trl_dpo_loss(trainer, losses, label_smoothing, *(x[i] for x in (pc, pr, rc, rr, cc, cr)),
+                                        weights=weights) for i in range(N)])
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(("beta", "gamma", "label_smoothing"), [(2.0, 0.5, 0.0), (2.5, 1.4, 0.0), (0.1, 0.5, 0.2)])

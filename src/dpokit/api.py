@@ -292,6 +292,8 @@ def evaluate(
     label_smoothing: float = 0.0,
     reference_free: bool = False,
     simpo_gamma: float | None = None,
+    loss_weights: str | None = None,
+    dpop_lambda: float | None = None,
     batch_size: int = 8,
     max_length: int = 512,
     max_prompt_length: int = 256,
@@ -314,7 +316,7 @@ def evaluate(
                          reference_free=reference_free, batch_size=batch_size, max_length=max_length,
                          max_prompt_length=max_prompt_length, truncation=truncation, format=format, dtype=dtype,
                          layout=layout, on_filtered=on_filtered, ref_model=ref_model, simpo_gamma=simpo_gamma,
-                         apply_chat_template=apply_chat_template)
+                         loss_weights=loss_weights, dpop_lambda=dpop_lambda, apply_chat_template=apply_chat_template)
     accelerator = make_accelerator(config)
     tokenizer = load_tokenizer(model)
     examples = prepare_data(config, "dpo", tokenizer, log).train

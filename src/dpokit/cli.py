@@ -231,7 +231,8 @@ def _cmd_eval(args):
     log = (lambda *_: None) if args.json else print
     metrics = evaluate(args.model, args.data, ref_model=args.ref_model, loss=args.loss, beta=args.beta,
                        label_smoothing=args.label_smoothing, reference_free=args.reference_free,
-                       simpo_gamma=args.simpo_gamma, batch_size=args.batch_size, max_length=args.max_length,
+                       simpo_gamma=args.simpo_gamma, loss_weights=args.loss_weights,
+                       dpop_lambda=args.dpop_lambda, batch_size=args.batch_size, max_length=args.max_length,
                        max_prompt_length=args.max_prompt_length, truncation=args.truncation, format=args.format,
                        dtype=args.dtype, on_filtered=args.on_filtered,
                        apply_chat_template=args.apply_chat_template, log=log)
@@ -334,11 +335,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", required=True, help="policy: model directory, LoRA adapter directory or hub name")
     ev.add_argument("--ref-model", help="reference model or adapter directory (required unless --reference-free)")
     ev.add_argument("--data", required=True, help="preference data (any format dpokit dpo takes)")
-    ev.add_argument("--loss", default="sigmoid", choices=LOSS_TYPES, help="preference loss (README: Losses)")
+    ev.add_argument("--loss", default="sigmoid", help=f"preference loss: one of {', '.join(LOSS_TYPES)}, or "
+                    "several comma-separated (README: Losses)")
+    ev.add_argument("--loss-weights", help="comma-separated weight of each loss given to --loss (default: 1 each)")
     ev.add_argument("--beta", type=float, default=0.1, help="β (orpo: λ)")
     ev.add_argument("--label-smoothing", type=float, default=0.0,
                     help="ε for sigmoid (cDPO), robust, exo_pair or simpo")
     ev.add_argument("--simpo-gamma", type=float, help="SimPO's target reward margin γ (default 0.5)")
+    ev.add_argument("--dpop-lambda", type=float, help="DPO-Positive's penalty weight λ (default 50)")
     ev.add_argument("--reference-free", action="store_true",
                     help="score without a reference model (implied by simpo and orpo)")
     ev.add_argument("--batch-size", type=int, default=8, help="examples per batch")

@@ -54,7 +54,9 @@ class TrainConfig:
 
     ref_model: str | None = opt(None, "reference model (default: a frozen copy of --model)", DPO)
     ref_dtype: str | None = opt(None, "reference model dtype (default: --dtype)", DPO, ("float32", "bfloat16", "float16"))
-    loss: str = opt("sigmoid", "preference loss", DPO, LOSS_TYPES)
+    loss: str = opt("sigmoid", f"preference loss: one of {', '.join(LOSS_TYPES)}, or several comma-separated "
+                    "(weighted by --loss-weights); README: Losses", DPO)
+    loss_weights: str | None = opt(None, "comma-separated weight of each loss given to --loss (default: 1 each)", DPO)
     beta: float = opt(0.1, "β: strength of the KL constraint to the reference (SimPO's paper uses 2-2.5; for orpo "
                       "it is ORPO's λ, the odds-ratio weight, as in TRL)", DPO)
     label_smoothing: float = opt(0.0, "assumed label-noise rate ε (conservative DPO for sigmoid; robust)", DPO)
@@ -62,6 +64,7 @@ class TrainConfig:
     reference_free: bool = opt(False, "drop the reference model (its log-probs are taken as 0); implied by the "
                                "reference-free losses simpo and orpo", DPO)
     simpo_gamma: float | None = opt(None, "SimPO's target reward margin γ (--loss simpo only; default 0.5, TRL's)", DPO)
+    dpop_lambda: float | None = opt(None, "DPO-Positive's penalty weight λ (--loss dpop only; default 50)", DPO)
     average_logps: bool = opt(False, "average response log-probs over tokens instead of summing them", DPO)
     precompute_ref: bool = opt(False, "compute reference log-probs once before training, cached on disk; "
                                "the reference model is then not kept in memory", DPO)
@@ -146,7 +149,8 @@ class TrainConfig:
     def _check_loss(self) -> None:
         from dpokit.loss_config import REFERENCE_FREE_LOSSES
 
-        self.loss_config()  # the loss's own checks (β, ε and which losses take it), up front
+        # the loss's own checks (β, ε and which losses take it), up front
+        self.loss = self.loss_config().loss_type  # normalised: "sigmoid, bco_pair" -> "sigmoid,bco_pair"
         if self.loss in REFERENCE_FREE_LOSSES:
             for flag in ("ref_model", "ref_adapter", "precompute_ref", "ref_offload"):
                 if getattr(self, flag):
@@ -158,7 +162,8 @@ class TrainConfig:
         from dpokit.loss_config import LossConfig
 
         return LossConfig(self.loss, self.beta, self.label_smoothing, self.reference_free, self.sft_weight,
-                          simpo_gamma=self.simpo_gamma)
+                          simpo_gamma=self.simpo_gamma, loss_weights=parse_loss_weights(self.loss_weights),
+                          dpop_lambda=self.dpop_lambda)
 
     def _check_adapters(self) -> None:
         from dpokit.lora import is_adapter_dir
@@ -209,6 +214,16 @@ class TrainConfig:
     def output_dir(self) -> Path:
         """The output directory as a Path."""
         return Path(self.output)
+
+
+def parse_loss_weights(text: str | None) -> tuple[float, ...] | None:
+    """``"0.8,0.2"`` -> ``(0.8, 0.2)``; a one-line ConfigError naming --loss-weights for anything else."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(part) for part in str(text).split(","))
+    except ValueError:
+        raise ConfigError(f"--loss-weights must be comma-separated numbers; got {text!r}") from None
 
 
 def fields_for(stage: str) -> list[dataclasses.Field]:

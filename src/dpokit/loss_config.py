@@ -11,11 +11,12 @@ from dataclasses import dataclass
 
 from dpokit.errors import ConfigError
 
-# TRL's loss_type names, so that a TRL config carries over.
+# TRL's loss_type names, so that a TRL config carries over (dpop is not in TRL).
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
-              "apo_zero", "apo_down", "simpo", "orpo")
+              "apo_zero", "apo_down", "dpop", "simpo", "orpo")
 REFERENCE_FREE_LOSSES = ("simpo", "orpo")  # defined without a reference model: none is loaded for them
 SIMPO_GAMMA_DEFAULT = 0.5  # TRL's CPOConfig.simpo_gamma
+DPOP_LAMBDA_DEFAULT = 50.0  # the Smaug paper's value
 
 # Which losses take which option; every other combination is an error (see LossConfig.__post_init__).
 SMOOTHED_LOSSES = ("sigmoid", "robust", "exo_pair", "simpo")  # --label-smoothing
@@ -26,16 +27,24 @@ def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _finite(x: object) -> bool:
+    return _is_number(x) and math.isfinite(x)
+
+
 @dataclass(frozen=True)
 class LossConfig:
     """Which preference loss to use and its hyper-parameters (validated on construction).
 
+    ``loss_type`` is one name of ``LOSS_TYPES`` or several, comma-separated (``"sigmoid,bco_pair"``): the loss is
+    then ``sum_k loss_weights[k] * loss_k`` (weights default to 1 each), as TRL's ``loss_type`` list and
+    ``loss_weights``. ``simpo`` and ``orpo`` cannot be mixed (they use no reference; the others do).
     ``beta`` is the loss's temperature (for ``orpo`` it is the odds-ratio weight lambda, TRL's name ``beta``).
     ``label_smoothing`` is the assumed label-flip rate eps in [0, 0.5); only the losses in
-    ``SMOOTHED_LOSSES`` take it, and ``exo_pair`` requires it > 0.
+    ``SMOOTHED_LOSSES`` take it (in a mixture, each of those uses it), and ``exo_pair`` requires it > 0.
     ``sft_weight`` adds ``sft_weight * (-policy_chosen / chosen_token_counts)`` (the chosen
     response's mean per-token NLL) to every per-pair loss; ``orpo`` has that term built in.
-    ``simpo_gamma`` is SimPO's target reward margin (``simpo`` only; None means 0.5).
+    ``simpo_gamma`` is SimPO's target reward margin (``simpo`` only; None means 0.5); ``dpop_lambda`` DPO-Positive's
+    penalty weight (``dpop`` only; None means 50).
     ``simpo`` and ``orpo`` never use a reference: ``reference_free`` is set to True for them.
     """
 
@@ -45,40 +54,83 @@ class LossConfig:
     reference_free: bool = False
     sft_weight: float = 0.0
     simpo_gamma: float | None = None
+    loss_weights: tuple[float, ...] | None = None
+    dpop_lambda: float | None = None
 
     def __post_init__(self) -> None:
+        names = self._check_names()
         loss = self.loss_type
-        if loss not in LOSS_TYPES:
-            raise ConfigError(f"unknown loss_type {loss!r} (--loss); expected one of {', '.join(LOSS_TYPES)}")
-        if not _is_number(self.beta) or not math.isfinite(self.beta) or self.beta <= 0:
+        if not _finite(self.beta) or self.beta <= 0:
             raise ConfigError(f"beta must be a finite number > 0, got {self.beta!r}")
         ls = self.label_smoothing
         if not _is_number(ls) or not 0.0 <= ls < 0.5:
             raise ConfigError(f"label_smoothing must be a number in [0, 0.5), got {ls!r}")
-        if ls > 0 and loss not in SMOOTHED_LOSSES:
+        if ls > 0 and not set(names) & set(SMOOTHED_LOSSES):
             raise ConfigError(f"label_smoothing (--label-smoothing) {ls} is only supported with loss "
                               f"{', '.join(SMOOTHED_LOSSES)}, not {loss!r}")
-        if loss == "exo_pair" and ls == 0:
+        if "exo_pair" in names and ls == 0:
             raise ConfigError("loss 'exo_pair' needs label_smoothing (--label-smoothing) > 0 (the EXO paper "
                               "suggests 1e-3)")
         sw = self.sft_weight
-        if not _is_number(sw) or not math.isfinite(sw) or sw < 0:
+        if not _finite(sw) or sw < 0:
             raise ConfigError(f"sft_weight must be a finite number >= 0, got {sw!r}")
         if sw > 0 and loss in NO_SFT_TERM_LOSSES:
             raise ConfigError(f"sft_weight (--sft-weight) is not supported with loss {loss!r}: it already "
                               "contains the chosen response's NLL (weight 1; --beta weighs its odds-ratio term)")
-        gamma = self.simpo_gamma
-        if gamma is not None:
-            if loss != "simpo":
-                raise ConfigError(f"simpo_gamma (--simpo-gamma) applies to loss 'simpo' only, not {loss!r}")
-            if not _is_number(gamma) or not math.isfinite(gamma):
-                raise ConfigError(f"simpo_gamma must be a finite number, got {gamma!r}")
+        for option, owner in (("simpo_gamma", "simpo"), ("dpop_lambda", "dpop")):
+            value = getattr(self, option)
+            if value is None:
+                continue
+            if owner not in names:
+                raise ConfigError(f"{option} (--{option.replace('_', '-')}) applies to loss {owner!r} only, "
+                                  f"not {loss!r}")
+            if not _finite(value) or (option == "dpop_lambda" and value < 0):
+                raise ConfigError(f"{option} must be a finite number{' >= 0' if option == 'dpop_lambda' else ''}, "
+                                  f"got {value!r}")
         if not isinstance(self.reference_free, bool):
             raise ConfigError(f"reference_free must be true or false, got {self.reference_free!r}")
         if loss in REFERENCE_FREE_LOSSES:
-            object.__setattr__(self, "reference_free", True)  # frozen: the one normalisation
+            object.__setattr__(self, "reference_free", True)  # frozen: the normalisations are set here
+
+    def _check_names(self) -> tuple[str, ...]:
+        if not isinstance(self.loss_type, str):
+            raise ConfigError(f"--loss must be a loss name (or several, comma-separated); got {self.loss_type!r}")
+        names = tuple(name.strip() for name in self.loss_type.split(","))
+        for name in names:
+            if name not in LOSS_TYPES:
+                raise ConfigError(f"--loss must be one of {', '.join(LOSS_TYPES)} (or several, comma-separated); "
+                                  f"got {name!r}")
+        if len(set(names)) < len(names):
+            raise ConfigError(f"--loss names a loss twice: {self.loss_type!r}")
+        if len(names) > 1 and set(names) & set(REFERENCE_FREE_LOSSES):
+            raise ConfigError(f"--loss {self.loss_type}: simpo and orpo use no reference and cannot be mixed with "
+                              "other losses")
+        object.__setattr__(self, "loss_type", ",".join(names))
+        weights = self.loss_weights
+        if weights is not None:
+            if not isinstance(weights, tuple) or not all(_finite(w) and w > 0 for w in weights):
+                raise ConfigError(f"loss_weights (--loss-weights) must be numbers > 0; got {weights!r}")
+            if len(weights) != len(names):
+                raise ConfigError(f"--loss-weights has {len(weights)} weight(s) for {len(names)} loss(es) "
+                                  f"(--loss {self.loss_type})")
+        return names
+
+    @property
+    def loss_types(self) -> tuple[str, ...]:
+        """The losses mixed (one for a single loss)."""
+        return tuple(self.loss_type.split(","))
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        """The weight of each loss of ``loss_types`` (1 each unless ``loss_weights`` is given)."""
+        return self.loss_weights or (1.0,) * len(self.loss_types)
 
     @property
     def gamma(self) -> float:
         """SimPO's target margin in effect (``simpo_gamma`` or its default)."""
         return SIMPO_GAMMA_DEFAULT if self.simpo_gamma is None else self.simpo_gamma
+
+    @property
+    def dpop_penalty(self) -> float:
+        """DPO-Positive's lambda in effect (``dpop_lambda`` or its default)."""
+        return DPOP_LAMBDA_DEFAULT if self.dpop_lambda is None else self.dpop_lambda

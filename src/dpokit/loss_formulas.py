@@ -100,9 +100,15 @@ def apo_down_loss(chosen_logratio: Tensor, rejected_logratio: Tensor, beta: floa
     return torch.sigmoid(r_w) + (1.0 - torch.sigmoid(r_w - r_l))
 
 
+def dpop_loss(margin: Tensor, chosen_logratio: Tensor, beta: float, lam: float) -> Tensor:
+    """DPO-Positive (Pal et al. 2024, Smaug): ``-logsigmoid(beta*(h - lam*max(0, -chosen_logratio)))``:
+    DPO plus a penalty, weighted by lam, whenever the chosen response's log-prob falls below the reference's."""
+    return -F.logsigmoid(beta * (margin - lam * torch.relu(-chosen_logratio)))
+
+
 def simpo_loss(chosen_avg: Tensor, rejected_avg: Tensor, beta: float, gamma: float,
                label_smoothing: float = 0.0) -> Tensor:
-    """SimPO (Meng et al. 2024, Eq. 6), reference-free with a target reward margin gamma:
+    """SimPO (Meng et al. 2024), reference-free with a target reward margin gamma:
     ``-logsigmoid(beta*(chosen_avg - rejected_avg) - gamma)`` on mean per-token log-probs; with
     ``label_smoothing`` eps > 0 the conservative form ``-(1-eps)*logsigmoid(x) - eps*logsigmoid(-x)``
     (as TRL's CPOTrainer)."""
@@ -117,12 +123,12 @@ def log1mexp(x: Tensor) -> Tensor:
 
 def orpo_log_odds_ratio(chosen_avg: Tensor, rejected_avg: Tensor) -> Tensor:
     """``log(odds(y_w) / odds(y_l))`` with ``odds(y) = P(y) / (1 - P(y))`` and ``log P(y)`` the mean per-token
-    log-prob (Hong et al. 2024, Eq. 4)."""
+    log-prob (Hong et al. 2024)."""
     return (chosen_avg - rejected_avg) - (log1mexp(chosen_avg) - log1mexp(rejected_avg))
 
 
 def orpo_loss(chosen_avg: Tensor, rejected_avg: Tensor, lam: float) -> Tensor:
-    """ORPO (Hong et al. 2024, Eqs. 2-7), reference-free:
+    """ORPO (Hong et al. 2024), reference-free:
     ``-chosen_avg - lam*logsigmoid(log_odds_ratio)``: the chosen response's mean per-token NLL (the SFT term)
     plus lam times the odds-ratio term. TRL's ORPOConfig calls lam ``beta``."""
     return -chosen_avg - lam * F.logsigmoid(orpo_log_odds_ratio(chosen_avg, rejected_avg))

@@ -8,10 +8,14 @@ reduction: the caller reduces (e.g. a mean over the global batch).
 
 Which log-probs each loss uses:
 
-* summed, against the reference: ``sigmoid``, ``robust``, ``hinge``, ``exo_pair`` (margin ``h``) and
-  ``nca_pair``, ``bco_pair``, ``sppo_hard``, ``apo_zero``, ``apo_down`` (each response's log-ratio);
+* summed, against the reference: ``sigmoid``, ``robust``, ``hinge``, ``exo_pair`` (margin ``h``),
+  ``nca_pair``, ``bco_pair``, ``sppo_hard``, ``apo_zero``, ``apo_down`` (each response's log-ratio) and ``dpop``
+  (both);
 * length-averaged, against the reference: ``ipo``, ``sigmoid_norm``;
 * length-averaged, no reference: ``simpo``, ``orpo``.
+
+Several losses with a reference can be mixed: ``loss_type="sigmoid,bco_pair"`` with ``loss_weights=(0.8, 0.2)``
+gives ``0.8*sigmoid + 0.2*bco_pair`` per pair (TRL's weighted sum of batch means is the batch mean of this).
 
 All arithmetic is done in float32 whatever the input dtype.
 """
@@ -21,7 +25,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from dpokit import loss_formulas as lf
@@ -72,6 +75,18 @@ def _counts(name: str, counts: Tensor | None, n: int, why: str) -> Tensor:
     return counts.float()
 
 
+def _with_reference(name: str, config: LossConfig, chosen_ratio: Tensor, rejected_ratio: Tensor,
+                    cc: Tensor | None, cr: Tensor | None) -> Tensor:
+    """Per-pair loss `name` (a loss with a reference) from the two responses' log-ratios."""
+    if name in _RATIO_LOSSES:
+        return _RATIO_LOSSES[name](chosen_ratio, rejected_ratio, config.beta)
+    if name == "dpop":
+        return lf.dpop_loss(chosen_ratio - rejected_ratio, chosen_ratio, config.beta, config.dpop_penalty)
+    if name in _AVERAGED_MARGIN:
+        return _MARGIN_LOSSES[name](chosen_ratio / cc - rejected_ratio / cr, config)
+    return _MARGIN_LOSSES[name](chosen_ratio - rejected_ratio, config)
+
+
 def preference_loss(
     policy_chosen: Tensor,
     policy_rejected: Tensor,
@@ -104,7 +119,8 @@ def preference_loss(
     _check_1d("policy_rejected", policy_rejected, n)
     pc, pr = policy_chosen.float(), policy_rejected.float()
     loss, beta = config.loss_type, config.beta
-    if loss in LENGTH_AVERAGED_LOSSES:
+    cc = cr = None
+    if set(config.loss_types) & set(LENGTH_AVERAGED_LOSSES):
         cc = _counts("chosen_token_counts", chosen_token_counts, n, f"loss_type {loss!r}")
         cr = _counts("rejected_token_counts", rejected_token_counts, n, f"loss_type {loss!r}")
 
@@ -124,12 +140,8 @@ def preference_loss(
             _check_1d("reference_chosen", reference_chosen, n)
             _check_1d("reference_rejected", reference_rejected, n)
             chosen_ratio, rejected_ratio = pc - reference_chosen.float(), pr - reference_rejected.float()
-        if loss in _RATIO_LOSSES:
-            losses = _RATIO_LOSSES[loss](chosen_ratio, rejected_ratio, beta)
-        elif loss in _AVERAGED_MARGIN:
-            losses = _MARGIN_LOSSES[loss](chosen_ratio / cc - rejected_ratio / cr, config)
-        else:
-            losses = _MARGIN_LOSSES[loss](chosen_ratio - rejected_ratio, config)
+        losses = sum(weight * _with_reference(name, config, chosen_ratio, rejected_ratio, cc, cr)
+                     for name, weight in zip(config.loss_types, config.weights))
         chosen_rewards, rejected_rewards = beta * chosen_ratio, beta * rejected_ratio
 
     if config.sft_weight > 0:
