@@ -4,6 +4,7 @@
 One command (see bench/README.md, "Data at scale"):
 
     python bench/bench_data.py             # 10k, 50k, 200k pairs, 2 rounds, plus the pre-cache code at 10k/50k
+                                           # and --streaming at 200k
     python bench/bench_data.py --quick     # 2k and 5k pairs, 1 round: checks the harness (~2 min)
 
 Everything is built locally from --seed: a byte-level BPE tokenizer (vocabulary 8192, ``<|endoftext|>`` as BOS,
@@ -17,6 +18,9 @@ Each measurement is a child process (``--child``) that imports dpokit, loads the
 
 * ``first``  with an empty cache directory: load + validate + tokenise + write the cache entry;
 * ``cached`` the same call again in a new process: the entry is read back (nothing is loaded or tokenised);
+* ``streamed first`` / ``streamed cached`` (``--streaming-sizes``): the same two calls with ``--streaming``
+  (records read and tokenised chunk by chunk into the shards, examples read lazily from them; the cached call
+  opens the entry and checks its checksums);
 * ``pre-cache`` (``--legacy-sizes``) the code before this change (commit 7a49e62: ``load_preferences`` and its
   ``tokenize_examples``, which tokenised all texts in one call and kept every encoding), for comparison.
 
@@ -162,7 +166,8 @@ def child(spec: dict) -> dict:
         sys.modules["legacy_tokenize"] = legacy  # dataclasses look their module up
         module.loader.exec_module(legacy)
     rss_import = _rss_mib()
-    config = TrainConfig(model=spec["tokenizer"], data=spec["data"], output=spec["output"])
+    config = TrainConfig(model=spec["tokenizer"], data=spec["data"], output=spec["output"],
+                         streaming=spec.get("streaming", False))
     marks: list[tuple[float, str]] = []
     load_before = _loadavg()
     cpu, start = _cpu_seconds(), time.perf_counter()
@@ -250,12 +255,12 @@ def table(results: dict, sizes: list[int], legacy_sizes: list[int]) -> str:
              "held after MiB | examples | tokens | load avg |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for n in sorted(set(sizes) | set(legacy_sizes)):
-        for run in ("first", "cached", "pre-cache"):
+        for run in ("first", "cached", "streamed first", "streamed cached", "pre-cache"):
             rs = [r for r in results.get(f"{run}-{n}", []) if not r.get("failed")]
             if not rs:
                 continue
             phases = "–"
-            if run != "cached":
+            if run in ("first", "pre-cache"):  # (a streamed run logs its counts at the end)
                 load = [_mark(r, "data:") for r in rs]
                 tok = [(_mark(r, "tokenised training") or 0) - (_mark(r, "data:") or 0) for r in rs]
                 write = [r["seconds"] - _mark(r, "tokenised training") for r in rs] if run == "first" else []
@@ -277,6 +282,8 @@ def main() -> None:
     parser.add_argument("--legacy-sizes", default="10000,50000",
                         help="sizes also run with the pre-cache code (commit 7a49e62); '' for none. It keeps every "
                              "encoding in memory (~4.4 GB at 50k), so 200k is left out by default")
+    parser.add_argument("--streaming-sizes", default="200000",
+                        help="sizes (of --sizes) also run with --streaming, first and cached; '' for none")
     parser.add_argument("--rounds", type=int, default=2, help="rounds; each runs every measurement once (default 2)")
     parser.add_argument("--prompt-len", type=int, default=150, help="mean prompt tokens (default 150)")
     parser.add_argument("--response-len", type=int, default=250, help="mean response tokens (default 250)")
@@ -296,9 +303,10 @@ def main() -> None:
         return
 
     if args.quick:
-        args.sizes, args.legacy_sizes, args.rounds = "2000,5000", "2000", 1
+        args.sizes, args.legacy_sizes, args.streaming_sizes, args.rounds = "2000,5000", "2000", "5000", 1
     args.sizes = [int(s) for s in args.sizes.split(",") if s]
     args.legacy_sizes = [int(s) for s in args.legacy_sizes.split(",") if s]
+    args.streaming_sizes = [int(s) for s in args.streaming_sizes.split(",") if s and int(s) in args.sizes]
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="dpokit-bench-data-"))
     work.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
@@ -331,16 +339,19 @@ def main() -> None:
     for round_ in range(args.rounds):
         for n in args.sizes:
             data = setup["files"][n]["path"]
-            cache = work / f"cache-{n}-{round_}"
-            shutil.rmtree(cache, ignore_errors=True)
-            for run in ("first", "cached"):
-                r = run_child(dict(base, system="dpokit", data=data, cache_dir=str(cache)), work, f"{run}-{n}-{round_}")
-                results.setdefault(f"{run}-{n}", []).append(r)
-                if not r.get("failed"):
-                    print(f"  round {round_ + 1}: {n:>7,} pairs, {run:6}: {r['seconds']:6.1f} s, "
-                          f"peak RSS {r['peak_rss_mib']:6.0f} MiB (load avg {r['loadavg_before']:.1f}–"
-                          f"{r['loadavg_after']:.1f})", flush=True)
-            shutil.rmtree(cache, ignore_errors=True)
+            for streaming in (False, True) if n in args.streaming_sizes else (False,):
+                cache = work / f"cache-{n}-{round_}"
+                shutil.rmtree(cache, ignore_errors=True)
+                for run in ("first", "cached"):
+                    run = f"streamed {run}" if streaming else run
+                    r = run_child(dict(base, system="dpokit", data=data, cache_dir=str(cache), streaming=streaming),
+                                  work, f"{run.replace(' ', '-')}-{n}-{round_}")
+                    results.setdefault(f"{run}-{n}", []).append(r)
+                    if not r.get("failed"):
+                        print(f"  round {round_ + 1}: {n:>7,} pairs, {run:15}: {r['seconds']:6.1f} s, "
+                              f"peak RSS {r['peak_rss_mib']:6.0f} MiB (load avg {r['loadavg_before']:.1f}–"
+                              f"{r['loadavg_after']:.1f})", flush=True)
+                shutil.rmtree(cache, ignore_errors=True)
         for n in args.legacy_sizes:
             r = run_child(dict(base, system="pre-cache", data=setup["files"][n]["path"],
                                legacy_module=str(legacy_module)), work, f"pre-cache-{n}-{round_}")

@@ -51,10 +51,11 @@ def tokenize_config(config: TrainConfig) -> TokenizeConfig:
 
 @dataclass
 class PreparedData:
-    """Tokenised training and evaluation examples."""
+    """Tokenised training and evaluation examples: lists, or with --streaming lazy sequences over the shards
+    on disk (dpokit.sharded.ShardedExamples)."""
 
-    train: list[TokenizedExample]
-    eval: list[TokenizedExample]
+    train: Sequence[TokenizedExample]
+    eval: Sequence[TokenizedExample]
 
 
 def prepare_data(config: TrainConfig, stage: str, tokenizer: PreTrainedTokenizerBase, log: Callable[[str], None] = print,
@@ -65,7 +66,8 @@ def prepare_data(config: TrainConfig, stage: str, tokenizer: PreTrainedTokenizer
     every setting that decides the token ids: a later call with the same inputs reads them back instead of
     loading and tokenising again, and logs the same lines. `cache_dir` defaults to ``config.data_cache_dir``,
     else ``$DPOKIT_CACHE`` or ``~/.cache/dpokit/tokenized``; `use_cache` defaults to ``config.data_cache``.
-    Only the process with LOCAL_RANK 0 writes entries.
+    Only the process with LOCAL_RANK 0 writes entries. With ``config.streaming`` nothing is held in memory:
+    see dpokit.streaming.
     """
     from dpokit.datacache import open_cache
     from dpokit.tokenize import plain_text_warning, release_freed_memory
@@ -75,6 +77,11 @@ def prepare_data(config: TrainConfig, stage: str, tokenizer: PreTrainedTokenizer
         use_cache = config.data_cache
     if cache_dir is None:
         cache_dir = config.data_cache_dir
+    if config.streaming:
+        from dpokit.streaming import prepare_streamed
+
+        return PreparedData(*prepare_streamed(config, stage, tokenizer, settings, _columns(config), log,
+                                              cache_dir=cache_dir, use_cache=use_cache))
     cache = open_cache(config, stage, tokenizer, settings, _columns(config), cache_dir=cache_dir, log=log) \
         if use_cache else None
     if cache is not None:

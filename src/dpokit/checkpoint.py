@@ -27,6 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from dpokit.engine import unwrap_optimizer
 from dpokit.errors import ConfigError, TrainingError
 from dpokit.rundir import apply_umask, disk_full
+from dpokit.sharded import examples_digest
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -263,15 +264,14 @@ def load_model_weights(model, checkpoint: Path) -> None:
 # Options a resumed run may change: where and how often it reports, saves and stops; not what it computes.
 FREE_OPTIONS = {"resume", "overwrite", "output", "max_steps", "epochs", "eval_every", "save_every",
                 "save_every_minutes", "keep_checkpoints", "log_every", "save_final", "eval_batch_size",
-                "ref_cache_dir", "data_cache", "data_cache_dir"}
+                "ref_cache_dir", "data_cache", "data_cache_dir", "streaming"}
 
 
 def run_identity(config: dict, examples, model: str) -> dict:
     """What makes a run this run: its options (but FREE_OPTIONS), a digest of its tokenised training data, and
-    of its starting model (the path, its config and the names and sizes of its weight files)."""
-    data = hashlib.sha256()
-    for example in examples:
-        data.update(json.dumps([example.prompt_ids, example.responses]).encode())
+    of its starting model (the path, its config and the names and sizes of its weight files). The data digest
+    (examples_digest) is the same for the in-memory examples and the --streaming ones, so either may resume the
+    other."""
     weights = hashlib.sha256(model.encode())
     root = Path(model)
     if root.is_dir():
@@ -281,7 +281,7 @@ def run_identity(config: dict, examples, model: str) -> dict:
             elif path.suffix == ".safetensors":
                 weights.update(f"{path.name}:{path.stat().st_size}".encode())
     return {"config": {k: v for k, v in sorted(config.items()) if k not in FREE_OPTIONS},
-            "data": data.hexdigest(), "model": weights.hexdigest()}
+            "data": examples_digest(examples), "model": weights.hexdigest()}
 
 
 def check_resumable(checkpoint: Path, data_order: dict, engine: str, identity: dict | None = None) -> None:

@@ -47,6 +47,10 @@ class TrainConfig:
                            "a later run with the same inputs skips loading and tokenising")
     data_cache_dir: str | None = opt(None, "where tokenised data is cached (default: $DPOKIT_CACHE or "
                                      "~/.cache/dpokit/tokenized)")
+    streaming: bool = opt(False, "data larger than memory: read rows one at a time (Hub data sets streamed), "
+                          "tokenise them chunk by chunk into shards on disk and train from the memory-mapped "
+                          "shards; same examples, order and resume as without it. With --eval-fraction the "
+                          "data is read twice (to count it, then to tokenise it)")
     on_filtered: str = opt("skip", "what to do with identical or too-long pairs: skip them (counted) or fail", choices=("skip", "error"))
     apply_chat_template: bool = opt(False, "render plain-text (standard-format) data with the tokenizer's chat "
                                     "template: each prompt as a user turn, each response as the assistant turn, "

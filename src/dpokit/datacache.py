@@ -61,9 +61,10 @@ def _hash_file(digest, path: Path) -> None:
             digest.update(block)
 
 
-def source_digest(spec: str | os.PathLike, split: str) -> str | None:
+def source_digest(spec: str | os.PathLike, split: str, streaming: bool = False) -> str | None:
     """A digest of the raw data that ``read_rows(spec, split)`` reads, or None if there is none to take (a Hub
-    data set that does not load, a missing file: reading it will then report the error)."""
+    data set that does not load, a missing file: reading it will then report the error; a Hub data set read
+    with `streaming`, whose fingerprint would need the download that streaming avoids)."""
     path = Path(os.fspath(spec)).expanduser()
     digest = hashlib.sha256()
     if path.is_file():
@@ -74,7 +75,7 @@ def source_digest(spec: str | os.PathLike, split: str) -> str | None:
             digest.update(f"{file.relative_to(path).as_posix()}\0{file.stat().st_size}\0".encode())
             _hash_file(digest, file)
         return "dir:" + digest.hexdigest()
-    if path.exists():
+    if path.exists() or streaming:
         return None
     try:  # a Hub data set: datasets' own fingerprint of the loaded split (its files and revision)
         import datasets
@@ -114,11 +115,12 @@ def cache_inputs(config, stage: str, tokenizer, settings, columns) -> tuple[dict
     tok = tokenizer_digest(tokenizer)
     if tok is None:
         return None, "the tokenizer has no serialisable fast backend"
-    data = source_digest(config.data, config.split)
+    streaming = getattr(config, "streaming", False)
+    data = source_digest(config.data, config.split, streaming)
     if data is None:
         return None, f"no digest of {config.data}"
     if config.eval_data:
-        eval_digest = source_digest(config.eval_data, config.eval_split)
+        eval_digest = source_digest(config.eval_data, config.eval_split, streaming)
         if eval_digest is None:
             return None, f"no digest of {config.eval_data}"
         evaluation = {"data": os.fspath(config.eval_data), "split": config.eval_split, "digest": eval_digest}
@@ -251,22 +253,26 @@ class CacheWriter:
         self.parts[part].append({"file": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
                                  "examples": len(arrays), "tokens": int(len(arrays.tokens))})
 
+    def finish(self, inputs: dict | None, log: list[str], reports: dict[str, FilterReport]) -> None:
+        """Write the last shards and the manifest into the temporary directory (raises OSError)."""
+        manifest = {
+            "cache_format": CACHE_FORMAT, "key": self.key, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "inputs": inputs, "log": log, "parts": {},
+        }
+        for part in self.parts:
+            self._flush(part)
+        manifest["parts"] = {part: {"shards": shards, "report": dataclasses.asdict(reports[part])}
+                             for part, shards in self.parts.items()}
+        _write_synced(self.tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+
     def commit(self, inputs: dict, log: list[str], reports: dict[str, FilterReport]) -> Path | None:
         """Finish the entry and move it into place; returns its path, or None if it could not be written
         (see `error`). If another process finished the same entry first, keeps that one."""
         if self.error is not None:
             return None
-        manifest = {
-            "cache_format": CACHE_FORMAT, "key": self.key, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "inputs": inputs, "log": log, "parts": {},
-        }
         final = self.root / self.key
         try:
-            for part in self.parts:
-                self._flush(part)
-            manifest["parts"] = {part: {"shards": shards, "report": dataclasses.asdict(reports[part])}
-                                 for part, shards in self.parts.items()}
-            _write_synced(self.tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+            self.finish(inputs, log, reports)
             try:
                 os.replace(self.tmp, final)
             except OSError:

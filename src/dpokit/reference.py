@@ -28,6 +28,7 @@ from dpokit.batching import Batch, collate
 from dpokit.engine import Scorer
 from dpokit.errors import TrainingError
 from dpokit.rundir import apply_umask, disk_full
+from dpokit.sharded import examples_digest
 from dpokit.tokenize import TokenizedExample
 
 CACHE_FORMAT = 1
@@ -102,8 +103,7 @@ def fingerprint(weights: str, tokenizer: PreTrainedTokenizerBase, examples: Sequ
     digest = hashlib.sha256(f"dpokit-ref-cache-v{CACHE_FORMAT}|{weights}".encode())
     vocab = sorted(tokenizer.get_vocab().items())
     digest.update(json.dumps([vocab, tokenizer.all_special_tokens]).encode())
-    for example in examples:
-        digest.update(json.dumps([example.prompt_ids, example.responses]).encode())
+    digest.update(examples_digest(examples).encode())
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()
 

@@ -153,10 +153,15 @@ def plain_text_warning(records: Sequence[PreferencePair | Completion], tokenizer
     chat template (the prompt and response are then glued with no turn markers), or None when there is none."""
     if config.apply_chat_template or not has_chat_template(tokenizer):
         return None
-    plain = sum(isinstance(r.prompt, str) for r in records)
-    if not plain:
+    return plain_text_message(sum(isinstance(r.prompt, str) for r in records), len(records), tokenizer, config)
+
+
+def plain_text_message(plain: int, total: int, tokenizer: PreTrainedTokenizerBase,
+                       config: TokenizeConfig) -> str | None:
+    """:func:`plain_text_warning` from counts: `plain` of `total` records are plain text (for streamed records)."""
+    if not plain or config.apply_chat_template or not has_chat_template(tokenizer):
         return None
-    return (f"warning: {plain} of {len(records)} examples are plain text but the tokenizer has a chat template: "
+    return (f"warning: {plain} of {total} examples are plain text but the tokenizer has a chat template: "
             "they are tokenised as raw text (prompt and response run together, no turn markers); pass "
             "--apply-chat-template to render each prompt as a user turn and each response as the assistant turn")
 
@@ -447,6 +452,18 @@ def _tokenize_chunk(records: Sequence[PreferencePair | Completion], ctx: _Contex
     tokens = np.concatenate([p_flat, r_flat])[_ranges(starts, lengths)]
     return TokenArrays(tokens.astype(np.int32), new_len[kept].astype(np.int32), k_counts.astype(np.int32),
                        r_len[resp].astype(np.int32), [records[i].source for i in kept.tolist()])
+
+
+class ChunkTokenizer:
+    """Tokenises one chunk of records at a time under the module's rules, for callers that see the records as a
+    stream (dpokit.streaming): the same chunks give the same arrays as :func:`tokenize_arrays`."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, config: TokenizeConfig):
+        self._ctx = _Context(tokenizer, config)
+
+    def __call__(self, records: Sequence[PreferencePair | Completion], report: FilterReport) -> TokenArrays:
+        """The kept examples of `records`; filtered ones are counted in `report`."""
+        return _tokenize_chunk(records, self._ctx, report)
 
 
 def tokenize_arrays(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
@@ -89,10 +90,39 @@ def load_preferences(
     The format is detected from the first row unless forced with ``format``; every row must then fit it.
     Identical chosen/rejected pairs are returned as they are (filtering them is the caller's job).
     """
-    c = columns or ColumnMap()
-    pairs: list[PreferencePair] = []
+    pairs, report = stream_preferences(spec, format=format, columns=columns, split=split)
+    return list(pairs), report
 
-    def convert(row: dict, prov: str, fmt: str, report: LoadReport) -> None:
+
+def load_completions(
+    spec: str | os.PathLike,
+    *,
+    format: str = "auto",
+    columns: ColumnMap | None = None,
+    split: str = "train",
+) -> tuple[list[Completion], LoadReport]:
+    """Read ``spec`` into SFT examples: prompt/completion data, or preference data using prompt + chosen
+    ("Preferred-FT"); implicit-prompt rows are split as for DPO and ranked rows use their highest-scored
+    response (the first one on a tie)."""
+    items, report = stream_completions(spec, format=format, columns=columns, split=split)
+    return list(items), report
+
+
+def stream_preferences(
+    spec: str | os.PathLike,
+    *,
+    format: str = "auto",
+    columns: ColumnMap | None = None,
+    split: str = "train",
+    streaming: bool = False,
+) -> tuple[Iterator[PreferencePair], LoadReport]:
+    """:func:`load_preferences` one row at a time: an iterator over the pairs, and the report it fills in as it
+    is consumed (complete once the iterator is exhausted). Nothing is kept between rows. A missing file or an
+    unknown format raises at once; a bad row, or a data set without pairs, while iterating. `streaming` reads a
+    Hub data set without downloading it first (see :func:`read_rows`)."""
+    c = columns or ColumnMap()
+
+    def convert(row: dict, prov: str, fmt: str, report: LoadReport) -> Iterator[PreferencePair]:
         if fmt == "completion":
             raise DataError(
                 f"{prov}: prompt/completion data has no preferences; "
@@ -106,75 +136,83 @@ def load_preferences(
                         report.counts[TIE_REASON] = report.counts.get(TIE_REASON, 0) + 1
                         continue
                     hi, lo = (i, j) if scores[i] > scores[j] else (j, i)
-                    pairs.append(PreferencePair(prompt, responses[hi], responses[lo], f"{prov} pair ({i},{j})"))
+                    yield PreferencePair(prompt, responses[hi], responses[lo], f"{prov} pair ({i},{j})")
             return
-        pairs.append(PreferencePair(*_prompt_chosen_rejected(row, prov, fmt, c), source=prov))
+        yield PreferencePair(*_prompt_chosen_rejected(row, prov, fmt, c), source=prov)
 
-    report = _load(spec, format, c, split, convert)
-    if not pairs:
+    def none_left(report: LoadReport) -> None:
         raise DataError(f"{report.source}: no preference pairs ({report.rows} rows, dropped: {report.counts})")
-    return pairs, report
+
+    return _stream(spec, format, c, split, streaming, convert, none_left)
 
 
-def load_completions(
+def stream_completions(
     spec: str | os.PathLike,
     *,
     format: str = "auto",
     columns: ColumnMap | None = None,
     split: str = "train",
-) -> tuple[list[Completion], LoadReport]:
-    """Read ``spec`` into SFT examples: prompt/completion data, or preference data using prompt + chosen
-    ("Preferred-FT"); implicit-prompt rows are split as for DPO and ranked rows use their highest-scored
-    response (the first one on a tie)."""
+    streaming: bool = False,
+) -> tuple[Iterator[Completion], LoadReport]:
+    """:func:`load_completions` one row at a time (see :func:`stream_preferences`)."""
     c = columns or ColumnMap()
-    items: list[Completion] = []
 
-    def convert(row: dict, prov: str, fmt: str, report: LoadReport) -> None:
+    def convert(row: dict, prov: str, fmt: str, report: LoadReport) -> Iterator[Completion]:
         if fmt == "completion":
             prompt = _prompt(row, prov, c, conversational=None)
             completion = _response(row, c.completion, prov, conversational=isinstance(prompt, list))
-            items.append(Completion(prompt, completion, prov))
+            yield Completion(prompt, completion, prov)
         elif fmt == "ranked":
             prompt, responses, scores = _ranked(row, prov, c)
             best = max(range(len(scores)), key=lambda k: (scores[k], -k))
-            items.append(Completion(prompt, responses[best], prov))
+            yield Completion(prompt, responses[best], prov)
         else:
             prompt, chosen, _ = _prompt_chosen_rejected(row, prov, fmt, c)
-            items.append(Completion(prompt, chosen, prov))
+            yield Completion(prompt, chosen, prov)
 
-    report = _load(spec, format, c, split, convert)
-    return items, report
+    return _stream(spec, format, c, split, streaming, convert, None)
 
 
 # --- internals -------------------------------------------------------------------------------------
 
-def _load(
+def _stream(
     spec: str | os.PathLike,
     format: str,
     c: ColumnMap,
     split: str,
-    convert: Callable[[dict, str, str, LoadReport], None],
-) -> LoadReport:
+    streaming: bool,
+    convert: Callable[[dict, str, str, LoadReport], Iterator[T]],
+    none_left: Callable[[LoadReport], None] | None,
+) -> tuple[Iterator[T], LoadReport]:
     if format != "auto" and format not in FORMATS:
         raise ConfigError(f"unknown data format {format!r}; choose auto or one of: {', '.join(FORMATS)}")
     source = os.fspath(spec)
     report = LoadReport(source=source, format=format)
-    # a progress bar (rows read) for data sets that take more than a second to read
-    rows = tqdm(read_rows(spec, split), desc=f"reading {source}", unit=" rows", delay=1.0, mininterval=0.5)
-    try:
-        for row, prov in rows:
-            if report.rows == 0 and format == "auto":
-                try:
-                    report.format = detect_format(row, c)
-                except DataError as e:
-                    raise DataError(f"{prov}: {e}") from None
-            report.rows += 1
-            convert(row, prov, report.format, report)
-    finally:
-        rows.close()
-    if report.rows == 0:
-        raise DataError(f"{source}: the data set has no rows")
-    return report
+    rows = read_rows(spec, split, streaming=streaming)  # resolves the spec now: a missing file fails here
+
+    def records() -> Iterator[T]:
+        yielded = False
+        # a progress bar (rows read) for data sets that take more than a second to read
+        bar = tqdm(rows, desc=f"reading {source}", unit=" rows", delay=1.0, mininterval=0.5)
+        try:
+            for row, prov in bar:
+                if report.rows == 0 and format == "auto":
+                    try:
+                        report.format = detect_format(row, c)
+                    except DataError as e:
+                        raise DataError(f"{prov}: {e}") from None
+                report.rows += 1
+                for record in convert(row, prov, report.format, report):
+                    yielded = True
+                    yield record
+        finally:
+            bar.close()
+        if report.rows == 0:
+            raise DataError(f"{source}: the data set has no rows")
+        if not yielded and none_left is not None:
+            none_left(report)
+
+    return records(), report
 
 
 def _need(row: dict, name: str, prov: str, fmt: str) -> Any:
@@ -295,6 +333,20 @@ def _ranked(row: dict, prov: str, c: ColumnMap) -> tuple[Any, list, list[float]]
     return prompt, out, scores
 
 
+def eval_indices(n: int, fraction: float, seed: int) -> set[int]:
+    """The positions of the eval items when ``n`` items are split by :func:`split_eval` (the same rule, for
+    callers that see the items one at a time)."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise ConfigError(f"eval fraction must be a number between 0 and 1 (exclusive), got {fraction!r}")
+    n_eval = int(n * fraction + 0.5)  # round half up, not Python's banker's rounding
+    if n_eval < 1 or n - n_eval < 1:
+        raise ConfigError(
+            f"eval fraction {fraction} of {n} items gives {n_eval} eval and {n - n_eval} train items; "
+            "each part needs at least 1"
+        )
+    return set(random.Random(seed).sample(range(n), n_eval))
+
+
 def split_eval(items: list[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
     """Split ``items`` into ``(train, eval)`` with ``round(len(items) * fraction)`` eval items.
 
@@ -302,16 +354,7 @@ def split_eval(items: list[T], fraction: float, seed: int) -> tuple[list[T], lis
     seed and length; both parts keep the original order. Raises :class:`ConfigError` unless
     ``0 < fraction < 1`` and both parts get at least one item.
     """
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
-        raise ConfigError(f"eval fraction must be a number between 0 and 1 (exclusive), got {fraction!r}")
-    n = len(items)
-    n_eval = int(n * fraction + 0.5)  # round half up, not Python's banker's rounding
-    if n_eval < 1 or n - n_eval < 1:
-        raise ConfigError(
-            f"eval fraction {fraction} of {n} items gives {n_eval} eval and {n - n_eval} train items; "
-            "each part needs at least 1"
-        )
-    chosen = set(random.Random(seed).sample(range(n), n_eval))
+    chosen = eval_indices(len(items), fraction, seed)
     train = [x for i, x in enumerate(items) if i not in chosen]
     evals = [x for i, x in enumerate(items) if i in chosen]
     return train, evals

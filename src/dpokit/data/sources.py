@@ -28,13 +28,18 @@ _JSON_LIST_KEYS = ("data", "rows", "examples")
 Row = dict[str, Any]
 
 
-def read_rows(spec: str | os.PathLike, split: str = "train") -> Iterator[tuple[Row, str]]:
+def read_rows(spec: str | os.PathLike, split: str = "train", *, streaming: bool = False) -> Iterator[tuple[Row, str]]:
     """Yield ``(row, provenance)`` for every row of the data set named by ``spec``.
 
     ``spec`` is a ``.jsonl``/``.json``/``.parquet``/``.csv`` file, a directory written by
     ``Dataset.save_to_disk``/``DatasetDict.save_to_disk``, or, if no such path exists, a Hub data set
     ``"name"`` or ``"name:config"``. ``split`` selects the split of a DatasetDict or Hub data set (it is
     also tried as the key of a ``.json`` object); it is ignored for single-split files.
+
+    Rows are read as they are consumed, without holding the data set: ``.jsonl`` and ``.csv`` line by line,
+    ``.parquet`` one row group at a time, ``save_to_disk`` directories memory-mapped (Arrow); a ``.json``
+    list is parsed whole. A Hub data set is downloaded and prepared in the Hugging Face cache first, unless
+    `streaming` is set: then its rows are fetched as they are read (``load_dataset(..., streaming=True)``).
 
     The spec is resolved eagerly, so a missing file or an unknown extension raises
     :class:`DataError` at call time; errors inside the file are raised while iterating.
@@ -61,7 +66,7 @@ def read_rows(spec: str | os.PathLike, split: str = "train") -> Iterator[tuple[R
         # Never fall back to the Hub for something that is clearly meant as a local file: a typo in a
         # file name should not turn into a confusing network error.
         raise DataError(f"{text}: file not found")
-    return _read_hub(text, split)
+    return _read_hub(text, split, streaming)
 
 
 def _looks_like_path(text: str) -> bool:
@@ -187,12 +192,13 @@ def _read_saved(path: Path, label: str, split: str) -> Iterator[tuple[Row, str]]
     return _iter_dataset(ds, label)
 
 
-def _read_hub(spec: str, split: str) -> Iterator[tuple[Row, str]]:
+def _read_hub(spec: str, split: str, streaming: bool = False) -> Iterator[tuple[Row, str]]:
     import datasets
 
     name, _, config = spec.partition(":")
     try:
-        ds = datasets.load_dataset(name, config or None, split=split)
+        options = {"streaming": True} if streaming else {}
+        ds = datasets.load_dataset(name, config or None, split=split, **options)
     except Exception as e:  # network, auth, unknown name/config/split: all reported the same way
         raise DataError(f"{spec}: not a local file or directory, and loading it from the Hub failed: {e}") from None
     return _iter_dataset(ds, f"{spec}[{split}]")

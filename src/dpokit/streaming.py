@@ -1,0 +1,172 @@
+"""``--streaming``: data larger than memory, with the same examples, order and resume as the in-memory path.
+
+Rows are read and validated one at a time (local ``.jsonl``/``.csv`` line by line, ``.parquet`` by row group,
+``save_to_disk`` directories memory-mapped, Hub data sets with ``load_dataset(..., streaming=True)``), gathered
+into chunks of :data:`CHUNK` records, tokenised chunk by chunk and written straight into the shards of a
+data-cache entry (dpokit.datacache); neither the records nor the tokenised examples are kept. Training then
+reads the examples from the memory-mapped shards through :class:`dpokit.sharded.ShardedExamples`. So memory is
+bounded by one chunk of records plus a few index arrays (about 40 bytes per example), not by the data.
+
+Same as the in-memory path, exactly: the chunks are the same (1000 consecutive records of a part), so the token
+ids, filter counts, logged lines and cache entry are the same; the trainer draws its seeded permutation of
+example indices per epoch as always, so the data order is the same and a resume finds its data position from the
+step number. ``--eval-fraction`` holds out the same records as in memory (a seeded sample of round(n · fraction)
+of the n records, see ``split_eval``): that needs n first, so the data is read twice, once to count the records
+and once to tokenise them (``--eval-data`` reads once).
+
+Where the shards go: the cache entry of the data's key, reused by later runs, streamed or not; without a key
+(``--no-data-cache``, or a streamed Hub data set, which has no fingerprint before it is downloaded) a temporary
+entry in the cache directory that is removed when the run ends. Either way the disk needs about 2 bytes per
+token (4 for vocabularies over 65536).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from dpokit.data.formats import ColumnMap, eval_indices, stream_completions, stream_preferences
+from dpokit.datacache import MANIFEST, CacheWriter, DamagedEntry, _remove, default_cache_dir, open_cache
+from dpokit.errors import DataError
+from dpokit.sharded import ShardedExamples, TemporaryEntry, open_entry
+from dpokit.tokenize import (ChunkTokenizer, FilterReport, TokenizeConfig, check_report, plain_text_message,
+                             release_freed_memory)
+
+CHUNK = 1000  # records per batched tokenizer call: the most records held at once (per part)
+
+
+def prepare_streamed(config, stage: str, tokenizer, settings: TokenizeConfig, columns: ColumnMap,
+                     log: Callable[[str], None], *, cache_dir: str | os.PathLike | None = None,
+                     use_cache: bool = True) -> tuple[ShardedExamples, ShardedExamples | list]:
+    """The training and evaluation examples of `config` for `stage`, streamed into shards and read lazily
+    (see the module docstring); logs the same lines as the in-memory path (dpokit.api.prepare_data)."""
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache = open_cache(config, stage, tokenizer, settings, columns, cache_dir=root, log=log) if use_cache else None
+    with _local_main_first():
+        if cache is not None and (cache.path / MANIFEST).is_file():
+            try:
+                parts, lines = open_entry(cache.path, verify=True)
+            except DamagedEntry as error:
+                log(f"tokenised data: cache entry {cache.path} is damaged ({error}); tokenising again")
+                _remove(cache.path)
+            else:
+                for line in lines:
+                    log(line)
+                log(f"tokenised data: reusing {cache.path}")
+                return parts["train"], parts.get("eval", [])
+        try:
+            writer = CacheWriter(root, cache.key if cache is not None else "temporary")
+        except OSError as error:
+            raise DataError(f"--streaming writes the tokenised data to disk, and {root} cannot be written: {error} "
+                            "(set --data-cache-dir or $DPOKIT_CACHE)") from None
+        try:
+            lines, reports = _tokenize_into(writer, config, stage, tokenizer, settings, columns, log)
+            if cache is not None:
+                entry = writer.commit(cache.inputs, lines, reports)
+                if entry is None:
+                    raise DataError(f"--streaming: {writer.error}")
+                log(f"tokenised data: cached in {entry}")
+                parts, _ = open_entry(entry, verify=False)
+            else:
+                writer.finish(None, lines, reports)
+                parts, _ = open_entry(writer.tmp, verify=False, owner=TemporaryEntry(writer.tmp))
+                log(f"tokenised data: in {writer.tmp} (not cached: removed when this run ends)")
+        except BaseException:
+            writer.abort()
+            raise
+    release_freed_memory()  # the tokenizer's freed buffers, back to the OS
+    return parts["train"], parts.get("eval", [])
+
+
+@contextlib.contextmanager
+def _local_main_first():
+    """Under a multi-process launch, the first process of each node prepares the entry and the others then read
+    it (from the cache), instead of every process tokenising the same data."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        with PartialState().local_main_process_first():
+            yield
+    else:
+        yield
+
+
+def _tokenize_into(writer: CacheWriter, config, stage: str, tokenizer, settings: TokenizeConfig,
+                   columns: ColumnMap, log: Callable[[str], None]) -> tuple[list[str], dict[str, FilterReport]]:
+    """Read, split and tokenise the data into `writer`'s shards; returns the lines the in-memory path logs and
+    the filter reports of the parts."""
+    stream = stream_preferences if stage == "dpo" else stream_completions
+
+    def read(spec, split):
+        return stream(spec, format=config.format, columns=columns, split=split, streaming=True)
+
+    tokenize = ChunkTokenizer(tokenizer, settings)
+    reports = {"train": FilterReport()}
+    eval_line = None
+    if config.eval_data:
+        records, report = read(config.data, config.split)
+        n, plain = _feed(records, lambda i: "train", tokenize, writer, reports)
+        reports["eval"] = FilterReport()
+        eval_records, _ = read(config.eval_data, config.eval_split)
+        n_eval, plain_eval = _feed(eval_records, lambda i: "eval", tokenize, writer, reports)
+        eval_line = f"eval data: {n_eval} examples from {config.eval_data}"
+        total, plain = n + n_eval, plain + plain_eval
+    elif config.eval_fraction:
+        records, _ = read(config.data, config.split)
+        n = sum(1 for _ in records)  # the first of two reads: the held-out sample needs the number of records
+        held_out = eval_indices(n, config.eval_fraction, config.seed)
+        reports["eval"] = FilterReport()
+        records, report = read(config.data, config.split)
+        total, plain = _feed(records, lambda i: "eval" if i in held_out else "train", tokenize, writer, reports)
+        if total != n:
+            raise DataError(f"{config.data}: changed while it was read ({n} records, then {total})")
+        eval_line = f"eval data: {len(held_out)} examples held out of {config.data} (seed {config.seed})"
+    else:
+        records, report = read(config.data, config.split)
+        n, plain = _feed(records, lambda i: "train", tokenize, writer, reports)
+        total = n
+    lines = [f"data: {n} examples from {config.data} ({report.format} format, {report.rows} rows"
+             + "".join(f"; {k} {reason}" for reason, k in report.counts.items()) + ")"]
+    if eval_line:
+        lines.append(eval_line)
+    warning = plain_text_message(plain, total, tokenizer, settings)
+    if warning:
+        lines.append(warning)
+    for part, what in (("train", "training"), ("eval", "eval")):
+        if part in reports:
+            check_report(reports[part], settings)
+            lines.append(f"tokenised {what} data: {reports[part].summary()}")
+    for line in lines:
+        log(line)
+    return lines, reports
+
+
+def _feed(records: Iterable, part_of: Callable[[int], str], tokenize: ChunkTokenizer, writer: CacheWriter,
+          reports: dict[str, FilterReport]) -> tuple[int, int]:
+    """Tokenise `records` into the writer's parts (`part_of` the record's position), CHUNK consecutive records
+    of a part at a time, as the in-memory path chunks each part; returns the number of records and of those
+    with a plain-text prompt."""
+    pending: dict[str, list] = {part: [] for part in reports}
+    sinks = {part: writer.sink(part) for part in reports}
+
+    def flush(part: str) -> None:
+        arrays = tokenize(pending[part], reports[part])
+        pending[part] = []
+        reports[part].kept += len(arrays)
+        sinks[part](arrays)
+        if writer.error is not None:  # a streamed run has nowhere else to keep its data
+            raise DataError(f"--streaming: {writer.error}")
+
+    n = plain = 0
+    for n, record in enumerate(records, start=1):
+        plain += isinstance(record.prompt, str)
+        part = part_of(n - 1)
+        pending[part].append(record)
+        if len(pending[part]) == CHUNK:
+            flush(part)
+    for part in pending:
+        if pending[part]:
+            flush(part)
+    return n, plain
