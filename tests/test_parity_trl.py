@@ -48,7 +48,10 @@ METRICS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "r
 #   hinge    relu(1 - beta*h)
 #   ipo      (h_avg - 1/(2*beta))**2, log-ratios divided by each response's token count (EOS included) in both
 #   robust   (-(1-eps)*logsigmoid(beta*h) + eps*logsigmoid(-beta*h)) / (1-2*eps)
-LOSSES = [("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.1)]
+# and a sample of the further losses (every one is compared with TRL's loss code in tests/test_losses_trl.py):
+# sigmoid_norm (length-averaged like ipo), exo_pair, bco_pair, apo_down.
+LOSSES = [("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.1), ("sigmoid_norm", 0.0),
+          ("exo_pair", 1e-3), ("bco_pair", 0.0), ("apo_down", 0.0)]
 
 # TRL's DPOConfig defaults `gradient_checkpointing=True`, which transformers 5 reports as deprecated; not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning")
@@ -96,13 +99,15 @@ def trl_run(setup):
     """TRL's DPOTrainer.evaluate() for a (loss, label_smoothing), cached per module: (metrics, trainer)."""
     cache: dict = {}
 
-    def run(loss: str, label_smoothing: float = 0.0):
-        if (loss, label_smoothing) not in cache:
+    def run(loss: str, label_smoothing: float = 0.0, weights: tuple[float, ...] | None = None):
+        """`loss` may name several losses, comma-separated, weighted by `weights` (TRL's loss_weights)."""
+        if (loss, label_smoothing, weights) not in cache:
             policy = AutoModelForCausalLM.from_pretrained(setup["policy"], dtype="float32")
             reference = AutoModelForCausalLM.from_pretrained(setup["reference"], dtype="float32")
             args = DPOConfig(
                 output_dir=str(setup["root"] / f"trl-{loss}"), per_device_eval_batch_size=TRL_EVAL_BATCH,
-                beta=0.1, loss_type=loss, label_smoothing=label_smoothing, max_length=None,
+                beta=0.1, loss_type=loss.split(","), loss_weights=weights and list(weights),
+                label_smoothing=label_smoothing, max_length=None,
                 use_cpu=True, bf16=False, fp16=False, disable_dropout=True,
                 report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0,
             )
@@ -110,8 +115,9 @@ def trl_run(setup):
             trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=dataset,
                                  eval_dataset=dataset, processing_class=setup["tokenizer"])
             metrics = trainer.evaluate()
-            cache[(loss, label_smoothing)] = ({k.removeprefix("eval_"): v for k, v in metrics.items()}, trainer)
-        return cache[(loss, label_smoothing)]
+            cache[(loss, label_smoothing, weights)] = ({k.removeprefix("eval_"): v for k, v in metrics.items()},
+                                                       trainer)
+        return cache[(loss, label_smoothing, weights)]
 
     return run
 
@@ -156,6 +162,15 @@ def test_api_evaluate_matches_trl(setup, trl_run, loss, label_smoothing):
     _assert_close(ours, trl, f"dpokit.api.evaluate, loss={loss}")
     # a sanity check that the comparison is not vacuous: the models differ, and not every pair is won or lost
     assert abs(trl["rewards/margins"]) > 0.05 and 0 < trl["rewards/accuracies"] < 1
+
+
+def test_a_mixture_of_losses_matches_trl(setup, trl_run):
+    trl, _ = trl_run("sigmoid,bco_pair", 0.0, (0.8, 0.2))
+    ours = evaluate(setup["policy"], setup["data"], ref_model=setup["reference"], beta=0.1, loss="sigmoid,bco_pair",
+                    loss_weights="0.8,0.2", batch_size=7, log=lambda *_: None)
+    _assert_close(ours, trl, "dpokit.api.evaluate, loss=sigmoid,bco_pair (0.8, 0.2)")
+    single, _ = trl_run("sigmoid")
+    assert abs(trl["loss"] - single["loss"]) > 0.05  # the second loss and its weight count
 
 
 def test_cli_eval_json_matches_trl(setup, trl_run, capsys):
