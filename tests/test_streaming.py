@@ -168,6 +168,23 @@ def test_a_hub_data_set_is_streamed_not_downloaded(tmp_path, tokenizer, monkeypa
     assert any("not cached" in line for line in lines)
 
 
+def test_bad_input_is_a_one_line_error_and_leaves_nothing(tmp_path, tokenizer, monkeypatch):
+    from dpokit.errors import DataError
+
+    rows = _rows(1500)
+    rows[1234] = {"prompt": "p", "chosen": 7, "rejected": "r"}
+    cache = tmp_path / "cache"
+    config = _config(_jsonl(tmp_path / "bad.jsonl", rows), tmp_path, streaming=True)
+    with pytest.raises(DataError, match=r"bad\.jsonl:1235: field 'chosen' must be a string, got int"):
+        prepare_data(config, "dpo", tokenizer, lambda line: None, cache_dir=cache)
+    assert list(cache.iterdir()) == []  # the shards of the first chunk were removed
+    monkeypatch.setattr(streaming, "_feed", lambda *a: pytest.fail("tokenised before finding the eval file"))
+    config = _config(_jsonl(tmp_path / "good.jsonl", rows[:1000]), tmp_path, streaming=True,
+                     eval_data=str(tmp_path / "missing.jsonl"))
+    with pytest.raises(DataError, match="missing.jsonl: file not found"):
+        prepare_data(config, "dpo", tokenizer, lambda line: None, cache_dir=cache)
+
+
 def test_no_list_of_the_records_or_examples_is_built(tmp_path, tokenizer, monkeypatch):
     """Memory is bounded by the chunk: at every chunk at most two chunks' records (train and eval) are alive,
     and no TokenizedExample exists until training indexes one. The in-memory path, checked the same way, holds

@@ -107,9 +107,9 @@ def _tokenize_into(writer: CacheWriter, config, stage: str, tokenizer, settings:
     eval_line = None
     if config.eval_data:
         records, report = read(config.data, config.split)
+        eval_records, _ = read(config.eval_data, config.eval_split)  # a missing file fails now, not after tokenising
         n, plain = _feed(records, lambda i: "train", tokenize, writer, reports)
         reports["eval"] = FilterReport()
-        eval_records, _ = read(config.eval_data, config.eval_split)
         n_eval, plain_eval = _feed(eval_records, lambda i: "eval", tokenize, writer, reports)
         eval_line = f"eval data: {n_eval} examples from {config.eval_data}"
         total, plain = n + n_eval, plain + plain_eval
