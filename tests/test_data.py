@@ -448,3 +448,21 @@ def test_whitespace_only_jsonl_lines_are_skipped(tmp_path):
     p = tmp_path / "blank.jsonl"
     p.write_text(json.dumps(ROWS[0]) + "\n\u3000\n \t\n" + json.dumps(ROWS[1]) + "\n", encoding="utf-8")
     assert [prov for _, prov in read_rows(p)] == [f"{p}:1", f"{p}:4"]
+
+
+def test_prompts_glued_to_their_responses_are_counted():
+    from dpokit.data.checks import glued_boundary_warning
+    from dpokit.data.records import Completion, PreferencePair
+
+    records = [PreferencePair("The film", "is a delight", " is dull", "pairs.jsonl:1"),
+               PreferencePair("The film ", "was good", "was bad", "pairs.jsonl:2"),  # the space is in the prompt
+               PreferencePair("The film", " was good", "\nwas bad", "pairs.jsonl:3"),
+               PreferencePair("The film:", "good", "bad", "pairs.jsonl:4"),  # punctuation: a boundary anyway
+               PreferencePair("Rate it", " fine", "5/10", "pairs.jsonl:5"),
+               PreferencePair([{"role": "user", "content": "Hi"}], [{"role": "assistant", "content": "Yo"}],
+                              [{"role": "assistant", "content": "No"}], "pairs.jsonl:6"),
+               Completion("Once upon", "a time", "sft.jsonl:1")]
+    warning = glued_boundary_warning(records)
+    assert warning.startswith("warning: 3 of 7 examples join prompt and response with no space between two words "
+                              "(e.g. 'The film' + 'is a delight' at pairs.jsonl:1)")
+    assert glued_boundary_warning(records[1:4]) is None

@@ -248,6 +248,49 @@ def test_lr_factor_warmup_then_cosine_or_constant():
     assert lr_factor(0, none, 4) == 1.0 and lr_factor(2, none, 4) == pytest.approx(0.5)
 
 
+def test_warmup_ratio_is_a_fraction_of_the_run_rounded_up():
+    from dpokit.trainer import warmup_steps
+
+    ratio = TrainConfig(model="m", data="d", output="o", warmup_ratio=0.25, schedule="cosine")
+    assert warmup_steps(ratio, 14) == 4 and warmup_steps(ratio, 10) == 3 and warmup_steps(ratio, 1) == 1
+    assert [lr_factor(s, ratio, 14) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(9, ratio, 14) == pytest.approx(0.5)  # the same schedule as --warmup-steps 4
+    assert lr_factor(5, TrainConfig(model="m", data="d", output="o", warmup_ratio=0.0), 10) == 1.0
+    assert warmup_steps(TrainConfig(model="m", data="d", output="o"), 10) == 150  # the default is unchanged
+
+
+def test_an_epoch_count_that_leaves_no_step_is_an_error():
+    cfg = TrainConfig(model="m", data="d", output="o", batch_size=4, epochs=0.2)
+    with pytest.raises(ConfigError, match=r"--epochs 0.2 of 2 steps per epoch .* give at least --epochs 0.5"):
+        make_plan(8, cfg, num_processes=1)
+    assert make_plan(8, TrainConfig(model="m", data="d", output="o", batch_size=4, epochs=0.5), 1).total_steps == 1
+
+
+@pytest.mark.parametrize("options,eval_examples,expected", [
+    ({}, 10, ["warm-up (150 steps) is not shorter than the run (5 steps): the learning rate rises to only 3.33% "
+              "of --lr 1e-06 at the last step; lower --warmup-steps or give --warmup-ratio"]),
+    ({"warmup_steps": 5, "schedule": "cosine"}, 10, ["warm-up (5 steps) is not shorter than the run (5 steps): the "
+                                                     "learning rate rises to only 100% of --lr 1e-06 at the last "
+                                                     "step and the cosine decay never starts"]),
+    ({"warmup_steps": 4}, 10, []),
+    ({"warmup_ratio": 0.5}, 10, []),
+    ({"warmup_steps": 0, "eval_every": 6, "save_every": 9, "log_every": 7}, 10,
+     ["--eval-every 6 is past the end of the run (5 steps): evaluation happens once, after the last step",
+      "--save-every 9 is past the end of the run (5 steps): only the final checkpoint",
+      "--log-every 7 is past the end of the run (5 steps): only the last step is logged"]),
+    ({"warmup_steps": 0, "eval_every": 2}, 0, ["--eval-every 2 but there is no evaluation data"]),
+    ({"warmup_steps": 0, "eval_every": 5, "save_every": 5, "log_every": 5}, 10, []),
+])
+def test_schedule_warnings(options, eval_examples, expected):
+    from dpokit.trainer import schedule_warnings
+
+    cfg = TrainConfig(model="m", data="d", output="o", batch_size=2, max_steps=5, **options)
+    lines = schedule_warnings(make_plan(20, cfg, 1), cfg, eval_examples)
+    assert len(lines) == len(expected)
+    for line, text in zip(lines, expected):
+        assert line.startswith("warning: ") and text in line, (line, text)
+
+
 def test_logged_lr_is_the_rate_the_step_used(tiny_model_dir, sentiment_data, tmp_path):
     """The rate each optimizer.step() really ran with (read from its param_groups as it starts, not from the
     scheduler) is the warm-up rate of that step, and it is the logged one. A scheduler stepped before the

@@ -18,22 +18,24 @@ from accelerate.utils import DistributedType
 from transformers import PreTrainedTokenizerBase
 
 from dpokit.checkpoint import run_identity, save_final
-from dpokit.config import TrainConfig
+from dpokit.config import Default, TrainConfig
 from dpokit.data import ColumnMap, load_completions, load_preferences, split_eval
+from dpokit.data.checks import glued_boundary_warning
 from dpokit.engine import (ReferenceState, Scorer, check_engine, engine_name, engine_on_cpu, place_reference,
                            shards_parameters)
 from dpokit.errors import ConfigError
 from dpokit.generation import Sample, generate, sample, sample_ids  # noqa: F401  (the API's names, kept here)
 from dpokit.logprobs import check_layout
 from dpokit.lora import trained_adapter_weight
-from dpokit.models import load_model, load_policy, load_tokenizer
+from dpokit.inputs import check_data_spec, check_model_spec, check_train_inputs
+from dpokit.models import load_model, load_policy, load_tokenizer, model_max_positions
 from dpokit.losses import REFERENCE_FREE_LOSSES, LossConfig
 from dpokit.objective import DPOObjective, SFTObjective
 from dpokit.reference import (CachedReference, ModelReference, PolicyReference, cached_reference_logps,
                               weights_digest)
 from dpokit.tokenize import TokenizeConfig, TokenizedExample, tokenize_examples
 from dpokit.rundir import claim_output
-from dpokit.trainer import Engine, config_dict, prepare, train
+from dpokit.trainer import Engine, config_dict, make_plan, prepare, schedule_warnings, train
 from dpokit.trainer import evaluate as evaluate_objective
 
 def _columns(config: TrainConfig) -> ColumnMap:
@@ -114,6 +116,9 @@ def prepare_data(config: TrainConfig, stage: str, tokenizer: PreTrainedTokenizer
         warning = plain_text_warning([*records, *eval_records], tokenizer, settings)
         if warning:
             say(warning)
+        glued = None if config.apply_chat_template else glued_boundary_warning([*records, *eval_records])
+        if glued:
+            say(glued)
         train_examples, train_report = tokenize_examples(records, tokenizer, settings, description="tokenising",
                                                          sink=writer and writer.sink("train"))
         del records
@@ -184,18 +189,33 @@ def _start(config: TrainConfig, stage: str) -> _Run:
                           "are not sharded; launch QLoRA with DDP (configs/accelerate/ddp.yaml) or one process")
     torch.manual_seed(config.seed)
     log = print if accelerator.is_main_process else (lambda *_: None)
-    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code, gguf_file=config.gguf_file)
+    _fit_lengths(config, log)
     data = prepare_data(config, stage, tokenizer, log)
+    # everything that needs no model is checked before one is loaded: the data, the plan and the schedule
+    plan = make_plan(len(data.train), config, accelerator.num_processes)
+    for line in schedule_warnings(plan, config, eval_examples=len(data.eval)):
+        log(line)
     with_reference = stage == "dpo" and not config.reference_free and config.ref_model is None
     model, reference_state = load_policy(config, accelerator.device, with_reference=with_reference)
     return _Run(accelerator, log, tokenizer, data, model, reference_state)
+
+
+def _fit_lengths(config: TrainConfig, log: Callable[[str], None]) -> None:
+    """--max-length against the model's maximum positions, read from its config (no weights loaded)."""
+    positions = model_max_positions(config.model, trust_remote_code=config.trust_remote_code,
+                                    gguf_file=config.gguf_file)
+    note = config.fit_max_length(positions, config.model)
+    if note:
+        log(note)
 
 
 def _reference_model(config: TrainConfig, run: _Run, chunked: bool) -> tuple[Scorer, str]:
     """A separate reference model (--ref-model, or a fresh copy of --model's starting weights), its digest
     taken before the engine places it like the policy."""
     path = config.ref_model or config.model
-    model = load_model(path, dtype=config.ref_dtype or config.dtype, trust_remote_code=config.trust_remote_code)
+    model = load_model(path, dtype=config.ref_dtype or config.dtype, trust_remote_code=config.trust_remote_code,
+                       gguf_file=None if config.ref_model else config.gguf_file)
     digest = weights_digest(model)
     placed = place_reference(run.accelerator, Scorer(model, chunked=chunked), offload=config.ref_offload)
     return placed, digest
@@ -238,6 +258,7 @@ def _claim(config: TrainConfig):
 
 def train_dpo(config: TrainConfig) -> dict[str, float]:
     """Fine-tune `config.model` with DPO on `config.data`; returns the final evaluation metrics."""
+    check_train_inputs(config)
     with _claim(config):
         return _train_dpo(config)
 
@@ -262,6 +283,7 @@ def _train_dpo(config: TrainConfig) -> dict[str, float]:
 
 def train_sft(config: TrainConfig) -> dict[str, float]:
     """Supervised fine-tuning of `config.model` on completions (or the chosen responses of a preference set)."""
+    check_train_inputs(config)
     with _claim(config):
         run = _start(config, "sft")
         engine = _prepare(run, config, config.logits == "chunked")
@@ -301,33 +323,43 @@ def evaluate(
     simpo_gamma: float | None = None,
     loss_weights: str | None = None,
     dpop_lambda: float | None = None,
+    ld_alpha: float | None = None,
     batch_size: int = 8,
-    max_length: int = 512,
-    max_prompt_length: int = 256,
+    max_length: int = Default(512),
+    max_prompt_length: int = Default(256),
     truncation: str = "keep_end",
     format: str = "auto",
     dtype: str = "float32",
     layout: str = "packed",
     on_filtered: str = "skip",
     apply_chat_template: bool = False,
+    gguf_file: str | None = None,
     log=print,
 ) -> dict[str, float]:
     """Preference loss, reward accuracy, margins and log-probs of `model` against `ref_model` on `data`.
 
     Nothing is trained. Without `ref_model` the evaluation is reference-free. `apply_chat_template` renders
-    plain-text data with the chat template, as in training (TrainConfig.apply_chat_template).
+    plain-text data with the chat template, as in training (TrainConfig.apply_chat_template). `gguf_file` loads
+    `model` from that GGUF file in its directory. The default `max_length` is lowered to the model's maximum
+    positions when it has fewer.
     """
     if ref_model is None and not reference_free and loss not in REFERENCE_FREE_LOSSES:
         raise ConfigError("evaluation needs --ref-model (or --reference-free)")
+    check_model_spec("--model", model, gguf_file=gguf_file)
+    if ref_model is not None:
+        check_model_spec("--ref-model", ref_model)
+    check_data_spec("--data", data)
     config = TrainConfig(model=model, data=data, output="-", loss=loss, beta=beta, label_smoothing=label_smoothing,
                          reference_free=reference_free, batch_size=batch_size, max_length=max_length,
                          max_prompt_length=max_prompt_length, truncation=truncation, format=format, dtype=dtype,
-                         layout=layout, on_filtered=on_filtered, ref_model=ref_model, simpo_gamma=simpo_gamma,
-                         loss_weights=loss_weights, dpop_lambda=dpop_lambda, apply_chat_template=apply_chat_template)
+                         layout=layout, on_filtered=on_filtered, apply_chat_template=apply_chat_template,
+                         gguf_file=gguf_file, ref_model=ref_model, simpo_gamma=simpo_gamma,
+                         loss_weights=loss_weights, dpop_lambda=dpop_lambda, ld_alpha=ld_alpha)
     accelerator = make_accelerator(config)
-    tokenizer = load_tokenizer(model)
+    tokenizer = load_tokenizer(model, gguf_file=gguf_file)
+    _fit_lengths(config, log)
     examples = prepare_data(config, "dpo", tokenizer, log).train
-    policy = Scorer(load_model(model, dtype=dtype).to(accelerator.device))
+    policy = Scorer(load_model(model, dtype=dtype, gguf_file=gguf_file).to(accelerator.device))
     reference = None
     if not config.reference_free:  # simpo and orpo set it
         reference = ModelReference(load_model(ref_model, dtype=dtype).to(accelerator.device))

@@ -278,7 +278,7 @@ def run_identity(config: dict, examples, model: str) -> dict:
         for path in sorted(root.iterdir()):
             if path.name in ("config.json", "adapter_config.json"):
                 weights.update(path.read_bytes())
-            elif path.suffix == ".safetensors":
+            elif path.suffix in (".safetensors", ".gguf"):
                 weights.update(f"{path.name}:{path.stat().st_size}".encode())
     return {"config": {k: v for k, v in sorted(config.items()) if k not in FREE_OPTIONS},
             "data": examples_digest(examples), "model": weights.hexdigest()}

@@ -232,9 +232,9 @@ def _cmd_eval(args):
     metrics = evaluate(args.model, args.data, ref_model=args.ref_model, loss=args.loss, beta=args.beta,
                        label_smoothing=args.label_smoothing, reference_free=args.reference_free,
                        simpo_gamma=args.simpo_gamma, loss_weights=args.loss_weights,
-                       dpop_lambda=args.dpop_lambda, batch_size=args.batch_size, max_length=args.max_length,
+                       dpop_lambda=args.dpop_lambda, ld_alpha=args.ld_alpha, batch_size=args.batch_size, max_length=args.max_length,
                        max_prompt_length=args.max_prompt_length, truncation=args.truncation, format=args.format,
-                       dtype=args.dtype, on_filtered=args.on_filtered,
+                       dtype=args.dtype, on_filtered=args.on_filtered, gguf_file=args.gguf_file,
                        apply_chat_template=args.apply_chat_template, log=log)
     if args.json:
         print(json.dumps(metrics))
@@ -246,8 +246,8 @@ def _cmd_eval(args):
 def _cmd_generate(args):
     from dpokit.prompts import parse_prompt, read_prompts
 
-    prompts = read_prompts(args.prompts) if args.prompts else [parse_prompt(args.prompt)]
     check_model_spec("--model", args.model)
+    prompts = read_prompts(args.prompts) if args.prompts else [parse_prompt(args.prompt)]
     from dpokit.generation import generate_samples
 
     outputs = generate_samples(args.model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -264,13 +264,13 @@ def _cmd_generate(args):
 
 
 def _cmd_merge(args):
+    check_model_spec("--adapter", args.adapter)
     from dpokit.models import merge
 
     merge(args.adapter, args.output, dtype=args.dtype)
 
 
 DEMO_HELP = {
-    check_model_spec("--adapter", args.adapter)
     "output": "output directory: report.json, plots, the SFT and DPO models",
     "model": "base model to start from (default: the embedded tiny review model)",
     "judge": "judge: vader, module.path:function (text -> float), or classifier:PATH:LABEL",
@@ -343,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ε for sigmoid (cDPO), robust, exo_pair or simpo")
     ev.add_argument("--simpo-gamma", type=float, help="SimPO's target reward margin γ (default 0.5)")
     ev.add_argument("--dpop-lambda", type=float, help="DPO-Positive's penalty weight λ (default 50)")
+    ev.add_argument("--ld-alpha", type=float, help="LD-DPO length desensitisation α in [0, 1]")
     ev.add_argument("--reference-free", action="store_true",
                     help="score without a reference model (implied by simpo and orpo)")
     ev.add_argument("--batch-size", type=int, default=8, help="examples per batch")
@@ -400,6 +401,12 @@ def build_parser() -> argparse.ArgumentParser:
     mer.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                      help="dtype of the merged weights")
     mer.set_defaults(func=_cmd_merge)
+
+    for name, command in commands.choices.items():  # --config for every command
+        if command.read_config is None:
+            command.add_argument("--config", metavar="FILE.yaml",
+                                 help="read options from a YAML file (keys are the option names); flags override it")
+            command.read_config = _option_yaml_reader(command, name)
     return parser
 
 
@@ -411,17 +418,14 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except Interrupted as stop:
         argv = list(sys.argv[1:] if argv is None else argv)
-
-    for name, command in commands.choices.items():  # --config for every command
-        if command.read_config is None:
-            command.add_argument("--config", metavar="FILE.yaml",
-                                 help="read options from a YAML file (keys are the option names); flags override it")
-            command.read_config = _option_yaml_reader(command, name)
         again = "dpokit " + " ".join(shlex.quote(a) for a in argv + ([] if "--resume" in argv else ["--resume"]))
         print(f"dpokit {args.command}: {stop}\nresume with: {again}"
               + ("   (under the same accelerate launch)" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""),
               file=sys.stderr)
         return EXIT_INTERRUPTED
+    except ConfigError as error:  # an option's fault: where to read about the options
+        print(f"dpokit {args.command}: error: {error} (see dpokit {args.command} --help)", file=sys.stderr)
+        return 2
     except DpokitError as error:
         print(f"dpokit {args.command}: error: {error}", file=sys.stderr)
         return 2
@@ -435,8 +439,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-    except ConfigError as error:  # an option's fault: where to read about the options
-        print(f"dpokit {args.command}: error: {error} (see dpokit {args.command} --help)", file=sys.stderr)
-        return 2
 if __name__ == "__main__":
     sys.exit(main())

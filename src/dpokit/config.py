@@ -7,6 +7,8 @@ YAML keys are the field names themselves (``max_length`` in YAML is ``--max-leng
 from __future__ import annotations
 
 import dataclasses
+import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,16 @@ from dpokit.loss_config import LOSS_TYPES
 
 BOTH = ("dpo", "sft")
 DPO = ("dpo",)
+REQUIRED = ("model", "data", "output")
+
+
+class Default(int):
+    """An int default that remembers it was not given: equal to (and stored as) the plain number, but a check can
+    tell the default ``max_length`` 512, which dpokit may fit to the model, from a ``--max-length 512`` the user
+    asked for, which it must not change."""
+
+    def __repr__(self) -> str:
+        return int.__repr__(self)
 
 
 def opt(default: Any, help: str, stages: tuple[str, ...] = BOTH, choices: tuple | None = None) -> Any:
@@ -69,6 +81,8 @@ class TrainConfig:
                                "reference-free losses simpo and orpo", DPO)
     simpo_gamma: float | None = opt(None, "SimPO's target reward margin γ (--loss simpo only; default 0.5, TRL's)", DPO)
     dpop_lambda: float | None = opt(None, "DPO-Positive's penalty weight λ (--loss dpop only; default 50)", DPO)
+    ld_alpha: float | None = opt(None, "LD-DPO length desensitisation α in [0, 1]: response tokens beyond the shorter "
+                                 "response of the pair count α times in policy and reference log-probs", DPO)
     average_logps: bool = opt(False, "average response log-probs over tokens instead of summing them", DPO)
     precompute_ref: bool = opt(False, "compute reference log-probs once before training, cached on disk; "
                                "the reference model is then not kept in memory", DPO)
@@ -98,13 +112,17 @@ class TrainConfig:
                          "Adam's states in 8 bits (bitsandbytes)",
                          choices=("rmsprop", "adamw", "adamw8bit", "paged_adamw8bit"))
     weight_decay: float = opt(0.0, "weight decay")
-    warmup_steps: int = opt(150, "linear warm-up steps")
+    warmup_steps: int = opt(Default(150), "linear warm-up steps")
+    warmup_ratio: float | None = opt(None, "linear warm-up over this fraction of the run's steps (instead of "
+                                     "--warmup-steps)")
     schedule: str = opt("constant", "learning-rate schedule after warm-up", choices=("constant", "cosine"))
     max_steps: int | None = opt(None, "optimizer steps to run (overrides --epochs)")
     epochs: float = opt(1.0, "passes over the training data when --max-steps is not given")
     max_grad_norm: float = opt(10.0, "clip the gradient norm to this (0 = no clipping)")
-    max_length: int = opt(512, "maximum prompt + response tokens")
-    max_prompt_length: int = opt(256, "prompt length the prompt is cut to when prompt + response is too long")
+    max_length: int = opt(Default(512), "maximum prompt + response tokens; the default is lowered to the model's "
+                          "maximum positions when it has fewer (a larger value given is an error)")
+    max_prompt_length: int = opt(Default(256), "prompt length the prompt is cut to when prompt + response is too "
+                                 "long; the default is lowered to half of --max-length when that is smaller")
     truncation: str = opt("keep_end", "which end of a too-long prompt to keep", choices=("keep_end", "keep_start"))
     dtype: str = opt("float32", "training precision: float32, or bfloat16 mixed precision", choices=("float32", "bfloat16"))
     seed: int = opt(0, "random seed (data order, initialisation of anything random)")
@@ -124,10 +142,12 @@ class TrainConfig:
                                      "shortest examples together (exact; faster on CPU). Default: 1024 on CPU, "
                                      "whole micro-batch on GPU; 0 = whole micro-batch")
     trust_remote_code: bool = opt(False, "allow model code from the model's repository to run")
+    gguf_file: str | None = opt(None, "load --model from this GGUF file inside the --model directory (weights "
+                                "dequantised; the trained model is saved as a Hugging Face directory)")
     save_final: bool = opt(True, "save the final model to OUTPUT/final")
 
     def __post_init__(self) -> None:
-        for name in ("model", "data", "output"):
+        for name in REQUIRED:
             if not getattr(self, name):
                 raise ConfigError(f"--{name.replace('_', '-')} is required")
         for f in dataclasses.fields(self):
@@ -147,6 +167,9 @@ class TrainConfig:
             raise ConfigError(f"--eval-fraction must be in [0, 1); got {self.eval_fraction}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ConfigError(f"--max-steps must be positive; got {self.max_steps}")
+        if self.max_steps is None and not self.epochs > 0:
+            raise ConfigError(f"--epochs must be positive; got {self.epochs}")
+        self._check_schedule()
         self._check_loss()
         self._check_adapters()
 
@@ -160,6 +183,9 @@ class TrainConfig:
                 if getattr(self, flag):
                     raise ConfigError(f"--{flag.replace('_', '-')}: loss {self.loss!r} is reference-free")
             self.reference_free = True  # no reference model is loaded for it
+        if self.ld_alpha is not None and self.precompute_ref:
+            raise ConfigError("--ld-alpha with --precompute-ref is not supported: the cached reference log-probs are "
+                              "unweighted sums")
 
     def loss_config(self):
         """The validated LossConfig of this run (dpokit.loss_config.LossConfig)."""
@@ -167,7 +193,47 @@ class TrainConfig:
 
         return LossConfig(self.loss, self.beta, self.label_smoothing, self.reference_free, self.sft_weight,
                           simpo_gamma=self.simpo_gamma, loss_weights=parse_loss_weights(self.loss_weights),
-                          dpop_lambda=self.dpop_lambda)
+                          dpop_lambda=self.dpop_lambda, ld_alpha=self.ld_alpha)
+
+    def _check_schedule(self) -> None:
+        if self.warmup_steps < 0:
+            raise ConfigError(f"--warmup-steps must not be negative; got {self.warmup_steps}")
+        if self.warmup_ratio is not None:
+            if not 0 <= self.warmup_ratio < 1:
+                raise ConfigError(f"--warmup-ratio must be in [0, 1); got {self.warmup_ratio}")
+            if not self.is_default("warmup_steps"):
+                raise ConfigError("--warmup-ratio and --warmup-steps exclude each other; give one")
+        for name in ("eval_every", "eval_fraction"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must not be negative; got {getattr(self, name)}")
+        if self.max_prompt_length >= self.max_length and not self.is_default("max_prompt_length"):
+            raise ConfigError(f"--max-prompt-length ({self.max_prompt_length}) must be less than --max-length "
+                              f"({self.max_length}): a too-long example keeps its prompt cut to this length")
+        if self.is_default("max_prompt_length") and self.max_prompt_length >= self.max_length:
+            self.max_prompt_length = Default(self.max_length // 2)
+
+    def fit_max_length(self, positions: int | None, model: str) -> str | None:
+        """Fit --max-length to a model with `positions` maximum positions: the default is lowered (the returned
+        note says so), a larger value the user gave is an error. None when nothing changes."""
+        if positions is None or self.max_length <= positions:
+            return None
+        if not self.is_default("max_length"):
+            raise ConfigError(f"--max-length {self.max_length} is more than the {positions} positions of {model} "
+                              f"(max_position_embeddings); give at most {positions}")
+        default = int(self.max_length)
+        self.max_length = positions
+        note = f"note: --max-length {positions}, not the default {default}: {model} has {positions} positions"
+        if self.max_prompt_length >= positions:
+            if not self.is_default("max_prompt_length"):
+                raise ConfigError(f"--max-prompt-length {self.max_prompt_length} must be less than the {positions} "
+                                  f"positions of {model}")
+            self.max_prompt_length = Default(positions // 2)
+            note += f"; --max-prompt-length {self.max_prompt_length}"
+        return note
+
+    def is_default(self, name: str) -> bool:
+        """Whether option `name` holds its default because nobody gave it (see :class:`Default`)."""
+        return isinstance(getattr(self, name), Default)
 
     def _check_adapters(self) -> None:
         from dpokit.lora import is_adapter_dir
@@ -235,21 +301,31 @@ def fields_for(stage: str) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(TrainConfig) if stage in f.metadata["stages"]]
 
 
-def read_yaml(path: str | Path, stage: str) -> dict[str, Any]:
-    """Read a YAML config, check its keys against the fields of `stage`, and return it as a dict."""
+def load_yaml_mapping(path: str | Path, command: str, known: Iterable[str]) -> dict[str, Any]:
+    """Read a YAML config of option names (underscores or dashes) to values for `dpokit command`; every key must
+    be in `known` (an unknown one is an error, with the closest known name). Keys come back with underscores."""
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: a directory, not a YAML config file") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: invalid YAML: {error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config must be a mapping of option names to values")
-    known = {f.name for f in fields_for(stage)}
-    unknown = sorted(k for k in data if k.replace("-", "_") not in known)
+    known = sorted(known)
+    unknown = sorted(str(k) for k in data if str(k).replace("-", "_") not in known)
     if unknown:
-        raise ConfigError(f"{path}: unknown option(s) for `dpokit {stage}`: {', '.join(unknown)}")
-    values = {k.replace("-", "_"): v for k, v in data.items()}
+        hints = [f"{k} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(k.replace("-", "_"), known, 1))
+                 else k for k in unknown]
+        raise ConfigError(f"{path}: unknown option(s) for `dpokit {command}`: {', '.join(hints)}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def read_yaml(path: str | Path, stage: str) -> dict[str, Any]:
+    """Read a YAML config, check its keys against the fields of `stage`, and return it as a dict."""
+    values = load_yaml_mapping(path, stage, (f.name for f in fields_for(stage)))
     types = {f.name: str(f.type) for f in fields_for(stage)}
     for key, value in values.items():
         expected = _expected_type(types[key])

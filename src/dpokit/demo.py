@@ -20,7 +20,7 @@ import json
 import math
 import random
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -30,7 +30,7 @@ from dpokit.api import load_model, load_tokenizer, make_accelerator, train_dpo, 
 from dpokit.batching import collate
 from dpokit.config import TrainConfig
 from dpokit.data.records import PreferencePair
-from dpokit.errors import ConfigError
+from dpokit.demo_config import DemoConfig  # noqa: F401  (re-exported: dpokit.demo.DemoConfig)
 from dpokit.judges import POSITIVE_THRESHOLD, load_judge
 from dpokit.logprobs import sequence_logprobs
 from dpokit.losses import LossConfig
@@ -42,42 +42,6 @@ from dpokit.report import plot_report
 from dpokit.reviews import base_model_path, generate_reviews, review_prefixes
 from dpokit.tokenize import TokenizeConfig, TokenizedExample, tokenize_examples
 from dpokit.trainer import evaluate as evaluate_objective
-
-
-@dataclass
-class DemoConfig:
-    """Every size and setting of the demo; each is a `dpokit demo` flag."""
-
-    output: str = "runs/demo"
-    model: str | None = None  # default: the embedded base model
-    judge: str = "vader"
-    seed: int = 0
-    sft_reviews: int = 2000
-    sft_steps: int = 60
-    sft_lr: float = 3e-4
-    prompts: int = 256
-    completions: int = 4
-    labeling: str = "argmax"
-    min_score_gap: float = 0.1
-    bt_scale: float = 10.0
-    dpo_steps: int = 150
-    beta: float = 0.1
-    lr: float = 1e-4
-    batch_size: int = 16
-    eval_prompts: int = 128
-    eval_samples: int = 2
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    examples_shown: int = 5
-
-    def __post_init__(self) -> None:
-        if self.labeling not in ("argmax", "bradley-terry"):
-            raise ConfigError(f"--labeling must be argmax or bradley-terry; got {self.labeling!r}")
-        if self.completions < 2:
-            raise ConfigError("--completions must be at least 2 to form pairs")
-        for name in ("prompts", "eval_prompts", "eval_samples", "sft_steps", "dpo_steps", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
 
 
 def sample_continuations(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], n: int,

@@ -19,15 +19,30 @@ from dpokit.lora import (LoraOptions, adapter_base, adapter_disabled, add_adapte
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """Load a tokenizer (from an adapter directory, or its base model when it has none); a missing pad token
-    becomes the EOS token (pads are masked out anyway)."""
-    if is_adapter_dir(path) and not any((Path(path) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False, gguf_file: str | None = None
+                   ) -> PreTrainedTokenizerBase:
+    """Load a tokenizer (from an adapter directory, or its base model when it has none; from a GGUF file's
+    metadata when its directory holds no tokenizer files); a missing pad token becomes the EOS token (pads are
+    masked out anyway). A failure names its cause: no tokenizer files, a missing package, or transformers' word."""
+    if is_adapter_dir(path) and not any((Path(path) / name).exists() for name in TOKENIZER_FILES):
         path = adapter_base(path)
+    local = Path(path).is_dir()
+    has_files = local and any((Path(path) / name).exists() for name in TOKENIZER_FILES)
+    if local and not has_files and gguf_file is None:
+        raise ConfigError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); save the tokenizer "
+                          "into the model directory (tokenizer.save_pretrained)")
+    kwargs = {"gguf_file": gguf_file} if gguf_file is not None and not has_files else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"cannot load a tokenizer from {path!r}: {error}") from None
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    except ImportError as error:  # e.g. sentencepiece, protobuf or gguf not installed
+        raise ConfigError(f"cannot load the tokenizer of {path!r}: a package is missing: {error}") from None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        where = f"{path!r}" + (f" (GGUF file {gguf_file})" if kwargs else "")
+        raise ConfigError(f"cannot load the tokenizer of {where}: {type(error).__name__}: "
+                          f"{str(error).strip().splitlines()[0] if str(error).strip() else error!r}") from None
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"the tokenizer of {path!r} has no EOS token; dpokit appends EOS to responses")
     if tokenizer.pad_token_id is None:
@@ -46,10 +61,32 @@ def _quantization(bits: int | None, dtype: str):
                               bnb_4bit_compute_dtype=DTYPES[dtype])
 
 
+def model_max_positions(path: str, *, trust_remote_code: bool = False, gguf_file: str | None = None) -> int | None:
+    """The maximum positions (``max_position_embeddings``, ``n_positions``) of a model, read from its config
+    (an adapter's base model's); None when the config does not say or cannot be read here."""
+    from transformers import AutoConfig
+
+    if is_adapter_dir(path):
+        path, gguf_file = adapter_base(path), None
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError, KeyError, ImportError):
+        return None  # loading the model itself will report why
+    config = getattr(config, "text_config", None) or config
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def load_model(path: str, *, dtype: str = "float32", trust_remote_code: bool = False, bits: int | None = None,
-               device: torch.device | str | None = None, trainable_adapter: bool = False) -> PreTrainedModel:
+               device: torch.device | str | None = None, trainable_adapter: bool = False,
+               gguf_file: str | None = None) -> PreTrainedModel:
     """Load a causal LM in `dtype`, in eval mode (dropout off): a model directory or hub name, or a PEFT adapter
-    directory (its base model with the adapter). `bits` 4 or 8 quantizes the base with bitsandbytes."""
+    directory (its base model with the adapter). `bits` 4 or 8 quantizes the base with bitsandbytes. `gguf_file`
+    loads the weights from that GGUF file in the `path` directory, dequantised (transformers + the gguf package)."""
     if is_adapter_dir(path):
         base = load_model(adapter_base(path), dtype=dtype, trust_remote_code=trust_remote_code, bits=bits,
                           device=device)
@@ -57,11 +94,23 @@ def load_model(path: str, *, dtype: str = "float32", trust_remote_code: bool = F
     kwargs = {}
     if bits is not None:
         kwargs = {"quantization_config": _quantization(bits, dtype), "device_map": {"": str(device or "cpu")}}
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
                                                      **kwargs)
+    except ImportError as error:
+        hint = " (pip install 'dpokit[gguf]')" if gguf_file is not None else ""
+        raise ConfigError(f"cannot load {path!r}: a package is missing{hint}: {error}") from None
     except (OSError, ValueError) as error:
-        raise ConfigError(f"cannot load a causal language model from {path!r}: {error}") from None
+        where = f"{path!r}" + (f" (GGUF file {gguf_file})" if gguf_file else "")
+        raise ConfigError(f"cannot load a causal language model from {where}: {error}") from None
+    if gguf_file is not None:
+        # transformers always dequantises GGUF into ordinary tensors but still marks the model as quantized,
+        # which would refuse save_pretrained: the weights are plain, so the model is saved as a normal directory
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     return model.eval()
 
 
@@ -75,7 +124,7 @@ def load_policy(config: TrainConfig, device: torch.device | str, *, with_referen
     # stored in the training dtype itself (peft keeps the adapter's own weights in float32).
     dtype = config.dtype if config.uses_lora else "float32"
     model = load_model(config.model, dtype=dtype, trust_remote_code=config.trust_remote_code, bits=bits,
-                       device=device, trainable_adapter=True)
+                       device=device, trainable_adapter=True, gguf_file=config.gguf_file)
     if bits is not None:
         from peft import prepare_model_for_kbit_training
 

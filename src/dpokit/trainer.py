@@ -32,6 +32,7 @@ from dpokit.engine import (ReferenceState, Scorer, check_engine, configure_deeps
 from dpokit.errors import ConfigError, Interrupted, TrainingError
 from dpokit.metrics import MetricsLogger, truncate_metrics
 from dpokit.objective import Objective
+from dpokit.threads import refresh_threads
 from dpokit.tokenize import TokenizedExample
 
 
@@ -45,7 +46,8 @@ class Plan:
 
 
 def make_plan(num_examples: int, config: TrainConfig, num_processes: int) -> Plan:
-    """Work out the global batch and step counts; too little data for one global batch is an error."""
+    """Work out the global batch and step counts; too little data for one global batch, or an --epochs that
+    leaves no whole step, is an error."""
     global_batch = config.batch_size * config.grad_accum * num_processes
     steps_per_epoch = num_examples // global_batch
     if steps_per_epoch == 0:
@@ -53,8 +55,44 @@ def make_plan(num_examples: int, config: TrainConfig, num_processes: int) -> Pla
             f"{num_examples} training examples are fewer than one global batch of {global_batch} "
             f"(batch_size {config.batch_size} x grad_accum {config.grad_accum} x {num_processes} processes)"
         )
-    total = config.max_steps or max(1, math.floor(config.epochs * steps_per_epoch))
+    total = config.max_steps or math.floor(config.epochs * steps_per_epoch)
+    if total == 0:
+        raise ConfigError(f"--epochs {config.epochs} of {steps_per_epoch} steps per epoch (global batch {global_batch}) "
+                          f"is less than one step; give at least --epochs {1 / steps_per_epoch:.3g}, or --max-steps")
     return Plan(global_batch, steps_per_epoch, total)
+
+
+def warmup_steps(config: TrainConfig, total_steps: int) -> int:
+    """The warm-up length in steps: --warmup-ratio of the run (rounded up, as transformers does), else
+    --warmup-steps."""
+    if config.warmup_ratio is not None:
+        return math.ceil(config.warmup_ratio * total_steps)
+    return config.warmup_steps
+
+
+def schedule_warnings(plan: Plan, config: TrainConfig, eval_examples: int) -> list[str]:
+    """Warnings about a schedule that does not do what its options suggest, for the log before training starts:
+    a warm-up as long as the run, intervals past its end, evaluation asked for without evaluation data."""
+    total, warmup = plan.total_steps, warmup_steps(config, plan.total_steps)
+    lines = []
+    if warmup >= total and warmup > 0:
+        lines.append(f"warning: the warm-up ({warmup} steps) is not shorter than the run ({total} steps): the "
+                     f"learning rate rises to only {100 * total / warmup:.3g}% of --lr {config.lr:g} at the last step"
+                     + (" and the cosine decay never starts" if config.schedule == "cosine" else "")
+                     + "; lower --warmup-steps or give --warmup-ratio")
+    if config.eval_every and not eval_examples:
+        lines.append(f"warning: --eval-every {config.eval_every} but there is no evaluation data (--eval-data or "
+                     "--eval-fraction): nothing is evaluated")
+    elif config.eval_every > total:
+        lines.append(f"warning: --eval-every {config.eval_every} is past the end of the run ({total} steps): "
+                     "evaluation happens once, after the last step")
+    if config.save_every > total:
+        lines.append(f"warning: --save-every {config.save_every} is past the end of the run ({total} steps): "
+                     "only the final checkpoint (and those by --save-every-minutes) is written")
+    if config.log_every > total:
+        lines.append(f"warning: --log-every {config.log_every} is past the end of the run ({total} steps): only "
+                     "the last step is logged")
+    return lines
 
 
 def step_indices(step: int, plan: Plan, num_examples: int, seed: int) -> list[int]:
@@ -81,11 +119,12 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
 
 
 def lr_factor(step: int, config: TrainConfig, total_steps: int) -> float:
-    """Linear warm-up over `warmup_steps`, then constant or cosine decay to zero."""
-    if config.warmup_steps and step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
+    """Linear warm-up over :func:`warmup_steps`, then constant or cosine decay to zero."""
+    warmup = warmup_steps(config, total_steps)
+    if warmup and step < warmup:
+        return (step + 1) / warmup
     if config.schedule == "cosine":
-        progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
+        progress = (step - warmup) / max(1, total_steps - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return 1.0
 
@@ -253,6 +292,7 @@ def train(
     bar = tqdm(total=plan.total_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
     with stop:
         while step < plan.total_steps:
+            refresh_threads(log.print)  # follows other processes' load (dpokit.threads); cheap, every ~15 s
             started = time.perf_counter()
             indices = step_indices(step, plan, len(train_examples), config.seed)
             micro = [indices[(k * accelerator.num_processes + accelerator.process_index) * config.batch_size:]
