@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dpokit.batching import collate, forward_groups
+from dpokit.batching import collate, forward_groups, shared_length_weights
 from dpokit.errors import ConfigError
 from dpokit.tokenize import TokenizedExample
 
@@ -111,3 +111,37 @@ def test_packing_is_first_fit_decreasing():
     # each example starts again at position 0; each response continues from its prompt
     assert batch.position_ids[1].tolist() == [0, 1, 1, 2, 3, 4, 0, 1, 1]
     assert batch.token_counts.tolist() == [c for n in lengths for c in (1, n - 2)]
+
+
+@pytest.mark.parametrize("layout", ["plain", "shared", "packed"])
+def test_shared_length_weights_mark_the_tokens_beyond_the_shorter_response(layout):
+    """LD-DPO: the first min(len(chosen), len(rejected)) tokens of each response weigh 1, the rest alpha."""
+    batch = collate(EXAMPLES, [0, 1, 2], layout=layout)
+    weights = shared_length_weights(batch, 0.25)
+    got = dict(zip(zip(batch.target_seq.tolist(), batch.target_ids.tolist()), weights.tolist()))
+    expected = {}
+    for i, e in enumerate(EXAMPLES):
+        shared = min(len(r) for r in e.responses)
+        for j, response in enumerate(e.responses):
+            for k, token in enumerate(response):
+                expected[(i * 2 + j, token)] = 1.0 if k < shared else 0.25
+    assert got == expected
+    assert sorted(expected.values()).count(0.25) == 4  # (20, 21, 22) -> 22; (13, 14, 15, 16) -> 14, 15, 16
+
+
+def test_sequence_logprobs_apply_the_target_weights():
+    from dataclasses import replace
+
+    from dpokit.logprobs import sequence_logprobs, token_logprobs
+    from helpers import make_llama
+
+    model = make_llama(vocab_size=32).eval()
+    batch = collate(EXAMPLES, [0, 1, 2])
+    weights = shared_length_weights(batch, 0.5)
+    with torch.no_grad():
+        tokens = token_logprobs(model, batch)
+        weighted = sequence_logprobs(model, replace(batch, target_weights=weights))
+    expected = torch.zeros(6).index_add(0, batch.target_seq, tokens * weights)
+    torch.testing.assert_close(weighted, expected)
+    with torch.no_grad():
+        assert not torch.allclose(weighted, sequence_logprobs(model, batch))

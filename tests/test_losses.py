@@ -622,6 +622,8 @@ def test_mixture_options():
     assert cfg.weights == (0.8, 0.2) and LossConfig("hinge,ipo").weights == (1.0, 1.0)
     LossConfig("apo_zero,sigmoid", label_smoothing=0.1)  # sigmoid takes eps
     LossConfig("dpop,sigmoid", dpop_lambda=10.0)
+    LossConfig("ipo,bco_pair", ld_alpha=0.0)
+    LossConfig("sigmoid", ld_alpha=1)
 
 
 @pytest.mark.parametrize(
@@ -637,6 +639,10 @@ def test_mixture_options():
         ({"loss_type": "hinge,apo_zero", "label_smoothing": 0.1}, "only supported with"),
         ({"loss_type": "sigmoid", "dpop_lambda": 1.0}, r"dpop_lambda \(--dpop-lambda\).*'sigmoid'"),
         ({"loss_type": "dpop", "dpop_lambda": -1.0}, "dpop_lambda must be"),
+        ({"ld_alpha": 1.5}, r"ld_alpha must be a number in \[0, 1\]"),
+        ({"ld_alpha": "0.5"}, "ld_alpha must be"),
+        ({"loss_type": "simpo", "ld_alpha": 0.5}, r"ld_alpha \(--ld-alpha\).*'simpo'"),
+        ({"ld_alpha": 0.5, "sft_weight": 0.1}, r"ld_alpha \(--ld-alpha\) with sft_weight"),
     ],
 )
 def test_mixture_and_dpop_config_validation(kwargs, match):

@@ -99,15 +99,17 @@ def trl_run(setup):
     """TRL's DPOTrainer.evaluate() for a (loss, label_smoothing), cached per module: (metrics, trainer)."""
     cache: dict = {}
 
-    def run(loss: str, label_smoothing: float = 0.0, weights: tuple[float, ...] | None = None):
+    def run(loss: str, label_smoothing: float = 0.0, weights: tuple[float, ...] | None = None,
+            ld_alpha: float | None = None):
         """`loss` may name several losses, comma-separated, weighted by `weights` (TRL's loss_weights)."""
-        if (loss, label_smoothing, weights) not in cache:
+        key = (loss, label_smoothing, weights, ld_alpha)
+        if key not in cache:
             policy = AutoModelForCausalLM.from_pretrained(setup["policy"], dtype="float32")
             reference = AutoModelForCausalLM.from_pretrained(setup["reference"], dtype="float32")
             args = DPOConfig(
                 output_dir=str(setup["root"] / f"trl-{loss}"), per_device_eval_batch_size=TRL_EVAL_BATCH,
                 beta=0.1, loss_type=loss.split(","), loss_weights=weights and list(weights),
-                label_smoothing=label_smoothing, max_length=None,
+                label_smoothing=label_smoothing, ld_alpha=ld_alpha, max_length=None,
                 use_cpu=True, bf16=False, fp16=False, disable_dropout=True,
                 report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0,
             )
@@ -115,9 +117,8 @@ def trl_run(setup):
             trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=dataset,
                                  eval_dataset=dataset, processing_class=setup["tokenizer"])
             metrics = trainer.evaluate()
-            cache[(loss, label_smoothing, weights)] = ({k.removeprefix("eval_"): v for k, v in metrics.items()},
-                                                       trainer)
-        return cache[(loss, label_smoothing, weights)]
+            cache[key] = ({k.removeprefix("eval_"): v for k, v in metrics.items()}, trainer)
+        return cache[key]
 
     return run
 
@@ -171,6 +172,17 @@ def test_a_mixture_of_losses_matches_trl(setup, trl_run):
     _assert_close(ours, trl, "dpokit.api.evaluate, loss=sigmoid,bco_pair (0.8, 0.2)")
     single, _ = trl_run("sigmoid")
     assert abs(trl["loss"] - single["loss"]) > 0.05  # the second loss and its weight count
+
+
+@pytest.mark.parametrize("layout", ["packed", "plain"])
+def test_length_desensitised_dpo_matches_trl(setup, trl_run, layout):
+    """LD-DPO (`--ld-alpha`, TRL's `ld_alpha`): the token weights reach policy and reference in every layout."""
+    trl, _ = trl_run("sigmoid", 0.0, None, 0.3)
+    ours = evaluate(setup["policy"], setup["data"], ref_model=setup["reference"], beta=0.1, ld_alpha=0.3,
+                    layout=layout, batch_size=7, log=lambda *_: None)
+    _assert_close(ours, trl, f"dpokit.api.evaluate, ld_alpha=0.3, layout={layout}")
+    plain, _ = trl_run("sigmoid")
+    assert abs(trl["logps/chosen"] - plain["logps/chosen"]) > 1.0  # the weights change the log-probs
 
 
 def test_cli_eval_json_matches_trl(setup, trl_run, capsys):

@@ -45,6 +45,8 @@ class Batch:
     token_counts: Tensor  # [num_sequences] scored tokens per sequence
     example_ids: Tensor  # [num_examples] positions of the examples in their data set
     num_responses: int
+    # [T] weight of each target's log-prob in its sequence's sum (None: 1 each); see shared_length_weights
+    target_weights: Tensor | None = None
 
     @property
     def num_sequences(self) -> int:
@@ -170,6 +172,23 @@ def _finish(input_ids, positions, mask, index, ids, seq_of, examples, example_id
         example_ids=torch.tensor(list(example_ids), dtype=torch.long),
         num_responses=num_responses,
     )
+
+
+def shared_length_weights(batch: Batch, alpha: float) -> Tensor:
+    """LD-DPO's token weights (Liu et al. 2024, length desensitisation; TRL's ``ld_alpha``): 1 for the first
+    ``min(len(chosen), len(rejected))`` tokens of each response of a pair, ``alpha`` for the tokens beyond.
+
+    Relies on the order _finish gives the targets: grouped by sequence, each sequence's tokens in order, and the
+    two responses of example i are sequences 2i and 2i + 1.
+    """
+    if batch.num_responses != 2:
+        raise ValueError("shared_length_weights needs pairs (num_responses == 2)")
+    counts = batch.token_counts
+    starts = counts.cumsum(0) - counts
+    position = torch.arange(batch.target_seq.numel(), device=counts.device) - starts[batch.target_seq]
+    shared = counts.view(-1, 2).min(dim=1).values.repeat_interleave(2)
+    one = torch.ones((), dtype=torch.float32, device=counts.device)
+    return torch.where(position < shared[batch.target_seq], one, one * alpha)
 
 
 def forward_groups(ids: Sequence[int], examples: Sequence[TokenizedExample], max_tokens: int) -> list[list[int]]:

@@ -137,8 +137,11 @@ def token_logprobs(model: nn.Module, batch: Batch, *, chunked: bool = True, chun
 
 
 def sequence_logprobs(model: nn.Module, batch: Batch, *, chunked: bool = True, chunk_size: int = 1024) -> Tensor:
-    """Per-sequence sum of response-token log-probs, float32, shape ``[batch.num_sequences]``."""
+    """Per-sequence sum of response-token log-probs, float32, shape ``[batch.num_sequences]``; weighted by
+    ``batch.target_weights`` when the batch has them (LD-DPO)."""
     token_logps = token_logprobs(model, batch, chunked=chunked, chunk_size=chunk_size)
+    if batch.target_weights is not None:
+        token_logps = token_logps * batch.target_weights
     sums = torch.zeros(batch.num_sequences, dtype=torch.float32, device=token_logps.device)
     return sums.index_add(0, batch.target_seq, token_logps)
 

@@ -45,6 +45,9 @@ class LossConfig:
     response's mean per-token NLL) to every per-pair loss; ``orpo`` has that term built in.
     ``simpo_gamma`` is SimPO's target reward margin (``simpo`` only; None means 0.5); ``dpop_lambda`` DPO-Positive's
     penalty weight (``dpop`` only; None means 50).
+    ``ld_alpha`` in [0, 1] turns on LD-DPO's length desensitisation (TRL's ``ld_alpha``): the tokens of a response
+    beyond the shorter response of its pair count ``ld_alpha`` times in its log-prob, for policy and reference
+    alike (losses with a reference; not with ``sft_weight``, whose NLL would then be weighted too).
     ``simpo`` and ``orpo`` never use a reference: ``reference_free`` is set to True for them.
     """
 
@@ -56,6 +59,7 @@ class LossConfig:
     simpo_gamma: float | None = None
     loss_weights: tuple[float, ...] | None = None
     dpop_lambda: float | None = None
+    ld_alpha: float | None = None
 
     def __post_init__(self) -> None:
         names = self._check_names()
@@ -87,6 +91,15 @@ class LossConfig:
             if not _finite(value) or (option == "dpop_lambda" and value < 0):
                 raise ConfigError(f"{option} must be a finite number{' >= 0' if option == 'dpop_lambda' else ''}, "
                                   f"got {value!r}")
+        alpha = self.ld_alpha
+        if alpha is not None:
+            if not _is_number(alpha) or not 0.0 <= alpha <= 1.0:
+                raise ConfigError(f"ld_alpha must be a number in [0, 1], got {alpha!r}")
+            if loss in REFERENCE_FREE_LOSSES:
+                raise ConfigError(f"ld_alpha (--ld-alpha) applies to the losses with a reference, not {loss!r}")
+            if sw > 0:
+                raise ConfigError("ld_alpha (--ld-alpha) with sft_weight (--sft-weight) is not supported: the NLL "
+                                  "term would be computed on the desensitised log-probs")
         if not isinstance(self.reference_free, bool):
             raise ConfigError(f"reference_free must be true or false, got {self.reference_free!r}")
         if loss in REFERENCE_FREE_LOSSES:

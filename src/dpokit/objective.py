@@ -9,13 +9,13 @@ same update as one large batch, even for token-averaged SFT where micro-batches 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
-from dpokit.batching import Batch
+from dpokit.batching import Batch, shared_length_weights
 from dpokit.losses import LossConfig, preference_loss, preference_metrics
 
 Reference = Callable[[Batch, nn.Module], Tensor]  # (batch, the engine-wrapped policy) -> log-probs
@@ -42,7 +42,11 @@ class StepResult:
 
 
 class DPOObjective:
-    """The DPO family of losses on (chosen, rejected) pairs against a reference."""
+    """The DPO family of losses on (chosen, rejected) pairs against a reference.
+
+    With ``loss.ld_alpha`` the reference must score the batch it is given (a model, not a precomputed table): the
+    batch carries LD-DPO's token weights to both.
+    """
 
     num_responses = 2
 
@@ -59,6 +63,8 @@ class DPOObjective:
 
     def __call__(self, scorer: nn.Module, batch: Batch) -> StepResult:
         """Loss and metric sums on `batch` of the policy whose log-probs `scorer(batch)` returns."""
+        if self.loss.ld_alpha is not None:  # LD-DPO: policy and reference score the same weighted tokens
+            batch = replace(batch, target_weights=shared_length_weights(batch, self.loss.ld_alpha))
         policy = scorer(batch)
         reference = None
         if not self.loss.reference_free:
