@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dpokit.errors import DataError
+from dpokit.errors import ConfigError, DataError
+from dpokit.inputs import check_data_spec, looks_like_path
 
 SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
 # Keys under which a top-level JSON object may hold its rows (the split name is tried first).
@@ -62,17 +63,15 @@ def read_rows(spec: str | os.PathLike, split: str = "train", *, streaming: bool 
             f"{text}: unsupported file type {path.suffix or '(no extension)'!r}; supported: "
             f"{', '.join(SUPPORTED_EXTENSIONS)}, or a directory written by save_to_disk"
         )
-    if _looks_like_path(text):
+    if looks_like_path(text):
         # Never fall back to the Hub for something that is clearly meant as a local file: a typo in a
         # file name should not turn into a confusing network error.
         raise DataError(f"{text}: file not found")
+    try:  # a bare name (no owner/) goes to the Hub only when the local cache holds it (see dpokit.inputs)
+        check_data_spec("data", text)
+    except ConfigError as error:
+        raise DataError(str(error).removeprefix("data ")) from None
     return _read_hub(text, split, streaming)
-
-
-def _looks_like_path(text: str) -> bool:
-    if Path(text).suffix.lower() in SUPPORTED_EXTENSIONS + (".txt", ".tsv", ".arrow", ".gz", ".zip"):
-        return True
-    return text.startswith(("/", "./", "../", "~", ".\\")) or "\\" in text or text.count("/") > 1
 
 
 def _read_jsonl(path: Path, label: str) -> Iterator[tuple[Row, str]]:
