@@ -33,6 +33,7 @@ from dpokit.losses import REFERENCE_FREE_LOSSES, LossConfig
 from dpokit.objective import DPOObjective, SFTObjective
 from dpokit.reference import (CachedReference, ModelReference, PolicyReference, cached_reference_logps,
                               weights_digest)
+from dpokit.threads import apply_threads, model_width
 from dpokit.tokenize import TokenizeConfig, TokenizedExample, tokenize_examples
 from dpokit.rundir import claim_output
 from dpokit.trainer import Engine, config_dict, make_plan, prepare, schedule_warnings, train
@@ -198,6 +199,7 @@ def _start(config: TrainConfig, stage: str) -> _Run:
         log(line)
     with_reference = stage == "dpo" and not config.reference_free and config.ref_model is None
     model, reference_state = load_policy(config, accelerator.device, with_reference=with_reference)
+    apply_threads(config.threads, width=model_width(model), device=accelerator.device, log=log)
     return _Run(accelerator, log, tokenizer, data, model, reference_state)
 
 
@@ -334,6 +336,7 @@ def evaluate(
     on_filtered: str = "skip",
     apply_chat_template: bool = False,
     gguf_file: str | None = None,
+    threads: int | None = None,
     log=print,
 ) -> dict[str, float]:
     """Preference loss, reward accuracy, margins and log-probs of `model` against `ref_model` on `data`.
@@ -341,7 +344,7 @@ def evaluate(
     Nothing is trained. Without `ref_model` the evaluation is reference-free. `apply_chat_template` renders
     plain-text data with the chat template, as in training (TrainConfig.apply_chat_template). `gguf_file` loads
     `model` from that GGUF file in its directory. The default `max_length` is lowered to the model's maximum
-    positions when it has fewer.
+    positions when it has fewer. `threads`: torch's CPU threads (default: dpokit.threads chooses).
     """
     if ref_model is None and not reference_free and loss not in REFERENCE_FREE_LOSSES:
         raise ConfigError("evaluation needs --ref-model (or --reference-free)")
@@ -360,6 +363,7 @@ def evaluate(
     _fit_lengths(config, log)
     examples = prepare_data(config, "dpo", tokenizer, log).train
     policy = Scorer(load_model(model, dtype=dtype, gguf_file=gguf_file).to(accelerator.device))
+    apply_threads(threads, width=model_width(policy.model), device=accelerator.device, log=log)
     reference = None
     if not config.reference_free:  # simpo and orpo set it
         reference = ModelReference(load_model(ref_model, dtype=dtype).to(accelerator.device))

@@ -235,7 +235,7 @@ def _cmd_eval(args):
                        dpop_lambda=args.dpop_lambda, ld_alpha=args.ld_alpha, batch_size=args.batch_size, max_length=args.max_length,
                        max_prompt_length=args.max_prompt_length, truncation=args.truncation, format=args.format,
                        dtype=args.dtype, on_filtered=args.on_filtered, gguf_file=args.gguf_file,
-                       apply_chat_template=args.apply_chat_template, log=log)
+                       apply_chat_template=args.apply_chat_template, threads=args.threads, log=log)
     if args.json:
         print(json.dumps(metrics))
     else:
@@ -249,6 +249,11 @@ def _cmd_generate(args):
     check_model_spec("--model", args.model)
     prompts = read_prompts(args.prompts) if args.prompts else [parse_prompt(args.prompt)]
     from dpokit.generation import generate_samples
+
+    if args.threads is not None:  # holds for the sampling below; stderr keeps stdout to the samples
+        from dpokit.threads import apply_threads
+
+        apply_threads(args.threads, log=lambda line: print(line, file=sys.stderr))
 
     outputs = generate_samples(args.model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                top_p=args.top_p, num_samples=args.num_samples, seed=args.seed,
@@ -292,7 +297,9 @@ DEMO_HELP = {
     "max_new_tokens": "tokens per continuation",
     "temperature": "sampling temperature",
     "examples_shown": "held-out examples printed side by side",
+    "threads": "torch CPU threads (0: chosen from the model's width and the free CPUs)",
 }
+THREADS_HELP = "torch CPU threads (default: chosen from the model's width and the free CPUs; OMP_NUM_THREADS is respected)"
 
 
 def _add_demo_options(parser: argparse.ArgumentParser) -> None:
@@ -360,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="render plain-text data with the chat template (prompt = user turn, response = assistant "
                          "turn), as dpokit dpo --apply-chat-template does")
     ev.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
+    ev.add_argument("--threads", type=int, help=THREADS_HELP)
     ev.set_defaults(func=_cmd_eval)
 
     demo = commands.add_parser("demo", formatter_class=fmt,
@@ -389,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     gen.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     gen.add_argument("--batch-size", type=int, default=16, help="sequences sampled together (prompts x samples)")
+    gen.add_argument("--threads", type=int, help=THREADS_HELP)
     gen.add_argument("--seed", type=int, default=0, help="random seed (the same seed gives the same samples)")
     gen.add_argument("--jsonl", action="store_true",
                      help="print one JSON object per sample (always so when the chat template is applied)")

@@ -141,6 +141,8 @@ class TrainConfig:
     forward_tokens: int | None = opt(None, "split each micro-batch into forward passes of at most this many tokens, "
                                      "shortest examples together (exact; faster on CPU). Default: 1024 on CPU, "
                                      "whole micro-batch on GPU; 0 = whole micro-batch")
+    threads: int | None = opt(None, "torch intra-op CPU threads (default: chosen from the model's width and the CPUs "
+                              "free for this process; OMP_NUM_THREADS is respected)")
     trust_remote_code: bool = opt(False, "allow model code from the model's repository to run")
     gguf_file: str | None = opt(None, "load --model from this GGUF file inside the --model directory (weights "
                                 "dequantised; the trained model is saved as a Hugging Face directory)")
@@ -163,6 +165,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive; got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive; got {self.lr}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be at least 1; got {self.threads}")
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"--eval-fraction must be in [0, 1); got {self.eval_fraction}")
         if self.max_steps is not None and self.max_steps <= 0:

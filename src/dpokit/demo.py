@@ -40,6 +40,7 @@ from dpokit.objective import DPOObjective
 from dpokit.reference import ModelReference
 from dpokit.report import plot_report
 from dpokit.reviews import base_model_path, generate_reviews, review_prefixes
+from dpokit.threads import apply_threads, config_width
 from dpokit.tokenize import TokenizeConfig, TokenizedExample, tokenize_examples
 from dpokit.trainer import evaluate as evaluate_objective
 
@@ -99,6 +100,8 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict:
     judge = load_judge(config.judge)
     base = config.model or base_model_path()
     tokenizer = load_tokenizer(base)
+    # chosen once for every stage (all of them run this model's width); --threads holds for all of them
+    apply_threads(config.threads or None, width=config_width(base), log=log)
     rng = random.Random(config.seed)
 
     log(f"[1/4] SFT of {base} on {config.sft_reviews} generated reviews")

@@ -33,12 +33,15 @@ class DemoConfig:
     max_new_tokens: int = 32
     temperature: float = 1.0
     examples_shown: int = 5
+    threads: int = 0  # torch CPU threads; 0: dpokit.threads chooses
 
     def __post_init__(self) -> None:
         if self.labeling not in ("argmax", "bradley-terry"):
             raise ConfigError(f"--labeling must be argmax or bradley-terry; got {self.labeling!r}")
         if self.completions < 2:
             raise ConfigError("--completions must be at least 2 to form pairs")
+        if self.threads < 0:
+            raise ConfigError(f"--threads must be at least 1 (0: automatic); got {self.threads}")
         for name in ("prompts", "eval_prompts", "eval_samples", "sft_steps", "dpo_steps", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")

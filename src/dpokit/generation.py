@@ -20,6 +20,7 @@ a prompt is tokenised the same way everywhere, and exactly as training tokenises
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dpokit.errors import ConfigError
+from dpokit.threads import apply_threads, model_width
 from dpokit.prompts import Prompt
 from dpokit.tokenize import end_of_turn_id, has_chat_template, prompt_token_ids, user_turn
 
@@ -134,6 +136,8 @@ def sample_ids(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prom
     policy.eval()
     policy.generation_config.max_length = None  # max_new_tokens decides; silences transformers' warning
     device = next(policy.parameters()).device
+    # the thread count for this model (dpokit.threads); stderr, so that stdout holds only the samples
+    apply_threads(width=model_width(policy), device=device, log=lambda line: print(line, file=sys.stderr))
     # every (prompt, sample) sequence, shortest prompts first (a stable sort: ties keep the prompts' order)
     order = sorted(((i, k) for i in range(len(prompts)) for k in range(num_samples)), key=lambda s: len(encoded[s[0]]))
     results: list[list[Sample | None]] = [[None] * num_samples for _ in prompts]

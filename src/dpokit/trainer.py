@@ -32,6 +32,7 @@ from dpokit.engine import (ReferenceState, Scorer, check_engine, configure_deeps
 from dpokit.errors import ConfigError, Interrupted, TrainingError
 from dpokit.metrics import MetricsLogger, truncate_metrics
 from dpokit.objective import Objective
+from dpokit.threads import refresh_threads
 from dpokit.tokenize import TokenizedExample
 
 
@@ -291,6 +292,7 @@ def train(
     bar = tqdm(total=plan.total_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
     with stop:
         while step < plan.total_steps:
+            refresh_threads(log.print)  # follows other processes' load (dpokit.threads); cheap, every ~15 s
             started = time.perf_counter()
             indices = step_indices(step, plan, len(train_examples), config.seed)
             micro = [indices[(k * accelerator.num_processes + accelerator.process_index) * config.batch_size:]
