@@ -78,7 +78,7 @@ def test_gguf_mistakes_say_what_to_do(gguf_dir, sentiment_data, tmp_path, capsys
     line = _error(["dpo", "--model", str(root), *base], capsys)
     assert "holds a GGUF checkpoint (model-q8_0.gguf, model.gguf)" in line and "--gguf-file model-q8_0.gguf" in line
     line = _error(["dpo", "--model", str(root / "model.gguf"), *base], capsys)
-    assert "a GGUF file" in line and f"--gguf-file model.gguf" in line
+    assert "a GGUF file" in line and "--gguf-file model.gguf" in line
     line = _error(["dpo", "--model", str(root), "--gguf-file", "other.gguf", *base], capsys)
     assert "--gguf-file other.gguf: no such file" in line and "model.gguf" in line
     assert not (tmp_path / "out").exists()
