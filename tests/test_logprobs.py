@@ -122,3 +122,23 @@ def test_check_layout_falls_back_to_plain_for_models_that_ignore_the_mask(exampl
         warnings.simplefilter("always")
         assert check_layout(Scorer(_IgnoresCustomMasks(make_llama())), examples, "shared", 0, device="cpu") == "plain"
     assert any("does not support the shared layout" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("layout,chunked", [("plain", False), ("packed", True), ("shared", True)])
+def test_wpo_alignment_logprobs_by_hand(examples, layout, chunked):
+    """WPO's weight exponent per response: mean over its tokens of log p(y_t) - log sum_v p(v)^2, from full logits."""
+    model = make_llama(initializer_range=0.3)
+    batch = collate(examples[:3], [0, 1, 2], layout=layout)
+    expected = []
+    with torch.no_grad():
+        for e in examples[:3]:
+            for response in e.responses:
+                ids = torch.tensor([list(e.prompt_ids) + list(response)])
+                logp = model(ids).logits[0].float().log_softmax(-1)
+                p = len(e.prompt_ids)
+                terms = [logp[p - 1 + k, t] - torch.logsumexp(2 * logp[p - 1 + k], -1) for k, t in enumerate(response)]
+                expected.append(torch.stack(terms).mean())
+        got = Scorer(model, chunked=chunked)(batch, alignment=True)
+    assert not got.requires_grad
+    torch.testing.assert_close(got, torch.stack(expected), rtol=1e-5, atol=1e-5)
+    assert got.std() > 0.01  # responses differ: not a constant

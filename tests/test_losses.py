@@ -643,8 +643,25 @@ def test_mixture_options():
         ({"ld_alpha": "0.5"}, "ld_alpha must be"),
         ({"loss_type": "simpo", "ld_alpha": 0.5}, r"ld_alpha \(--ld-alpha\).*'simpo'"),
         ({"ld_alpha": 0.5, "sft_weight": 0.1}, r"ld_alpha \(--ld-alpha\) with sft_weight"),
+        ({"loss_type": "orpo", "use_weighting": True}, r"use_weighting \(--use-weighting\).*'orpo'"),
+        ({"use_weighting": 1}, "use_weighting must be true or false"),
     ],
 )
 def test_mixture_and_dpop_config_validation(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         LossConfig(**kwargs)
+
+
+def test_wpo_pair_weights_scale_the_preference_loss_only():
+    pc, pr, rc, rr, cc, cr = _random_batch(seed=13)
+    weights = torch.rand(len(pc), generator=torch.Generator().manual_seed(0))
+    plain = preference_loss(pc, pr, rc, rr, LossConfig("sigmoid,apo_down", 0.1, sft_weight=0.3),
+                            chosen_token_counts=cc).losses
+    weighted = preference_loss(pc, pr, rc, rr, LossConfig("sigmoid,apo_down", 0.1, sft_weight=0.3, use_weighting=True),
+                               chosen_token_counts=cc, pair_weights=weights.requires_grad_())
+    nll = 0.3 * (-pc / cc)
+    torch.testing.assert_close(weighted.losses, (plain - nll) * weights + nll)
+    weighted.losses.sum().backward()
+    assert weights.grad is None  # the weights are constants, as in WPO
+    with pytest.raises(ValueError, match="pair_weights"):
+        one_pair(LossConfig(use_weighting=True))

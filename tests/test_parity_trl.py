@@ -100,16 +100,16 @@ def trl_run(setup):
     cache: dict = {}
 
     def run(loss: str, label_smoothing: float = 0.0, weights: tuple[float, ...] | None = None,
-            ld_alpha: float | None = None):
+            ld_alpha: float | None = None, use_weighting: bool = False):
         """`loss` may name several losses, comma-separated, weighted by `weights` (TRL's loss_weights)."""
-        key = (loss, label_smoothing, weights, ld_alpha)
+        key = (loss, label_smoothing, weights, ld_alpha, use_weighting)
         if key not in cache:
             policy = AutoModelForCausalLM.from_pretrained(setup["policy"], dtype="float32")
             reference = AutoModelForCausalLM.from_pretrained(setup["reference"], dtype="float32")
             args = DPOConfig(
                 output_dir=str(setup["root"] / f"trl-{loss}"), per_device_eval_batch_size=TRL_EVAL_BATCH,
                 beta=0.1, loss_type=loss.split(","), loss_weights=weights and list(weights),
-                label_smoothing=label_smoothing, ld_alpha=ld_alpha, max_length=None,
+                label_smoothing=label_smoothing, ld_alpha=ld_alpha, use_weighting=use_weighting, max_length=None,
                 use_cpu=True, bf16=False, fp16=False, disable_dropout=True,
                 report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0,
             )
@@ -183,6 +183,18 @@ def test_length_desensitised_dpo_matches_trl(setup, trl_run, layout):
     _assert_close(ours, trl, f"dpokit.api.evaluate, ld_alpha=0.3, layout={layout}")
     plain, _ = trl_run("sigmoid")
     assert abs(trl["logps/chosen"] - plain["logps/chosen"]) > 1.0  # the weights change the log-probs
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo,bco_pair"])
+def test_wpo_weighting_matches_trl(setup, trl_run, loss):
+    """WPO (`--use-weighting`, TRL's `use_weighting`): each pair's loss times the policy's weights of its responses."""
+    trl, _ = trl_run(loss, 0.0, None, None, True)
+    ours = evaluate(setup["policy"], setup["data"], ref_model=setup["reference"], beta=0.1, loss=loss,
+                    use_weighting=True, batch_size=7, log=lambda *_: None)
+    _assert_close(ours, trl, f"dpokit.api.evaluate, use_weighting, loss={loss}")
+    assert ours["loss"] == pytest.approx(trl["loss"], rel=1e-3)  # the weighted losses are small: relative too
+    unweighted, _ = trl_run(loss)
+    assert abs(trl["loss"] - unweighted["loss"]) > 1e-3 and trl["loss"] > 0  # the weights change the loss
 
 
 def test_cli_eval_json_matches_trl(setup, trl_run, capsys):

@@ -326,6 +326,7 @@ def evaluate(
     loss_weights: str | None = None,
     dpop_lambda: float | None = None,
     ld_alpha: float | None = None,
+    use_weighting: bool = False,
     batch_size: int = 8,
     max_length: int = Default(512),
     max_prompt_length: int = Default(256),
@@ -357,7 +358,8 @@ def evaluate(
                          max_prompt_length=max_prompt_length, truncation=truncation, format=format, dtype=dtype,
                          layout=layout, on_filtered=on_filtered, apply_chat_template=apply_chat_template,
                          gguf_file=gguf_file, ref_model=ref_model, simpo_gamma=simpo_gamma,
-                         loss_weights=loss_weights, dpop_lambda=dpop_lambda, ld_alpha=ld_alpha)
+                         loss_weights=loss_weights, dpop_lambda=dpop_lambda, ld_alpha=ld_alpha,
+                         use_weighting=use_weighting)
     accelerator = make_accelerator(config)
     tokenizer = load_tokenizer(model, gguf_file=gguf_file)
     _fit_lengths(config, log)

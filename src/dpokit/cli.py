@@ -111,7 +111,8 @@ def _cmd_eval(args):
     metrics = evaluate(args.model, args.data, ref_model=args.ref_model, loss=args.loss, beta=args.beta,
                        label_smoothing=args.label_smoothing, reference_free=args.reference_free,
                        simpo_gamma=args.simpo_gamma, loss_weights=args.loss_weights,
-                       dpop_lambda=args.dpop_lambda, ld_alpha=args.ld_alpha, batch_size=args.batch_size, max_length=args.max_length,
+                       dpop_lambda=args.dpop_lambda, ld_alpha=args.ld_alpha,
+                       use_weighting=args.use_weighting, batch_size=args.batch_size, max_length=args.max_length,
                        max_prompt_length=args.max_prompt_length, truncation=args.truncation, format=args.format,
                        dtype=args.dtype, on_filtered=args.on_filtered, gguf_file=args.gguf_file,
                        apply_chat_template=args.apply_chat_template, threads=args.threads, log=log)
@@ -230,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--simpo-gamma", type=float, help="SimPO's target reward margin γ (default 0.5)")
     ev.add_argument("--dpop-lambda", type=float, help="DPO-Positive's penalty weight λ (default 50)")
     ev.add_argument("--ld-alpha", type=float, help="LD-DPO length desensitisation α in [0, 1]")
+    ev.add_argument("--use-weighting", action="store_true", help="WPO weighting of each pair's loss")
     ev.add_argument("--reference-free", action="store_true",
                     help="score without a reference model (implied by simpo and orpo)")
     ev.add_argument("--batch-size", type=int, default=8, help="examples per batch")

@@ -83,6 +83,8 @@ class TrainConfig:
     dpop_lambda: float | None = opt(None, "DPO-Positive's penalty weight λ (--loss dpop only; default 50)", DPO)
     ld_alpha: float | None = opt(None, "LD-DPO length desensitisation α in [0, 1]: response tokens beyond the shorter "
                                  "response of the pair count α times in policy and reference log-probs", DPO)
+    use_weighting: bool = opt(False, "WPO: weight each pair's loss by the policy's probability weights of its two "
+                              "responses (one extra forward pass without gradients per batch)", DPO)
     average_logps: bool = opt(False, "average response log-probs over tokens instead of summing them", DPO)
     precompute_ref: bool = opt(False, "compute reference log-probs once before training, cached on disk; "
                                "the reference model is then not kept in memory", DPO)
@@ -197,7 +199,8 @@ class TrainConfig:
 
         return LossConfig(self.loss, self.beta, self.label_smoothing, self.reference_free, self.sft_weight,
                           simpo_gamma=self.simpo_gamma, loss_weights=parse_loss_weights(self.loss_weights),
-                          dpop_lambda=self.dpop_lambda, ld_alpha=self.ld_alpha)
+                          dpop_lambda=self.dpop_lambda, ld_alpha=self.ld_alpha,
+                          use_weighting=self.use_weighting)
 
     def _check_schedule(self) -> None:
         if self.warmup_steps < 0:

@@ -146,6 +146,34 @@ def sequence_logprobs(model: nn.Module, batch: Batch, *, chunked: bool = True, c
     return sums.index_add(0, batch.target_seq, token_logps)
 
 
+@torch.no_grad()
+def sequence_alignment_logprobs(model: nn.Module, batch: Batch, *, chunked: bool = True,
+                                chunk_size: int = 1024) -> Tensor:
+    """WPO's per-sequence weight exponent (Zhou et al. 2024, Eq. 2, as TRL computes it): the mean over response
+    tokens of ``log p(y_t) - log sum_v p(v)**2``, float32, ``[batch.num_sequences]``, without gradients.
+
+    ``batch.target_weights`` are not applied (TRL's WPO weights use the plain per-token log-probs).
+    """
+    mask = _model_mask(batch, model.get_input_embeddings().weight.dtype)
+    inputs = dict(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=False)
+    if chunked and supports_chunked_logits(model):
+        hidden = model.get_decoder()(**inputs)[0]
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_index)
+        head = model.get_output_embeddings()  # called as a module: engines gather a sharded weight in its forward
+        logits_of = lambda s: head(hidden[s : s + chunk_size])  # noqa: E731
+    else:
+        logits = model(**inputs).logits
+        logits = logits.reshape(-1, logits.shape[-1]).index_select(0, batch.target_index)
+        logits_of = lambda s: logits[s : s + chunk_size]  # noqa: E731
+    per_token = torch.zeros(batch.target_ids.numel(), dtype=torch.float32, device=batch.target_ids.device)
+    for s in range(0, per_token.numel(), chunk_size):
+        logp = torch.log_softmax(logits_of(s).float(), dim=-1)
+        target = logp.gather(1, batch.target_ids[s : s + chunk_size, None]).squeeze(1)
+        per_token[s : s + chunk_size] = target - torch.logsumexp(2 * logp, dim=-1)  # log p_t - log sum_v p_v^2
+    sums = torch.zeros(batch.num_sequences, dtype=torch.float32, device=per_token.device)
+    return sums.index_add(0, batch.target_seq, per_token) / batch.token_counts.to(per_token.device).float()
+
+
 _warned: set[str] = set()
 
 

@@ -48,6 +48,8 @@ class LossConfig:
     ``ld_alpha`` in [0, 1] turns on LD-DPO's length desensitisation (TRL's ``ld_alpha``): the tokens of a response
     beyond the shorter response of its pair count ``ld_alpha`` times in its log-prob, for policy and reference
     alike (losses with a reference; not with ``sft_weight``, whose NLL would then be weighted too).
+    ``use_weighting`` turns on WPO's weighting (TRL's ``use_weighting``): each pair's preference loss is multiplied
+    by the policy's (detached) probability weights of its two responses (losses with a reference).
     ``simpo`` and ``orpo`` never use a reference: ``reference_free`` is set to True for them.
     """
 
@@ -60,6 +62,7 @@ class LossConfig:
     loss_weights: tuple[float, ...] | None = None
     dpop_lambda: float | None = None
     ld_alpha: float | None = None
+    use_weighting: bool = False
 
     def __post_init__(self) -> None:
         names = self._check_names()
@@ -100,6 +103,10 @@ class LossConfig:
             if sw > 0:
                 raise ConfigError("ld_alpha (--ld-alpha) with sft_weight (--sft-weight) is not supported: the NLL "
                                   "term would be computed on the desensitised log-probs")
+        if not isinstance(self.use_weighting, bool):
+            raise ConfigError(f"use_weighting must be true or false, got {self.use_weighting!r}")
+        if self.use_weighting and loss in REFERENCE_FREE_LOSSES:
+            raise ConfigError(f"use_weighting (--use-weighting) applies to the losses with a reference, not {loss!r}")
         if not isinstance(self.reference_free, bool):
             raise ConfigError(f"reference_free must be true or false, got {self.reference_free!r}")
         if loss in REFERENCE_FREE_LOSSES:

@@ -96,6 +96,7 @@ def preference_loss(
     *,
     chosen_token_counts: Tensor | None = None,
     rejected_token_counts: Tensor | None = None,
+    pair_weights: Tensor | None = None,
 ) -> PreferenceLossOutput:
     """Per-pair preference loss and implicit rewards (formulas: :mod:`dpokit.loss_formulas`).
 
@@ -108,6 +109,8 @@ def preference_loss(
             sequence, ``[n]``, every entry >= 1 (not checked, to avoid a device sync). Both are
             required for the losses in ``LENGTH_AVERAGED_LOSSES``; ``chosen_token_counts`` is required
             when ``sft_weight > 0``.
+        pair_weights: ``[n]`` factors of each pair's preference loss (WPO's weights; the sft term is not
+            weighted), required when ``config.use_weighting``; treated as constants (detached).
 
     Returns:
         :class:`PreferenceLossOutput` with unreduced ``[n]`` float32 tensors. Rewards are
@@ -144,6 +147,11 @@ def preference_loss(
                      for name, weight in zip(config.loss_types, config.weights))
         chosen_rewards, rejected_rewards = beta * chosen_ratio, beta * rejected_ratio
 
+    if config.use_weighting:
+        if pair_weights is None:
+            raise ValueError("use_weighting needs pair_weights")
+        _check_1d("pair_weights", pair_weights, n)
+        losses = losses * pair_weights.detach().float()
     if config.sft_weight > 0:
         counts = _counts("chosen_token_counts", chosen_token_counts, n, "sft_weight > 0")
         losses = losses + config.sft_weight * (-pc / counts)

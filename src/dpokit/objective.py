@@ -66,6 +66,11 @@ class DPOObjective:
         if self.loss.ld_alpha is not None:  # LD-DPO: policy and reference score the same weighted tokens
             batch = replace(batch, target_weights=shared_length_weights(batch, self.loss.ld_alpha))
         policy = scorer(batch)
+        pair_weights = None
+        if self.loss.use_weighting:  # WPO: the policy's probability weights of both responses, no gradients
+            with torch.no_grad():
+                weights = torch.exp(scorer(batch, alignment=True).float())
+            pair_weights = weights[0::2] * weights[1::2]
         reference = None
         if not self.loss.reference_free:
             with torch.no_grad():
@@ -78,7 +83,7 @@ class DPOObjective:
         ref_c, ref_r = (None, None) if reference is None else (reference[0::2], reference[1::2])
         out = preference_loss(
             policy[0::2], policy[1::2], ref_c, ref_r, self.loss,
-            chosen_token_counts=counts[0::2], rejected_token_counts=counts[1::2],
+            chosen_token_counts=counts[0::2], rejected_token_counts=counts[1::2], pair_weights=pair_weights,
         )
         metrics = preference_metrics(out, policy[0::2].detach(), policy[1::2].detach())
         return StepResult(out.losses.sum(), {k: v.detach().float().sum() for k, v in metrics.items()})
