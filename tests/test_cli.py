@@ -348,3 +348,16 @@ def test_what_a_run_would_do_silently_is_said_before_it_starts(tmp_path, capsys)
         assert len(where) == 1 and where[0] < start, (text, out)
     stored = json.loads((tmp_path / "out" / "checkpoint-000002" / "trainer_state.json").read_text())["config"]
     assert stored["max_length"] == 64 and stored["max_prompt_length"] == 32
+
+
+def test_an_invalid_choice_gets_the_closest_one(capsys):
+    for args, prog, expected in (
+            (["dpp"], "dpokit", "invalid choice: 'dpp' (choose from 'dpo', 'sft', 'eval', 'demo', 'generate', 'merge'); "
+                                "did you mean 'dpo'?"),
+            (["dpo", "--truncation", "keep_ends"], "dpokit dpo", "invalid choice: 'keep_ends' (choose from "
+                                                                "'keep_end', 'keep_start'); did you mean 'keep_end'?")):
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser().parse_args(args)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"{prog}: error: ") and err.endswith(f"{expected} (see {prog} --help)"), err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 import sys
 from typing import Any
 
@@ -30,7 +31,12 @@ class Parser(argparse.ArgumentParser):
         self.read_config = None  # a command's YAML reader: path -> {dest: value}
 
     def error(self, message: str):
-        """Print `message` on one line and exit with code 2."""
+        """Print `message` on one line (with the closest choice to an invalid one) and exit with code 2."""
+        invalid = re.search(r"invalid choice: '(.*?)' \(choose from (.*)\)$", message)
+        if invalid:
+            choices = re.findall(r"'(.*?)'", invalid.group(2))
+            close = difflib.get_close_matches(invalid.group(1), choices, n=1, cutoff=0.6)
+            message += f"; did you mean {close[0]!r}?" if close else ""
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
     def parse_known_args(self, args=None, namespace=None):
