@@ -27,6 +27,7 @@ import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from dpokit.data.checks import glued_boundary_message, glued_response
 from dpokit.data.formats import ColumnMap, eval_indices, stream_completions, stream_preferences
 from dpokit.datacache import MANIFEST, CacheWriter, DamagedEntry, _remove, default_cache_dir, open_cache
 from dpokit.errors import DataError
@@ -104,36 +105,33 @@ def _tokenize_into(writer: CacheWriter, config, stage: str, tokenizer, settings:
 
     tokenize = ChunkTokenizer(tokenizer, settings)
     reports = {"train": FilterReport()}
+    tally = _Tally()
     eval_line = None
     if config.eval_data:
         records, report = read(config.data, config.split)
         eval_records, _ = read(config.eval_data, config.eval_split)  # a missing file fails now, not after tokenising
-        n, plain = _feed(records, lambda i: "train", tokenize, writer, reports)
+        n = _feed(records, lambda i: "train", tokenize, writer, reports, tally)
         reports["eval"] = FilterReport()
-        n_eval, plain_eval = _feed(eval_records, lambda i: "eval", tokenize, writer, reports)
+        n_eval = _feed(eval_records, lambda i: "eval", tokenize, writer, reports, tally)
         eval_line = f"eval data: {n_eval} examples from {config.eval_data}"
-        total, plain = n + n_eval, plain + plain_eval
     elif config.eval_fraction:
         records, _ = read(config.data, config.split)
         n = sum(1 for _ in records)  # the first of two reads: the held-out sample needs the number of records
         held_out = eval_indices(n, config.eval_fraction, config.seed)
         reports["eval"] = FilterReport()
         records, report = read(config.data, config.split)
-        total, plain = _feed(records, lambda i: "eval" if i in held_out else "train", tokenize, writer, reports)
-        if total != n:
-            raise DataError(f"{config.data}: changed while it was read ({n} records, then {total})")
+        counted = _feed(records, lambda i: "eval" if i in held_out else "train", tokenize, writer, reports, tally)
+        if counted != n:
+            raise DataError(f"{config.data}: changed while it was read ({n} records, then {counted})")
         eval_line = f"eval data: {len(held_out)} examples held out of {config.data} (seed {config.seed})"
     else:
         records, report = read(config.data, config.split)
-        n, plain = _feed(records, lambda i: "train", tokenize, writer, reports)
-        total = n
+        n = _feed(records, lambda i: "train", tokenize, writer, reports, tally)
     lines = [f"data: {n} examples from {config.data} ({report.format} format, {report.rows} rows"
              + "".join(f"; {k} {reason}" for reason, k in report.counts.items()) + ")"]
     if eval_line:
         lines.append(eval_line)
-    warning = plain_text_message(plain, total, tokenizer, settings)
-    if warning:
-        lines.append(warning)
+    lines += tally.warnings(tokenizer, settings)
     for part, what in (("train", "training"), ("eval", "eval")):
         if part in reports:
             check_report(reports[part], settings)
@@ -143,11 +141,35 @@ def _tokenize_into(writer: CacheWriter, config, stage: str, tokenizer, settings:
     return lines, reports
 
 
+class _Tally:
+    """What the in-memory path's data warnings count over all records (plain-text prompts, prompts glued to their
+    responses), kept as counts and one example instead of the records."""
+
+    def __init__(self) -> None:
+        self.records = self.plain = self.glued = 0
+        self.first_glued: dict[str, object] = {}  # per part: the in-memory path lists train before eval records
+
+    def add(self, record, part: str) -> None:
+        """Count `record`, of `part`."""
+        self.records += 1
+        self.plain += isinstance(record.prompt, str)
+        if glued_response(record) is not None:
+            self.glued += 1
+            self.first_glued.setdefault(part, record)
+
+    def warnings(self, tokenizer, settings: TokenizeConfig) -> list[str]:
+        """The warning lines, as dpokit.api.prepare_data words them."""
+        lines = [plain_text_message(self.plain, self.records, tokenizer, settings)]
+        if not settings.apply_chat_template:
+            first = self.first_glued.get("train") or self.first_glued.get("eval")
+            lines.append(glued_boundary_message(self.glued, self.records, first))
+        return [line for line in lines if line]
+
+
 def _feed(records: Iterable, part_of: Callable[[int], str], tokenize: ChunkTokenizer, writer: CacheWriter,
-          reports: dict[str, FilterReport]) -> tuple[int, int]:
+          reports: dict[str, FilterReport], tally: _Tally) -> int:
     """Tokenise `records` into the writer's parts (`part_of` the record's position), CHUNK consecutive records
-    of a part at a time, as the in-memory path chunks each part; returns the number of records and of those
-    with a plain-text prompt."""
+    of a part at a time, as the in-memory path chunks each part; returns the number of records."""
     pending: dict[str, list] = {part: [] for part in reports}
     sinks = {part: writer.sink(part) for part in reports}
 
@@ -159,14 +181,14 @@ def _feed(records: Iterable, part_of: Callable[[int], str], tokenize: ChunkToken
         if writer.error is not None:  # a streamed run has nowhere else to keep its data
             raise DataError(f"--streaming: {writer.error}")
 
-    n = plain = 0
+    n = 0
     for n, record in enumerate(records, start=1):
-        plain += isinstance(record.prompt, str)
         part = part_of(n - 1)
+        tally.add(record, part)
         pending[part].append(record)
         if len(pending[part]) == CHUNK:
             flush(part)
     for part in pending:
         if pending[part]:
             flush(part)
-    return n, plain
+    return n
