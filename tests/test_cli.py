@@ -14,11 +14,12 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 TRAIN_OPTIONS = ("--model --data --eval-data --output --batch-size --grad-accum --lr --optimizer --warmup-steps "
                  "--max-steps --epochs --max-length --max-prompt-length --truncation --dtype --seed --eval-every "
-                 "--save-every --resume --config").split()
+                 "--save-every --resume --config --apply-chat-template --no-apply-chat-template").split()
 DPO_ONLY = "--ref-model --loss --beta --label-smoothing --sft-weight".split()
 EVAL_OPTIONS = ("--model --ref-model --data --loss --beta --label-smoothing --batch-size --max-length "
-                "--max-prompt-length --truncation --dtype --json").split()
-GENERATE_OPTIONS = "--model --prompt --prompts --max-new-tokens --temperature --top-p --num-samples --seed".split()
+                "--max-prompt-length --truncation --dtype --json --apply-chat-template").split()
+GENERATE_OPTIONS = ("--model --prompt --prompts --max-new-tokens --temperature --top-p --num-samples --seed "
+                    "--system --chat-template --no-chat-template --batch-size --jsonl").split()
 
 
 def help_text(command: str, capsys) -> str:
@@ -42,6 +43,16 @@ def test_help_lists_every_option(command, expected, absent, capsys):
     listed = options_in(help_text(command, capsys))
     assert set(expected) <= listed, sorted(set(expected) - listed)
     assert not set(absent) & listed
+
+
+def test_apply_chat_template_reaches_the_config_from_a_flag_or_yaml(tmp_path):
+    base = ["dpo", "--model", "m", "--data", "d.jsonl", "--output", "o"]
+    assert _train_config("dpo", build_parser().parse_args(base)).apply_chat_template is False
+    assert _train_config("dpo", build_parser().parse_args(base + ["--apply-chat-template"])).apply_chat_template
+    config = tmp_path / "run.yaml"
+    config.write_text("apply_chat_template: true\n")
+    assert _train_config("sft", build_parser().parse_args(["sft", *base[1:], "--config", str(config)])) \
+        .apply_chat_template
 
 
 def test_yaml_gives_options_and_flags_override_them(tmp_path):
