@@ -96,6 +96,11 @@ def test_stop_tokens_are_eos_the_models_own_and_the_end_of_turn_token():
     model = make_llama()
     model.generation_config.eos_token_id = [0, 7]  # a chat model's generation config lists its end tokens
     assert stop_token_ids(chatml, model) == [0, 7, IM_END]
+    # a template that renders a finished conversation differently from prompt + reply (as "thinking" templates
+    # do) hides its end-of-turn token: sampling still works, stopping at EOS and the model's own EOS ids
+    odd = make_tokenizer(chat_template=True)
+    odd.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    assert stop_token_ids(odd, model) == [0, 7]
 
 
 def test_length_sorted_batches_come_back_in_prompt_order_and_seeds_are_honoured(tokenizer, capsys):

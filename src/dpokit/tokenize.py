@@ -123,8 +123,6 @@ def _special_ids(tokenizer) -> set[int]:
     return set(tokenizer.all_special_ids) | {i for i, token in added.items() if getattr(token, "special", False)}
 
 
-
-
 def _start_token(tokenizer) -> int:
     token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if token is None:
@@ -212,10 +210,15 @@ def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: Text, source: s
 def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     """The token a chat template ends an assistant turn with (``<|im_end|>``, ``<|eot_id|>``): the last token
     of a rendered assistant turn, as tokenisation scores it, when that is a special token; None when the
-    tokenizer has no chat template or the turn ends in ordinary text (responses then end with EOS)."""
+    tokenizer has no chat template, the turn ends in ordinary text (responses then end with EOS), or the template
+    cannot render a one-question conversation as its prompt plus a reply (stopping then relies on EOS and the
+    model's own generation config)."""
     if not has_chat_template(tokenizer):
         return None
-    _, (text,) = render_chat(tokenizer, user_turn("hi"), [assistant_turn("ok")], "the chat template")
+    try:
+        _, (text,) = render_chat(tokenizer, user_turn("hi"), [assistant_turn("ok")], "probe")
+    except DataError:
+        return None
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return ids[-1] if ids and ids[-1] in _special_ids(tokenizer) else None
 
