@@ -195,6 +195,10 @@ def test_cli_generate_prints_the_conversation_and_the_reply(chat_model_dir, tmp_
     out = tmp_path / "out.jsonl"
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert read_prompts(out)[2] == [{"role": "user", "content": "the film"}]
+    from dpokit.data import load_completions
+
+    records, report = load_completions(out)
+    assert report.format == "completion" and records[2].completion == [{"role": "assistant", "content": "was great"}]
     assert main(["generate", "--model", chat_model_dir, "--prompt", "hello", "--no-chat-template",
                  "--max-new-tokens", "3", "--jsonl"]) == 0
     assert json.loads(capsys.readouterr().out)["prompt"] == "hello"
