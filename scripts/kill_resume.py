@@ -3,12 +3,15 @@
 uninterrupted run: the same final weights (byte for byte) and the same metrics rows (all but the timings).
 
     python scripts/kill_resume.py --kills 40 --seed 1          # the stress run (README: Runs that survive)
+    python scripts/kill_resume.py --kills 20 --streaming       # the same with --streaming --no-data-cache
 
 tests/test_kill_resume.py runs 10 kill points of it in CI. The run (8 steps, a checkpoint every 2, evaluation
 every 3, reference log-probs precomputed and cached) spends its time in the phases a kill can hit: loading,
 the reference pass and its cache write, forward/backward, evaluation, checkpoint writes. Kill times are drawn
 (seeded) from the span of the uninterrupted run's work, counted from the moment a run takes its output
-directory (its lock file appears: imports are done).
+directory (its lock file appears: imports are done). With --streaming every run and every resume streams its data
+into temporary shards (--no-data-cache), so kills also land while shards are written, and the script checks that
+no temporary shards outlive the runs. Tokenised data is cached under the work directory, never ~/.cache.
 """
 
 from __future__ import annotations
@@ -23,15 +26,21 @@ import tempfile
 import time
 from pathlib import Path
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+STREAMING = ("--streaming", "--no-data-cache")
+
+
+def _env(output: Path) -> dict:
+    """The runs' environment: one thread each, the data cache in the work directory (beside `output`)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+            "DPOKIT_CACHE": str(output.parent / "data-cache")}
 TIMING = {"tokens_per_second", "seconds_per_step"}
 
 
-def run_args(model: str, data: str, eval_data: str, output: Path) -> list[str]:
-    """The run that gets killed: small, but with every phase."""
+def run_args(model: str, data: str, eval_data: str, output: Path, extra: tuple[str, ...] = ()) -> list[str]:
+    """The run that gets killed: small, but with every phase (`extra`: more options, e.g. STREAMING)."""
     return ["dpo", "--model", model, "--data", data, "--eval-data", eval_data, "--output", str(output),
             "--batch-size", "4", "--max-steps", "8", "--save-every", "2", "--eval-every", "3", "--lr", "1e-3",
-            "--warmup-steps", "2", "--precompute-ref", "--seed", "5"]
+            "--warmup-steps", "2", "--precompute-ref", "--seed", "5", *extra]
 
 
 def _command(args: list[str]) -> list[str]:
@@ -51,10 +60,11 @@ def _wait_for_work(process: subprocess.Popen, output: Path) -> float:
     return time.monotonic()
 
 
-def reference_run(model: str, data: str, eval_data: str, workdir: Path) -> tuple[Path, float]:
+def reference_run(model: str, data: str, eval_data: str, workdir: Path,
+                  extra: tuple[str, ...] = ()) -> tuple[Path, float]:
     """The uninterrupted run: its output, and how long its work lasted (from taking the output directory)."""
     output = workdir / "whole"
-    process = subprocess.Popen(_command(run_args(model, data, eval_data, output)), env=ENV,
+    process = subprocess.Popen(_command(run_args(model, data, eval_data, output, extra)), env=_env(output),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     began = _wait_for_work(process, output)
     if process.wait() != 0:
@@ -62,10 +72,11 @@ def reference_run(model: str, data: str, eval_data: str, workdir: Path) -> tuple
     return output, time.monotonic() - began
 
 
-def kill_and_resume(model: str, data: str, eval_data: str, output: Path, delay: float) -> dict:
+def kill_and_resume(model: str, data: str, eval_data: str, output: Path, delay: float,
+                    extra: tuple[str, ...] = ()) -> dict:
     """SIGKILL the run `delay` seconds into its work, resume it to the end; say where it died."""
-    args = run_args(model, data, eval_data, output)
-    process = subprocess.Popen(_command(args), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = run_args(model, data, eval_data, output, extra)
+    process = subprocess.Popen(_command(args), env=_env(output), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for_work(process, output)
     try:
         process.wait(timeout=delay)
@@ -75,7 +86,7 @@ def kill_and_resume(model: str, data: str, eval_data: str, output: Path, delay: 
         process.wait()
         killed = True
     left = sorted(p.name for p in output.glob("*") if p.name != ".dpokit.lock") if output.exists() else []
-    resumed = subprocess.run(_command(args + ["--resume"]), env=ENV, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(_command(args + ["--resume"]), env=_env(output), capture_output=True, text=True, timeout=600)
     return {"delay": round(delay, 2), "killed": killed, "left": left, "resume_code": resumed.returncode,
             "resume_tail": resumed.stderr[-1500:]}
 
@@ -107,18 +118,18 @@ def check(whole: Path, output: Path) -> list[str]:
 
 
 def run_kill_points(model: str, data: str, eval_data: str, workdir: Path, kills: int, seed: int,
-                    parallel: int = 2) -> list[dict]:
+                    parallel: int = 2, extra: tuple[str, ...] = ()) -> list[dict]:
     """`kills` seeded kill points, `parallel` at a time (each run uses one thread); each result says when it was
     killed, what it left, and what differed."""
     from concurrent.futures import ThreadPoolExecutor
 
-    whole, work = reference_run(model, data, eval_data, workdir)
+    whole, work = reference_run(model, data, eval_data, workdir, extra)
     rng = random.Random(seed)
     delays = [rng.uniform(0.0, work) for _ in range(kills)]
 
     def one(k: int) -> dict:
         output = workdir / f"kill-{k:03d}"
-        result = kill_and_resume(model, data, eval_data, output, delays[k])
+        result = kill_and_resume(model, data, eval_data, output, delays[k], extra)
         result["problems"] = ["resume failed"] if result["resume_code"] else check(whole, output)
         return result
 
@@ -133,6 +144,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--parallel", type=int, default=2, help="kill points run at once")
     parser.add_argument("--workdir", help="keep everything here (default: a temporary directory)")
+    parser.add_argument("--streaming", action="store_true", help="runs with --streaming --no-data-cache")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from conftest import write_sentiment_pairs
@@ -146,8 +158,13 @@ def main() -> int:
     data = write_sentiment_pairs(workdir / "train.jsonl", 200, seed=0)
     eval_data = write_sentiment_pairs(workdir / "eval.jsonl", 15, seed=1)
     started = time.monotonic()
-    results = run_kill_points(str(model), data, eval_data, workdir, args.kills, args.seed, args.parallel)
+    results = run_kill_points(str(model), data, eval_data, workdir, args.kills, args.seed, args.parallel,
+                              STREAMING if args.streaming else ())
     bad = [r for r in results if r["problems"]]
+    leftover = sorted(p.name for p in (workdir / "data-cache").glob(".tmp-*"))
+    if args.streaming and leftover:
+        bad.append({"problems": [f"temporary shards left behind: {leftover}"]})
+        print(f"temporary shards left behind: {leftover}")
     print(json.dumps(results, indent=1))
     print("killed after:", json.dumps(phases(results)))
     print(f"{len(results)} kill points ({sum(r['killed'] for r in results)} killed before the end), "
