@@ -86,7 +86,8 @@ def kill_and_resume(model: str, data: str, eval_data: str, output: Path, delay: 
         process.wait()
         killed = True
     left = sorted(p.name for p in output.glob("*") if p.name != ".dpokit.lock") if output.exists() else []
-    resumed = subprocess.run(_command(args + ["--resume"]), env=_env(output), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(_command(args + ["--resume"]), env=_env(output), capture_output=True, text=True,
+                             timeout=600)
     return {"delay": round(delay, 2), "killed": killed, "left": left, "resume_code": resumed.returncode,
             "resume_tail": resumed.stderr[-1500:]}
 

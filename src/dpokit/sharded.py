@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 import json
 import operator
 import shutil
@@ -54,7 +55,8 @@ class _Shard:
             self.response_lengths.astype(np.int64), self.response_starts[:-1]) if len(self) else np.zeros(0, np.int64)
         self.token_starts = _starts(lengths)
         if self.token_starts[-1] != self.tokens.get_shape()[0]:
-            raise DamagedEntry(f"{path.name}: {self.tokens.get_shape()[0]} tokens, the lengths say {self.token_starts[-1]}")
+            raise DamagedEntry(f"{path.name}: {self.tokens.get_shape()[0]} tokens, "
+                               f"the lengths say {self.token_starts[-1]}")
         self.source_starts = _starts(self.handle.get_tensor("source_lengths").astype(np.int64))
         self.sources = self.handle.get_slice("source_bytes") if self.source_starts[-1] else None
 
@@ -119,8 +121,6 @@ class ShardedExamples(Sequence[TokenizedExample]):
 
 def _arrays_of(examples: Sequence[TokenizedExample]) -> TokenArrays:
     """TokenArrays holding `examples` (the inverse of examples_from_arrays), without sources."""
-    import itertools
-
     lengths = [len(e.prompt_ids) + sum(map(len, e.responses)) for e in examples]
     flat = itertools.chain.from_iterable(itertools.chain((e.prompt_ids,), e.responses) for e in examples)
     tokens = np.fromiter(itertools.chain.from_iterable(flat), dtype=np.int64, count=sum(lengths))
@@ -166,7 +166,8 @@ def _verify(path: Path, shard: dict) -> None:
         raise DamagedEntry(f"{shard['file']} does not match its checksum")
 
 
-def open_entry(path: Path, *, verify: bool = True, owner: object = None) -> tuple[dict[str, ShardedExamples], list[str]]:
+def open_entry(path: Path, *, verify: bool = True,
+               owner: object = None) -> tuple[dict[str, ShardedExamples], list[str]]:
     """The parts of the cache entry at `path` as ShardedExamples, and the lines its first run logged.
 
     `verify` checks every shard's size and sha256 (read in blocks, not held); an entry just written by this
