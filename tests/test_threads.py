@@ -67,11 +67,12 @@ def test_other_processes_running():
     assert _running_elsewhere("cpu 1 2 3\n", own_running=1) == 0
 
 
-def test_rule_small_model_one_thread_otherwise_the_free_cpus():
-    assert choose_threads(128, cpus=2) == ThreadChoice(1, "small model, width 128; 2 CPUs available")
-    assert choose_threads(256, cpus=2).threads == 2
+def test_rule_one_thread_per_free_cpu():
+    assert choose_threads(128, cpus=2) == ThreadChoice(2, "2 CPUs available; model width 128")
+    assert choose_threads(128, cpus=2, busy=1).threads == 1
     assert choose_threads(None, cpus=4, busy=1) == ThreadChoice(3, "4 CPUs available, 1 busy with other processes")
     assert choose_threads(256, cpus=2, busy=5).threads == 1
+    assert choose_threads(None, cpus=1).line() == "threads: 1 (1 CPU available)"
 
 
 def test_explicit_settings_win(restore_threads, monkeypatch):
@@ -89,16 +90,20 @@ def test_apply_sets_logs_once_and_requested_count_holds(restore_threads, monkeyp
     monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
     monkeypatch.setattr(threads, "available_cpus", lambda *a, **k: 2)
     monkeypatch.setattr(threads, "busy_cpus", lambda *a, **k: 0)
+    busy = {"now": 1}
+    monkeypatch.setattr(threads, "busy_cpus", lambda *a, **k: busy["now"])
     lines: list[str] = []
     assert apply_threads(width=128, log=lines.append).threads == 1
     assert torch.get_num_threads() == 1
     apply_threads(width=128, log=lines.append)
-    assert lines == ["threads: 1 (small model, width 128; 2 CPUs available)"]
-    assert apply_threads(width=512, log=lines.append).threads == 2  # dpokit's own earlier choice is not the user's
+    assert lines == ["threads: 1 (2 CPUs available, 1 busy with other processes; model width 128)"]
+    busy["now"] = 0
+    assert apply_threads(log=lines.append).threads == 2  # dpokit's own earlier choice is not the user's
     assert torch.get_num_threads() == 2
-    apply_threads(2, log=lines.append)
-    assert apply_threads(width=128, log=lines.append) == ThreadChoice(2, "--threads")  # --threads holds
-    assert lines[1:] == ["threads: 2 (2 CPUs available)", "threads: 2 (--threads)"]
+    apply_threads(1, log=lines.append)
+    assert apply_threads(width=128, log=lines.append) == ThreadChoice(1, "--threads")  # --threads holds
+    assert torch.get_num_threads() == 1
+    assert lines[1:] == ["threads: 2 (2 CPUs available)", "threads: 1 (--threads)"]
 
 
 def test_refresh_follows_other_processes_load(restore_threads, monkeypatch):
@@ -110,7 +115,7 @@ def test_refresh_follows_other_processes_load(restore_threads, monkeypatch):
     clock = {"now": 1000.0}
     monkeypatch.setattr(threads.time, "monotonic", lambda: clock["now"])
     lines: list[str] = []
-    apply_threads(width=512, log=lines.append)
+    apply_threads(log=lines.append)
     busy["now"] = 1
     threads.refresh_threads(lines.append)  # too soon after the choice: nothing looked at
     assert torch.get_num_threads() == 2

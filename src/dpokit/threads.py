@@ -3,15 +3,14 @@
 torch's default is one intra-op thread per core. Every parallel kernel then ends at a barrier, and when another
 busy process holds one of the cores, the thread the OS has descheduled holds up all the others: on 2 cores with
 one busy neighbour, `dpokit demo` ran 35x slower than on a quiet machine. With one thread per process the OS
-simply gives each busy process a core. dpokit therefore chooses the count from
+simply gives each busy process a core. dpokit therefore takes one thread per CPU that is free for it: the CPUs
+the process may use (its affinity mask, capped by its cgroup CPU quota: v2 ``cpu.max``, v1
+``cpu.cfs_quota_us``) less those other runnable processes occupy when the work starts, looked at again during
+training. The model's width does not enter the rule: bench/bench_threads.py measured even the embedded demo
+model (width 128) 1.7x faster with 2 threads than with 1 on 2 free cores, and 2.4-6.7x slower with 2 while
+other processes kept the cores busy (bench/README.md).
 
-* the work: a model too narrow for a second thread to pay for its barriers (the embedded demo model, width 128)
-  runs on one thread, measured by bench/bench_contention.py; and sampling (one token per sequence per forward
-  pass) is latency-bound, so it gets the same rule with its smaller passes;
-* the CPUs the process may use: its affinity mask and its cgroup CPU quota (v2 ``cpu.max``, v1
-  ``cpu.cfs_quota_us``), less the CPUs other runnable processes occupy when the work starts,
-
-unless the user chose: ``threads=`` (``--threads``), ``OMP_NUM_THREADS``/``MKL_NUM_THREADS``, or a
+All of this unless the user chose: ``threads=`` (``--threads``), ``OMP_NUM_THREADS``/``MKL_NUM_THREADS``, or a
 ``torch.set_num_threads`` call that dpokit did not make. torch's inter-op pool is left alone: dpokit's work
 runs no inter-op parallel sections.
 """
@@ -27,9 +26,6 @@ from pathlib import Path
 
 import torch
 
-# Below this width a forward pass's matrix products are too small for two threads to beat one (measured on the
-# demo model, width 128, and the benchmark shape, width 256: see bench/README.md, "contention").
-MIN_PARALLEL_WIDTH = 256
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 # How often a training run looks again at the other processes' load (refresh_threads), in seconds
 RECHECK_SECONDS = 15.0
@@ -161,14 +157,12 @@ def explicit_threads(requested: int | None, environ: dict | None = None) -> Thre
 
 
 def choose_threads(width: int | None, cpus: int, busy: int = 0) -> ThreadChoice:
-    """The automatic choice for a model of hidden size `width` on `cpus` usable CPUs, `busy` of them held by
-    other processes: one thread for a narrow model; otherwise one per CPU nobody else is running on."""
+    """The automatic choice on `cpus` usable CPUs, `busy` of them held by other processes: one thread per free
+    CPU, at least one. `width` (the model's hidden size) only goes into the reason shown."""
     plural = "s" if cpus != 1 else ""
-    if width is not None and width < MIN_PARALLEL_WIDTH:
-        return ThreadChoice(1, f"small model, width {width}; {cpus} CPU{plural} available")
-    free = max(1, cpus - busy)
     busy_note = f", {busy} busy with other processes" if busy else ""
-    return ThreadChoice(free, f"{cpus} CPU{plural} available{busy_note}")
+    model = f"; model width {width}" if width is not None else ""
+    return ThreadChoice(max(1, cpus - busy), f"{cpus} CPU{plural} available{busy_note}{model}")
 
 
 # at_import: torch's count when dpokit was imported; applied: the count dpokit set last; pinned: the
@@ -235,7 +229,7 @@ def apply_threads(requested: int | None = None, *, width: int | None = None, dev
 def refresh_threads(log: Callable[[str], None] = print) -> None:
     """Between training steps: redo an automatic choice when other processes have started or stopped since it
     was made (looked at every RECHECK_SECONDS at most), so that a long run follows the machine's load. A count
-    the user chose, or a small model's single thread, stays as it is."""
+    the user chose stays as it is."""
     auto = _STATE["auto"]
     if auto is None or time.monotonic() - auto["at"] < RECHECK_SECONDS:
         return
