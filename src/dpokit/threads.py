@@ -7,8 +7,8 @@ simply gives each busy process a core. dpokit therefore takes one thread per CPU
 the process may use (its affinity mask, capped by its cgroup CPU quota: v2 ``cpu.max``, v1
 ``cpu.cfs_quota_us``) less those other runnable processes occupy when the work starts, looked at again during
 training. The model's width does not enter the rule: bench/bench_threads.py measured even the embedded demo
-model (width 128) 1.7x faster with 2 threads than with 1 on 2 free cores, and 2.4-6.7x slower with 2 while
-other processes kept the cores busy (bench/README.md).
+model (width 128) 1.7x faster with 2 threads than with 1 on 2 free cores, and 1.6-5.1x slower with 2 beside
+one busy process (bench/README.md, "threads").
 
 All of this unless the user chose: ``threads=`` (``--threads``), ``OMP_NUM_THREADS``/``MKL_NUM_THREADS``, or a
 ``torch.set_num_threads`` call that dpokit did not make. torch's inter-op pool is left alone: dpokit's work
