@@ -143,3 +143,16 @@ def test_eval_fits_the_default_max_length_to_the_model_and_refuses_a_larger_one(
     assert f"note: --max-length 48, not the default 512: {small} has 48 positions; --max-prompt-length 24" in lines
     with pytest.raises(ConfigError, match="--max-length 64 is more than the 48 positions"):
         evaluate(str(small), sentiment_data["eval"], reference_free=True, max_length=64, log=lines.append)
+
+
+def test_generate_samples_from_a_gguf_checkpoint(gguf_dir, tokenizer, tmp_path, capsys):
+    root, original = gguf_dir
+    original_dir = tmp_path / "original"
+    original.save_pretrained(original_dir)
+    tokenizer.save_pretrained(original_dir)
+    args = ["generate", "--prompt", "the film was", "--temperature", "0", "--max-new-tokens", "6", "--jsonl"]
+    assert main([*args, "--model", str(original_dir)]) == 0
+    expected = capsys.readouterr().out
+    assert main([*args, "--model", str(root), "--gguf-file", "model.gguf"]) == 0
+    assert capsys.readouterr().out == expected  # the GGUF's weights and tokenizer: the same greedy reply
+    assert json.loads(expected)["prompt"] == "the film was"

@@ -126,7 +126,7 @@ def _cmd_eval(args):
 def _cmd_generate(args):
     from dpokit.prompts import parse_prompt, read_prompts
 
-    check_model_spec("--model", args.model)
+    check_model_spec("--model", args.model, gguf_file=args.gguf_file)
     prompts = read_prompts(args.prompts) if args.prompts else [parse_prompt(args.prompt)]
     from dpokit.generation import generate_samples
 
@@ -137,7 +137,8 @@ def _cmd_generate(args):
 
     outputs = generate_samples(args.model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                top_p=args.top_p, num_samples=args.num_samples, seed=args.seed,
-                               batch_size=args.batch_size, chat_template=args.chat_template, system=args.system)
+                               batch_size=args.batch_size, chat_template=args.chat_template, system=args.system,
+                               gguf_file=args.gguf_file)
     for prompt, samples in zip(prompts, outputs):
         for sample in samples:
             if sample.messages is not None:  # templated: the conversation sent and the reply
@@ -269,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompts", metavar="FILE",
                         help="prompts: FILE.jsonl with one JSON string, message list or {\"prompt\"|\"messages\": ...} "
                              "object per line; any other file: one plain-text prompt per line")
+    gen.add_argument("--gguf-file", help="load --model from this GGUF file in the --model directory (dequantised)")
     gen.add_argument("--system", help="a system message put before each prompt that has none (chat models)")
     gen.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
                      help="render prompts with the tokenizer's chat template (default: when it has one); "

@@ -164,21 +164,23 @@ def sample(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts:
     return [[s.text for s in group] for group in sample_ids(policy, tokenizer, prompts, **options)]
 
 
-def generate_samples(model: str, prompts: Sequence[Prompt], **options) -> list[list[Sample]]:
-    """Load `model` (a model or LoRA adapter directory, or a hub name) and sample from it: :func:`sample_ids`."""
+def generate_samples(model: str, prompts: Sequence[Prompt], *, gguf_file: str | None = None,
+                     **options) -> list[list[Sample]]:
+    """Load `model` (a model or LoRA adapter directory, or a hub name; `gguf_file`: a GGUF checkpoint in that
+    directory, dequantised) and sample from it: :func:`sample_ids`."""
     from dpokit.models import load_model, load_tokenizer
 
     _check_options(**options)
-    tokenizer = load_tokenizer(model)
+    tokenizer = load_tokenizer(model, gguf_file=gguf_file)
     # bad prompts and options fail here, before the (slow) model load
     render_prompts(tokenizer, prompts, chat_template=options.get("chat_template"), system=options.get("system"))
-    return sample_ids(load_model(model), tokenizer, prompts, **options)
+    return sample_ids(load_model(model, gguf_file=gguf_file), tokenizer, prompts, **options)
 
 
 def generate(model: str, prompts: Sequence[Prompt], *, max_new_tokens: int = 64, temperature: float = 1.0,
              top_p: float = 1.0, num_samples: int = 1, seed: int = 0, batch_size: int = 16,
              chat_template: bool | None = None, system: str | None = None,
-             progress: bool | None = None) -> list[list[str]]:
+             progress: bool | None = None, gguf_file: str | None = None) -> list[list[str]]:
     """Sample `num_samples` continuations (replies, for a chat model) of each prompt; greedy when temperature is 0.
 
     A prompt is a string or a list of chat messages. The tokenizer's chat template is applied when it has one
@@ -186,5 +188,5 @@ def generate(model: str, prompts: Sequence[Prompt], *, max_new_tokens: int = 64,
     """
     samples = generate_samples(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                num_samples=num_samples, seed=seed, batch_size=batch_size,
-                               chat_template=chat_template, system=system, progress=progress)
+                               chat_template=chat_template, system=system, progress=progress, gguf_file=gguf_file)
     return [[s.text for s in group] for group in samples]
