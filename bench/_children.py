@@ -146,13 +146,39 @@ def child_dpokit(spec: dict) -> dict:
     }
 
 
+def step_timer():
+    """A transformers TrainerCallback that records when each optimizer step of a Trainer begins and ends."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.begin: list[float] = []
+            self.end: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.begin.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            self.end.append(time.perf_counter())
+
+        def seconds_per_step(self) -> list[float]:
+            """Wall seconds per step, end to end (so data loading between steps counts); the first from its begin."""
+            return [self.end[0] - self.begin[0]] + [b - a for a, b in zip(self.end, self.end[1:])]
+
+        def compute_seconds(self) -> list[float]:
+            """Seconds from each step's begin to its end."""
+            return [e - b for b, e in zip(self.begin, self.end)]
+
+    return StepTimer()
+
+
 def child_trl(spec: dict) -> dict:
     base_rss = rss_mib()
     import torch
 
     torch.set_num_threads(spec["threads"])
     import datasets
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     datasets.disable_progress_bars()
@@ -166,17 +192,7 @@ def child_trl(spec: dict) -> dict:
     if not opts["precompute_ref_log_probs"]:
         ref_model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
 
-    class Timer(TrainerCallback):
-        def __init__(self):
-            self.begin, self.end = [], []
-
-        def on_step_begin(self, args, state, control, **kw):
-            self.begin.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kw):
-            self.end.append(time.perf_counter())
-
-    timer = Timer()
+    timer = step_timer()
     tokens: list[int] = []
 
     class Trainer(DPOTrainer):
@@ -205,11 +221,11 @@ def child_trl(spec: dict) -> dict:
     hwm_reset = reset_hwm()
     trainer.train()
     steps = len(timer.end)
-    seconds = [timer.end[0] - timer.begin[0]] + [timer.end[i] - timer.end[i - 1] for i in range(1, steps)]
+    seconds = timer.seconds_per_step()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {
         "seconds_per_step": seconds,
-        "seconds_per_step_compute_only": [e - b for b, e in zip(timer.begin, timer.end)],
+        "seconds_per_step_compute_only": timer.compute_seconds(),
         "tokens_per_step": tokens[:steps],
         "loss": losses,
         "precompute_seconds": marks.get("precompute_seconds"),

@@ -10,10 +10,9 @@ import hashlib
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from _children import _proc_status, peak_rss_mib, reset_hwm, rss_mib
+from _children import _proc_status, peak_rss_mib, reset_hwm, rss_mib, step_timer
 
 LR = 1e-5
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
@@ -133,7 +132,7 @@ def child_trl(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     import datasets
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import DPOConfig, DPOTrainer
 
     datasets.disable_progress_bars()
@@ -156,17 +155,7 @@ def child_trl(spec: dict) -> dict:
     else:
         ref_model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
 
-    class Timer(TrainerCallback):
-        def __init__(self):
-            self.begin, self.end = [], []
-
-        def on_step_begin(self, args, state, control, **kw):
-            self.begin.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kw):
-            self.end.append(time.perf_counter())
-
-    timer = Timer()
+    timer = step_timer()
     tokens: list[int] = []
 
     class Trainer(DPOTrainer):
@@ -189,11 +178,11 @@ def child_trl(spec: dict) -> dict:
     hwm_reset = reset_hwm()
     trainer.train()
     steps = len(timer.end)
-    seconds = [timer.end[0] - timer.begin[0]] + [timer.end[i] - timer.end[i - 1] for i in range(1, steps)]
+    seconds = timer.seconds_per_step()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {
         "seconds_per_step": seconds,
-        "seconds_per_step_compute_only": [e - b for b, e in zip(timer.begin, timer.end)],
+        "seconds_per_step_compute_only": timer.compute_seconds(),
         "tokens_per_step": tokens[:steps],
         "loss": losses,
         "trainable_params": trainable,

@@ -141,8 +141,10 @@ def child_dpokit(spec: dict) -> dict:
 def child_trl(spec: dict) -> dict:
     import datasets
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
+
+    from _children import step_timer
 
     datasets.disable_progress_bars()
     cuda = torch.cuda.is_available()
@@ -164,17 +166,7 @@ def child_trl(spec: dict) -> dict:
         ref_model = AutoModelForCausalLM.from_pretrained(spec["model_dir"],
                                                          dtype=torch.bfloat16 if bf16 else torch.float32)
 
-    class Timer(TrainerCallback):
-        def __init__(self):
-            self.begin, self.end = [], []
-
-        def on_step_begin(self, args, state, control, **kw):
-            self.begin.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kw):
-            self.end.append(time.perf_counter())
-
-    timer = Timer()
+    timer = step_timer()
     config = DPOConfig(
         output_dir=spec["output"], per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
         max_length=spec["max_length"], max_steps=spec["steps"], learning_rate=1e-5, lr_scheduler_type="constant",
@@ -185,8 +177,7 @@ def child_trl(spec: dict) -> dict:
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=config, train_dataset=dataset,
                          processing_class=tokenizer, callbacks=[timer], peft_config=peft_config)
     trainer.train()
-    steps = len(timer.end)
-    seconds = [timer.end[0] - timer.begin[0]] + [timer.end[i] - timer.end[i - 1] for i in range(1, steps)]
+    seconds = timer.seconds_per_step()
     return {"seconds_per_step": seconds, "loss": [h["loss"] for h in trainer.state.log_history if "loss" in h],
             "peak_cuda_bytes": _peak_cuda(),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
