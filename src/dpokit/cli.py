@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import shlex
@@ -15,6 +16,7 @@ import sys
 from typing import Any
 
 from dpokit.argparsing import Parser, option_yaml_reader
+from dpokit.commands import MODULES as COMMAND_MODULES
 from dpokit.config import REQUIRED, Default, TrainConfig, fields_for, make_config, read_yaml
 from dpokit.errors import EXIT_INTERRUPTED, ConfigError, DpokitError, Interrupted
 from dpokit.inputs import check_data_spec, check_model_spec
@@ -149,13 +151,6 @@ def _cmd_generate(args):
                 print(prompt + sample.text)
 
 
-def _cmd_merge(args):
-    check_model_spec("--adapter", args.adapter)
-    from dpokit.models import merge
-
-    merge(args.adapter, args.output, dtype=args.dtype)
-
-
 DEMO_HELP = {
     "output": "output directory: report.json, plots, the SFT and DPO models",
     "model": "base model to start from (default: the embedded tiny review model)",
@@ -286,13 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print one JSON object per sample (always so when the chat template is applied)")
     gen.set_defaults(func=_cmd_generate)
 
-    mer = commands.add_parser("merge", formatter_class=fmt,
-                              help="fold a LoRA adapter into its base model: a plain Hugging Face model directory")
-    mer.add_argument("--adapter", required=True, help="LoRA adapter directory (a LoRA run's final/ or checkpoint)")
-    mer.add_argument("--output", required=True, help="directory for the merged model")
-    mer.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                     help="dtype of the merged weights")
-    mer.set_defaults(func=_cmd_merge)
+    for module in COMMAND_MODULES:  # commands that live in their own module (dpokit/commands/)
+        importlib.import_module(f"dpokit.commands.{module}").add_command(commands)
 
     for name, command in commands.choices.items():  # --config for every command
         if command.read_config is None:
