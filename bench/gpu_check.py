@@ -11,7 +11,11 @@ Nothing is downloaded: a byte-level BPE tokenizer is trained locally and a ``Lla
 random weights (bench/_setup.py), with synthetic preference data. Then, each in its own process:
 
 ==============  =====================================================================================
-dpokit-full     ``dpokit.api.train_dpo``, one process, full fine-tuning, reference resident
+exactness       log-probs (and on CUDA gradients) of the packed layout with FlexAttention block masks against
+                the plain layout with SDPA, float32, TF32 off: relative 1e-5 (gradients 1e-4), or the check fails
+dpokit-full     ``dpokit.api.train_dpo``, one process, full fine-tuning, reference resident (``--attention
+                auto``: FlexAttention block masks on CUDA)
+dpokit-dense    the same with ``--attention sdpa`` (the dense 4-D mask): the fast path's gain (GPU only)
 dpokit-fsdp2    the same under ``accelerate launch --config_file configs/accelerate/fsdp2.yaml``
 dpokit-zero3    the same under ``accelerate launch --config_file configs/accelerate/zero3.yaml``
 dpokit-lora     LoRA r=16, alpha=32, dropout 0 on every decoder linear layer (reference: adapter disabled)
@@ -56,7 +60,8 @@ LORA = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0}
 
 # name, library, accelerate config (None: a plain process), options, engine dpokit must report
 RUNS = [
-    ("dpokit-full", "dpokit", None, {}, "single"),
+    ("dpokit-full", "dpokit", None, {}, "single"),  # --attention auto: FlexAttention block masks on CUDA
+    ("dpokit-dense", "dpokit", None, {"attention": "sdpa"}, "single"),  # the dense 4-D mask in SDPA, to compare
     ("dpokit-fsdp2", "dpokit", "fsdp2", {}, "fsdp2"),
     ("dpokit-zero3", "dpokit", "zero3", {}, "zero3"),
     ("dpokit-lora", "dpokit", None, dict(LORA), "single"),
@@ -71,6 +76,9 @@ SHAPES = {  # model and data per mode
     "dry": dict(hidden=64, layers=2, heads=2, intermediate=128, vocab=1024, batch_size=2, steps=2,
                 prompt_len=24, response_len=12, max_length=96, timeout=150),
 }
+
+
+GPU_ONLY = {"dpokit-dense"}  # on a CPU `auto` is SDPA already: the run would repeat dpokit-full
 
 
 def _free_port() -> int:
@@ -136,6 +144,51 @@ def child_dpokit(spec: dict) -> dict:
         rows = [r for r in read_metrics(Path(spec["output"]) / "metrics.jsonl") if r["split"] == "train"]
         result.update(seconds_per_step=[r["seconds_per_step"] for r in rows], loss=[r["loss"] for r in rows])
     return result
+
+
+def child_exactness(spec: dict) -> dict:
+    """Log-probs (and on CUDA the gradients) of the packed layout with FlexAttention block masks against the
+    plain layout with SDPA, float32, TF32 off, on the first 8 pairs: the fast path must change no number."""
+    import torch
+
+    from dpokit.batching import collate
+    from dpokit.data import load_preferences
+    from dpokit.logprobs import sequence_logprobs
+    from dpokit.models import load_model, load_tokenizer
+    from dpokit.tokenize import TokenizeConfig, tokenize_examples
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    if not cuda:  # FlexAttention has no backward on CPU, and its compiled forward needs a C++ build: eager forward
+        import transformers.integrations.flex_attention as hf_flex
+        from torch.nn.attention.flex_attention import flex_attention
+
+        hf_flex.WrappedFlexAttention.__call__ = lambda self: flex_attention
+    tokenizer = load_tokenizer(spec["model_dir"])
+    pairs = load_preferences(spec["data"])[0][:8]
+    examples = tokenize_examples(pairs, tokenizer, TokenizeConfig(max_length=spec["max_length"],
+                                                                  max_prompt_length=spec["max_prompt_length"]))[0]
+    ids = list(range(len(examples)))
+    model = load_model(spec["model_dir"]).to(device)
+    results = {}
+    for name, layout, attention in (("plain-sdpa", "plain", "sdpa"), ("packed-flex", "packed", "flex_attention")):
+        model.set_attn_implementation(attention)
+        model.zero_grad(set_to_none=True)
+        batch = collate(examples, ids, layout=layout, pad_token_id=tokenizer.pad_token_id).to(device)
+        with torch.set_grad_enabled(cuda):
+            logps = sequence_logprobs(model, batch)
+            if cuda:
+                logps.sum().backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]) if cuda else None
+        results[name] = (logps.detach().cpu(), grads)
+    (plain, plain_grad), (flex, flex_grad) = results["plain-sdpa"], results["packed-flex"]
+    out = {"logp_max_abs_diff": (flex - plain).abs().max().item(),
+           "logp_max_rel_diff": ((flex - plain).abs() / plain.abs().clamp_min(1.0)).max().item(),
+           "gradients_checked": cuda, "pairs": len(examples)}
+    if cuda:
+        out["grad_max_rel_diff"] = ((flex_grad - plain_grad).abs().max() / plain_grad.abs().max()).item()
+    return out
 
 
 def child_trl(spec: dict) -> dict:
@@ -258,6 +311,28 @@ def run(name: str, library: str, launcher: str | None, options: dict, mode: str,
     return result
 
 
+EXACT_LOGP, EXACT_GRAD = 1e-5, 1e-4  # relative: log-probs to 1e-5; gradients to 1e-4 of the largest entry
+
+
+def run_exactness(mode: str, setup: dict, work: Path) -> dict:
+    """child_exactness in its own process; its status is FAILED past the tolerances."""
+    s = SHAPES[mode]
+    spec = {"library": "exactness", "model_dir": setup["model_dir"], "data": setup["data"],
+            "max_length": s["max_length"], "max_prompt_length": setup["max_prompt_length"],
+            "result": str(work / "result_exactness.json")}
+    spec_path = work / "spec_exactness.json"
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, __file__, "--child", str(spec_path)], env=env, capture_output=True,
+                          text=True, cwd=work, timeout=s["timeout"])
+    if proc.returncode != 0 or not Path(spec["result"]).exists():
+        return {"status": "FAILED", "error": f"exit code {proc.returncode}", "log_tail": proc.stderr[-3000:]}
+    result = json.loads(Path(spec["result"]).read_text())
+    exact = result["logp_max_rel_diff"] <= EXACT_LOGP and result.get("grad_max_rel_diff", 0.0) <= EXACT_GRAD
+    result["status"] = "ok" if exact else "FAILED"
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -272,7 +347,8 @@ def main() -> int:
 
     if args.child:
         spec = json.loads(Path(args.child).read_text())
-        result = (child_dpokit if spec["library"] == "dpokit" else child_trl)(spec)
+        child = {"dpokit": child_dpokit, "trl": child_trl, "exactness": child_exactness}[spec["library"]]
+        result = child(spec)
         if _is_main():
             Path(spec["result"]).write_text(json.dumps(result))
         return 0
@@ -302,9 +378,17 @@ def main() -> int:
           f"{m['vocab']}); {s['steps']} steps of {s['batch_size']} pairs, max_length {s['max_length']}; "
           f"built in {time.perf_counter() - t0:.0f} s", flush=True)
 
+    exactness = run_exactness(mode, setup, work)
+    grads = (f", gradients {exactness['grad_max_rel_diff']:.1e}" if "grad_max_rel_diff" in exactness
+             else " (forward only on CPU)")
+    print(f"exactness     {exactness['status']:6s} packed+FlexAttention vs plain+SDPA, float32: log-probs "
+          f"{exactness.get('logp_max_rel_diff', float('nan')):.1e}{grads} (relative)", flush=True)
+    if exactness["status"] != "ok":
+        print(f"--- exactness:\n{exactness.get('log_tail', exactness)}\n---", flush=True)
+
     results = []
     for name, library, launcher, options, _ in RUNS:
-        if name not in wanted:
+        if name not in wanted or (mode == "dry" and name in GPU_ONLY):
             continue
         processes = 2 if (launcher and mode == "dry") else 1
         r = run(name, library, launcher, options, mode, setup, work, processes, args.checkpoint)
@@ -335,9 +419,10 @@ def main() -> int:
     print(f"\ngpu_check summary ({mode}; {device}; model {m['params_total'] / 1e6:.1f}M params; s/step: median over "
           f"the steps after the first; {time.perf_counter() - t0:.0f} s in all)")
     print(table)
-    failed = [r["name"] for r in results if r["status"] != "ok"]
+    failed = [r["name"] for r in results if r["status"] != "ok"] + ([] if exactness["status"] == "ok" else ["exactness"])
     (work / "gpu_check.json").write_text(json.dumps({"mode": mode, "device": device, "setup": setup,
-                                                     "results": results, "table": table}, indent=1, default=str))
+                                                     "exactness": exactness, "results": results, "table": table},
+                                                    indent=1, default=str))
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     if failed:

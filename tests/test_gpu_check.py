@@ -18,4 +18,5 @@ def test_the_gpu_check_runs_every_part_on_cpu(tmp_path):
     for run, engine in (("dpokit-fsdp2", "fsdp2"), ("dpokit-zero3", "zero3"), ("dpokit-lora", "single"),
                         ("dpokit-qlora", "single"), ("trl-full", "trl"), ("trl-lora", "trl")):
         assert f"| {run} | ok | {engine} |" in summary, summary
+    assert "exactness     ok" in result.stdout  # packed + FlexAttention block masks == plain + SDPA (forward)
     assert "gpu_check passed" in result.stdout

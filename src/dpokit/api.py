@@ -17,6 +17,7 @@ from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType
 from transformers import PreTrainedTokenizerBase
 
+from dpokit.attention import choose_attention, set_attention
 from dpokit.checkpoint import run_identity, save_final
 from dpokit.config import Default, TrainConfig
 from dpokit.data import ColumnMap, load_completions, load_preferences, split_eval
@@ -199,6 +200,7 @@ def _start(config: TrainConfig, stage: str) -> _Run:
         log(line)
     with_reference = stage == "dpo" and not config.reference_free and config.ref_model is None
     model, reference_state = load_policy(config, accelerator.device, with_reference=with_reference)
+    set_attention(model, choose_attention(config.attention, accelerator.device, config.layout))
     apply_threads(config.threads, width=model_width(model), device=accelerator.device, log=log)
     return _Run(accelerator, log, tokenizer, data, model, reference_state)
 
@@ -219,6 +221,7 @@ def _reference_model(config: TrainConfig, run: _Run, chunked: bool) -> tuple[Sco
     model = load_model(path, dtype=config.ref_dtype or config.dtype, trust_remote_code=config.trust_remote_code,
                        gguf_file=None if config.ref_model else config.gguf_file)
     digest = weights_digest(model)
+    set_attention(model, choose_attention(config.attention, run.accelerator.device, config.layout))
     placed = place_reference(run.accelerator, Scorer(model, chunked=chunked), offload=config.ref_offload)
     return placed, digest
 
@@ -334,6 +337,7 @@ def evaluate(
     format: str = "auto",
     dtype: str = "float32",
     layout: str = "packed",
+    attention: str = "auto",
     on_filtered: str = "skip",
     apply_chat_template: bool = False,
     gguf_file: str | None = None,
@@ -345,7 +349,8 @@ def evaluate(
     Nothing is trained. Without `ref_model` the evaluation is reference-free. `apply_chat_template` renders
     plain-text data with the chat template, as in training (TrainConfig.apply_chat_template). `gguf_file` loads
     `model` from that GGUF file in its directory. The default `max_length` is lowered to the model's maximum
-    positions when it has fewer. `threads`: torch's CPU threads (default: dpokit.threads chooses).
+    positions when it has fewer. `threads`: torch's CPU threads (default: dpokit.threads chooses). `attention`:
+    the attention kernel, as TrainConfig.attention (``flex`` runs on CPU too here: evaluation needs no backward pass).
     """
     if ref_model is None and not reference_free and loss not in REFERENCE_FREE_LOSSES:
         raise ConfigError("evaluation needs --ref-model (or --reference-free)")
@@ -356,8 +361,8 @@ def evaluate(
     config = TrainConfig(model=model, data=data, output="-", loss=loss, beta=beta, label_smoothing=label_smoothing,
                          reference_free=reference_free, batch_size=batch_size, max_length=max_length,
                          max_prompt_length=max_prompt_length, truncation=truncation, format=format, dtype=dtype,
-                         layout=layout, on_filtered=on_filtered, apply_chat_template=apply_chat_template,
-                         gguf_file=gguf_file, ref_model=ref_model, simpo_gamma=simpo_gamma,
+                         layout=layout, attention=attention, on_filtered=on_filtered,
+                         apply_chat_template=apply_chat_template, gguf_file=gguf_file, ref_model=ref_model, simpo_gamma=simpo_gamma,
                          loss_weights=loss_weights, dpop_lambda=dpop_lambda, ld_alpha=ld_alpha,
                          use_weighting=use_weighting)
     accelerator = make_accelerator(config)
@@ -366,9 +371,13 @@ def evaluate(
     examples = prepare_data(config, "dpo", tokenizer, log).train
     policy = Scorer(load_model(model, dtype=dtype, gguf_file=gguf_file).to(accelerator.device))
     apply_threads(threads, width=model_width(policy.model), device=accelerator.device, log=log)
+    attention = choose_attention(config.attention, accelerator.device, config.layout, training=False)
+    set_attention(policy.model, attention)
     reference = None
     if not config.reference_free:  # simpo and orpo set it
-        reference = ModelReference(load_model(ref_model, dtype=dtype).to(accelerator.device))
+        reference_model = load_model(ref_model, dtype=dtype).to(accelerator.device)
+        set_attention(reference_model, attention)
+        reference = ModelReference(reference_model)
     objective = DPOObjective(_loss_config(config), reference)
     pad = tokenizer.pad_token_id
     metrics = evaluate_objective(policy, objective, examples, config, accelerator, pad)

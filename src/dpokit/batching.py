@@ -47,6 +47,10 @@ class Batch:
     num_responses: int
     # [T] weight of each target's log-prob in its sequence's sum (None: 1 each); see shared_length_weights
     target_weights: Tensor | None = None
+    # shared/packed layouts: [rows, length] example of each column (-1: padding) and its segment (0: prompt,
+    # j + 1: response j), from which dpokit.attention builds a FlexAttention block mask; None in the plain layout
+    token_example: Tensor | None = None
+    token_segment: Tensor | None = None
 
     @property
     def num_sequences(self) -> int:
@@ -154,7 +158,9 @@ def _collate_shared(examples, example_ids, rows, num_responses, pad) -> Batch:
     same_example = group[:, :, None] == group[:, None, :]
     visible_segment = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])
     mask = causal & same_example & visible_segment
-    return _finish(input_ids, positions, mask, index, ids, seq_of, examples, example_ids, num_responses)
+    batch = _finish(input_ids, positions, mask, index, ids, seq_of, examples, example_ids, num_responses)
+    batch.token_example, batch.token_segment = group, segment
+    return batch
 
 
 def _finish(input_ids, positions, mask, index, ids, seq_of, examples, example_ids, num_responses) -> Batch:

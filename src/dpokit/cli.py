@@ -117,7 +117,8 @@ def _cmd_eval(args):
                        use_weighting=args.use_weighting, batch_size=args.batch_size, max_length=args.max_length,
                        max_prompt_length=args.max_prompt_length, truncation=args.truncation, format=args.format,
                        dtype=args.dtype, on_filtered=args.on_filtered, gguf_file=args.gguf_file,
-                       apply_chat_template=args.apply_chat_template, threads=args.threads, log=log)
+                       apply_chat_template=args.apply_chat_template, threads=args.threads,
+                       attention=args.attention, log=log)
     if args.json:
         print(json.dumps(metrics))
     else:
@@ -243,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--apply-chat-template", action="store_true",
                     help="render plain-text data with the chat template (prompt = user turn, response = assistant "
                          "turn), as dpokit dpo --apply-chat-template does")
+    ev.add_argument("--attention", default="auto", choices=("auto", "sdpa", "eager", "flex"),
+                    help="attention kernel: auto (FlexAttention block masks on CUDA), sdpa, eager or flex")
     ev.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
     ev.add_argument("--threads", type=int, help=THREADS_HELP)
     ev.set_defaults(func=_cmd_eval)

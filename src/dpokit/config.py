@@ -138,6 +138,9 @@ class TrainConfig:
     resume: bool = opt(False, "continue from the latest checkpoint in --output")
     layout: str = opt("packed", "batch layout: packed (fastest), shared prompt, or plain (one row per response)",
                       choices=("packed", "shared", "plain"))
+    attention: str = opt("auto", "attention kernel: auto (FlexAttention block masks for the shared/packed layouts "
+                         "on CUDA, the model's default elsewhere), sdpa, eager or flex",
+                         choices=("auto", "sdpa", "eager", "flex"))
     logits: str = opt("chunked", "chunked: logits only at response positions, in chunks; full: every position",
                       choices=("chunked", "full"))
     forward_tokens: int | None = opt(None, "split each micro-batch into forward passes of at most this many tokens, "

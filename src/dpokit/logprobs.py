@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from dpokit.attention import block_mask, uses_attention
 from dpokit.batching import Batch
 from dpokit.tokenize import TokenizedExample
 
@@ -109,9 +110,12 @@ def supports_chunked_logits(model: nn.Module) -> bool:
     return not any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS)
 
 
-def _model_mask(batch: Batch, dtype: torch.dtype) -> Tensor:
+def _model_mask(batch: Batch, model: nn.Module):
     if batch.attention_mask.dim() == 2:
         return batch.attention_mask
+    if batch.token_example is not None and uses_attention(model) == "flex_attention":
+        return block_mask(batch)
+    dtype = model.get_input_embeddings().weight.dtype
     # An additive float mask is understood by every attention implementation that takes a 4-D mask.
     zero = torch.zeros((), dtype=dtype, device=batch.attention_mask.device)
     blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=batch.attention_mask.device)
@@ -120,7 +124,7 @@ def _model_mask(batch: Batch, dtype: torch.dtype) -> Tensor:
 
 def token_logprobs(model: nn.Module, batch: Batch, *, chunked: bool = True, chunk_size: int = 1024) -> Tensor:
     """Log-prob (float32) of every target token of `batch`, in `batch.target_ids` order."""
-    mask = _model_mask(batch, model.get_input_embeddings().weight.dtype)
+    mask = _model_mask(batch, model)
     inputs = dict(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=False)
     if chunked and supports_chunked_logits(model):
         hidden = model.get_decoder()(**inputs)[0]
@@ -154,7 +158,7 @@ def sequence_alignment_logprobs(model: nn.Module, batch: Batch, *, chunked: bool
 
     ``batch.target_weights`` are not applied (TRL's WPO weights use the plain per-token log-probs).
     """
-    mask = _model_mask(batch, model.get_input_embeddings().weight.dtype)
+    mask = _model_mask(batch, model)
     inputs = dict(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=False)
     if chunked and supports_chunked_logits(model):
         hidden = model.get_decoder()(**inputs)[0]

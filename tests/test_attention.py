@@ -1,0 +1,71 @@
+"""dpokit.attention: the FlexAttention block mask gives the dense shared/packed mask's log-probs, and the kernel
+choice rules (FlexAttention on CUDA for the block layouts, an error for training with it on a CPU)."""
+
+import pytest
+import torch
+
+from dpokit.api import evaluate
+from dpokit.attention import block_mask, choose_attention
+from dpokit.batching import collate
+from dpokit.errors import ConfigError
+from dpokit.logprobs import sequence_logprobs
+from dpokit.tokenize import TokenizedExample
+from helpers import make_llama
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture
+def eager_flex(monkeypatch):
+    """transformers runs FlexAttention through torch.compile; its eager form computes the same masked attention
+    (the reference implementation) without a C++ build, which keeps this test fast on CPU."""
+    import transformers.integrations.flex_attention as hf_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    monkeypatch.setattr(hf_flex.WrappedFlexAttention, "__call__", lambda self: flex_attention)
+
+
+def _examples() -> list[TokenizedExample]:  # prompts and responses of different lengths: padding in every layout
+    return [TokenizedExample(tuple(range(5 + i, 12 + 3 * i)), (tuple(range(20, 24 + 2 * i)), tuple(range(40, 42 + i))))
+            for i in range(5)]
+
+
+@pytest.mark.parametrize("layout", ["shared", "packed"])
+def test_block_mask_admits_exactly_the_dense_masks_pairs(layout):
+    batch = collate(_examples(), list(range(5)), layout=layout, pad_token_id=0)
+    mask = block_mask(batch)
+    rows, length = batch.token_example.shape
+    q = torch.arange(length)[:, None].expand(length, length)
+    k = torch.arange(length)[None, :].expand(length, length)
+    for row in range(rows):
+        b = torch.full_like(q, row)
+        assert torch.equal(mask.mask_mod(b, None, q, k), batch.attention_mask[row])
+
+
+@pytest.mark.parametrize("layout", ["shared", "packed"])
+def test_flex_attention_gives_the_plain_layouts_logprobs(layout, eager_flex):
+    model = make_llama().eval()
+    examples, ids = _examples(), list(range(5))
+    with torch.no_grad():
+        plain = sequence_logprobs(model, collate(examples, ids, layout="plain", pad_token_id=0))
+        model.set_attn_implementation("flex_attention")
+        flex = sequence_logprobs(model, collate(examples, ids, layout=layout, pad_token_id=0))
+    torch.testing.assert_close(flex, plain, rtol=0, atol=1e-5)
+
+
+def test_dpokit_eval_with_flex_attention_matches_sdpa(tiny_model_dir, sentiment_data, eager_flex):
+    common = dict(ref_model=tiny_model_dir, batch_size=16, log=lambda *_: None, threads=1)
+    sdpa = evaluate(tiny_model_dir, sentiment_data["eval"], attention="sdpa", **common)
+    flex = evaluate(tiny_model_dir, sentiment_data["eval"], attention="flex", **common)
+    for key in ("loss", "logps/chosen", "logps/rejected"):
+        assert flex[key] == pytest.approx(sdpa[key], abs=1e-5)
+
+
+def test_attention_choice():
+    assert choose_attention("auto", "cpu", "packed") is None  # the dense mask stays the CPU default
+    assert choose_attention("auto", "cuda", "packed") == "flex_attention"
+    assert choose_attention("auto", "cuda", "plain") is None  # a 2-D padding mask: nothing to skip
+    assert choose_attention("sdpa", "cuda", "packed") == "sdpa"
+    assert choose_attention("flex", "cpu", "packed", training=False) == "flex_attention"
+    with pytest.raises(ConfigError, match="no backward pass on CPU"):
+        choose_attention("flex", "cpu", "packed")
