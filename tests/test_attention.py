@@ -1,11 +1,13 @@
-"""dpokit.attention: the FlexAttention block mask gives the dense shared/packed mask's log-probs, and the kernel
-choice rules (FlexAttention on CUDA for the block layouts, an error for training with it on a CPU)."""
+"""dpokit.attention: the FlexAttention block mask and the per-segment SDPA calls give the dense shared/packed
+mask's log-probs (and gradients), and the kernel choice rules (FlexAttention on CUDA and segments on CPU for the
+block layouts, an error for training with FlexAttention on a CPU)."""
 
 import pytest
 import torch
 
 from dpokit.api import evaluate
-from dpokit.attention import block_mask, choose_attention
+import dpokit.attention as attention
+from dpokit.attention import SEGMENTS, block_mask, choose_attention, set_attention
 from dpokit.batching import collate
 from dpokit.errors import ConfigError
 from dpokit.logprobs import sequence_logprobs
@@ -61,10 +63,37 @@ def test_dpokit_eval_with_flex_attention_matches_sdpa(tiny_model_dir, sentiment_
         assert flex[key] == pytest.approx(sdpa[key], abs=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["shared", "packed"])
+def test_segment_attention_gives_the_dense_masks_logprobs_and_gradients(layout, monkeypatch):
+    monkeypatch.setattr(attention, "SEGMENTS_MIN_LENGTH", 0)  # these rows are short: force the per-segment calls
+    model = make_llama(num_key_value_heads=1)  # grouped-query attention too
+    examples = _examples() + [TokenizedExample((), ((50, 51, 52), (60, 61)))]  # and an empty prompt (SFT-like)
+    batch = collate(examples, list(range(len(examples))), layout=layout, pad_token_id=0)
+    results = {}
+    for kernel in ("sdpa", SEGMENTS):
+        set_attention(model, kernel)
+        model.zero_grad()
+        logps = sequence_logprobs(model, batch)
+        logps.sum().backward()
+        results[kernel] = (logps.detach(), [p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(results[SEGMENTS][0], results["sdpa"][0], rtol=0, atol=1e-5)
+    for segments_grad, dense_grad in zip(results[SEGMENTS][1], results["sdpa"][1]):
+        torch.testing.assert_close(segments_grad, dense_grad, rtol=0, atol=1e-5)
+
+
+def test_segment_attention_is_plain_sdpa_for_generation():
+    model = make_llama().eval()
+    prompt = torch.tensor([[3, 4, 5, 6]])
+    dense = model.generate(prompt, max_new_tokens=4, do_sample=False)
+    set_attention(model, SEGMENTS)
+    assert torch.equal(model.generate(prompt, max_new_tokens=4, do_sample=False), dense)
+
+
 def test_attention_choice():
-    assert choose_attention("auto", "cpu", "packed") is None  # the dense mask stays the CPU default
+    assert choose_attention("auto", "cpu", "packed") == SEGMENTS  # per-segment SDPA calls on a CPU
     assert choose_attention("auto", "cuda", "packed") == "flex_attention"
     assert choose_attention("auto", "cuda", "plain") is None  # a 2-D padding mask: nothing to skip
+    assert choose_attention("auto", "cpu", "plain") is None
     assert choose_attention("sdpa", "cuda", "packed") == "sdpa"
     assert choose_attention("flex", "cpu", "packed", training=False) == "flex_attention"
     with pytest.raises(ConfigError, match="no backward pass on CPU"):

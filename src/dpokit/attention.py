@@ -1,12 +1,12 @@
-"""Which attention kernel runs the shared and packed layouts, and the FlexAttention block mask that lets it skip
-masked blocks.
+"""Which attention kernel runs the shared and packed layouts: kernels that skip the masked blocks of their masks.
 
 The shared and packed layouts (dpokit.batching) give every row a block-structured mask: causal, within one
 example, and a response sees the prompt and itself only. As a dense 4-D mask that structure is invisible to
 SDPA, which then runs its math kernel over every (query, key) pair. FlexAttention takes the same mask as a
 ``BlockMask`` built from three per-token vectors and skips the blocks that are wholly masked: on CUDA that is the
-fast path (issue 12). On CPU, FlexAttention runs forward passes only without ``torch.compile``; the dense mask
-stays the CPU default.
+fast path. On a CPU, where FlexAttention has no backward pass, ``segments`` (registered with transformers as
+``dpokit_segments``) runs one SDPA call per prompt (causal) and one per response (its prompt, then itself,
+causal), from the batch's spans: the same numbers, none of the masked blocks.
 """
 
 from __future__ import annotations
@@ -17,19 +17,25 @@ from torch import Tensor, nn
 from dpokit.batching import Batch
 from dpokit.errors import ConfigError
 
-ATTENTION_CHOICES = ("auto", "sdpa", "eager", "flex")
-_HF_NAMES = {"sdpa": "sdpa", "eager": "eager", "flex": "flex_attention"}
+ATTENTION_CHOICES = ("auto", "sdpa", "eager", "flex", "segments")
+SEGMENTS = "dpokit_segments"
+_HF_NAMES = {"sdpa": "sdpa", "eager": "eager", "flex": "flex_attention", "segments": SEGMENTS}
+SEGMENTS_MIN_LENGTH = 256
+"""Rows shorter than this run as one dense SDPA call: below it the per-segment calls cost more than they save
+(bench/bench_attention.py)."""
 
 
 def choose_attention(choice: str, device: torch.device | str, layout: str, *, training: bool = True) -> str | None:
     """The transformers ``attn_implementation`` to set for `choice`, or None to keep the model's own.
 
     ``auto`` is FlexAttention for the shared and packed layouts on CUDA (their masks are block-sparse) and the
-    model's default everywhere else. ``flex`` for training on a CPU is an error: torch's FlexAttention has no
-    backward pass there (compiled or not)."""
+    per-segment SDPA calls on a CPU (``segments``; the model's default for the plain layout). ``flex`` for training
+    on a CPU is an error: torch's FlexAttention has no backward pass there (compiled or not)."""
     on_cuda = torch.device(device).type == "cuda"
     if choice == "auto":
-        return "flex_attention" if on_cuda and layout != "plain" else None
+        if layout == "plain":
+            return None
+        return "flex_attention" if on_cuda else SEGMENTS
     if choice == "flex" and training and not on_cuda:
         raise ConfigError("--attention flex trains on CUDA only: torch's FlexAttention has no backward pass on "
                           "CPU (it serves dpokit eval there); use --attention auto or sdpa")
@@ -38,6 +44,8 @@ def choose_attention(choice: str, device: torch.device | str, layout: str, *, tr
 
 def set_attention(model: nn.Module, implementation: str | None) -> None:
     """Switch `model` (a transformers model, or a PEFT model around one) to `implementation` in place."""
+    if implementation == SEGMENTS:
+        _register_segments()
     if implementation is not None and uses_attention(model) != implementation:
         model.set_attn_implementation(implementation)
 
@@ -62,3 +70,52 @@ def block_mask(batch: Batch):
 
     rows, length = example.shape
     return create_block_mask(may_attend, rows, None, length, length, device=example.device)
+
+
+def _register_segments() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    if SEGMENTS not in AttentionInterface._global_mapping:
+        AttentionInterface.register(SEGMENTS, segment_attention)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(SEGMENTS, sdpa_mask)  # generation: plain SDPA masks
+
+
+def segment_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                      dropout: float = 0.0, scaling: float | None = None, dpokit_spans=None, **kwargs):
+    """A transformers attention function: with ``dpokit_spans`` (Batch.spans, passed by dpokit.logprobs) one SDPA
+    call per prompt and per response instead of one over the whole row's dense mask; without them, or for rows
+    shorter than SEGMENTS_MIN_LENGTH, transformers' SDPA attention.
+
+    ``query`` is ``[rows, heads, length, dim]``, ``key``/``value`` ``[rows, kv_heads, length, dim]``; returns
+    ``([rows, length, heads, dim], None)`` like transformers' own attention functions. Padding columns get zeros
+    (nothing reads their hidden states)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    length = query.shape[2]
+    if dpokit_spans is None or length < SEGMENTS_MIN_LENGTH:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    options = dict(scale=scaling, dropout_p=dropout if module.training else 0.0,
+                   enable_gqa=query.shape[1] != key.shape[1])
+    rows = []
+    for r, examples in enumerate(dpokit_spans):
+        pieces, used = [], 0
+        for prompt_start, prompt_length, responses in examples:
+            prompt = slice(prompt_start, prompt_start + prompt_length)
+            prompt_key, prompt_value = key[r : r + 1, :, prompt], value[r : r + 1, :, prompt]
+            if prompt_length:
+                pieces.append(sdpa(query[r : r + 1, :, prompt], prompt_key, prompt_value, is_causal=True, **options))
+            for start, size in responses:
+                span = slice(start, start + size)
+                visible = torch.ones(size, prompt_length + size, dtype=torch.bool, device=query.device)
+                visible[:, prompt_length:] = torch.ones(size, size, dtype=torch.bool, device=query.device).tril()
+                pieces.append(sdpa(query[r : r + 1, :, span], torch.cat([prompt_key, key[r : r + 1, :, span]], 2),
+                                   torch.cat([prompt_value, value[r : r + 1, :, span]], 2), attn_mask=visible,
+                                   **options))
+            used = prompt_start + prompt_length + sum(size for _, size in responses)
+        if used < length:
+            pieces.append(query.new_zeros(1, query.shape[1], length - used, query.shape[3]))
+        rows.append(torch.cat(pieces, dim=2))
+    return torch.cat(rows).transpose(1, 2).contiguous(), None

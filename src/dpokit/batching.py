@@ -51,6 +51,8 @@ class Batch:
     # j + 1: response j), from which dpokit.attention builds a FlexAttention block mask; None in the plain layout
     token_example: Tensor | None = None
     token_segment: Tensor | None = None
+    # the same as spans, per row: (prompt start, prompt length, ((response start, length), ...)) per example
+    spans: list[list[tuple[int, int, tuple[tuple[int, int], ...]]]] | None = None
 
     @property
     def num_sequences(self) -> int:
@@ -134,11 +136,15 @@ def _collate_shared(examples, example_ids, rows, num_responses, pad) -> Batch:
     group = torch.full((len(rows), width), -1, dtype=torch.long)  # which example a column belongs to
     segment = torch.full((len(rows), width), -1, dtype=torch.long)  # 0 = prompt, j + 1 = response j
     index, ids, seq_of = [], [], []
+    spans: list[list[tuple[int, int, tuple[tuple[int, int], ...]]]] = []
     for r, row in enumerate(rows):
         col = 0
+        spans.append([])
         for i in row:
             e = examples[i]
             p = len(e.prompt_ids)
+            starts = col + p + torch.tensor([0] + [len(resp) for resp in e.responses]).cumsum(0)[:-1]
+            spans[r].append((col, p, tuple((int(s), len(resp)) for s, resp in zip(starts, e.responses))))
             tokens = list(e.prompt_ids) + [t for resp in e.responses for t in resp]
             input_ids[r, col : col + len(tokens)] = torch.tensor(tokens)
             group[r, col : col + len(tokens)] = i
@@ -159,7 +165,7 @@ def _collate_shared(examples, example_ids, rows, num_responses, pad) -> Batch:
     visible_segment = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])
     mask = causal & same_example & visible_segment
     batch = _finish(input_ids, positions, mask, index, ids, seq_of, examples, example_ids, num_responses)
-    batch.token_example, batch.token_segment = group, segment
+    batch.token_example, batch.token_segment, batch.spans = group, segment, spans
     return batch
 
 

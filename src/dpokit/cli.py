@@ -244,8 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--apply-chat-template", action="store_true",
                     help="render plain-text data with the chat template (prompt = user turn, response = assistant "
                          "turn), as dpokit dpo --apply-chat-template does")
-    ev.add_argument("--attention", default="auto", choices=("auto", "sdpa", "eager", "flex"),
-                    help="attention kernel: auto (FlexAttention block masks on CUDA), sdpa, eager or flex")
+    ev.add_argument("--attention", default="auto", choices=("auto", "sdpa", "eager", "flex", "segments"),
+                    help="attention kernel, as dpokit dpo --attention")
     ev.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
     ev.add_argument("--threads", type=int, help=THREADS_HELP)
     ev.set_defaults(func=_cmd_eval)

@@ -138,9 +138,9 @@ class TrainConfig:
     resume: bool = opt(False, "continue from the latest checkpoint in --output")
     layout: str = opt("packed", "batch layout: packed (fastest), shared prompt, or plain (one row per response)",
                       choices=("packed", "shared", "plain"))
-    attention: str = opt("auto", "attention kernel: auto (FlexAttention block masks for the shared/packed layouts "
-                         "on CUDA, the model's default elsewhere), sdpa, eager or flex",
-                         choices=("auto", "sdpa", "eager", "flex"))
+    attention: str = opt("auto", "attention kernel: auto (for the shared/packed layouts FlexAttention block masks "
+                         "on CUDA, one SDPA call per prompt and per response on CPU: segments), sdpa (one dense "
+                         "masked call), eager, flex or segments", choices=("auto", "sdpa", "eager", "flex", "segments"))
     logits: str = opt("chunked", "chunked: logits only at response positions, in chunks; full: every position",
                       choices=("chunked", "full"))
     forward_tokens: int | None = opt(None, "split each micro-batch into forward passes of at most this many tokens, "

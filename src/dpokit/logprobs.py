@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from dpokit.attention import block_mask, uses_attention
+from dpokit.attention import SEGMENTS, block_mask, uses_attention
 from dpokit.batching import Batch
 from dpokit.tokenize import TokenizedExample
 
@@ -122,10 +122,17 @@ def _model_mask(batch: Batch, model: nn.Module):
     return torch.where(batch.attention_mask, zero, blocked)[:, None]
 
 
+def _model_inputs(batch: Batch, model: nn.Module) -> dict:
+    inputs = dict(input_ids=batch.input_ids, attention_mask=_model_mask(batch, model),
+                  position_ids=batch.position_ids, use_cache=False)
+    if batch.spans is not None and uses_attention(model) == SEGMENTS:
+        inputs["dpokit_spans"] = batch.spans  # reaches dpokit.attention.segment_attention in every layer
+    return inputs
+
+
 def token_logprobs(model: nn.Module, batch: Batch, *, chunked: bool = True, chunk_size: int = 1024) -> Tensor:
     """Log-prob (float32) of every target token of `batch`, in `batch.target_ids` order."""
-    mask = _model_mask(batch, model)
-    inputs = dict(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=False)
+    inputs = _model_inputs(batch, model)
     if chunked and supports_chunked_logits(model):
         hidden = model.get_decoder()(**inputs)[0]
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_index)
@@ -158,8 +165,7 @@ def sequence_alignment_logprobs(model: nn.Module, batch: Batch, *, chunked: bool
 
     ``batch.target_weights`` are not applied (TRL's WPO weights use the plain per-token log-probs).
     """
-    mask = _model_mask(batch, model)
-    inputs = dict(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids, use_cache=False)
+    inputs = _model_inputs(batch, model)
     if chunked and supports_chunked_logits(model):
         hidden = model.get_decoder()(**inputs)[0]
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_index)
