@@ -122,6 +122,8 @@ def preference_loss(
         ``ipo`` and ``sigmoid_norm`` (as TRL's DPOTrainer logs them); for ``simpo`` and ``orpo`` they are
         ``beta * mean per-token log-prob`` (as TRL's CPOTrainer and ORPOTrainer log them).
     """
+    if config.unpaired:
+        raise ValueError("loss 'kto' is defined on unpaired examples: use unpaired_loss")
     n = _check_1d("policy_chosen", policy_chosen, None)
     _check_1d("policy_rejected", policy_rejected, n)
     pc, pr = policy_chosen.float(), policy_rejected.float()
