@@ -183,13 +183,13 @@ def evaluate(scorer: nn.Module, objective: Objective, examples: Sequence[Tokeniz
         batch = micro_batches(objective, examples, ids, config.layout, pad_token_id, 0)[0].to(accelerator.device)
         with accelerator.autocast():
             result = objective(scorer, batch)
+        own.update(result.metric_counts)  # on every process alike, stand-in batches included
         if real:
             divisor += objective.divisor(batch)
             for key, value in result.metric_sums.items():
                 sums[key] += value.double()
             for key, value in result.metric_counts.items():
                 counts[key] += value.double()
-                own.add(key)
     keys = sorted(sums)
     totals = accelerator.reduce(torch.stack([divisor] + [sums[k] for k in keys] + [counts[k] for k in keys]),
                                 reduction="sum")
