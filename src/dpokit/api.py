@@ -374,7 +374,8 @@ def evaluate(
 ) -> dict[str, float]:
     """Preference loss, reward accuracy, margins and log-probs of `model` against `ref_model` on `data`.
 
-    Nothing is trained. Without `ref_model` the evaluation is reference-free. `apply_chat_template` renders
+    Nothing is trained. Without `ref_model` the evaluation is reference-free. With ``loss="kto"`` `data` is unpaired
+    (prompt, completion, label) and the metrics are KTO's (dpokit.objective.KTOObjective). `apply_chat_template` renders
     plain-text data with the chat template, as in training (TrainConfig.apply_chat_template). `gguf_file` loads
     `model` from that GGUF file in its directory. The default `max_length` is lowered to the model's maximum
     positions when it has fewer. `threads`: torch's CPU threads (default: dpokit.threads chooses). `attention`:
