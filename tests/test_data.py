@@ -15,6 +15,7 @@ from dpokit.data import (
     detect_format,
     load_completions,
     load_preferences,
+    load_unpaired,
     read_rows,
     split_eval,
 )
@@ -466,3 +467,46 @@ def test_prompts_glued_to_their_responses_are_counted():
     assert warning.startswith("warning: 3 of 7 examples join prompt and response with no space between two words "
                               "(e.g. 'The film' + 'is a delight' at pairs.jsonl:1)")
     assert glued_boundary_warning(records[1:4]) is None
+
+
+# --- unpaired data (KTO) ---
+
+UNPAIRED = [{"prompt": "Q1", "completion": " good", "label": True},
+            {"prompt": [{"role": "user", "content": "Q2"}], "completion": "bad", "label": False}]
+
+
+def test_unpaired_rows_detected_and_loaded(tmp_path):
+    """prompt + completion + label is the unpaired format; a chat prompt's completion becomes an assistant turn."""
+    assert detect_format(UNPAIRED[0]) == "unpaired"
+    assert detect_format({"prompt": "Q", "completion": "A"}) == "completion"
+    records, report = load_unpaired(write_jsonl(tmp_path / "u.jsonl", UNPAIRED))
+    assert report.format == "unpaired"
+    assert records == [Completion("Q1", " good", f"{tmp_path / 'u.jsonl'}:1", True),
+                       Completion([{"role": "user", "content": "Q2"}], [{"role": "assistant", "content": "bad"}],
+                                  f"{tmp_path / 'u.jsonl'}:2", False)]
+    forced, _ = load_unpaired(write_jsonl(tmp_path / "u.jsonl", UNPAIRED), format="unpaired")
+    assert forced == records
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    ({"prompt": "Q", "completion": "A", "label": "true"}, ":2: field 'label' must be true or false, got 'true'"),
+    ({"prompt": "Q", "completion": "A", "label": 1}, ":2: field 'label' must be true or false, got 1"),
+    ({"prompt": "Q", "completion": "A"}, ":2: missing field 'label' (unpaired format)"),
+    ({"prompt": "Q", "completion": "", "label": True}, ":2: field 'completion' is empty"),
+])
+def test_bad_unpaired_rows_name_line_and_field(tmp_path, row, message):
+    with pytest.raises(DataError, match=m(message)):
+        load_unpaired(write_jsonl(tmp_path / "u.jsonl", [UNPAIRED[0], row]))
+
+
+def test_unpaired_and_paired_data_need_their_losses(tmp_path):
+    """Pairs for --loss kto, unpaired rows for a pair loss or SFT: one-line errors saying what to do."""
+    with pytest.raises(DataError, match=m(":1: --loss kto needs unpaired data")):
+        load_unpaired(write_jsonl(tmp_path / "p.jsonl", ROWS))
+    unpaired = write_jsonl(tmp_path / "u.jsonl", UNPAIRED)
+    with pytest.raises(DataError, match=m(":1: unpaired data (prompt, completion, label) has no preference pairs; "
+                                          "train it with --loss kto")):
+        load_preferences(unpaired)
+    with pytest.raises(DataError, match=m("pass --format completion")):
+        load_completions(unpaired)
+    assert [c.label for c in load_completions(unpaired, format="completion")[0]] == [None, None]

@@ -108,3 +108,23 @@ def test_mixture_options():
 def test_mixture_and_dpop_config_validation(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         LossConfig(**kwargs)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(loss_type="kto,sigmoid"), "kto is trained on unpaired data and cannot be mixed"),
+    (dict(loss_type="sigmoid", desirable_weight=2.0), "desirable_weight .* applies to loss 'kto' only"),
+    (dict(loss_type="kto", undesirable_weight=-1.0), "undesirable_weight must be a finite number >= 0"),
+    (dict(loss_type="kto", sft_weight=0.1), "sft_weight .* is not supported with loss 'kto'"),
+    (dict(loss_type="kto", use_weighting=True), "use_weighting .* is not supported with loss 'kto'"),
+    (dict(loss_type="kto", reference_free=True), "reference_free .* is not supported with loss 'kto'"),
+    (dict(loss_type="kto", label_smoothing=0.1), "label_smoothing .* is only supported with loss"),
+])
+def test_kto_config_validation(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        LossConfig(**kwargs)
+
+
+def test_kto_weights_default_to_one():
+    assert LossConfig("kto").kto_weights == (1.0, 1.0) and LossConfig("kto").unpaired
+    assert LossConfig("kto", desirable_weight=1.33, undesirable_weight=0.0).kto_weights == (1.33, 0.0)
+    assert not LossConfig("sigmoid").unpaired

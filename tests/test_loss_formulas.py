@@ -10,7 +10,7 @@ import torch
 
 import dpokit.loss_formulas as lf
 from dpokit.loss_formulas import exo_pair_loss
-from dpokit.losses import LossConfig, preference_loss
+from dpokit.losses import LossConfig, preference_loss, unpaired_loss
 from loss_helpers import BETA, PR, RC, RR, close, log_odds, one_pair, random_batch, sigmoid, softplus_neg, t
 
 
@@ -154,3 +154,43 @@ def test_dpop_gradient():
     x = beta * (cl - rl - lam * torch.relu(-cl))
     torch.testing.assert_close(pc.grad.double(), -torch.sigmoid(-x) * beta * (1 + lam * below), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(pr.grad.double(), torch.sigmoid(-x) * beta, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- KTO (unpaired)
+
+
+def test_kto_hand_values():
+    """Log-ratios 1, -2, 0.5 (desirable, undesirable, undesirable); KL log-ratios 0.3, 0.5, -0.2, so z0 = 0.2;
+    beta 0.1, weights 2 and 0.5: 2*(1 - sig(0.1*(1 - 0.2))), 0.5*(1 - sig(0.1*(0.2 + 2))), 0.5*(1 - sig(0.1*(0.2 -
+    0.5)))."""
+    out = unpaired_loss(t(1.0, -2.0, 0.5), t(0.0, 0.0, 0.0), t(0.3, 0.5, -0.2), t(0.0, 0.0, 0.0),
+                        torch.tensor([True, False, False]),
+                        LossConfig("kto", BETA, desirable_weight=2.0, undesirable_weight=0.5))
+    expected = [2 * (1 - sigmoid(0.08)), 0.5 * (1 - sigmoid(0.22)), 0.5 * (1 - sigmoid(-0.03))]
+    torch.testing.assert_close(out.losses, torch.tensor(expected), rtol=0, atol=1e-6)
+    assert out.kl.item() == pytest.approx(0.2, abs=1e-6)
+    torch.testing.assert_close(out.rewards, t(0.1, -0.2, 0.05))
+    # a negative KL estimate is clamped to 0: here the mean KL log-ratio is -1
+    clamped = unpaired_loss(t(1.0), t(0.0), t(-1.5, -0.5), t(0.0, 0.0), torch.tensor([True]), LossConfig("kto", BETA))
+    assert clamped.kl.item() == 0.0
+    close(clamped.losses, 1 - sigmoid(0.1))
+
+
+def test_kto_gradient():
+    """x = beta*(r - z0) for a desirable example, beta*(z0 - r) for an undesirable one; dL/dpolicy =
+    -+ w*beta*sig(x)*(1 - sig(x)) (minus for desirable), and nothing flows into the KL estimate."""
+    beta, w_d, w_u = 0.3, 1.5, 0.7
+    policy, _, reference, _, _, _ = random_batch(seed=12)
+    policy_kl = (policy.detach() + 2.0).requires_grad_()  # mismatched pairs: log-ratio mean > 0, no clamping
+    desirable = torch.arange(len(policy)) % 3 != 0
+    out = unpaired_loss(policy, reference, policy_kl, reference, desirable,
+                        LossConfig("kto", beta, desirable_weight=w_d, undesirable_weight=w_u))
+    out.losses.sum().backward()
+    assert policy_kl.grad is None  # z0 is a constant
+    r = (policy.detach() - reference).double()
+    z0 = (policy_kl.detach() - reference).double().mean()
+    assert z0 > 0
+    x = torch.where(desirable, beta * (r - z0), beta * (z0 - r))
+    slope = beta * torch.sigmoid(x) * (1 - torch.sigmoid(x))
+    expected = torch.where(desirable, -w_d * slope, w_u * slope)
+    torch.testing.assert_close(policy.grad.double(), expected, rtol=1e-5, atol=1e-7)

@@ -14,10 +14,15 @@ TRL is a test-only dependency (the `test` extra): without it this module is skip
   ORPO's NLL term differs by design: TRL's is the token mean over the chosen prompt *and* response of the whole
   batch; dpokit's is the mean per-token NLL of the chosen response, per pair, so only the odds-ratio term is
   compared with TRL (the NLL term has its own hand-computed tests in test_losses.py).
+* KTO is computed inside ``KTOTrainer._compute_loss`` (and its KL term in ``_compute_kl_logps``), called on a
+  namespace holding KTOTrainer's settings, with a stand-in policy that returns prescribed log-probs for the
+  matched and for the mismatched (KL) sequences and with precomputed reference log-probs. TRL returns the batch
+  mean; one matched example with the whole batch's KL sequences gives each example's own loss.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 from types import SimpleNamespace
 
@@ -30,9 +35,10 @@ from datasets import Dataset  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 from trl.experimental.cpo import CPOTrainer  # noqa: E402
 from trl.experimental.orpo import ORPOTrainer  # noqa: E402
+from trl.trainer.kto_trainer import KTOTrainer  # noqa: E402
 
 from dpokit.loss_formulas import orpo_log_odds_ratio  # noqa: E402
-from dpokit.losses import LossConfig, preference_loss  # noqa: E402
+from dpokit.losses import LossConfig, preference_loss, unpaired_loss  # noqa: E402
 from helpers import make_llama, make_tokenizer  # noqa: E402
 
 N = 12
@@ -150,3 +156,61 @@ def test_orpo_odds_ratio_term_matches_trl(lam):
     torch.testing.assert_close(ours.chosen_rewards, chosen_rewards, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours.rejected_rewards, rejected_rewards, rtol=1e-5, atol=1e-5)
     assert orpo_log_odds_ratio(pc / cc, pr / cr).mean().item() == pytest.approx(mean_log_odds.item(), abs=1e-5)
+
+
+class _PrescribedKTOPolicy:
+    """Stands in for TRL's fused-head model in KTOTrainer: the KL sequences (input ids all 1) get `kl_logps`,
+    the matched ones (all 0) `logps`, each summed log-prob at the first completion position."""
+
+    def __init__(self, logps: torch.Tensor, kl_logps: torch.Tensor) -> None:
+        self.logps, self.kl_logps = logps, kl_logps
+
+    def __call__(self, input_ids, **_):
+        logps = self.kl_logps if bool((input_ids == 1).all()) else self.logps
+        log_probs = torch.zeros(len(logps), input_ids.shape[1] - 1)
+        log_probs[:, 0] = logps
+        zeros = torch.zeros_like(log_probs)
+        return SimpleNamespace(log_probs=log_probs, entropy=zeros, mean_logits=zeros)
+
+
+def trl_kto(policy, reference, policy_kl, reference_kl, labels, beta, desirable_weight, undesirable_weight):
+    """TRL's KTOTrainer loss (a batch mean) and logged metrics for these log-probs: `labels` and the matched
+    log-probs have one entry per example, the KL log-probs one per mismatched pair."""
+    trainer = SimpleNamespace(
+        model=SimpleNamespace(training=False), calculate_KL=True, aux_loss_enabled=False, precompute_ref_logps=True,
+        loss_type="kto", beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
+        _metrics=collections.defaultdict(lambda: collections.defaultdict(list)), _total_train_tokens=0, _tp_size=1,
+        accelerator=SimpleNamespace(device="cpu", gather_for_metrics=lambda x: x))
+    trainer._compute_kl_logps = lambda model, batch: KTOTrainer._compute_kl_logps(trainer, model, batch)
+    n, m = len(policy), len(policy_kl)
+    mask = torch.tensor([0, 1, 1])  # a prompt token, then the completion
+    inputs = {"input_ids": torch.zeros(n, 3, dtype=torch.long), "attention_mask": torch.ones(n, 3, dtype=torch.long),
+              "completion_mask": mask.repeat(n, 1), "KL_input_ids": torch.ones(m, 3, dtype=torch.long),
+              "KL_attention_mask": torch.ones(m, 3, dtype=torch.long), "KL_completion_mask": mask.repeat(m, 1),
+              "label": torch.tensor(labels), "ref_logps": reference, "ref_KL_logps": reference_kl}
+    with torch.no_grad():
+        loss = KTOTrainer._compute_loss(trainer, _PrescribedKTOPolicy(policy, policy_kl), inputs, False)
+    return loss.item(), {k: v[-1] for k, v in trainer._metrics["eval"].items()}
+
+
+@pytest.mark.parametrize(("beta", "weights", "kl_shift"), [(0.1, (1.0, 1.0), 0.0), (0.5, (1.33, 0.8), 0.0),
+                                                           (0.1, (1.0, 1.0), -20.0)])
+def test_kto_matches_trl(beta, weights, kl_shift):
+    """Per-example losses, the KL estimate (kl_shift -20 makes it negative: both clamp it to 0) and the mean
+    rewards of the desirable and undesirable examples."""
+    pc, _, rc, _, _, _ = _inputs(seed=4)
+    policy_kl, reference_kl = pc.roll(1) / 2 + kl_shift, rc.roll(1) / 2  # log-probs of the mismatched pairs
+    labels = [bool(i % 3) for i in range(N)]
+    cfg = LossConfig("kto", beta, desirable_weight=weights[0], undesirable_weight=weights[1])
+    ours = unpaired_loss(pc, rc, policy_kl, reference_kl, torch.tensor(labels), cfg)
+    theirs = torch.tensor([trl_kto(pc[i : i + 1], rc[i : i + 1], policy_kl, reference_kl, labels[i : i + 1], beta,
+                                   *weights)[0] for i in range(N)])
+    torch.testing.assert_close(ours.losses, theirs, rtol=1e-5, atol=1e-5)
+    assert ours.losses.std() > 1e-3
+    mean, metrics = trl_kto(pc, rc, policy_kl, reference_kl, labels, beta, *weights)
+    assert ours.losses.mean().item() == pytest.approx(mean, abs=1e-5)
+    assert ours.kl.item() == pytest.approx(metrics["kl"], abs=1e-5)
+    assert (ours.kl.item() == 0) == (kl_shift < 0)
+    desirable = torch.tensor(labels)
+    assert ours.rewards[desirable].mean().item() == pytest.approx(metrics["rewards/chosen"], abs=1e-5)
+    assert ours.rewards[~desirable].mean().item() == pytest.approx(metrics["rewards/rejected"], abs=1e-5)

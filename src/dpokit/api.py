@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from dpokit.attention import choose_attention, set_attention
 from dpokit.checkpoint import run_identity, save_final
 from dpokit.config import Default, TrainConfig
-from dpokit.data import ColumnMap, load_completions, load_preferences, split_eval
+from dpokit.data import ColumnMap, load_completions, load_preferences, load_unpaired, split_eval
 from dpokit.data.checks import glued_boundary_warning
 from dpokit.engine import (ReferenceState, Scorer, check_engine, engine_name, engine_on_cpu, place_reference,
                            shards_parameters)
@@ -31,7 +31,7 @@ from dpokit.lora import trained_adapter_weight
 from dpokit.inputs import check_data_spec, check_model_spec, check_train_inputs
 from dpokit.models import load_model, load_policy, load_tokenizer, model_max_positions
 from dpokit.losses import REFERENCE_FREE_LOSSES, LossConfig
-from dpokit.objective import DPOObjective, SFTObjective
+from dpokit.objective import DPOObjective, KTOObjective, SFTObjective
 from dpokit.reference import (CachedReference, ModelReference, PolicyReference, cached_reference_logps,
                               weights_digest)
 from dpokit.threads import apply_threads, model_width
@@ -60,11 +60,27 @@ class PreparedData:
 
     train: Sequence[TokenizedExample]
     eval: Sequence[TokenizedExample]
+    # unpaired data (stage "kto"): whether each example's completion is desirable, in the examples' order
+    train_labels: list[bool] | None = None
+    eval_labels: list[bool] | None = None
+
+
+def kept_labels(records: Sequence, examples: Sequence[TokenizedExample]) -> list[bool]:
+    """The labels of the records that tokenisation kept: `examples` are those records, in order, less the
+    filtered ones, and each keeps its record's (unique) source."""
+    labels, j = [], 0
+    for example in examples:
+        while records[j].source != example.source:
+            j += 1
+        labels.append(records[j].label)
+        j += 1
+    return labels
 
 
 def prepare_data(config: TrainConfig, stage: str, tokenizer: PreTrainedTokenizerBase, log: Callable[[str], None] = print,
                  *, cache_dir: str | os.PathLike | None = None, use_cache: bool | None = None) -> PreparedData:
-    """Load, validate, split and tokenise the data of `config` for `stage` ("dpo" or "sft"), reporting counts.
+    """Load, validate, split and tokenise the data of `config` for `stage` ("dpo", "sft", or "kto": unpaired data,
+    whose labels come back with the examples and which is never cached), reporting counts.
 
     The tokenised examples are cached on disk (see dpokit.datacache) under a key of the raw data, tokenizer and
     every setting that decides the token ids: a later call with the same inputs reads them back instead of
@@ -78,7 +94,7 @@ def prepare_data(config: TrainConfig, stage: str, tokenizer: PreTrainedTokenizer
 
     settings = tokenize_config(config)
     if use_cache is None:
-        use_cache = config.data_cache
+        use_cache = config.data_cache and stage != "kto"  # the cache does not keep labels
     if cache_dir is None:
         cache_dir = config.data_cache_dir
     if config.streaming:
@@ -103,7 +119,7 @@ def prepare_data(config: TrainConfig, stage: str, tokenizer: PreTrainedTokenizer
         log(line)
 
     try:
-        load = load_preferences if stage == "dpo" else load_completions
+        load = {"dpo": load_preferences, "sft": load_completions, "kto": load_unpaired}[stage]
         records, report = load(config.data, format=config.format, columns=_columns(config), split=config.split)
         say(f"data: {len(records)} examples from {config.data} ({report.format} format, {report.rows} rows"
             + "".join(f"; {n} {reason}" for reason, n in report.counts.items()) + ")")
@@ -123,6 +139,8 @@ def prepare_data(config: TrainConfig, stage: str, tokenizer: PreTrainedTokenizer
             say(glued)
         train_examples, train_report = tokenize_examples(records, tokenizer, settings, description="tokenising",
                                                          sink=writer and writer.sink("train"))
+        labels = kept_labels(records, train_examples) if stage == "kto" else None
+        eval_labels = None
         del records
         say(f"tokenised training data: {train_report.summary()}")
         eval_examples: list[TokenizedExample] = []
@@ -132,6 +150,7 @@ def prepare_data(config: TrainConfig, stage: str, tokenizer: PreTrainedTokenizer
                                                                description="tokenising eval",
                                                                sink=writer and writer.sink("eval"))
             say(f"tokenised eval data: {reports['eval'].summary()}")
+            eval_labels = kept_labels(eval_records, eval_examples) if stage == "kto" else None
         del eval_records
         if writer is not None:
             entry = writer.commit(cache.inputs, lines, reports)
@@ -141,7 +160,9 @@ def prepare_data(config: TrainConfig, stage: str, tokenizer: PreTrainedTokenizer
             writer.abort()
         raise
     release_freed_memory()  # the raw records and the tokenizer's output, freed
-    return PreparedData(train_examples, eval_examples)
+    if labels is not None:
+        say(f"labels: {sum(labels)} desirable and {len(labels) - sum(labels)} undesirable training examples")
+    return PreparedData(train_examples, eval_examples, labels, eval_labels)
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
@@ -198,7 +219,7 @@ def _start(config: TrainConfig, stage: str) -> _Run:
     plan = make_plan(len(data.train), config, accelerator.num_processes)
     for line in schedule_warnings(plan, config, eval_examples=len(data.eval)):
         log(line)
-    with_reference = stage == "dpo" and not config.reference_free and config.ref_model is None
+    with_reference = stage in ("dpo", "kto") and not config.reference_free and config.ref_model is None
     model, reference_state = load_policy(config, accelerator.device, with_reference=with_reference)
     set_attention(model, choose_attention(config.attention, accelerator.device, config.layout))
     apply_threads(config.threads, width=model_width(model), device=accelerator.device, log=log)
@@ -269,8 +290,8 @@ def train_dpo(config: TrainConfig) -> dict[str, float]:
 
 
 def _train_dpo(config: TrainConfig) -> dict[str, float]:
-    run = _start(config, "dpo")
     loss = _loss_config(config)
+    run = _start(config, "kto" if loss.unpaired else "dpo")
     chunked = config.logits == "chunked"
     start_digest = None
     if config.precompute_ref and not loss.reference_free and config.ref_model is None:
@@ -280,9 +301,14 @@ def _train_dpo(config: TrainConfig) -> dict[str, float]:
     engine = _prepare(run, config, chunked)
     reference, eval_reference = (None, None) if loss.reference_free else \
         _references(config, run, engine, chunked, start_digest)
-    objective = DPOObjective(loss, reference, average_logps=config.average_logps)
-    eval_objective = DPOObjective(loss, eval_reference, average_logps=config.average_logps) \
-        if run.data.eval else None
+    if loss.unpaired:
+        objective = KTOObjective(loss, reference, torch.tensor(run.data.train_labels))
+        eval_objective = KTOObjective(loss, eval_reference, torch.tensor(run.data.eval_labels)) \
+            if run.data.eval else None
+    else:
+        objective = DPOObjective(loss, reference, average_logps=config.average_logps)
+        eval_objective = DPOObjective(loss, eval_reference, average_logps=config.average_logps) \
+            if run.data.eval else None
     return _run(run, engine, objective, config, eval_objective)
 
 
@@ -330,6 +356,8 @@ def evaluate(
     dpop_lambda: float | None = None,
     ld_alpha: float | None = None,
     use_weighting: bool = False,
+    desirable_weight: float | None = None,
+    undesirable_weight: float | None = None,
     batch_size: int = 8,
     max_length: int = Default(512),
     max_prompt_length: int = Default(256),
@@ -346,7 +374,8 @@ def evaluate(
 ) -> dict[str, float]:
     """Preference loss, reward accuracy, margins and log-probs of `model` against `ref_model` on `data`.
 
-    Nothing is trained. Without `ref_model` the evaluation is reference-free. `apply_chat_template` renders
+    Nothing is trained. Without `ref_model` the evaluation is reference-free. With ``loss="kto"`` `data` is unpaired
+    (prompt, completion, label) and the metrics are KTO's (dpokit.objective.KTOObjective). `apply_chat_template` renders
     plain-text data with the chat template, as in training (TrainConfig.apply_chat_template). `gguf_file` loads
     `model` from that GGUF file in its directory. The default `max_length` is lowered to the model's maximum
     positions when it has fewer. `threads`: torch's CPU threads (default: dpokit.threads chooses). `attention`:
@@ -364,11 +393,14 @@ def evaluate(
                          layout=layout, attention=attention, on_filtered=on_filtered,
                          apply_chat_template=apply_chat_template, gguf_file=gguf_file, ref_model=ref_model, simpo_gamma=simpo_gamma,
                          loss_weights=loss_weights, dpop_lambda=dpop_lambda, ld_alpha=ld_alpha,
-                         use_weighting=use_weighting)
+                         use_weighting=use_weighting, desirable_weight=desirable_weight,
+                         undesirable_weight=undesirable_weight)
+    loss_config = _loss_config(config)
     accelerator = make_accelerator(config)
     tokenizer = load_tokenizer(model, gguf_file=gguf_file)
     _fit_lengths(config, log)
-    examples = prepare_data(config, "dpo", tokenizer, log).train
+    data = prepare_data(config, "kto" if loss_config.unpaired else "dpo", tokenizer, log)
+    examples = data.train
     policy = Scorer(load_model(model, dtype=dtype, gguf_file=gguf_file).to(accelerator.device))
     apply_threads(threads, width=model_width(policy.model), device=accelerator.device, log=log)
     attention = choose_attention(config.attention, accelerator.device, config.layout, training=False)
@@ -378,7 +410,8 @@ def evaluate(
         reference_model = load_model(ref_model, dtype=dtype).to(accelerator.device)
         set_attention(reference_model, attention)
         reference = ModelReference(reference_model)
-    objective = DPOObjective(_loss_config(config), reference)
+    objective = KTOObjective(loss_config, reference, torch.tensor(data.train_labels)) if loss_config.unpaired \
+        else DPOObjective(loss_config, reference)
     pad = tokenizer.pad_token_id
     metrics = evaluate_objective(policy, objective, examples, config, accelerator, pad)
     metrics["examples"] = len(examples)

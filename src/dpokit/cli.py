@@ -114,7 +114,9 @@ def _cmd_eval(args):
                        label_smoothing=args.label_smoothing, reference_free=args.reference_free,
                        simpo_gamma=args.simpo_gamma, loss_weights=args.loss_weights,
                        dpop_lambda=args.dpop_lambda, ld_alpha=args.ld_alpha,
-                       use_weighting=args.use_weighting, batch_size=args.batch_size, max_length=args.max_length,
+                       use_weighting=args.use_weighting, desirable_weight=args.desirable_weight,
+                       undesirable_weight=args.undesirable_weight, batch_size=args.batch_size,
+                       max_length=args.max_length,
                        max_prompt_length=args.max_prompt_length, truncation=args.truncation, format=args.format,
                        dtype=args.dtype, on_filtered=args.on_filtered, gguf_file=args.gguf_file,
                        apply_chat_template=args.apply_chat_template, threads=args.threads,
@@ -218,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                              help="loss, reward accuracy, margins and log-probs of a policy vs a reference")
     ev.add_argument("--model", required=True, help="policy: model directory, LoRA adapter directory or hub name")
     ev.add_argument("--ref-model", help="reference model or adapter directory (required unless --reference-free)")
-    ev.add_argument("--data", required=True, help="preference data (any format dpokit dpo takes)")
+    ev.add_argument("--data", required=True, help="preference data (any format dpokit dpo takes; unpaired data "
+                    "with --loss kto)")
     ev.add_argument("--loss", default="sigmoid", help=f"preference loss: one of {', '.join(LOSS_TYPES)}, or "
                     "several comma-separated (README: Losses)")
     ev.add_argument("--loss-weights", help="comma-separated weight of each loss given to --loss (default: 1 each)")
@@ -229,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dpop-lambda", type=float, help="DPO-Positive's penalty weight λ (default 50)")
     ev.add_argument("--ld-alpha", type=float, help="LD-DPO length desensitisation α in [0, 1]")
     ev.add_argument("--use-weighting", action="store_true", help="WPO weighting of each pair's loss")
+    ev.add_argument("--desirable-weight", type=float, help="KTO: weight of the desirable examples' losses (default 1)")
+    ev.add_argument("--undesirable-weight", type=float,
+                    help="KTO: weight of the undesirable examples' losses (default 1)")
     ev.add_argument("--reference-free", action="store_true",
                     help="score without a reference model (implied by simpo and orpo)")
     ev.add_argument("--batch-size", type=int, default=8, help="examples per batch")

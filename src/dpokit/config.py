@@ -48,7 +48,8 @@ class TrainConfig:
     eval_fraction: float = opt(0.0, "hold out this fraction of --data for evaluation when --eval-data is not given")
     split: str = opt("train", "split to read from a dataset directory or hub dataset")
     eval_split: str = opt("test", "split to read from --eval-data when it is a dataset directory or hub dataset")
-    format: str = opt("auto", "data format", choices=("auto", "standard", "conversational", "implicit", "ranked", "completion"))
+    format: str = opt("auto", "data format", choices=("auto", "standard", "conversational", "implicit", "ranked", "completion",
+                                                      "unpaired"))
     prompt_column: str = opt("prompt", "name of the prompt column")
     chosen_column: str = opt("chosen", "name of the chosen-response column")
     rejected_column: str = opt("rejected", "name of the rejected-response column")
@@ -85,6 +86,10 @@ class TrainConfig:
                                  "response of the pair count α times in policy and reference log-probs", DPO)
     use_weighting: bool = opt(False, "WPO: weight each pair's loss by the policy's probability weights of its two "
                               "responses (one extra forward pass without gradients per batch)", DPO)
+    desirable_weight: float | None = opt(None, "KTO: weight of the desirable examples' losses (--loss kto only; "
+                                         "default 1)", DPO)
+    undesirable_weight: float | None = opt(None, "KTO: weight of the undesirable examples' losses (--loss kto "
+                                           "only; default 1)", DPO)
     average_logps: bool = opt(False, "average response log-probs over tokens instead of summing them", DPO)
     precompute_ref: bool = opt(False, "compute reference log-probs once before training, cached on disk; "
                                "the reference model is then not kept in memory", DPO)
@@ -195,6 +200,20 @@ class TrainConfig:
         if self.ld_alpha is not None and self.precompute_ref:
             raise ConfigError("--ld-alpha with --precompute-ref is not supported: the cached reference log-probs are "
                               "unweighted sums")
+        if self.loss == "kto":
+            self._check_kto()
+
+    def _check_kto(self) -> None:
+        """What KTO's KL term (mismatched pairs built within each micro-batch) rules out."""
+        if self.batch_size < 2:
+            raise ConfigError("--loss kto needs --batch-size of at least 2: its KL term pairs each prompt with "
+                              "another example's completion of the same micro-batch")
+        for flag, why in (("precompute_ref", "its KL pairs change with every batch, so their reference log-probs "
+                                             "cannot be cached"),
+                          ("streaming", "its labels are not kept in the streamed shards"),
+                          ("average_logps", "KTO is defined on summed log-probs")):
+            if getattr(self, flag):
+                raise ConfigError(f"--{flag.replace('_', '-')} is not supported with --loss kto: {why}")
 
     def loss_config(self):
         """The validated LossConfig of this run (dpokit.loss_config.LossConfig)."""
@@ -203,7 +222,8 @@ class TrainConfig:
         return LossConfig(self.loss, self.beta, self.label_smoothing, self.reference_free, self.sft_weight,
                           simpo_gamma=self.simpo_gamma, loss_weights=parse_loss_weights(self.loss_weights),
                           dpop_lambda=self.dpop_lambda, ld_alpha=self.ld_alpha,
-                          use_weighting=self.use_weighting)
+                          use_weighting=self.use_weighting, desirable_weight=self.desirable_weight,
+                          undesirable_weight=self.undesirable_weight)
 
     def _check_schedule(self) -> None:
         if self.warmup_steps < 0:

@@ -13,8 +13,9 @@ from dpokit.errors import ConfigError
 
 # TRL's loss_type names, so that a TRL config carries over (dpop is not in TRL).
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
-              "apo_zero", "apo_down", "dpop", "simpo", "orpo")
+              "apo_zero", "apo_down", "dpop", "simpo", "orpo", "kto")
 REFERENCE_FREE_LOSSES = ("simpo", "orpo")  # defined without a reference model: none is loaded for them
+UNPAIRED_LOSSES = ("kto",)  # trained on unpaired data (prompt, completion, label), not on preference pairs
 SIMPO_GAMMA_DEFAULT = 0.5  # TRL's CPOConfig.simpo_gamma
 DPOP_LAMBDA_DEFAULT = 50.0  # the Smaug paper's value
 
@@ -51,6 +52,8 @@ class LossConfig:
     ``use_weighting`` turns on WPO's weighting (TRL's ``use_weighting``): each pair's preference loss is multiplied
     by the policy's (detached) probability weights of its two responses (losses with a reference).
     ``simpo`` and ``orpo`` never use a reference: ``reference_free`` is set to True for them.
+    ``kto`` (unpaired data) cannot be mixed and takes none of the pair options above; ``desirable_weight`` and
+    ``undesirable_weight`` (None: 1) weigh its desirable and undesirable examples' losses (``kto`` only).
     """
 
     loss_type: str = "sigmoid"
@@ -63,10 +66,13 @@ class LossConfig:
     dpop_lambda: float | None = None
     ld_alpha: float | None = None
     use_weighting: bool = False
+    desirable_weight: float | None = None
+    undesirable_weight: float | None = None
 
     def __post_init__(self) -> None:
         names = self._check_names()
         loss = self.loss_type
+        self._check_unpaired(names)
         if not _finite(self.beta) or self.beta <= 0:
             raise ConfigError(f"beta must be a finite number > 0, got {self.beta!r}")
         ls = self.label_smoothing
@@ -112,6 +118,25 @@ class LossConfig:
         if loss in REFERENCE_FREE_LOSSES:
             object.__setattr__(self, "reference_free", True)  # frozen: the normalisations are set here
 
+    def _check_unpaired(self, names: tuple[str, ...]) -> None:
+        """KTO's options: its two weights; none of the pair losses' options."""
+        for option in ("desirable_weight", "undesirable_weight"):
+            value = getattr(self, option)
+            if value is None:
+                continue
+            if "kto" not in names:
+                raise ConfigError(f"{option} (--{option.replace('_', '-')}) applies to loss 'kto' only, "
+                                  f"not {self.loss_type!r}")
+            if not _finite(value) or value < 0:
+                raise ConfigError(f"{option} must be a finite number >= 0, got {value!r}")
+        if "kto" not in names:
+            return
+        for option, given in (("sft_weight", self.sft_weight != 0), ("ld_alpha", self.ld_alpha is not None),
+                              ("use_weighting", self.use_weighting is True),
+                              ("reference_free", self.reference_free is True)):
+            if given:
+                raise ConfigError(f"{option} (--{option.replace('_', '-')}) is not supported with loss 'kto'")
+
     def _check_names(self) -> tuple[str, ...]:
         if not isinstance(self.loss_type, str):
             raise ConfigError(f"--loss must be a loss name (or several, comma-separated); got {self.loss_type!r}")
@@ -122,6 +147,9 @@ class LossConfig:
                                   f"got {name!r}")
         if len(set(names)) < len(names):
             raise ConfigError(f"--loss names a loss twice: {self.loss_type!r}")
+        if len(names) > 1 and set(names) & set(UNPAIRED_LOSSES):
+            raise ConfigError(f"--loss {self.loss_type}: kto is trained on unpaired data and cannot be mixed with "
+                              "the pair losses")
         if len(names) > 1 and set(names) & set(REFERENCE_FREE_LOSSES):
             raise ConfigError(f"--loss {self.loss_type}: simpo and orpo use no reference and cannot be mixed with "
                               "other losses")
@@ -149,6 +177,17 @@ class LossConfig:
     def gamma(self) -> float:
         """SimPO's target margin in effect (``simpo_gamma`` or its default)."""
         return SIMPO_GAMMA_DEFAULT if self.simpo_gamma is None else self.simpo_gamma
+
+    @property
+    def unpaired(self) -> bool:
+        """Whether the loss is trained on unpaired data (prompt, completion, label): ``kto``."""
+        return self.loss_type in UNPAIRED_LOSSES
+
+    @property
+    def kto_weights(self) -> tuple[float, float]:
+        """KTO's (desirable, undesirable) weights in effect (1 each unless given)."""
+        return (1.0 if self.desirable_weight is None else self.desirable_weight,
+                1.0 if self.undesirable_weight is None else self.undesirable_weight)
 
     @property
     def dpop_penalty(self) -> float:

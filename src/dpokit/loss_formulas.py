@@ -132,3 +132,25 @@ def orpo_loss(chosen_avg: Tensor, rejected_avg: Tensor, lam: float) -> Tensor:
     ``-chosen_avg - lam*logsigmoid(log_odds_ratio)``: the chosen response's mean per-token NLL (the SFT term)
     plus lam times the odds-ratio term. TRL's ORPOConfig calls lam ``beta``."""
     return -chosen_avg - lam * F.logsigmoid(orpo_log_odds_ratio(chosen_avg, rejected_avg))
+
+
+def kto_loss(logratio: Tensor, desirable: Tensor, kl: Tensor, beta: float, desirable_weight: float = 1.0,
+             undesirable_weight: float = 1.0) -> Tensor:
+    """KTO (Ethayarajh et al. 2024, Eq. 7-8), on UNPAIRED examples: with ``r = log pi(y|x) - log ref(y|x)``
+    (summed) and ``z0`` the KL estimate ``kl``, a desirable example's loss is
+    ``desirable_weight * (1 - sigmoid(beta*(r - z0)))`` and an undesirable one's
+    ``undesirable_weight * (1 - sigmoid(beta*(z0 - r)))``. ``desirable`` is the bool label of each example; ``kl``
+    a scalar, taken as a constant (the paper and TRL do not back-propagate through it; see
+    :func:`kto_kl_estimate`)."""
+    kl = kl.detach()
+    gain = torch.where(desirable, beta * (logratio - kl), beta * (kl - logratio))
+    weight = torch.where(desirable, torch.full_like(logratio, desirable_weight),
+                         torch.full_like(logratio, undesirable_weight))
+    return weight * (1.0 - torch.sigmoid(gain))
+
+
+def kto_kl_estimate(kl_logratio: Tensor) -> Tensor:
+    """KTO's reference point ``z0``: the batch mean of ``log pi(y'|x) - log ref(y'|x)`` over MISMATCHED pairs
+    (each prompt with another example's completion), clamped at 0 and detached, as the KTO paper (Sec. 4.1) and
+    TRL's KTOTrainer estimate ``KL(pi || ref)``."""
+    return kl_logratio.detach().mean().clamp(min=0)

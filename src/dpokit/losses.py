@@ -14,6 +14,9 @@ Which log-probs each loss uses:
 * length-averaged, against the reference: ``ipo``, ``sigmoid_norm``;
 * length-averaged, no reference: ``simpo``, ``orpo``.
 
+``kto`` is not a pair loss: it is trained on unpaired examples (a completion labelled desirable or not), see
+:func:`unpaired_loss`.
+
 Several losses with a reference can be mixed: ``loss_type="sigmoid,bco_pair"`` with ``loss_weights=(0.8, 0.2)``
 gives ``0.8*sigmoid + 0.2*bco_pair`` per pair (TRL's weighted sum of batch means is the batch mean of this).
 
@@ -28,7 +31,8 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from dpokit import loss_formulas as lf
-from dpokit.loss_config import LOSS_TYPES, REFERENCE_FREE_LOSSES, LossConfig  # noqa: F401  (re-exported)
+from dpokit.loss_config import (LOSS_TYPES, REFERENCE_FREE_LOSSES, UNPAIRED_LOSSES,  # noqa: F401  (re-exported)
+                                LossConfig)
 
 # loss_type -> formula of the margin h (summed or, for ipo/sigmoid_norm, length-averaged log-probs).
 _MARGIN_LOSSES: dict[str, Callable[[Tensor, LossConfig], Tensor]] = {
@@ -118,6 +122,8 @@ def preference_loss(
         ``ipo`` and ``sigmoid_norm`` (as TRL's DPOTrainer logs them); for ``simpo`` and ``orpo`` they are
         ``beta * mean per-token log-prob`` (as TRL's CPOTrainer and ORPOTrainer log them).
     """
+    if config.unpaired:
+        raise ValueError("loss 'kto' is defined on unpaired examples: use unpaired_loss")
     n = _check_1d("policy_chosen", policy_chosen, None)
     _check_1d("policy_rejected", policy_rejected, n)
     pc, pr = policy_chosen.float(), policy_rejected.float()
@@ -190,3 +196,45 @@ def preference_metrics(
         "logps/rejected": policy_rejected.detach().float(),
         "loss": out.losses.detach(),
     }
+
+
+@dataclass
+class UnpairedLossOutput:
+    """Per-example results of :func:`unpaired_loss` (``[n]`` float32, except the scalar ``kl``)."""
+
+    losses: Tensor  # per-example loss, weighted by --desirable-weight / --undesirable-weight
+    rewards: Tensor  # beta * (policy - reference), detached
+    kl: Tensor  # the reference point z0 the losses used: a detached scalar >= 0
+
+
+def unpaired_loss(
+    policy: Tensor,
+    reference: Tensor,
+    policy_kl: Tensor,
+    reference_kl: Tensor,
+    desirable: Tensor,
+    config: LossConfig,
+) -> UnpairedLossOutput:
+    """KTO's per-example loss (formula: :func:`dpokit.loss_formulas.kto_loss`) on unpaired examples.
+
+    Args:
+        policy, reference: log-probs of each example's completion given its prompt, summed over its tokens, ``[n]``.
+        policy_kl, reference_kl: the same for the mismatched (prompt, completion) pairs the KL term is estimated
+            from, ``[m]`` (TRL pairs each prompt with the previous example's completion in the batch).
+        desirable: ``[n]`` bool labels (True: desirable).
+        config: a LossConfig with ``loss_type == "kto"``.
+
+    Returns:
+        :class:`UnpairedLossOutput`; rewards are ``beta * (policy - reference)``, as TRL's KTOTrainer logs them.
+    """
+    if not config.unpaired:
+        raise ValueError(f"unpaired_loss needs loss_type 'kto', got {config.loss_type!r}")
+    n = _check_1d("policy", policy, None)
+    _check_1d("reference", reference, n)
+    _check_1d("desirable", desirable, n)
+    m = _check_1d("policy_kl", policy_kl, None)
+    _check_1d("reference_kl", reference_kl, m)
+    logratio = policy.float() - reference.float()
+    kl = lf.kto_kl_estimate(policy_kl.float() - reference_kl.float())
+    losses = lf.kto_loss(logratio, desirable.bool(), kl, config.beta, *config.kto_weights)
+    return UnpairedLossOutput(losses, (config.beta * logratio).detach(), kl)

@@ -9,14 +9,16 @@ same update as one large batch, even for token-averaged SFT where micro-batches 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
 from dpokit.batching import Batch, shared_length_weights
-from dpokit.losses import LossConfig, preference_loss, preference_metrics
+from dpokit.losses import LossConfig, preference_loss, preference_metrics, unpaired_loss
+from dpokit.tokenize import TokenizedExample
 
 Reference = Callable[[Batch, nn.Module], Tensor]  # (batch, the engine-wrapped policy) -> log-probs
 
@@ -35,10 +37,13 @@ class Objective(Protocol):
 
 @dataclass
 class StepResult:
-    """A micro-batch's summed loss (with grad) and summed metrics (detached); both share one divisor."""
+    """A micro-batch's summed loss (with grad) and summed metrics (detached); both share one divisor, except the
+    metrics named in `metric_counts`, whose sums are divided by the sum of their own counts (KTO's rewards of the
+    desirable examples are a mean over the desirable examples)."""
 
     loss_sum: Tensor
     metric_sums: dict[str, Tensor]
+    metric_counts: dict[str, Tensor] = field(default_factory=dict)
 
 
 class DPOObjective:
@@ -102,3 +107,60 @@ class SFTObjective:
         """Loss and metric sums on `batch` of the policy whose log-probs `scorer(batch)` returns."""
         nll = -scorer(batch).sum()
         return StepResult(nll, {"loss": nll.detach()})
+
+
+def kl_pairs(examples: Sequence[TokenizedExample]) -> list[TokenizedExample]:
+    """Each unpaired example ``(x_i, (y_i,))`` as ``(x_i, (y_i, y_{i-1}))``: its completion, then the completion of
+    the previous example of the batch (cyclically: the first takes the last one's), as TRL's KTOTrainer builds the
+    mismatched pairs ``(x_1, y_n), (x_2, y_1), ..., (x_n, y_{n-1})`` its KL term is estimated from."""
+    n = len(examples)
+    return [TokenizedExample(e.prompt_ids, (e.responses[0], examples[i - 1].responses[0]), e.source)
+            for i, e in enumerate(examples)] if n else []
+
+
+class KTOObjective:
+    """KTO (``--loss kto``) on unpaired examples: each one's completion and a mismatched completion for the KL term.
+
+    The trainer hands it whole micro-batches built by :meth:`pair_examples` (sequence ``2i`` is example i's own
+    completion, ``2i + 1`` the mismatched one), so that the KL estimate is a mean over the micro-batch, as TRL's
+    per-device batch. Labels are looked up by example id in `labels` (``[examples]`` bool, of the data set the
+    batches come from). Metrics: loss, ``rewards/chosen`` and ``logps/chosen`` (means over the desirable examples),
+    ``rewards/rejected`` and ``logps/rejected`` (over the undesirable ones) and ``kl`` (the KL estimate z0).
+    """
+
+    num_responses = 2
+    metric_names = ("loss", "kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")
+
+    def __init__(self, loss: LossConfig, reference: Reference, labels: Tensor) -> None:
+        if not loss.unpaired:
+            raise ValueError(f"KTOObjective needs loss 'kto', got {loss.loss_type!r}")
+        self.loss = loss
+        self.reference = reference
+        self.labels = labels.bool()
+
+    @staticmethod
+    def pair_examples(examples: Sequence[TokenizedExample]) -> list[TokenizedExample]:
+        """The micro-batch's examples with their KL completions (:func:`kl_pairs`)."""
+        return kl_pairs(examples)
+
+    def divisor(self, batch: Batch) -> int:
+        """Examples in the batch: the loss is a mean over examples."""
+        return batch.num_sequences // 2
+
+    def __call__(self, scorer: nn.Module, batch: Batch) -> StepResult:
+        """Loss and metric sums on `batch` of the policy whose log-probs `scorer(batch)` returns."""
+        policy = scorer(batch)
+        with torch.no_grad():
+            reference = self.reference(batch, scorer).float()
+        desirable = self.labels.index_select(0, batch.example_ids.to(self.labels.device)).to(policy.device)
+        out = unpaired_loss(policy[0::2], reference[0::2], policy[1::2], reference[1::2], desirable, self.loss)
+        logps = policy[0::2].detach().float()
+        d = desirable.float()
+        u = 1.0 - d
+        n = torch.tensor(float(len(d)), device=policy.device)
+        metrics = {"loss": out.losses.detach().sum(), "kl": out.kl * n,
+                   "rewards/chosen": (out.rewards * d).sum(), "rewards/rejected": (out.rewards * u).sum(),
+                   "logps/chosen": (logps * d).sum(), "logps/rejected": (logps * u).sum()}
+        counts = {"rewards/chosen": d.sum(), "rewards/rejected": u.sum(), "logps/chosen": d.sum(),
+                  "logps/rejected": u.sum()}
+        return StepResult(out.losses.sum(), metrics, counts)

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from dpokit.batching import collate, forward_groups
+from dpokit.batching import Batch, collate, forward_groups
 from dpokit.checkpoint import (check_resumable, checkpoint_step, latest_checkpoint, load_model_weights,
                                load_trainer_state, prune_checkpoints, save_checkpoint)
 from dpokit.config import TrainConfig
@@ -174,25 +174,50 @@ def evaluate(scorer: nn.Module, objective: Objective, examples: Sequence[Tokeniz
     rounds = math.ceil(math.ceil(len(examples) / accelerator.num_processes) / batch_size)
     sums = {k: torch.zeros((), dtype=torch.float64, device=accelerator.device) for k in _metric_names(objective)}
     divisor = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    counts = {k: torch.zeros_like(divisor) for k in sums}  # the metrics averaged over counts of their own
+    own = set()
     for k in tqdm(range(rounds), desc=desc, disable=not accelerator.is_main_process or rounds < 4, leave=False):
         ids = mine[k * batch_size : (k + 1) * batch_size]
         real = bool(ids)
         ids = ids or [0]
-        batch = collate([examples[i] for i in ids], ids, layout=config.layout, pad_token_id=pad_token_id)
-        batch = batch.to(accelerator.device)
+        batch = micro_batches(objective, examples, ids, config.layout, pad_token_id, 0)[0].to(accelerator.device)
         with accelerator.autocast():
             result = objective(scorer, batch)
+        own.update(result.metric_counts)  # on every process alike, stand-in batches included
         if real:
             divisor += objective.divisor(batch)
             for key, value in result.metric_sums.items():
                 sums[key] += value.double()
+            for key, value in result.metric_counts.items():
+                counts[key] += value.double()
     keys = sorted(sums)
-    totals = accelerator.reduce(torch.stack([divisor] + [sums[k] for k in keys]), reduction="sum")
+    totals = accelerator.reduce(torch.stack([divisor] + [sums[k] for k in keys] + [counts[k] for k in keys]),
+                                reduction="sum")
     scorer.train(was_training)
-    return {k: (totals[i + 1] / totals[0]).item() for i, k in enumerate(keys)}
+    return {k: _mean(totals[i + 1], totals[i + 1 + len(keys)] if k in own else totals[0])
+            for i, k in enumerate(keys)}
+
+
+def _mean(total: torch.Tensor, count: torch.Tensor) -> float:
+    """total / count; NaN for a count of 0 (e.g. KTO's rewards/chosen of a batch with no desirable example)."""
+    return (total / count).item() if count > 0 else float("nan")
+
+
+def micro_batches(objective: Objective, examples: Sequence[TokenizedExample], ids: Sequence[int], layout: str,
+                  pad_token_id: int, max_tokens: int) -> list[Batch]:
+    """The batches that score the examples `ids` of one micro-batch: forward groups of at most `max_tokens` tokens
+    (:func:`forward_groups`), or, for an objective that pairs each example with others of its micro-batch (KTO's KL
+    term: ``objective.pair_examples``), the paired micro-batch whole."""
+    pair = getattr(objective, "pair_examples", None)
+    if pair is not None:
+        return [collate(pair([examples[i] for i in ids]), ids, layout=layout, pad_token_id=pad_token_id)]
+    return [collate([examples[i] for i in group], group, layout=layout, pad_token_id=pad_token_id)
+            for group in forward_groups(ids, examples, max_tokens)]
 
 
 def _metric_names(objective) -> list[str]:
+    if hasattr(objective, "metric_names"):
+        return list(objective.metric_names)
     if objective.num_responses == 1:
         return ["loss"]
     return ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -297,13 +322,14 @@ def train(
             indices = step_indices(step, plan, len(train_examples), config.seed)
             micro = [indices[(k * accelerator.num_processes + accelerator.process_index) * config.batch_size:]
                      [: config.batch_size] for k in range(config.grad_accum)]
-            batches = [collate([train_examples[i] for i in group], group, layout=config.layout, pad_token_id=pad)
-                       .to(accelerator.device) for ids in micro for group in forward_groups(ids, train_examples, budget)]
+            batches = [batch.to(accelerator.device) for ids in micro
+                       for batch in micro_batches(objective, train_examples, ids, config.layout, pad, budget)]
             divisor = accelerator.reduce(torch.tensor(float(sum(objective.divisor(b) for b in batches)),
                                                       dtype=torch.float64, device=accelerator.device), reduction="sum")
             # The engines average gradients over processes: scale so that the update is d(global mean loss).
             scale = accelerator.num_processes / divisor.float()
             metric_sums: dict[str, torch.Tensor] = {}
+            metric_counts: dict[str, torch.Tensor] = {}
             for i, batch in enumerate(batches):
                 with micro_step(accelerator, scorer, last=i == len(batches) - 1):
                     with accelerator.autocast():
@@ -311,6 +337,8 @@ def train(
                     accelerator.backward(result.loss_sum * scale)
                 for k, v in result.metric_sums.items():
                     metric_sums[k] = metric_sums.get(k, 0) + v.double()
+                for k, v in result.metric_counts.items():
+                    metric_counts[k] = metric_counts.get(k, 0) + v.double()
             # all parameters, read now (FSDP2 swaps sharded and unsharded ones); DeepSpeed clipped and stepped in backward
             grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), max_norm)
             grad_norm = torch.as_tensor(float("nan") if grad_norm is None else grad_norm, dtype=torch.float32)
@@ -330,11 +358,13 @@ def train(
             bar.update(1)
 
             if step % config.log_every == 0 or step == plan.total_steps:
-                keys = sorted(metric_sums)
-                totals = accelerator.reduce(torch.stack([metric_sums[k] for k in keys]), reduction="sum") / divisor
+                keys, own = sorted(metric_sums), sorted(metric_counts)
+                totals = accelerator.reduce(torch.stack([metric_sums[k] for k in keys] +
+                                                        [metric_counts[k] for k in own]), reduction="sum")
+                count = dict(zip(own, totals[len(keys):]))
                 seconds = time.perf_counter() - started
                 tokens = _sequence_tokens([train_examples[i] for i in indices])
-                row = {k: totals[i].item() for i, k in enumerate(keys)}
+                row = {k: _mean(totals[i], count.get(k, divisor)) for i, k in enumerate(keys)}
                 row.update({"grad_norm": grad_norm.item(), "lr": lr,
                             "tokens_per_second": tokens / seconds, "seconds_per_step": seconds,
                             "epoch": step / plan.steps_per_epoch})

@@ -7,7 +7,9 @@ Preference formats (see ``detect_format``):
   ``rejected`` a message, a list of messages or a string, all normalised to a list of messages;
 * ``implicit``: Anthropic-HH style ``chosen``/``rejected`` transcripts without a prompt column;
 * ``ranked``: ``prompt`` + ``responses`` + ``scores``, expanded into every strictly ordered pair;
-* ``completion``: ``prompt`` + ``completion`` (SFT only).
+* ``completion``: ``prompt`` + ``completion`` (SFT only);
+* ``unpaired``: ``prompt`` + ``completion`` + a boolean ``label`` (desirable or not): KTO's data (``--loss kto``);
+  prompt and completion as in ``completion`` (strings, or a message list and its assistant reply).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dpokit.data.records import Completion, PreferencePair
 from dpokit.data.sources import read_rows
 from dpokit.errors import ConfigError, DataError
 
-FORMATS = ("standard", "conversational", "implicit", "ranked", "completion")
+FORMATS = ("standard", "conversational", "implicit", "ranked", "completion", "unpaired")
 ROLES = ("system", "user", "assistant", "tool")
 HH_MARKER = "\n\nAssistant:"
 TIE_REASON = "ties in ranked responses"
@@ -43,6 +45,7 @@ class ColumnMap:
     responses: str = "responses"
     scores: str = "scores"
     completion: str = "completion"
+    label: str = "label"
 
 
 @dataclass
@@ -61,7 +64,7 @@ class LoadReport:
 
 def detect_format(row: dict, columns: ColumnMap | None = None) -> str:
     """Return the format of ``row``: one of ``standard``, ``conversational``, ``implicit``, ``ranked``,
-    ``completion``. Raises :class:`DataError` (without provenance) when no format fits."""
+    ``completion``, ``unpaired``. Raises :class:`DataError` (without provenance) when no format fits."""
     c = columns or ColumnMap()
     if c.responses in row and c.scores in row:
         return "ranked"
@@ -70,11 +73,12 @@ def detect_format(row: dict, columns: ColumnMap | None = None) -> str:
             return "implicit"
         return "conversational" if isinstance(row[c.prompt], list) else "standard"
     if c.prompt in row and c.completion in row:
-        return "completion"
+        return "unpaired" if c.label in row else "completion"
     raise DataError(
         f"cannot detect the data format from columns {sorted(row)}; expected "
         f"{c.prompt!r}+{c.chosen!r}+{c.rejected!r}, {c.chosen!r}+{c.rejected!r}, "
-        f"{c.prompt!r}+{c.responses!r}+{c.scores!r} or {c.prompt!r}+{c.completion!r}"
+        f"{c.prompt!r}+{c.responses!r}+{c.scores!r}, {c.prompt!r}+{c.completion!r} "
+        f"or {c.prompt!r}+{c.completion!r}+{c.label!r}"
     )
 
 
@@ -123,6 +127,9 @@ def stream_preferences(
     c = columns or ColumnMap()
 
     def convert(row: dict, prov: str, fmt: str, report: LoadReport) -> Iterator[PreferencePair]:
+        if fmt == "unpaired":
+            raise DataError(f"{prov}: unpaired data (prompt, completion, label) has no preference pairs; "
+                            "train it with --loss kto")
         if fmt == "completion":
             raise DataError(
                 f"{prov}: prompt/completion data has no preferences; "
@@ -158,6 +165,9 @@ def stream_completions(
     c = columns or ColumnMap()
 
     def convert(row: dict, prov: str, fmt: str, report: LoadReport) -> Iterator[Completion]:
+        if fmt == "unpaired":
+            raise DataError(f"{prov}: unpaired data (prompt, completion, label) is for --loss kto; to fine-tune on "
+                            "every completion whatever its label, pass --format completion")
         if fmt == "completion":
             prompt = _prompt(row, prov, c, conversational=None)
             completion = _response(row, c.completion, prov, conversational=isinstance(prompt, list))
@@ -171,6 +181,32 @@ def stream_completions(
             yield Completion(prompt, chosen, prov)
 
     return _stream(spec, format, c, split, streaming, convert, None)
+
+
+def load_unpaired(
+    spec: str | os.PathLike,
+    *,
+    format: str = "auto",
+    columns: ColumnMap | None = None,
+    split: str = "train",
+) -> tuple[list[Completion], LoadReport]:
+    """Read ``spec`` into unpaired examples for KTO: :class:`Completion` records whose ``label`` says whether the
+    completion is desirable. Only the ``unpaired`` format fits; a row without a boolean label is an error."""
+    c = columns or ColumnMap()
+
+    def convert(row: dict, prov: str, fmt: str, report: LoadReport) -> Iterator[Completion]:
+        if fmt != "unpaired":
+            raise DataError(f"{prov}: --loss kto needs unpaired data ({c.prompt!r}, {c.completion!r} and a "
+                            f"true/false {c.label!r}); this is {fmt} data")
+        prompt = _prompt(row, prov, c, conversational=None, fmt=fmt)
+        completion = _response(row, c.completion, prov, conversational=isinstance(prompt, list), fmt=fmt)
+        label = _need(row, c.label, prov, fmt)
+        if not isinstance(label, bool):
+            raise DataError(f"{prov}: field {c.label!r} must be true or false, got {label!r}")
+        yield Completion(prompt, completion, prov, label)
+
+    items, report = _stream(spec, format, c, split, False, convert, None)
+    return list(items), report
 
 
 # --- internals -------------------------------------------------------------------------------------

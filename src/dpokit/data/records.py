@@ -26,8 +26,11 @@ class PreferencePair:
 
 @dataclass(frozen=True)
 class Completion:
-    """One supervised example for SFT: `completion` continues `prompt` (same typing rules as PreferencePair)."""
+    """One supervised example for SFT: `completion` continues `prompt` (same typing rules as PreferencePair).
+
+    `label` is None for SFT data; in unpaired data (KTO) it says whether the completion is desirable."""
 
     prompt: Text
     completion: Text
     source: str = ""
+    label: bool | None = None
