@@ -266,6 +266,14 @@ def test_ranking_puts_skipped_responses_last():
     assert results[1].row()["skipped"] == "too long" and "skipped" not in results[0].row()
 
 
+def test_implicit_rewards_keeps_each_models_mode(tiny_model_dir):
+    policy, reference, tokenizer = load_model(tiny_model_dir), load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    policy.train()  # a policy being trained, scored between steps
+    (result,) = implicit_rewards(policy, reference, tokenizer, ["the film"], [" was fun"])
+    assert result.reward == 0.0  # the same weights, dropout off: the same log-probs
+    assert policy.training and not reference.training
+
+
 def test_implicit_rewards_checks_its_arguments(tiny_model_dir):
     model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
     with pytest.raises(ConfigError, match="beta must be positive"):

@@ -53,14 +53,25 @@ class ImplicitReward:
 
 
 def _scorer(model: nn.Module) -> Scorer:
-    """`model` as a module whose forward is batch -> summed response log-probs (no gradients needed)."""
-    scorer = model if isinstance(model, Scorer) else Scorer(model)
-    scorer.eval()
-    return scorer
+    """`model` as a module whose forward is batch -> summed response log-probs."""
+    return model if isinstance(model, Scorer) else Scorer(model)
 
 
 def _device(scorer: Scorer) -> torch.device:
     return next(scorer.parameters()).device
+
+
+def _pad(tokenizer: PreTrainedTokenizerBase) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def supported_layout(policy: nn.Module, reference: nn.Module, sample: Sequence[TokenizedExample], layout: str,
+                     pad_token_id: int) -> str:
+    """`layout` if both models give the plain layout's log-probs with it on `sample`, else "plain"
+    (dpokit.logprobs.check_layout)."""
+    for scorer in (_scorer(policy), _scorer(reference)):
+        layout = check_layout(scorer, sample, layout, pad_token_id, device=_device(scorer))
+    return layout
 
 
 def _truncated(example: TokenizedExample, record: Completion, tokenizer: PreTrainedTokenizerBase,
@@ -98,11 +109,30 @@ def tokenize_responses(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Tex
     return examples, report, records
 
 
+def _score_batches(policy: Scorer, reference: Scorer, examples: Sequence[TokenizedExample], kept: list[int],
+                   beta: float, batch_size: int, layout: str, pad: int, progress: bool
+                   ) -> dict[int, tuple[float, float, float]]:
+    """(reward, policy log-prob, reference log-prob) of the examples at positions `kept`, `batch_size` at a time."""
+    out = {}
+    with tqdm(total=len(kept), desc="scoring", unit="resp", disable=not progress) as bar:
+        for lo in range(0, len(kept), batch_size):
+            ids = kept[lo : lo + batch_size]
+            batch = collate([examples[i] for i in ids], ids, layout=layout, pad_token_id=pad)
+            mine = policy(batch.to(_device(policy))).float().cpu()
+            ref = reference(batch.to(_device(reference))).float().cpu()
+            rewards = beta * (mine - ref)  # as losses.preference_loss computes the chosen and rejected rewards
+            for k, i in enumerate(ids):
+                out[i] = (rewards[k].item(), mine[k].item(), ref[k].item())
+            bar.update(len(ids))
+    return out
+
+
 @torch.no_grad()
 def implicit_rewards(policy: nn.Module, reference: nn.Module, tokenizer: PreTrainedTokenizerBase,
                      prompts: Sequence[Text], responses: Sequence[Text], beta: float = 0.1, *,
                      settings: TokenizeConfig | None = None, batch_size: int = 16, layout: str = "packed",
-                     sources: Sequence[str] | None = None, progress: bool = False) -> list[ImplicitReward]:
+                     verify_layout: bool = True, sources: Sequence[str] | None = None,
+                     progress: bool = False) -> list[ImplicitReward]:
     """The implicit reward β·(log π(y|x) − log π_ref(y|x)) of each response y to its prompt x, in input order.
 
     `policy` and `reference` are causal LMs (or dpokit Scorers) on the devices they are to run on; prompts and
@@ -110,7 +140,7 @@ def implicit_rewards(policy: nn.Module, reference: nn.Module, tokenizer: PreTrai
     completions under `settings` (default TokenizeConfig()). Responses that do not fit are returned with
     ``skipped`` set, unless ``settings.on_filtered == "error"``, which raises DataError. Sequences are scored
     `batch_size` at a time, shortest first (less padding), in `layout` (see dpokit.batching; the plain layout
-    where a model does not support it).
+    where a model does not support it; `verify_layout` False skips asking the models, for a caller that has).
     """
     if not beta > 0:
         raise ConfigError(f"beta must be positive, got {beta}")
@@ -120,22 +150,17 @@ def implicit_rewards(policy: nn.Module, reference: nn.Module, tokenizer: PreTrai
     examples, report, records = tokenize_responses(tokenizer, prompts, responses, settings, sources)
     kept = sorted((i for i, e in enumerate(examples) if e is not None), key=lambda i: examples[i].length)
     policy, reference = _scorer(policy), _scorer(reference)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if kept:
-        sample = [examples[i] for i in kept[-4:]]  # the longest: where a layout's mask matters most
-        for scorer in (policy, reference):
-            layout = check_layout(scorer, sample, layout, pad, device=_device(scorer))
-    logps: dict[int, tuple[float, float, float]] = {}
-    with tqdm(total=len(kept), desc="scoring", unit="resp", disable=not progress) as bar:
-        for lo in range(0, len(kept), batch_size):
-            ids = kept[lo : lo + batch_size]
-            batch = collate([examples[i] for i in ids], ids, layout=layout, pad_token_id=pad)
-            mine = policy(batch.to(_device(policy))).float().cpu()
-            ref = reference(batch.to(_device(reference))).float().cpu()
-            rewards = beta * (mine - ref)  # as losses.preference_loss computes the chosen and rejected rewards
-            for k, i in enumerate(ids):
-                logps[i] = (rewards[k].item(), mine[k].item(), ref[k].item())
-            bar.update(len(ids))
+    modes = policy.model.training, reference.model.training  # the models' own: a fresh Scorer says training
+    policy.eval()  # dropout off; a model being trained gets its mode back below
+    reference.eval()
+    try:
+        pad = _pad(tokenizer)
+        if kept and verify_layout:
+            layout = supported_layout(policy, reference, [examples[i] for i in kept[-4:]], layout, pad)
+        logps = _score_batches(policy, reference, examples, kept, beta, batch_size, layout, pad, progress)
+    finally:
+        policy.train(modes[0])
+        reference.train(modes[1])
     out = []
     reason = f"longer than max_length={settings.max_length} after prompt truncation"
     for i, example in enumerate(examples):
@@ -153,7 +178,6 @@ def ranking(rewards: Sequence[ImplicitReward]) -> list[int]:
     last, in input order."""
     scored = [i for i, r in enumerate(rewards) if r.reward is not None]
     return sorted(scored, key=lambda i: -rewards[i].reward) + [i for i, r in enumerate(rewards) if r.reward is None]
-
 
 
 def default_device() -> torch.device:
@@ -211,6 +235,9 @@ class ImplicitJudge:
         self.policy, self.reference, self.tokenizer = policy, reference, tokenizer
         self.beta, self.settings, self.batch_size = beta, settings, batch_size
         self.__name__ = name
+        # asked once here rather than on every call: a judge is often called with a few texts at a time
+        probe = [e for e in tokenize_responses(tokenizer, ["the", ""], [" a", " b c"], settings)[0] if e is not None]
+        self.layout = supported_layout(policy, reference, probe, "packed", _pad(tokenizer)) if probe else "plain"
 
     def __call__(self, texts: list[str]) -> list[float]:
         """The implicit reward of each text as the response to an empty prompt."""
@@ -219,7 +246,8 @@ class ImplicitJudge:
     def continuations(self, prompts: Sequence[Text], continuations: Sequence[Text]) -> list[float]:
         """The implicit reward of each continuation given its prompt."""
         scored = implicit_rewards(self.policy, self.reference, self.tokenizer, prompts, continuations, self.beta,
-                                  settings=self.settings, batch_size=self.batch_size)
+                                  settings=self.settings, batch_size=self.batch_size, layout=self.layout,
+                                  verify_layout=False)
         for i, result in enumerate(scored):
             if result.reward is None:
                 raise DataError(f"{self.__name__} judge: text {i}: {result.skipped}")
