@@ -137,7 +137,7 @@ def test_rank_orders_each_prompts_responses_by_the_implicit_reward(scored, held_
     rows = [{"prompt": p.prompt, "responses": [p.rejected, p.chosen, p.chosen + " fun"]} for p in held_out[:10]]
     data = write_jsonl(tmp_path / "candidates.jsonl", rows)
     assert main(["rank", "--model", dpo_model, "--ref-model", tiny_model_dir, "--data", data,
-                 "--output", str(tmp_path / "ranked.jsonl"), "--threads", "1"]) == 0
+                 "--output", str(tmp_path / "ranked.jsonl"), "--threads", "1", "--attention", "eager"]) == 0
     ranked = read_jsonl(tmp_path / "ranked.jsonl")
     assert [row["index"] for row in ranked] == list(range(10))
     for k, (row, given) in enumerate(zip(ranked, rows)):
@@ -148,10 +148,10 @@ def test_rank_orders_each_prompts_responses_by_the_implicit_reward(scored, held_
         assert all(r["response"] == given["responses"][r["response_index"]] for r in row["ranking"])
         assert row["best"] == row["ranking"][0]["response"] and row["best_reward"] == rewards[0]
         assert row["best_index"] == row["ranking"][0]["response_index"]
-        # the same rewards `dpokit score` gave the rejected (0) and chosen (1) responses
+        # the rewards `dpokit score` gave the rejected (0) and chosen (1) responses, with another attention kernel
         by_index = {r["response_index"]: r["reward"] for r in row["ranking"]}
-        assert by_index[1] == pytest.approx(scored[2 * k]["reward"], abs=1e-6)
-        assert by_index[0] == pytest.approx(scored[2 * k + 1]["reward"], abs=1e-6)
+        assert by_index[1] == pytest.approx(scored[2 * k]["reward"], abs=1e-5)
+        assert by_index[0] == pytest.approx(scored[2 * k + 1]["reward"], abs=1e-5)
 
 
 @pytest.mark.slow

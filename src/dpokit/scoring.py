@@ -203,10 +203,12 @@ def fit_settings(model: str, *, max_length: int = Default(512), max_prompt_lengt
                           config.on_filtered, config.apply_chat_template)
 
 
-def load_pair(model: str, ref_model: str, *, dtype: str = "float32", device: torch.device | str | None = None
-              ) -> tuple[nn.Module, nn.Module, PreTrainedTokenizerBase]:
+def load_pair(model: str, ref_model: str, *, dtype: str = "float32", device: torch.device | str | None = None,
+              attention: str = "auto") -> tuple[nn.Module, nn.Module, PreTrainedTokenizerBase]:
     """The policy, the reference (each a model directory, LoRA adapter directory or hub name, loaded in `dtype`
-    on `device`, default :func:`default_device`) and the policy's tokenizer, which the reference must share."""
+    on `device`, default :func:`default_device`, with the attention kernel `attention` chooses for the packed
+    layout, as dpokit eval does: dpokit.attention) and the policy's tokenizer, which the reference must share."""
+    from dpokit.attention import choose_attention, set_attention
     from dpokit.models import load_model, load_tokenizer
 
     device = device or default_device()
@@ -216,6 +218,9 @@ def load_pair(model: str, ref_model: str, *, dtype: str = "float32", device: tor
                           "compares the two models' log-probs of the same tokens")
     policy = load_model(model, dtype=dtype).to(device)
     reference = load_model(ref_model, dtype=dtype).to(device)
+    implementation = choose_attention(attention, device, "packed", training=False)
+    for loaded in (policy, reference):
+        set_attention(loaded, implementation)
     return policy, reference, tokenizer
 
 

@@ -40,6 +40,8 @@ def add_scoring_options(parser: argparse.ArgumentParser) -> None:
                              "turn), as dpokit dpo --apply-chat-template does")
     parser.add_argument("--split", default="train", help="split of a Hub data set or saved DatasetDict")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="model dtype")
+    parser.add_argument("--attention", default="auto", choices=("auto", "sdpa", "eager", "flex"),
+                        help="attention kernel: auto (FlexAttention block masks on CUDA), sdpa, eager or flex")
     parser.add_argument("--threads", type=int, help=THREADS_HELP)
 
 
@@ -73,7 +75,8 @@ def score_rows(args: argparse.Namespace, rows, log) -> list:
                             truncation=args.truncation, on_filtered=args.on_filtered,
                             apply_chat_template=args.apply_chat_template, log=log)
     device = default_device()
-    policy, reference, tokenizer = load_pair(args.model, args.ref_model, dtype=args.dtype, device=device)
+    policy, reference, tokenizer = load_pair(args.model, args.ref_model, dtype=args.dtype, device=device,
+                                             attention=args.attention)
     apply_threads(args.threads, width=model_width(policy), device=device, log=log)
     prompts = [row.prompt for row in rows for _ in row.responses]
     responses = [r for row in rows for r in row.responses]
