@@ -167,6 +167,8 @@ def test_implicit_judge_scores_continuations_given_their_prompt(scored, held_out
     assert judge(texts) == pytest.approx([r.reward for r in alone], abs=1e-6)
     doubled = load_judge(f"implicit:{dpo_model}:{tiny_model_dir}:0.2")
     assert doubled(texts) == pytest.approx([2 * r.reward for r in alone], abs=1e-5)
+    with pytest.raises(DataError, match="text 1: longer than max_length=512"):  # the model's positions
+        judge(["the film", " great" * 600])
     # any other judge gets the full text
     assert judge_continuations(function_judge(len), prompts, chosen) == [float(len(t)) for t in texts]
 
@@ -175,6 +177,7 @@ def test_implicit_judge_scores_continuations_given_their_prompt(scored, held_out
     ("implicit:only-one", "expected 'implicit:POLICY_DIR:REF_DIR'"),
     ("implicit:a:b:big", "BETA 'big' is not a number"),
     ("implicit:a:b:0.1:x", "expected"),
+    ("implicit:a:b:-0.1", "beta must be positive"),
     ("implicit:/no/such/policy:/no/such/ref", "no such directory"),
 ])
 def test_implicit_judge_spec_errors(spec, message):

@@ -261,12 +261,17 @@ class ImplicitJudge:
 
 def implicit_judge(model: str, ref_model: str, beta: float = 0.1, *, dtype: str = "float32",
                    device: torch.device | str | None = None, batch_size: int = 16) -> ImplicitJudge:
-    """An :class:`ImplicitJudge` for the policy `model` against `ref_model` (directories or hub names), its
-    length limit the model's maximum positions."""
+    """An :class:`ImplicitJudge` for the policy `model` against `ref_model` (directories or hub names): texts up
+    to the model's maximum positions (512 tokens when its config does not say), prompts cut to half of that."""
     from dpokit.inputs import check_model_spec
+    from dpokit.models import model_max_positions
 
+    if not beta > 0:  # before any model is loaded
+        raise ConfigError(f"implicit judge: beta must be positive, got {beta}")
     check_model_spec("implicit judge: policy", model)
     check_model_spec("implicit judge: reference", ref_model)
     policy, reference, tokenizer = load_pair(model, ref_model, dtype=dtype, device=device)
-    settings = fit_settings(model, log=lambda *_: None)
+    positions = model_max_positions(model) or 512
+    settings = fit_settings(model, max_length=Default(positions), max_prompt_length=Default(positions // 2),
+                            log=lambda *_: None)
     return ImplicitJudge(policy, reference, tokenizer, beta, settings, batch_size, name=f"implicit:{model}")
