@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import json
 import subprocess
 import sys
@@ -362,8 +364,10 @@ def test_what_a_run_would_do_silently_is_said_before_it_starts(tmp_path, capsys)
 
 
 def test_an_invalid_choice_gets_the_closest_one(capsys):
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert list(commands)[:6] == ["dpo", "sft", "eval", "demo", "generate", "merge"]  # then dpokit/commands' others
     for args, prog, expected in (
-            (["dpp"], "dpokit", "invalid choice: 'dpp' (choose from 'dpo', 'sft', 'eval', 'demo', 'generate', 'merge'); "
+            (["dpp"], "dpokit", f"invalid choice: 'dpp' (choose from {', '.join(map(repr, commands))}); "
                                 "did you mean 'dpo'?"),
             (["dpo", "--truncation", "keep_ends"], "dpokit dpo", "invalid choice: 'keep_ends' (choose from "
                                                                 "'keep_end', 'keep_start'); did you mean 'keep_end'?")):

@@ -1,14 +1,21 @@
 """Judges: score texts with a number, used to label preference pairs (higher = preferred).
 
-A judge is a callable ``list[str] -> list[float]``. Three kinds:
+A judge is a callable ``list[str] -> list[float]`` of full texts (prompt + continuation). Four kinds:
 
 * :func:`vader_judge` - the VADER sentiment compound score in [-1, 1] (``vaderSentiment`` package),
   the stand-in for the sentiment classifier of the DPO paper's controlled-sentiment experiment;
   a text counts as positive when its score is above :data:`POSITIVE_THRESHOLD`;
 * :func:`function_judge` - any Python callable ``str -> float``;
-* :func:`classifier_judge` - a local Hugging Face sequence classifier: the probability of one label.
+* :func:`classifier_judge` - a local Hugging Face sequence classifier: the probability of one label;
+* ``implicit:POLICY:REF[:BETA]`` - the implicit reward β·log π(y|x)/π_ref(y|x) of a DPO policy
+  (dpokit.scoring.ImplicitJudge).
 
 :func:`load_judge` builds one from a string spec (for the CLI and config files).
+
+A judge that scores a continuation *given its prompt* has a second form of call, a ``continuations(prompts,
+continuations)`` method: the implicit reward is such a judge (called with full texts it can only score each text
+as a response to an empty prompt, which also scores the prompt's tokens). Callers that hold the prompt and the
+continuation apart use :func:`judge_continuations`, which gives every judge what it can use.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from dpokit.errors import ConfigError
 
 __all__ = [
     "Judge", "POSITIVE_THRESHOLD", "vader_judge", "function_judge", "classifier_judge", "load_judge",
+    "judge_continuations",
 ]
 
 Judge = Callable[[list[str]], list[float]]
@@ -121,15 +129,48 @@ def classifier_judge(model_path: str, label: str, device: str = "cpu", batch_siz
     return judge
 
 
+def judge_continuations(judge: Judge, prompts: list, continuations: list[str]) -> list[float]:
+    """Scores of `continuations` of `prompts` (strings, or chat messages for the implicit judge): a judge with a
+    ``continuations`` method (the implicit reward) scores each continuation given its prompt; any other judge
+    scores the full text ``prompt + continuation``."""
+    if len(prompts) != len(continuations):
+        raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+    if hasattr(judge, "continuations"):
+        return [float(s) for s in judge.continuations(list(prompts), list(continuations))]
+    return judge([p + c for p, c in zip(prompts, continuations)])
+
+
+def _implicit_judge(spec: str) -> Judge:
+    """``implicit:POLICY:REF[:BETA]`` (β 0.1 by default; model paths without colons)."""
+    parts = spec[len("implicit:"):].split(":")
+    beta = 0.1
+    if len(parts) == 3:
+        try:
+            beta = float(parts[2])
+        except ValueError:
+            raise ConfigError(f"bad judge spec {spec!r}: BETA {parts[2]!r} is not a number") from None
+        parts = parts[:2]
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"bad judge spec {spec!r}: expected 'implicit:POLICY_DIR:REF_DIR' or "
+                          "'implicit:POLICY_DIR:REF_DIR:BETA'")
+    from dpokit.scoring import implicit_judge
+
+    return implicit_judge(parts[0], parts[1], beta)
+
+
 def load_judge(spec: str) -> Judge:
     """Build a judge from a spec string.
 
     * ``"vader"`` - :func:`vader_judge`;
     * ``"classifier:PATH:LABEL"`` - :func:`classifier_judge` (the label is the text after the last colon);
+    * ``"implicit:POLICY_DIR:REF_DIR"`` or ``"implicit:POLICY_DIR:REF_DIR:BETA"`` - the implicit reward of the DPO
+      policy against its reference, β 0.1 by default (dpokit.scoring.implicit_judge; see
+      :func:`judge_continuations` for scoring a continuation given its prompt);
     * ``"package.module:function"`` - an importable Python callable ``str -> float`` (:func:`function_judge`).
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise ConfigError("judge spec is empty: use 'vader', 'module.path:function' or 'classifier:PATH:LABEL'")
+        raise ConfigError("judge spec is empty: use 'vader', 'module.path:function', 'classifier:PATH:LABEL' "
+                          "or 'implicit:POLICY_DIR:REF_DIR[:BETA]'")
     spec = spec.strip()
     if spec.lower() == "vader":
         return vader_judge()
@@ -139,10 +180,13 @@ def load_judge(spec: str) -> Judge:
         if not sep or not path or not label:
             raise ConfigError(f"bad judge spec {spec!r}: expected 'classifier:PATH:LABEL'")
         return classifier_judge(path, label)
+    if spec.startswith("implicit:"):
+        return _implicit_judge(spec)
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(
-            f"bad judge spec {spec!r}: use 'vader', 'module.path:function' or 'classifier:PATH:LABEL'")
+            f"bad judge spec {spec!r}: use 'vader', 'module.path:function', 'classifier:PATH:LABEL' or "
+            "'implicit:POLICY_DIR:REF_DIR[:BETA]'")
     try:
         obj = importlib.import_module(module_name)
     except ImportError as e:

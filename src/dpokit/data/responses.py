@@ -1,0 +1,79 @@
+"""Responses to score (``dpokit score``: a prompt and one response per row) or to rank (``dpokit rank``: a prompt
+and its candidate responses), validated with the same rules and messages as training data (dpokit.data.formats).
+
+A prompt is a string (may be empty) or a non-empty list of chat messages; a response to a string prompt is a
+non-empty string, a response to a chat prompt a string, an assistant message or a list of assistant messages.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from dpokit.data.formats import ColumnMap, _prompt, _response, _type_name
+from dpokit.data.records import Text
+from dpokit.data.sources import read_rows
+from dpokit.errors import DataError
+
+
+@dataclass(frozen=True)
+class ResponseRow:
+    """One row: its prompt and responses as tokenisation takes them, the values as the row gave them (written
+    back to the output unchanged) and the row's provenance ("data.jsonl:12")."""
+
+    prompt: Text
+    responses: tuple[Text, ...]
+    given_prompt: Any
+    given_responses: tuple[Any, ...]
+    source: str
+    list_column: str | None = None  # the column of a candidate list (rank); None: one response (score)
+
+    def response_sources(self) -> list[str]:
+        """A distinct name for each response, for error messages ("data.jsonl:3 responses[1]")."""
+        if self.list_column is None:
+            return [self.source]
+        return [f"{self.source} {self.list_column}[{j}]" for j in range(len(self.responses))]
+
+
+def _rows(spec: str | os.PathLike, split: str) -> Iterator[tuple[dict, str]]:
+    count = 0
+    for row, prov in read_rows(spec, split):
+        count += 1
+        yield row, prov
+    if count == 0:
+        raise DataError(f"{os.fspath(spec)}: the data set has no rows")
+
+
+def read_responses(spec: str | os.PathLike, *, split: str = "train", column: str = "response",
+                   prompt_column: str = "prompt") -> list[ResponseRow]:
+    """Rows ``{"prompt", "response"}`` of `spec` (any file or data set dpokit reads), one response each."""
+    columns = ColumnMap(prompt=prompt_column)
+    out = []
+    for row, prov in _rows(spec, split):
+        prompt = _prompt(row, prov, columns, conversational=None, fmt="score")
+        response = _response(row, column, prov, conversational=isinstance(prompt, list), fmt="score")
+        out.append(ResponseRow(prompt, (response,), row[prompt_column], (row[column],), prov))
+    return out
+
+
+def read_candidates(spec: str | os.PathLike, *, split: str = "train", column: str = "responses",
+                    prompt_column: str = "prompt") -> list[ResponseRow]:
+    """Rows ``{"prompt", "responses": [...]}`` of `spec`, one or more candidate responses each."""
+    columns = ColumnMap(prompt=prompt_column)
+    out = []
+    for row, prov in _rows(spec, split):
+        prompt = _prompt(row, prov, columns, conversational=None, fmt="rank")
+        given = row.get(column)
+        if column not in row:
+            raise DataError(f"{prov}: missing field {column!r} (rank format)")
+        if not isinstance(given, list):
+            raise DataError(f"{prov}: field {column!r} must be a list of responses, got {_type_name(given)}")
+        if not given:
+            raise DataError(f"{prov}: field {column!r} is empty")
+        chat = isinstance(prompt, list)
+        responses = tuple(_response({f"{column}[{j}]": r}, f"{column}[{j}]", prov, conversational=chat, fmt="rank")
+                          for j, r in enumerate(given))
+        out.append(ResponseRow(prompt, responses, row[prompt_column], tuple(given), prov, column))
+    return out
