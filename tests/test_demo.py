@@ -38,5 +38,5 @@ def test_reduced_demo_moves_every_effect_in_the_right_direction(tmp_path):
     saved = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert len(saved["prompts"]) == len(set(r["prompt"] for r in saved["prompts"])) > 0
     assert not set(r["prompt"] for r in saved["prompts"]) & set(saved["train_prompts"])
-    for name in ("training_curves.png", "judge_scores.png"):
+    for name in ("training_curves.png", "judge_scores.png", "summary.png"):
         assert (tmp_path / "demo" / name).stat().st_size > 10_000

@@ -108,7 +108,8 @@ def test_length_sorted_batches_come_back_in_prompt_order_and_seeds_are_honoured(
     prompts = ["the film was really quite", "I", "the plot and the acting", "we saw", "a"]
     options = dict(max_new_tokens=6, num_samples=2, batch_size=3)
     first = sample_ids(model, tokenizer, prompts, seed=5, **options)
-    assert "generating" in capsys.readouterr().err  # 10 sequences in 4 batches: a progress bar
+    err = capsys.readouterr().err  # 10 sequences in 4 batches: a progress bar of samples and tokens/s
+    assert "generating" in err and "10/10" in err and "new tokens/s" in err
     again = sample_ids(model, tokenizer, prompts, seed=5, **options)
     other = sample_ids(model, tokenizer, prompts, seed=6, **options)
     assert [[s.ids for s in g] for g in first] == [[s.ids for s in g] for g in again]

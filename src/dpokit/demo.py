@@ -51,7 +51,8 @@ def sample_continuations(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     they are exact samples of the model (the KL estimate relies on it). dpokit's one sampler: a model with a chat
     template would get it here as in `dpokit generate`; the embedded model has none, so prompts go as raw text."""
     return sample_ids(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens,
-                      temperature=config.temperature, num_samples=n, seed=seed, batch_size=32 * n)
+                      temperature=config.temperature, num_samples=n, seed=seed, batch_size=32 * n,
+                      progress=True)
 
 
 def label_pairs(prompt: str, texts: list[str], scores: list[float], config: DemoConfig, rng: random.Random,

@@ -121,7 +121,8 @@ def sample_ids(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prom
     docstring for templating, stopping, batching and seeding).
 
     Temperature 0 is greedy; otherwise sampling is exact (no top-k) with nucleus `top_p`. `batch_size` counts
-    sequences (prompts × samples). `progress` shows a bar (default: when there is more than one batch).
+    sequences (prompts × samples). `progress` shows a bar of sequences sampled and new tokens per second (default: when there is more than
+    one batch).
     """
     _check_options(temperature=temperature, top_p=top_p, num_samples=num_samples, max_new_tokens=max_new_tokens,
                    batch_size=batch_size)
@@ -143,7 +144,9 @@ def sample_ids(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prom
     results: list[list[Sample | None]] = [[None] * num_samples for _ in prompts]
     batches = range(0, len(order), batch_size)
     show = len(batches) > 1 if progress is None else progress
-    for start in tqdm(batches, desc="generating", unit="batch", disable=not show):
+    bar = tqdm(total=len(order), desc="generating", unit=" samples", disable=not show)
+    new_tokens = 0
+    for start in batches:
         batch = order[start : start + batch_size]
         rows = [encoded[i] for i, _ in batch]
         width = max(map(len, rows))
@@ -155,6 +158,12 @@ def sample_ids(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prom
             tokens = _cut(tokens, set(stops))
             results[i][k] = Sample(encoded[i], tokens, tokenizer.decode(tokens, skip_special_tokens=True),
                                    messages[i])
+            new_tokens += len(tokens)
+        if show:  # the postfix first: update() redraws the bar with it
+            elapsed = max(bar.format_dict["elapsed"], 1e-9)
+            bar.set_postfix_str(f"{new_tokens / elapsed:.0f} new tokens/s", refresh=False)
+        bar.update(len(batch))
+    bar.close()
     return results  # type: ignore[return-value]  (every slot is filled)
 
 
