@@ -5,7 +5,8 @@ import torch
 
 from dpokit.batching import collate
 from dpokit.data.records import PreferencePair
-from dpokit.reference import CachedReference, ModelReference, cached_reference_logps, weights_digest
+from dpokit.reference import (CachedReference, ModelReference, cached_reference_logps, compute_reference_logps,
+                              weights_digest)
 from dpokit.tokenize import TokenizeConfig, tokenize_examples
 from helpers import make_llama, make_tokenizer
 
@@ -84,3 +85,23 @@ def test_precomputed_reference_trains_exactly_like_a_resident_one(tmp_path, toke
         losses[precompute] = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
         assert (out / "ref_cache").exists() == precompute
     assert losses[True] == pytest.approx(losses[False], abs=1e-6)
+
+
+def test_precompute_runs_without_gradients_longest_first(tokenizer):
+    # the reference pass builds no autograd graph, and batches come longest example first (less padding)
+    examples = _examples(tokenizer) + tokenize_examples(
+        [PreferencePair("the film the film the film", " was good good good", " was bad", "long:0")], tokenizer,
+        TokenizeConfig())[0]
+    seen = []
+
+    def reference(batch):
+        seen.append((torch.is_grad_enabled(), batch.example_ids.tolist()))
+        return torch.ones(batch.num_sequences)
+
+    table = compute_reference_logps(reference, examples, batch_size=3, layout="packed", pad_token_id=0)
+    assert table.shape == (len(examples), 2) and bool((table == 1).all())
+    assert [grad for grad, _ in seen] == [False, False, False]
+    order = [i for _, ids in seen for i in ids]
+    assert sorted(order) == list(range(len(examples))) and order[0] == len(examples) - 1
+    lengths = [examples[i].length for i in order]
+    assert lengths == sorted(lengths, reverse=True)
