@@ -66,7 +66,9 @@ def summarise(results: dict, setup: dict, args, gflops: list[float]) -> dict:
                      "peak_rss_mib": r["peak_rss_mib"], "train_peak_rss_mib": r.get("train_peak_rss_mib"),
                      "rss_after_import_mib": r["rss_after_import_mib"],
                      "peak_minus_import_mib": r["peak_rss_mib"] - r["rss_after_import_mib"],
-                     "precompute_seconds": r.get("precompute_seconds")}
+                     "precompute_seconds": r.get("precompute_seconds"),
+                     "precompute_tokens_per_second": (setup["data_stats"]["sequence_tokens"] / r["precompute_seconds"]
+                                                      if r.get("precompute_seconds") else None)}
             if r.get("shapes"):
                 shapes = r["shapes"][w:len(r["seconds_per_step"])]
                 kind, opts = SYSTEMS[name]
@@ -101,6 +103,9 @@ def summarise(results: dict, setup: dict, args, gflops: list[float]) -> dict:
                 "peak RSS (dpokit / TRL)": [x["peak_rss_mib"] / y["peak_rss_mib"] for x, y in zip(ra, rb)],
                 "peak RSS above imports (dpokit / TRL)": [x["peak_minus_import_mib"] / y["peak_minus_import_mib"] for x, y in zip(ra, rb)],
             }
+            if all(x["precompute_tokens_per_second"] and y["precompute_tokens_per_second"] for x, y in zip(ra, rb)):
+                rr["reference precompute (tokens/s, dpokit / TRL)"] = [
+                    x["precompute_tokens_per_second"] / y["precompute_tokens_per_second"] for x, y in zip(ra, rb)]
             same = all(x["tokens_per_step"] == y["tokens_per_step"] for x, y in zip(results[a], results[b]))
             if all(x["train_peak_rss_mib"] and y["train_peak_rss_mib"] for x, y in zip(ra, rb)):
                 rr["training-phase peak RSS (dpokit / TRL)"] = [x["train_peak_rss_mib"] / y["train_peak_rss_mib"] for x, y in zip(ra, rb)]
@@ -116,8 +121,8 @@ def _fmt(agg: dict | None, scale=1.0, digits=2) -> str:
 
 
 def table(summary: dict, gflops: list[float]) -> str:
-    lines = ["| system | s/step | tokens/s | peak RSS MiB | RSS above imports MiB | training-phase peak MiB | precompute s | executed GFLOP/s (% of matmul) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| system | s/step | tokens/s | peak RSS MiB | RSS above imports MiB | training-phase peak MiB | precompute s | precompute tokens/s | executed GFLOP/s (% of matmul) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, s in summary["systems"].items():
         a = s["summary"]
         fl = "–"
@@ -125,7 +130,8 @@ def table(summary: dict, gflops: list[float]) -> str:
             fl = f"{a['executed_flops_per_second']['median'] / 1e9:.1f} ({a['executed_fraction_of_matmul']['median'] * 100:.0f}%)"
         lines.append(f"| {name} | {_fmt(a['seconds_per_step'], digits=3)} | {_fmt(a['tokens_per_second'], digits=0)} | "
                      f"{_fmt(a['peak_rss_mib'], digits=0)} | {_fmt(a['peak_minus_import_mib'], digits=0)} | "
-                     f"{_fmt(a.get('train_peak_rss_mib'), digits=0)} | {_fmt(a.get('precompute_seconds'), digits=2)} | {fl} |")
+                     f"{_fmt(a.get('train_peak_rss_mib'), digits=0)} | {_fmt(a.get('precompute_seconds'), digits=2)} | "
+                     f"{_fmt(a.get('precompute_tokens_per_second'), digits=0)} | {fl} |")
     lines += ["", "| ratio | median (min–max over rounds) |", "|---|---|"]
     for pair, rr in summary["ratios"].items():
         for k, v in rr.items():

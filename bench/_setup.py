@@ -126,5 +126,8 @@ def build_everything(args, work: Path) -> dict:
                   "params_total": total, "params_embedding": embed, "params_lm_head": head,
                   "params_decoder_layers": total - embed - head},
         "data_stats": {"pairs": len(rows), "prompt_tokens": stats(prompt_lens),
-                       "response_tokens_incl_eos": stats(resp_lens)},
+                       "response_tokens_incl_eos": stats(resp_lens),
+                       # what a reference precompute scores: every sequence, its prompt counted once per response
+                       "sequence_tokens": sum(p * len(e.responses) for p, e in zip(prompt_lens, examples))
+                       + sum(resp_lens)},
     }

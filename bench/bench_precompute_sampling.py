@@ -56,6 +56,7 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--intermediate", type=int, default=None, help="MLP width (default 4 x hidden)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every system (default 1: on a busy "
                         "machine 2 threads of a small model wait on each other at every op, ~40x slower per token)")
+    parser.add_argument("--only", choices=("precompute", "sampling"), help="measure only these systems")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", help="keep the model and data here (default: a temporary directory)")
     parser.add_argument("--out", default=str(HERE / "results"), help="directory for the JSON result")
@@ -192,6 +193,8 @@ def main() -> None:
         "generate, batched": lambda: hf_sampling(model, tokenizer, prompts, args, args.batch_size),
         "generate, one prompt at a time": lambda: hf_sampling(model, tokenizer, prompts, args, 1),
     }
+    if args.only:
+        systems = {name: run for name, run in systems.items() if ("precompute" in name) == (args.only == "precompute")}
     raw: dict[str, list[dict]] = {name: [] for name in systems}
     for round_ in range(-1, args.rounds):  # round -1: warm-up, discarded
         names = list(systems) if round_ % 2 == 0 else list(reversed(systems))
@@ -210,8 +213,10 @@ def main() -> None:
     pairs = {"precompute: dpokit / TRL": ("dpokit precompute", "TRL precompute"),
              "sampling: dpokit / generate, batched": ("dpokit sampling", "generate, batched"),
              "sampling: dpokit / generate, one at a time": ("dpokit sampling", "generate, one prompt at a time")}
-    ratios = {label: _summary([a / b for a, b in zip(rates[x], rates[y])]) for label, (x, y) in pairs.items()}
-    same_tokens = [a["tokens"] == b["tokens"] for a, b in zip(raw["dpokit precompute"], raw["TRL precompute"])]
+    ratios = {label: _summary([a / b for a, b in zip(rates[x], rates[y])]) for label, (x, y) in pairs.items()
+              if x in rates and y in rates}
+    same_tokens = [a["tokens"] == b["tokens"]
+                   for a, b in zip(raw.get("dpokit precompute", []), raw.get("TRL precompute", []))]
     lines = ["| system | seconds | tokens | tokens/s |", "|---|---|---|---|"]
     for name, runs in raw.items():
         lines.append(f"| {name} | {_fmt(_summary([r['seconds'] for r in runs]), 2)} | {runs[0]['tokens']} | "
@@ -224,7 +229,8 @@ def main() -> None:
           f"tokens), {args.prompts} prompts x {args.max_new_tokens} new tokens, batch {args.batch_size}; model "
           f"{m['params_total'] / 1e6:.2f}M params (hidden {m['hidden']}, {m['layers']} layers, vocab {m['vocab']}); "
           f"float32, {args.threads} threads; {args.rounds} rounds; load average {load[0][0]:.1f} before, "
-          f"{load[1][0]:.1f} after; precompute tokens equal (dpokit vs TRL): {all(same_tokens)}")
+          f"{load[1][0]:.1f} after" + (f"; precompute tokens equal (dpokit vs TRL): {all(same_tokens)}"
+                                       if same_tokens else ""))
     print("values: median (min–max over rounds)")
     print(text)
     out = Path(args.out)
