@@ -55,7 +55,7 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--intermediate", type=int, default=None, help="MLP width (default 4 x hidden)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every system (default 1: on a busy "
-                        "machine 2 threads of a small model wait on each other at every op, ~40x slower per token)")
+                        "machine 2 threads of a small model wait on each other at every op, 10-45x slower)")
     parser.add_argument("--only", choices=("precompute", "sampling"), help="measure only these systems")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", help="keep the model and data here (default: a temporary directory)")
