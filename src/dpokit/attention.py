@@ -20,9 +20,10 @@ from dpokit.errors import ConfigError
 ATTENTION_CHOICES = ("auto", "sdpa", "eager", "flex", "segments")
 SEGMENTS = "dpokit_segments"
 _HF_NAMES = {"sdpa": "sdpa", "eager": "eager", "flex": "flex_attention", "segments": SEGMENTS}
-SEGMENTS_MIN_LENGTH = 256
-"""Rows shorter than this run as one dense SDPA call: below it the per-segment calls cost more than they save
-(bench/bench_attention.py)."""
+SEGMENTS_MIN_LENGTH = 1024
+"""Rows shorter than this run as one dense SDPA call. `python bench/bench_attention.py --rounds 3` (one thread, a
+loaded 2-core CPU) measured the per-segment calls 1.12-1.18x faster per forward+backward at 1024-token rows, even
+at 512, and slower below 256 (per-call overhead); bench/README.md has the table."""
 
 
 def choose_attention(choice: str, device: torch.device | str, layout: str, *, training: bool = True) -> str | None:
