@@ -1,12 +1,13 @@
 """Judges: score texts with a number, used to label preference pairs (higher = preferred).
 
-A judge is a callable ``list[str] -> list[float]`` of full texts (prompt + continuation). Four kinds:
+A judge is a callable ``list[str] -> list[float]`` of full texts (prompt + continuation). Five kinds:
 
 * :func:`vader_judge` - the VADER sentiment compound score in [-1, 1] (``vaderSentiment`` package),
   the stand-in for the sentiment classifier of the DPO paper's controlled-sentiment experiment;
   a text counts as positive when its score is above :data:`POSITIVE_THRESHOLD`;
 * :func:`function_judge` - any Python callable ``str -> float``;
 * :func:`classifier_judge` - a local Hugging Face sequence classifier: the probability of one label;
+* :func:`reward_judge` - a local reward model (a one-output sequence classifier): its raw score;
 * ``implicit:POLICY:REF[:BETA]`` - the implicit reward β·log π(y|x)/π_ref(y|x) of a DPO policy
   (dpokit.scoring.ImplicitJudge).
 
@@ -26,7 +27,7 @@ from typing import Callable
 from dpokit.errors import ConfigError
 
 __all__ = [
-    "Judge", "POSITIVE_THRESHOLD", "vader_judge", "function_judge", "classifier_judge", "load_judge",
+    "Judge", "POSITIVE_THRESHOLD", "vader_judge", "function_judge", "classifier_judge", "reward_judge", "load_judge",
     "judge_continuations",
 ]
 
@@ -78,6 +79,45 @@ def _label_index(config, label: str) -> int:
     raise ConfigError(f"label {label!r} is not one of the classifier's labels: {', '.join(known) or '(none)'}")
 
 
+def _load_sequence_classifier(model_path: str, kind: str, device: str, batch_size: int):
+    """A local ``AutoModelForSequenceClassification`` and its tokenizer (padding set up), in eval mode on
+    `device`, with the longest input both accept; errors name `kind` ("classifier judge", "reward judge")."""
+    import os
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if not os.path.isdir(model_path):
+        raise ConfigError(f"{kind}: {model_path!r} is not a local model directory")
+    if batch_size < 1:
+        raise ConfigError(f"{kind}: batch_size must be >= 1, got {batch_size}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+        model = AutoModelForSequenceClassification.from_pretrained(model_path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{kind}: cannot load a sequence classifier from {model_path!r}: {e}") from e
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError(f"{kind}: the tokenizer in {model_path!r} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    max_len = min(int(tokenizer.model_max_length or 512), int(getattr(model.config, "max_position_embeddings", 512) or 512))
+    return tokenizer, model.to(device).eval(), max_len
+
+
+def _batched_logits(tokenizer, model, max_len: int, device: str, batch_size: int, texts: list[str]):
+    """The classifier's float logits ``[len(texts), num_labels]``, `batch_size` texts at a time (padded)."""
+    import torch
+
+    chunks = []
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(list(texts[i : i + batch_size]), return_tensors="pt", padding=True,
+                            truncation=True, max_length=max_len).to(device)
+            chunks.append(model(**enc).logits.float().cpu())
+    return torch.cat(chunks) if chunks else torch.zeros(0, int(model.config.num_labels))
+
+
 def classifier_judge(model_path: str, label: str, device: str = "cpu", batch_size: int = 32) -> Judge:
     """A judge returning the probability of ``label`` under a local sequence classifier.
 
@@ -87,45 +127,37 @@ def classifier_judge(model_path: str, label: str, device: str = "cpu", batch_siz
     raises :class:`~dpokit.errors.ConfigError` listing the labels. Scores are softmax probabilities
     (sigmoid for a one-logit model).
     """
-    import os
-
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    if not os.path.isdir(model_path):
-        raise ConfigError(f"classifier judge: {model_path!r} is not a local model directory")
-    if batch_size < 1:
-        raise ConfigError(f"classifier judge: batch_size must be >= 1, got {batch_size}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-        model = AutoModelForSequenceClassification.from_pretrained(model_path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"classifier judge: cannot load a sequence classifier from {model_path!r}: {e}") from e
+    tokenizer, model, max_len = _load_sequence_classifier(model_path, "classifier judge", device, batch_size)
     num_labels = int(model.config.num_labels)
     idx = 0 if num_labels == 1 and label.lower() in {"label_0", "score"} else _label_index(model.config, label)
     if not 0 <= idx < num_labels:
         raise ConfigError(f"classifier judge: label {label!r} maps to index {idx}, but the model has {num_labels} outputs")
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ConfigError(f"classifier judge: the tokenizer in {model_path!r} has neither a pad nor an eos token")
-        tokenizer.pad_token = tokenizer.eos_token
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    max_len = min(int(tokenizer.model_max_length or 512), int(getattr(model.config, "max_position_embeddings", 512) or 512))
-    model.to(device).eval()
 
-    @torch.no_grad()
     def judge(texts: list[str]) -> list[float]:
-        out: list[float] = []
-        for i in range(0, len(texts), batch_size):
-            enc = tokenizer(list(texts[i : i + batch_size]), return_tensors="pt", padding=True,
-                            truncation=True, max_length=max_len).to(device)
-            logits = model(**enc).logits.float()
-            probs = torch.sigmoid(logits[:, 0]) if num_labels == 1 else torch.softmax(logits, dim=-1)[:, idx]
-            out.extend(probs.tolist())
-        return out
+        logits = _batched_logits(tokenizer, model, max_len, device, batch_size, texts)
+        probs = torch.sigmoid(logits[:, 0]) if num_labels == 1 else torch.softmax(logits, dim=-1)[:, idx]
+        return probs.tolist()
 
     judge.__name__ = f"classifier:{label}"
+    return judge
+
+
+def reward_judge(model_path: str, device: str = "cpu", batch_size: int = 32) -> Judge:
+    """A judge returning the raw score (the one logit) of a local reward model: an
+    ``AutoModelForSequenceClassification`` with ``num_labels == 1`` and its tokenizer, as TRL's reward trainer
+    saves it. The text is scored as it is (no chat template). A model with more than one output is refused:
+    use ``classifier:PATH:LABEL`` for it."""
+    tokenizer, model, max_len = _load_sequence_classifier(model_path, "reward judge", device, batch_size)
+    if int(model.config.num_labels) != 1:
+        raise ConfigError(f"reward judge: {model_path!r} has {model.config.num_labels} outputs, a reward model has "
+                          "one (for a classifier use classifier:PATH:LABEL)")
+
+    def judge(texts: list[str]) -> list[float]:
+        return _batched_logits(tokenizer, model, max_len, device, batch_size, texts)[:, 0].tolist()
+
+    judge.__name__ = "reward"
     return judge
 
 
@@ -163,14 +195,15 @@ def load_judge(spec: str) -> Judge:
 
     * ``"vader"`` - :func:`vader_judge`;
     * ``"classifier:PATH:LABEL"`` - :func:`classifier_judge` (the label is the text after the last colon);
+    * ``"reward:PATH"`` - :func:`reward_judge` (the raw score of a one-output reward model);
     * ``"implicit:POLICY_DIR:REF_DIR"`` or ``"implicit:POLICY_DIR:REF_DIR:BETA"`` - the implicit reward of the DPO
       policy against its reference, β 0.1 by default (dpokit.scoring.implicit_judge; see
       :func:`judge_continuations` for scoring a continuation given its prompt);
     * ``"package.module:function"`` - an importable Python callable ``str -> float`` (:func:`function_judge`).
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise ConfigError("judge spec is empty: use 'vader', 'module.path:function', 'classifier:PATH:LABEL' "
-                          "or 'implicit:POLICY_DIR:REF_DIR[:BETA]'")
+        raise ConfigError("judge spec is empty: use 'vader', 'module.path:function', 'classifier:PATH:LABEL', "
+                          "'reward:PATH' or 'implicit:POLICY_DIR:REF_DIR[:BETA]'")
     spec = spec.strip()
     if spec.lower() == "vader":
         return vader_judge()
@@ -180,13 +213,17 @@ def load_judge(spec: str) -> Judge:
         if not sep or not path or not label:
             raise ConfigError(f"bad judge spec {spec!r}: expected 'classifier:PATH:LABEL'")
         return classifier_judge(path, label)
+    if spec.startswith("reward:"):
+        if not spec[len("reward:"):]:
+            raise ConfigError(f"bad judge spec {spec!r}: expected 'reward:PATH'")
+        return reward_judge(spec[len("reward:"):])
     if spec.startswith("implicit:"):
         return _implicit_judge(spec)
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(
-            f"bad judge spec {spec!r}: use 'vader', 'module.path:function', 'classifier:PATH:LABEL' or "
-            "'implicit:POLICY_DIR:REF_DIR[:BETA]'")
+            f"bad judge spec {spec!r}: use 'vader', 'module.path:function', 'classifier:PATH:LABEL', 'reward:PATH' "
+            "or 'implicit:POLICY_DIR:REF_DIR[:BETA]'")
     try:
         obj = importlib.import_module(module_name)
     except ImportError as e:

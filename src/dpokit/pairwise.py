@@ -1,0 +1,125 @@
+"""Pairwise judges: which of two responses to a prompt is better (used by `dpokit winrate`).
+
+A pairwise judge is a callable ``(prompts, firsts, seconds) -> list[float]``: for each prompt, the probability
+(or verdict) that the response shown first is better than the one shown second, in [0, 1]; 0.5 is a tie, and
+NaN means the judge could not judge that pair. Two kinds:
+
+* :func:`from_pointwise` - any :mod:`dpokit.judges` judge (``vader``, ``module:function``,
+  ``classifier:PATH:LABEL``, ``reward:PATH``, ...): the response with the higher score wins (1 or 0), equal
+  scores tie (0.5). It scores the prompt followed by the response (:func:`pointwise_text`).
+* ``llm:PATH`` - a local instruction-tuned causal LM asked which response is better
+  (:func:`dpokit.llm_judge.llm_judge`), with the prompt :data:`DEFAULT_TEMPLATE` or a template of your own.
+
+:func:`load_pairwise_judge` builds one from a spec string. This module imports neither torch nor transformers,
+so that the command line can show the default template at once.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from dpokit.errors import ConfigError
+from dpokit.prompts import Prompt
+
+PairwiseJudge = Callable[[Sequence[Prompt], Sequence[str], Sequence[str]], list[float]]
+
+DEFAULT_TEMPLATE = """\
+For the following query to a chatbot, which response is more helpful?
+
+Query: {prompt}
+
+Response A:
+{response_a}
+
+Response B:
+{response_b}
+
+Which response is more helpful? Answer with only "A" or "B"."""
+"""The LLM judge's default question: the DPO paper's GPT-4 prompt for dialogue (Appendix C) asking for the
+letter alone, since the answer is read from the probabilities of the next token rather than parsed."""
+
+PLACEHOLDERS = ("prompt", "response_a", "response_b")
+_PLACEHOLDER = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")
+
+
+def prompt_text(prompt: Prompt) -> str:
+    """A prompt as one string: plain text as it is; chat messages as ``role: content`` paragraphs, or the
+    content alone for a conversation of a single user turn."""
+    if isinstance(prompt, str):
+        return prompt
+    if len(prompt) == 1 and prompt[0].get("role") == "user":
+        return str(prompt[0]["content"])
+    return "\n\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+def pointwise_text(prompt: Prompt, response: str) -> str:
+    """What a pointwise judge scores: a plain-text prompt followed by its continuation (as `dpokit demo` scores
+    reviews), or a conversation followed by ``assistant:`` and the reply."""
+    if isinstance(prompt, str):
+        return prompt + response
+    return prompt_text(prompt) + "\n\nassistant: " + response
+
+
+def fill_template(template: str, prompt: str, response_a: str, response_b: str) -> str:
+    """`template` with {prompt}, {response_a} and {response_b} replaced in one pass (a response that itself
+    holds ``{response_b}`` stays as written; other braces are left alone)."""
+    values = {"prompt": prompt, "response_a": response_a, "response_b": response_b}
+    return _PLACEHOLDER.sub(lambda match: values[match.group(1)], template)
+
+
+def read_template(path: str | Path) -> str:
+    """A judge template from a file; each of {prompt}, {response_a} and {response_b} must appear in it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--judge-template {path}: no such file")
+    template = path.read_text(encoding="utf-8")
+    missing = [f"{{{name}}}" for name in PLACEHOLDERS if f"{{{name}}}" not in template]
+    if missing:
+        raise ConfigError(f"--judge-template {path}: missing placeholder {', '.join(missing)} (a template needs "
+                          "{prompt}, {response_a} and {response_b})")
+    return template
+
+
+def from_pointwise(judge: Callable[[list[str]], list[float]]) -> PairwiseJudge:
+    """A pointwise judge made pairwise: 1.0 when the first response scores higher, 0.0 when the second does, 0.5
+    for equal scores, NaN when either score is NaN."""
+
+    def pairwise(prompts: Sequence[Prompt], firsts: Sequence[str], seconds: Sequence[str]) -> list[float]:
+        texts = [pointwise_text(p, r) for p, r in zip(prompts, firsts)]
+        texts += [pointwise_text(p, r) for p, r in zip(prompts, seconds)]
+        scores = [float(s) for s in judge(texts)]
+        if len(scores) != len(texts):
+            raise ValueError(f"the judge returned {len(scores)} scores for {len(texts)} texts")
+        n = len(prompts)
+        return [math.nan if math.isnan(a) or math.isnan(b) else 1.0 if a > b else 0.0 if a < b else 0.5
+                for a, b in zip(scores[:n], scores[n:])]
+
+    pairwise.__name__ = getattr(judge, "__name__", "judge")
+    return pairwise
+
+
+def load_pairwise_judge(spec: str, *, template: str | None = None, both_orders: bool = True,
+                        batch_size: int = 8, device: str | None = None) -> PairwiseJudge:
+    """A pairwise judge from a spec: ``llm:PATH`` (an LLM judge asked with `template`, default
+    :data:`DEFAULT_TEMPLATE`; `both_orders` asks it with the responses in both orders), or any spec of
+    :func:`dpokit.judges.load_judge`, made pairwise with :func:`from_pointwise`."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError("--judge is empty: use llm:PATH, or a pointwise judge (vader, module:function, "
+                          "classifier:PATH:LABEL, reward:PATH)")
+    spec = spec.strip()
+    if spec.startswith("llm:"):
+        path = spec[len("llm:"):]
+        if not path:
+            raise ConfigError(f"bad judge spec {spec!r}: expected 'llm:PATH'")
+        from dpokit.llm_judge import llm_judge
+
+        return llm_judge(path, template=template or DEFAULT_TEMPLATE, both_orders=both_orders,
+                         batch_size=batch_size, device=device)
+    if template is not None:
+        raise ConfigError("--judge-template is for an llm:PATH judge; a pointwise judge has no prompt")
+    from dpokit.judges import load_judge
+
+    return from_pointwise(load_judge(spec))
