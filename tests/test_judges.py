@@ -10,6 +10,7 @@ from dpokit.judges import (
     classifier_judge,
     function_judge,
     load_judge,
+    reward_judge,
     vader_judge,
 )
 
@@ -107,3 +108,26 @@ def test_classifier_judge_unknown_label(tiny_classifier):
         classifier_judge(tiny_classifier, "joy")
     with pytest.raises(ConfigError, match="not one of"):
         load_judge(f"classifier:{tiny_classifier}:neutral")
+
+
+def test_reward_judge_returns_the_raw_score_of_a_one_output_model(tiny_classifier, tmp_path):
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_classifier)
+    torch.manual_seed(1)
+    cfg = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64, num_labels=1,
+                     pad_token_id=tokenizer.pad_token_id, initializer_range=0.5)
+    model = GPT2ForSequenceClassification(cfg).eval()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    texts = ["a great film", "an awful film that goes on and on", "x"]
+    with torch.no_grad():  # one text at a time: no padding
+        expected = [model(**tokenizer(t, return_tensors="pt")).logits[0, 0].item() for t in texts]
+    assert max(expected) - min(expected) > 0.1 and not all(0 <= e <= 1 for e in expected)  # raw, not a probability
+    assert reward_judge(str(tmp_path), batch_size=2)(texts) == pytest.approx(expected, abs=1e-5)
+    assert load_judge(f"reward:{tmp_path}")(texts) == pytest.approx(expected, abs=1e-5)
+    with pytest.raises(ConfigError, match="has 2 outputs, a reward model has one"):
+        load_judge(f"reward:{tiny_classifier}")
+    with pytest.raises(ConfigError, match="expected 'reward:PATH'"):
+        load_judge("reward:")

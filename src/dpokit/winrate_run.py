@@ -1,5 +1,6 @@
 """`dpokit winrate` end to end: sample one response per prompt from a model and a baseline at each temperature
-(dpokit's one sampler, chat templates honoured, seeded), judge them pairwise (:mod:`dpokit.winrate`), write the
+(dpokit's one sampler, chat templates honoured; the model with the seed, the baseline with the seed + 1, so that
+the two samples are independent), judge them pairwise (:mod:`dpokit.winrate`), write the
 per-prompt records and, over several temperatures, a plot of win rate against temperature (the DPO paper's
 Fig. 2 right and Fig. 3 left)."""
 
@@ -114,13 +115,15 @@ def run_winrate(model: str, baseline: str, prompts: Sequence[Prompt], judge: Pai
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    options = dict(max_new_tokens=max_new_tokens, top_p=top_p, seed=seed, batch_size=batch_size,
-                   chat_template=chat_template, system=system)
+    options = dict(max_new_tokens=max_new_tokens, top_p=top_p, batch_size=batch_size, chat_template=chat_template,
+                   system=system)
     responses = {}
-    for role, path in (("model", model), ("baseline", baseline)):
+    # the baseline gets the next seed: with one seed the two samples would be coupled (the same random draws),
+    # and two similar models would give the same response far more often than independent samples do
+    for role, path, role_seed in (("model", model, seed), ("baseline", baseline, seed + 1)):
         log(f"sampling {len(prompts)} responses from the {role} {path} at temperature "
             f"{', '.join(map(str, temperatures))}")
-        responses[role] = sample_responses(path, prompts, temperatures, device=device, **options)
+        responses[role] = sample_responses(path, prompts, temperatures, device=device, seed=role_seed, **options)
     results = []
     for k, t in enumerate(temperatures):
         log(f"judging {len(prompts)} pairs at temperature {t} with {judge_name}")

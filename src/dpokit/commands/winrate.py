@@ -142,7 +142,8 @@ def add_command(commands) -> None:
     parser.add_argument("--judge-batch-size", type=int, default=8, help="pairs the llm: judge reads together")
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the confidence interval")
     parser.add_argument("--confidence", type=float, default=0.95, help="confidence level of the interval")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling, the order shown and the bootstrap")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the sampling (the baseline's: seed + 1), the order shown and the bootstrap")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: chosen from the model's width and "
                                                     "the free CPUs)")
     parser.set_defaults(func=_run)
