@@ -115,3 +115,5 @@ def test_templates_are_filled_in_one_pass_and_checked(tmp_path):
         load_pairwise_judge("vader", template="x")
     with pytest.raises(ConfigError, match="expected 'llm:PATH'"):
         load_pairwise_judge("llm:")
+    with pytest.raises(ConfigError, match="--judge llm:.*no such"):
+        load_pairwise_judge(f"llm:{tmp_path}/no/such/judge")

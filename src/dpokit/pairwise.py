@@ -114,6 +114,9 @@ def load_pairwise_judge(spec: str, *, template: str | None = None, both_orders: 
         path = spec[len("llm:"):]
         if not path:
             raise ConfigError(f"bad judge spec {spec!r}: expected 'llm:PATH'")
+        from dpokit.inputs import check_model_spec
+
+        check_model_spec("--judge llm:", path)  # a mistyped path is named at once, never looked up on the Hub
         from dpokit.llm_judge import llm_judge
 
         return llm_judge(path, template=template or DEFAULT_TEMPLATE, both_orders=both_orders,
