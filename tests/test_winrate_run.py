@@ -81,6 +81,18 @@ def test_several_temperatures_give_a_list_and_a_plot(models, prompts_file, tmp_p
 
 
 
+def test_an_llm_judge_with_a_template_of_ones_own(models, prompts_file, tmp_path, capsys):
+    template = tmp_path / "judge.txt"
+    template.write_text("Prompt: {prompt}\nA: {response_a}\nB: {response_b}\nBetter:")
+    out = tmp_path / "out"
+    assert main(["winrate", "--model", models["a"], "--baseline", models["b"], "--prompts", prompts_file,
+                 "--judge", f"llm:{models['a']}", "--judge-template", str(template), "--no-both-orders",
+                 "--max-new-tokens", "4", "--resamples", "200", "--json", "--output", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 3
+    preferences = [json.loads(line)["first_preferred"] for line in (out / "winrate.jsonl").read_text().splitlines()]
+    assert all(0 < p < 1 for p in preferences) and len(set(preferences)) == 3  # probabilities, not verdicts
+
+
 def test_bad_input_is_one_line_naming_the_cause(models, tmp_path, capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
     prompts = tmp_path / "prompts.txt"
