@@ -40,6 +40,17 @@ def check_same_tokenizer(model: PreTrainedTokenizerBase, baseline: PreTrainedTok
         raise ConfigError("--model and --baseline have different chat templates: their prompts would differ")
 
 
+def check_inputs(model: str, baseline: str, prompts: Sequence[Prompt], *, chat_template: bool | None = None,
+                 system: str | None = None) -> None:
+    """What can be refused before any model is loaded: a baseline with another tokenizer, prompts that cannot be
+    rendered (message lists without a chat template, say)."""
+    from dpokit.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    check_same_tokenizer(tokenizer, load_tokenizer(baseline))
+    render_prompts(tokenizer, prompts, chat_template=chat_template, system=system)
+
+
 def sample_responses(path: str, prompts: Sequence[Prompt], temperatures: Sequence[float], *, device: str,
                      **options) -> dict[float, list[str]]:
     """One response per prompt from the model at `path` at each temperature (options: those of
@@ -100,17 +111,13 @@ def run_winrate(model: str, baseline: str, prompts: Sequence[Prompt], judge: Pai
                 temperatures: Sequence[float], names: Sequence[str] | None = None, output: str | None = None,
                 on_judge_error: str = "stop", seed: int = 0, resamples: int = 2000, confidence: float = 0.95,
                 max_new_tokens: int = 64, top_p: float = 1.0, batch_size: int = 16,
-                chat_template: bool | None = None, system: str | None = None,
+                chat_template: bool | None = None, system: str | None = None, plot: bool | None = None,
                 log: Callable[[str], None] = print) -> list[dict]:
     """The win rate of `model` against `baseline` at each temperature, as judged by `judge`: one dict per
-    temperature (see :func:`dpokit.winrate.summarise`). With `output`, writes winrate.jsonl there and, over more
-    than one temperature, winrate.png. `names` says where each prompt came from (for error messages)."""
-    from dpokit.models import load_tokenizer
-
+    temperature (see :func:`dpokit.winrate.summarise`). With `output`, writes winrate.jsonl there and, with `plot`
+    (default: over more than one temperature), winrate.png. `names` says where each prompt came from (for error messages)."""
     names = list(names) if names is not None else [f"prompt {i + 1}" for i in range(len(prompts))]
-    tokenizer = load_tokenizer(model)
-    check_same_tokenizer(tokenizer, load_tokenizer(baseline))
-    render_prompts(tokenizer, prompts, chat_template=chat_template, system=system)  # bad prompts fail before loading
+    check_inputs(model, baseline, prompts, chat_template=chat_template, system=system)
     out = Path(output) if output else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -141,7 +148,7 @@ def run_winrate(model: str, baseline: str, prompts: Sequence[Prompt], judge: Pai
             log(f"skipped {len(failed)} prompts the judge failed on: {', '.join(w for w, _ in failed[:10])}")
         results.append({**summarise(judged, resamples=resamples, confidence=confidence, seed=seed),
                         "temperature": t, "judge": judge_name, "model": model, "baseline": baseline, "seed": seed})
-    if out is not None and len(results) > 1:
-        plot = plot_win_rates(results, out / "winrate.png", f"{model}\nvs {baseline}; judge {judge_name}")
-        log(f"wrote {plot}")
+    if out is not None and (len(results) > 1 if plot is None else plot):
+        path = plot_win_rates(results, out / "winrate.png", f"{model}\nvs {baseline}; judge {judge_name}")
+        log(f"wrote {path}")
     return results

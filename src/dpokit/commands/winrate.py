@@ -87,15 +87,16 @@ def _run(args: argparse.Namespace) -> None:
 
         apply_threads(args.threads, log=lambda line: print(line, file=sys.stderr))
     from dpokit.pairwise import load_pairwise_judge
-    from dpokit.winrate_run import run_winrate
+    from dpokit.winrate_run import check_inputs, run_winrate
 
+    check_inputs(args.model, args.baseline, prompts, chat_template=args.chat_template, system=args.system)
     judge = load_pairwise_judge(args.judge, template=template, both_orders=args.both_orders,
                                 batch_size=args.judge_batch_size)
     results = run_winrate(args.model, args.baseline, prompts, judge, args.judge, temperatures=temperatures,
                           names=names, output=args.output, on_judge_error=args.on_judge_error, seed=args.seed,
                           resamples=args.resamples, confidence=args.confidence, max_new_tokens=args.max_new_tokens,
                           top_p=args.top_p, batch_size=args.batch_size, chat_template=args.chat_template,
-                          system=args.system, log=log)
+                          system=args.system, plot=bool(args.temperatures), log=log)
     for r in results:
         r["blank_lines_skipped"] = blank
     if args.json:
