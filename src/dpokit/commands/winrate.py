@@ -73,8 +73,11 @@ def _run(args: argparse.Namespace) -> None:
     temperatures = parse_temperatures(args.temperatures) if args.temperatures else [args.temperature]
     if args.temperatures and not args.output:
         raise ConfigError("--temperatures draws a plot: give --output DIR")
-    if args.temperature < 0 or args.resamples < 1 or not 0 < args.confidence < 1 or args.judge_batch_size < 1:
-        raise ConfigError("need --temperature >= 0, --resamples >= 1, 0 < --confidence < 1, --judge-batch-size >= 1")
+    if (args.temperature < 0 or not 0 < args.top_p <= 1 or min(args.max_new_tokens, args.batch_size,
+                                                                 args.judge_batch_size, args.resamples) < 1
+            or not 0 < args.confidence < 1):
+        raise ConfigError("need --temperature >= 0, 0 < --top-p <= 1, 0 < --confidence < 1, and --max-new-tokens, "
+                          "--batch-size, --judge-batch-size and --resamples >= 1")
     from dpokit.pairwise import read_template
 
     template = read_template(args.judge_template) if args.judge_template else None
