@@ -94,6 +94,14 @@ def test_pointwise_judges_made_pairwise():
     chat = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi"}]
     assert pointwise_text(chat, "hello") == "system: be kind\n\nuser: hi\n\nassistant: hello"
     assert prompt_text([{"role": "user", "content": "hi"}]) == "hi"
+    class GivenPrompt:  # a judge that scores a response given its prompt, as the implicit reward does
+        def __call__(self, texts):
+            raise AssertionError("whole texts are not what this judge scores")
+
+        def continuations(self, prompts, responses):
+            return [float(len(r)) if p == "q" else 0.0 for p, r in zip(prompts, responses)]
+
+    assert from_pointwise(GivenPrompt())(["q", chat], ["long", "long"], ["s", "s"]) == [1.0, 0.5]
     vader = load_pairwise_judge("vader")
     assert vader(["The film was"], [" wonderful and great"], [" awful and boring"]) == [1.0]
 

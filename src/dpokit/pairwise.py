@@ -5,8 +5,9 @@ A pairwise judge is a callable ``(prompts, firsts, seconds) -> list[float]``: fo
 NaN means the judge could not judge that pair. Two kinds:
 
 * :func:`from_pointwise` - any :mod:`dpokit.judges` judge (``vader``, ``module:function``,
-  ``classifier:PATH:LABEL``, ``reward:PATH``, ...): the response with the higher score wins (1 or 0), equal
-  scores tie (0.5). It scores the prompt followed by the response (:func:`pointwise_text`).
+  ``classifier:PATH:LABEL``, ``reward:PATH``, ``implicit:POLICY:REF``): the response with the higher score wins
+  (1 or 0), equal scores tie (0.5). It scores the prompt followed by the response (:func:`pointwise_text`), or
+  the response given its prompt for a judge that can (the implicit reward).
 * ``llm:PATH`` - a local instruction-tuned causal LM asked which response is better
   (:func:`dpokit.llm_judge.llm_judge`), with the prompt :data:`DEFAULT_TEMPLATE` or a template of your own.
 
@@ -22,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dpokit.errors import ConfigError
+from dpokit.judges import judge_continuations
 from dpokit.prompts import Prompt
 
 PairwiseJudge = Callable[[Sequence[Prompt], Sequence[str], Sequence[str]], list[float]]
@@ -88,12 +90,15 @@ def from_pointwise(judge: Callable[[list[str]], list[float]]) -> PairwiseJudge:
     for equal scores, NaN when either score is NaN."""
 
     def pairwise(prompts: Sequence[Prompt], firsts: Sequence[str], seconds: Sequence[str]) -> list[float]:
-        texts = [pointwise_text(p, r) for p, r in zip(prompts, firsts)]
-        texts += [pointwise_text(p, r) for p, r in zip(prompts, seconds)]
-        scores = [float(s) for s in judge(texts)]
-        if len(scores) != len(texts):
-            raise ValueError(f"the judge returned {len(scores)} scores for {len(texts)} texts")
         n = len(prompts)
+        both_prompts, responses = list(prompts) * 2, list(firsts) + list(seconds)
+        if hasattr(judge, "continuations"):  # it scores a response given its prompt (the implicit reward)
+            scores = judge_continuations(judge, both_prompts, responses)
+        else:
+            scores = judge([pointwise_text(p, r) for p, r in zip(both_prompts, responses)])
+        scores = [float(s) for s in scores]
+        if len(scores) != 2 * n:
+            raise ValueError(f"the judge returned {len(scores)} scores for {2 * n} texts")
         return [math.nan if math.isnan(a) or math.isnan(b) else 1.0 if a > b else 0.0 if a < b else 0.5
                 for a, b in zip(scores[:n], scores[n:])]
 
@@ -108,7 +113,7 @@ def load_pairwise_judge(spec: str, *, template: str | None = None, both_orders: 
     :func:`dpokit.judges.load_judge`, made pairwise with :func:`from_pointwise`."""
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError("--judge is empty: use llm:PATH, or a pointwise judge (vader, module:function, "
-                          "classifier:PATH:LABEL, reward:PATH)")
+                          "classifier:PATH:LABEL, reward:PATH, implicit:POLICY:REF)")
     spec = spec.strip()
     if spec.startswith("llm:"):
         path = spec[len("llm:"):]

@@ -14,7 +14,8 @@ from dpokit.pairwise import DEFAULT_TEMPLATE
 
 JUDGE_HELP = ("pairwise judge: llm:PATH (a local instruction-tuned LM asked which response is better, read from "
               "its next-token probabilities of 'A' and 'B'), or a pointwise judge made pairwise (higher score wins, "
-              "equal scores tie): vader, module.path:function, classifier:PATH:LABEL, reward:PATH")
+              "equal scores tie): vader, module.path:function, classifier:PATH:LABEL, reward:PATH, "
+              "implicit:POLICY:REF[:BETA]")
 EPILOG = f"""\
 Each prompt's two responses are shown to the judge in an order drawn from --seed; a win counts 1, a tie 1/2.
 Pointwise judges score the prompt followed by the response. Blank lines of --prompts are skipped (and counted);
