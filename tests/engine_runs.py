@@ -18,6 +18,7 @@ RUNS = {
     "sft": (train_sft, {}),
     "lora": (train_dpo, {"lora_r": 4, "lora_alpha": 8, "optimizer": "adamw"}),
     "dpo-ref-offload": (train_dpo, {"ref_offload": True}),
+    "dpo-sync-ref": (train_dpo, {"sync_ref_every": 1, "ref_mixup_alpha": 0.5}),  # TR-DPO: the reference moves
 }
 # Trained to step 2 (checkpointed), cut back as a crash would leave it, then resumed: must equal "dpo".
 RESUMED = "dpo-resumed"

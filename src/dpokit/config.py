@@ -228,11 +228,14 @@ class TrainConfig:
             raise ConfigError(f"--ref-mixup-alpha must be in (0, 1]; got {self.ref_mixup_alpha}")
         if not self.sync_ref_every:
             return
+        from dpokit.loss_config import REFERENCE_FREE_LOSSES
+
         why = ("--precompute-ref caches the reference log-probs once" if self.precompute_ref else
-               f"the run is reference-free (--loss {self.loss} / --reference-free)" if self.reference_free else
-               "with LoRA the reference is the policy's own frozen base (or a frozen adapter), which cannot move "
-               "apart from the adapter" if self.uses_lora else
-               "--ref-offload keeps the reference's weights outside the model" if self.ref_offload else None)
+               f"loss {self.loss!r} is reference-free" if self.loss in REFERENCE_FREE_LOSSES else
+               "--reference-free drops the reference model" if self.reference_free else
+               "with LoRA (an adapter on a frozen base, whose reference is that base) dpokit keeps the reference "
+               "fixed; fine-tune the full model to move it" if self.uses_lora else
+               "--ref-offload holds its weights in CPU memory behind offload hooks" if self.ref_offload else None)
         if why:
             raise ConfigError(f"--sync-ref-every needs a resident reference model that it can update, but {why}")
 
