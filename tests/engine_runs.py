@@ -22,6 +22,8 @@ RUNS = {
 }
 # Trained to step 2 (checkpointed), cut back as a crash would leave it, then resumed: must equal "dpo".
 RESUMED = "dpo-resumed"
+# Any run NAME + SUFFIX is run that way and must equal NAME (e.g. the TR-DPO run, whose reference moves).
+SUFFIX = "-resumed"
 
 
 def resumed_run(options: dict) -> None:
@@ -52,8 +54,8 @@ def common(model: str, train: str, eval_data: str, output: str) -> dict:
 if __name__ == "__main__":
     output, model, train, eval_data, *runs = sys.argv[1:]
     for name in runs:
-        if name == RESUMED:
-            resumed_run(common(model, train, eval_data, f"{output}/{name}"))
+        if name.endswith(SUFFIX):
+            resumed_run({**common(model, train, eval_data, f"{output}/{name}"), **RUNS[name[:-len(SUFFIX)]][1]})
             continue
         stage, options = RUNS[name]
         stage(TrainConfig(**{**common(model, train, eval_data, f"{output}/{name}"), **options}))

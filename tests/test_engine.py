@@ -19,14 +19,15 @@ import torch
 from safetensors.torch import load_file
 
 from dpokit.metrics import read_metrics
-from engine_runs import RESUMED, RUNS, common
+from engine_runs import RESUMED, RUNS, SUFFIX, common
 
 pytestmark = [pytest.mark.usefixtures("single_thread"),
               pytest.mark.skipif(torch.cuda.is_available(), reason="the 2-process engine checks run on CPU (gloo)")]
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = {"ddp": ["dpo", "dpo-precompute", "sft", "lora", RESUMED, "dpo-sync-ref"],
-           "fsdp2": ["dpo", "dpo-precompute", "sft", "lora", "dpo-ref-offload", RESUMED],
+           "fsdp2": ["dpo", "dpo-precompute", "sft", "lora", "dpo-ref-offload", RESUMED, "dpo-sync-ref",
+                     "dpo-sync-ref" + SUFFIX],
            "zero2": ["dpo", "dpo-precompute"],
            "zero3": ["dpo", "dpo-precompute", "lora", "dpo-ref-offload"]}
 
@@ -67,8 +68,8 @@ def one_process(tiny_model_dir, data, tmp_path_factory):
     done: dict[str, Path] = {}
 
     def run(name: str) -> Path:
-        if name == RESUMED:  # a resumed run must equal the uninterrupted one
-            name = "dpo"
+        if name.endswith(SUFFIX):  # a resumed run must equal the uninterrupted one
+            name = name[:-len(SUFFIX)]
         if name not in done:
             stage, options = RUNS[name]
             values = {**common(tiny_model_dir, data["train"], data["eval"], str(root / name)), **options,

@@ -282,7 +282,8 @@ def _references(config: TrainConfig, run: _Run, engine: Engine, chunked: bool, s
 def _moving_reference(config: TrainConfig, reference: ModelReference, engine: Engine) -> MovingReference:
     """TR-DPO: the resident reference, moved toward the policy every --sync-ref-every steps; a resumed run's
     taken back from its checkpoint (it has moved since the start)."""
-    moving = MovingReference(reference.model.model, engine.model, config.sync_ref_every, config.ref_mixup_alpha)
+    policy = engine.accelerator.unwrap_model(engine.scorer)  # the policy's Scorer (FSDP2 wraps it in place)
+    moving = MovingReference(reference.model, policy, config.sync_ref_every, config.ref_mixup_alpha)
     if engine.resumed_from is not None:
         moving.load(engine.resumed_from)
     return moving

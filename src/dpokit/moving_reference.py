@@ -10,8 +10,10 @@ checkpoint's temporary directory, so atomically with the rest) and ``--resume`` 
 ends with the same weights as an uninterrupted one.
 
 Under DDP every process holds a full copy of the policy and of the reference and updates its own copy with the
-same numbers, so the copies stay identical without any communication. Engines that shard parameters (FSDP2,
-DeepSpeed) are refused up front (:func:`check_sync_engine`).
+same numbers, so the copies stay identical without any communication. Under FSDP2 the policy and the reference
+are sharded alike (every weight split along its first dimension over the same processes), so each process mixes
+its own shards, again without communication; only saving gathers the reference and loading re-shards it.
+DeepSpeed is refused up front (:func:`check_sync_engine`).
 """
 
 from __future__ import annotations
@@ -22,20 +24,23 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, distribute_tensor
 
-from dpokit.engine import engine_name
+from dpokit.engine import Scorer, engine_name
 from dpokit.errors import ConfigError
 
 STATE_FILE = "reference.safetensors"
-ENGINES = ("single", "ddp")
+ENGINES = ("single", "ddp", "fsdp2")
 
 
 def check_sync_engine(accelerator: Accelerator) -> None:
-    """Refuse --sync-ref-every under an engine whose policy parameters are not full tensors on every process."""
+    """Refuse --sync-ref-every under DeepSpeed, whose partitioned weights dpokit does not mix (DDP and FSDP2 it does)."""
     name = engine_name(accelerator)
     if name not in ENGINES:
-        raise ConfigError(f"--sync-ref-every under {name} is not supported: the policy's and the reference's weights "
-                          "are sharded there; launch with DDP (configs/accelerate/ddp.yaml) or one process")
+        raise ConfigError(f"--sync-ref-every under {name} is not supported (DeepSpeed keeps the policy's weights in "
+                          "its own partitions): launch with DDP or FSDP2 (configs/accelerate/ddp.yaml, fsdp2.yaml) "
+                          "or one process")
 
 
 def paired_parameters(reference: nn.Module, policy: nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -60,43 +65,89 @@ def mix_weights_(pairs: list[tuple[str, torch.Tensor, torch.Tensor]], alpha: flo
     """In place: every reference parameter r <- α·p + (1 − α)·r, with p the policy's (computed in float32 and
     stored in the reference's dtype; α = 1 copies p exactly)."""
     for _, ref, pol in pairs:
+        ref, pol = _local(ref), _local(pol)
         source = pol.detach().to(device=ref.device, dtype=torch.float32)
         mixed = source if alpha == 1 else torch.lerp(ref.detach().float(), source, alpha)
         ref.copy_(mixed)
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of an FSDP2 weight (a DTensor; its storage, not a copy), or the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _layout(tensor: torch.Tensor) -> tuple | None:
+    """How a weight is split over processes: its placements and the ranks of its mesh (None: not split)."""
+    if not isinstance(tensor, DTensor):
+        return None
+    return tuple(tensor.placements), tensor.device_mesh.mesh.tolist()
+
+
+def _resharded(module: nn.Module) -> nn.Module:
+    """`module` with every FSDP2 unit sharded: FSDP2 leaves the root's weights gathered after a forward pass
+    without backward (the reference's), and a gathered unit's named_parameters are not its sharded weights."""
+    for unit in module.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()
+    return module
+
+
 class MovingReference:
     """The resident reference of a TR-DPO run: moved toward the policy every `every` steps, saved and restored
-    with the run's checkpoints."""
+    with the run's checkpoints. `reference` and `policy` are modules whose parameter names match (the reference's
+    Scorer and the policy's, unwrapped from DDP; FSDP2 wraps in place)."""
 
     def __init__(self, reference: nn.Module, policy: nn.Module, every: int, alpha: float) -> None:
-        self.pairs = paired_parameters(reference, policy)
+        self.reference, self.policy = reference, policy
+        # the file's keys are the Hugging Face model's own names, as in model.safetensors
+        self.prefix = "model." if isinstance(reference, Scorer) else ""
         self.every = every
         self.alpha = alpha
+        self.pairs()  # a mismatch is refused before the first step
+
+    def pairs(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """The matched parameters, as the sharded weights under FSDP2 (looked up each time: FSDP2 swaps a
+        unit's registered parameters between its sharded and gathered ones)."""
+        pairs = paired_parameters(_resharded(self.reference), _resharded(self.policy))
+        for name, ref, pol in pairs:
+            if _layout(ref) != _layout(pol):
+                raise ConfigError(f"--sync-ref-every: the reference's {name} is not sharded like the policy's "
+                                  f"({_layout(ref)} and {_layout(pol)})")
+        return pairs
 
     def after_step(self, step: int) -> bool:
-        """Called after optimizer step `step` (1-based): mix if it is a multiple of `every`; whether it did."""
+        """Called after optimizer step `step` (1-based) by every process: mix if it is a multiple of `every`;
+        whether it did."""
         if step % self.every:
             return False
-        mix_weights_(self.pairs, self.alpha)
+        mix_weights_(self.pairs(), self.alpha)
         return True
 
-    def save(self, directory: Path) -> None:
-        """Write the reference's current weights to ``directory/reference.safetensors`` (the caller makes it
-        atomic: a checkpoint's temporary directory)."""
-        tensors = {name: ref.detach().to("cpu", copy=True).contiguous() for name, ref, _ in self.pairs}
-        save_file(tensors, str(Path(directory) / STATE_FILE), metadata={"every": str(self.every),
-                                                                         "alpha": repr(self.alpha)})
+    def state(self) -> dict[str, torch.Tensor]:
+        """The reference's full weights on the CPU (every process must call it: FSDP2 gathers the shards)."""
+        return {name.removeprefix(self.prefix): (ref.full_tensor() if isinstance(ref, DTensor) else ref.detach())
+                .to("cpu", copy=True).contiguous() for name, ref, _ in self.pairs()}
+
+    def save(self, directory: Path, state: dict[str, torch.Tensor]) -> None:
+        """Write `state` (from :meth:`state`) to ``directory/reference.safetensors``; the caller makes it atomic
+        (a checkpoint's temporary directory)."""
+        save_file(state, str(Path(directory) / STATE_FILE), metadata={"every": str(self.every),
+                                                                       "alpha": repr(self.alpha)})
 
     @torch.no_grad()
     def load(self, checkpoint: Path) -> None:
-        """Restore the reference's weights from a checkpoint written by :meth:`save`, exactly."""
+        """Restore the reference's weights from a checkpoint written by :meth:`save`, exactly (every process reads
+        the file and keeps its own shards)."""
         path = Path(checkpoint) / STATE_FILE
         if not path.is_file():
-            raise ConfigError(f"--resume: {checkpoint} holds no {STATE_FILE}, the moving reference of a "
-                              "--sync-ref-every run; resume it without --sync-ref-every, or start a new --output")
+            raise ConfigError(f"--resume: {checkpoint} holds no {STATE_FILE} (the moving reference of a "
+                              "--sync-ref-every run); resume the run with the options it was started with")
         tensors = load_file(str(path))
-        if tensors.keys() != {name for name, _, _ in self.pairs}:
+        pairs = self.pairs()
+        if tensors.keys() != {name.removeprefix(self.prefix) for name, _, _ in pairs}:
             raise ConfigError(f"--resume: {path} does not match the reference model's weights")
-        for name, ref, _ in self.pairs:
-            ref.copy_(tensors[name])
+        for name, ref, _ in pairs:
+            value = tensors[name.removeprefix(self.prefix)].to(_local(ref).device)
+            if isinstance(ref, DTensor):
+                value = distribute_tensor(value, ref.device_mesh, ref.placements, src_data_rank=None)
+            ref.copy_(value)
