@@ -18,9 +18,12 @@ RUNS = {
     "sft": (train_sft, {}),
     "lora": (train_dpo, {"lora_r": 4, "lora_alpha": 8, "optimizer": "adamw"}),
     "dpo-ref-offload": (train_dpo, {"ref_offload": True}),
+    "dpo-sync-ref": (train_dpo, {"sync_ref_every": 1, "ref_mixup_alpha": 0.5}),  # TR-DPO: the reference moves
 }
 # Trained to step 2 (checkpointed), cut back as a crash would leave it, then resumed: must equal "dpo".
 RESUMED = "dpo-resumed"
+# Any run NAME + SUFFIX is run that way and must equal NAME (e.g. the TR-DPO run, whose reference moves).
+SUFFIX = "-resumed"
 
 
 def resumed_run(options: dict) -> None:
@@ -51,8 +54,8 @@ def common(model: str, train: str, eval_data: str, output: str) -> dict:
 if __name__ == "__main__":
     output, model, train, eval_data, *runs = sys.argv[1:]
     for name in runs:
-        if name == RESUMED:
-            resumed_run(common(model, train, eval_data, f"{output}/{name}"))
+        if name.endswith(SUFFIX):
+            resumed_run({**common(model, train, eval_data, f"{output}/{name}"), **RUNS[name[:-len(SUFFIX)]][1]})
             continue
         stage, options = RUNS[name]
         stage(TrainConfig(**{**common(model, train, eval_data, f"{output}/{name}"), **options}))

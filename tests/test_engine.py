@@ -19,14 +19,15 @@ import torch
 from safetensors.torch import load_file
 
 from dpokit.metrics import read_metrics
-from engine_runs import RESUMED, RUNS, common
+from engine_runs import RESUMED, RUNS, SUFFIX, common
 
 pytestmark = [pytest.mark.usefixtures("single_thread"),
               pytest.mark.skipif(torch.cuda.is_available(), reason="the 2-process engine checks run on CPU (gloo)")]
 
 ROOT = Path(__file__).resolve().parents[1]
-ENGINES = {"ddp": ["dpo", "dpo-precompute", "sft", "lora", RESUMED],
-           "fsdp2": ["dpo", "dpo-precompute", "sft", "lora", "dpo-ref-offload", RESUMED],
+ENGINES = {"ddp": ["dpo", "dpo-precompute", "sft", "lora", RESUMED, "dpo-sync-ref"],
+           "fsdp2": ["dpo", "dpo-precompute", "sft", "lora", "dpo-ref-offload", RESUMED, "dpo-sync-ref",
+                     "dpo-sync-ref" + SUFFIX],
            "zero2": ["dpo", "dpo-precompute"],
            "zero3": ["dpo", "dpo-precompute", "lora", "dpo-ref-offload"]}
 
@@ -40,7 +41,8 @@ def _free_port() -> int:
 def launch_engine(engine: str, output: Path, model: str, data: dict, runs: list[str]) -> str:
     """`accelerate launch` the runs with configs/accelerate/ENGINE.yaml on 2 CPU processes; return the log."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu",
-           "PYTHONPATH": str(ROOT / "tests")}
+           # the tests' helpers, and whatever dpokit this process imports (a worktree's src/ on PYTHONPATH)
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))}
     env.pop("ACCELERATE_USE_CPU", None)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ROOT / "configs" / "accelerate" / f"{engine}.yaml"), "--num_processes", "2",
@@ -66,8 +68,8 @@ def one_process(tiny_model_dir, data, tmp_path_factory):
     done: dict[str, Path] = {}
 
     def run(name: str) -> Path:
-        if name == RESUMED:  # a resumed run must equal the uninterrupted one
-            name = "dpo"
+        if name.endswith(SUFFIX):  # a resumed run must equal the uninterrupted one
+            name = name[:-len(SUFFIX)]
         if name not in done:
             stage, options = RUNS[name]
             values = {**common(tiny_model_dir, data["train"], data["eval"], str(root / name)), **options,
@@ -107,6 +109,9 @@ def test_two_processes_under_the_engine_equal_one_process(engine, tiny_model_dir
             for key in ("loss", "rewards/margins", "rewards/accuracies", "grad_norm", "lr"):
                 if key in ra:
                     assert ra[key] == pytest.approx(rb[key], abs=1e-5, rel=1e-5), (engine, name, ra["step"], key)
+        if name == "dpo-sync-ref":  # the moving reference changed the run (the same on every process)
+            plain = _final_weights(one_process("dpo"))
+            assert max((a[k] - plain[k]).abs().max().item() for k in a) > 1e-6
         if name == "dpo-precompute":
             assert list((two / "ref_cache").glob("*.safetensors")), "the sharded pass wrote no cache"
 

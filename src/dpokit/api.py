@@ -30,6 +30,7 @@ from dpokit.logprobs import check_layout
 from dpokit.lora import trained_adapter_weight
 from dpokit.inputs import check_data_spec, check_model_spec, check_train_inputs
 from dpokit.models import load_model, load_policy, load_tokenizer, model_max_positions
+from dpokit.moving_reference import MovingReference, check_sync_engine
 from dpokit.losses import REFERENCE_FREE_LOSSES, LossConfig
 from dpokit.objective import DPOObjective, KTOObjective, SFTObjective
 from dpokit.reference import (CachedReference, ModelReference, PolicyReference, cached_reference_logps,
@@ -207,6 +208,8 @@ def _start(config: TrainConfig, stage: str) -> _Run:
     """Accelerator, seed, tokenizer, tokenised data and policy (with its layout checked) for `stage`."""
     accelerator = make_accelerator(config)
     check_engine(accelerator)
+    if stage == "dpo" and config.sync_ref_every:
+        check_sync_engine(accelerator)
     if shards_parameters(accelerator) and (config.load_in_4bit or config.load_in_8bit):
         raise ConfigError(f"--load-in-4bit/8bit under {engine_name(accelerator)} is not supported: quantized weights "
                           "are not sharded; launch QLoRA with DDP (configs/accelerate/ddp.yaml) or one process")
@@ -276,6 +279,16 @@ def _references(config: TrainConfig, run: _Run, engine: Engine, chunked: bool, s
     return CachedReference(train_table), None if eval_table is None else CachedReference(eval_table)
 
 
+def _moving_reference(config: TrainConfig, reference: ModelReference, engine: Engine) -> MovingReference:
+    """TR-DPO: the resident reference, moved toward the policy every --sync-ref-every steps; a resumed run's
+    taken back from its checkpoint (it has moved since the start)."""
+    policy = engine.accelerator.unwrap_model(engine.scorer)  # the policy's Scorer (FSDP2 wraps it in place)
+    moving = MovingReference(reference.model, policy, config.sync_ref_every, config.ref_mixup_alpha)
+    if engine.resumed_from is not None:
+        moving.load(engine.resumed_from)
+    return moving
+
+
 def _claim(config: TrainConfig):
     """Hold --output for this run (a lock; no silent reuse of another run's directory): see rundir.py."""
     return claim_output(config.output_dir, resume=config.resume, overwrite=config.overwrite,
@@ -301,6 +314,8 @@ def _train_dpo(config: TrainConfig) -> dict[str, float]:
     engine = _prepare(run, config, chunked)
     reference, eval_reference = (None, None) if loss.reference_free else \
         _references(config, run, engine, chunked, start_digest)
+    if config.sync_ref_every:
+        engine.moving_reference = _moving_reference(config, reference, engine)
     if loss.unpaired:
         objective = KTOObjective(loss, reference, torch.tensor(run.data.train_labels))
         eval_objective = KTOObjective(loss, eval_reference, torch.tensor(run.data.eval_labels)) \

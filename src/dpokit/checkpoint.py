@@ -2,7 +2,8 @@
 
 Layout of ``OUTPUT/checkpoint-000100/``: the model (``model.safetensors``, ``config.json``), the tokenizer,
 ``trainer_state.safetensors`` (optimizer tensors, keyed by parameter name, and RNG states) and
-``trainer_state.json`` (step, scheduler, optimizer hyper-parameters, config, metrics). A LoRA run's checkpoint
+``trainer_state.json`` (step, scheduler, optimizer hyper-parameters, config, metrics), and for a TR-DPO run
+(``--sync-ref-every``) the moving reference's weights, ``reference.safetensors``. A LoRA run's checkpoint
 holds the adapter (``adapter_model.safetensors``, ``adapter_config.json``) instead of the whole model. The directory is written under a temporary name
 and renamed into place, so a crash never leaves a half-written checkpoint that ``--resume`` would pick up.
 Nothing is ever unpickled.
@@ -211,6 +212,8 @@ def save_checkpoint(output_dir: str | Path, step: int, engine, tokenizer: PreTra
     accelerator = engine.accelerator
     final = Path(output_dir) / f"checkpoint-{step:06d}"
     weights = gather_weights(engine)
+    moving = getattr(engine, "moving_reference", None)
+    reference_state = moving.state() if moving is not None else None  # every process: FSDP2 gathers
     optimizer_state = None
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         optimizer_state = get_optimizer_state_dict(engine.scorer, unwrap_optimizer(engine.optimizer),
@@ -226,6 +229,8 @@ def save_checkpoint(output_dir: str | Path, step: int, engine, tokenizer: PreTra
         state = {"step": step, "scheduler": engine.scheduler.state_dict(), "optimizer": optimizer_meta,
                  "resumable": optimizer_state is not None, **extra}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
+        if reference_state is not None:  # TR-DPO: the reference is run state too
+            engine.moving_reference.save(tmp, reference_state)
         write_manifest(tmp)  # last: a checkpoint whose files do not all match it is skipped on resume
 
     if accelerator.is_main_process:

@@ -98,6 +98,10 @@ class TrainConfig:
                             "its shards), moved to the accelerator layer by layer", DPO)
     ref_adapter: str | None = opt(None, "when --model is a LoRA adapter: the adapter directory whose starting state "
                                   "is the reference (default: --model itself)", DPO)
+    sync_ref_every: int | None = opt(None, "TR-DPO: move the resident reference toward the policy every N optimizer "
+                                     "steps, π_ref <- α·π_θ + (1-α)·π_ref (default/0: a fixed reference)", DPO)
+    ref_mixup_alpha: float = opt(0.6, "TR-DPO's α for --sync-ref-every, in (0, 1]: 1 copies the policy (hard "
+                                 "update); TRL's ref_model_mixup_alpha", DPO)
 
     lora_r: int | None = opt(None, "train a LoRA adapter of this rank on the frozen model (peft); the reference is "
                              "the model with the adapter disabled")
@@ -186,6 +190,7 @@ class TrainConfig:
         self._check_schedule()
         self._check_loss()
         self._check_adapters()
+        self._check_sync_ref()
 
     def _check_loss(self) -> None:
         from dpokit.loss_config import REFERENCE_FREE_LOSSES
@@ -214,6 +219,25 @@ class TrainConfig:
                           ("average_logps", "KTO is defined on summed log-probs")):
             if getattr(self, flag):
                 raise ConfigError(f"--{flag.replace('_', '-')} is not supported with --loss kto: {why}")
+
+    def _check_sync_ref(self) -> None:
+        """TR-DPO needs a resident reference model whose weights can follow the policy's."""
+        if self.sync_ref_every is not None and self.sync_ref_every < 0:
+            raise ConfigError(f"--sync-ref-every must not be negative; got {self.sync_ref_every}")
+        if not 0 < self.ref_mixup_alpha <= 1:
+            raise ConfigError(f"--ref-mixup-alpha must be in (0, 1]; got {self.ref_mixup_alpha}")
+        if not self.sync_ref_every:
+            return
+        from dpokit.loss_config import REFERENCE_FREE_LOSSES
+
+        why = ("--precompute-ref caches the reference log-probs once" if self.precompute_ref else
+               f"loss {self.loss!r} is reference-free" if self.loss in REFERENCE_FREE_LOSSES else
+               "--reference-free drops the reference model" if self.reference_free else
+               "with LoRA (an adapter on a frozen base, whose reference is that base) dpokit keeps the reference "
+               "fixed; fine-tune the full model to move it" if self.uses_lora else
+               "--ref-offload holds its weights in CPU memory behind offload hooks" if self.ref_offload else None)
+        if why:
+            raise ConfigError(f"--sync-ref-every needs a resident reference model that it can update, but {why}")
 
     def loss_config(self):
         """The validated LossConfig of this run (dpokit.loss_config.LossConfig)."""

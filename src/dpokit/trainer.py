@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -31,6 +32,7 @@ from dpokit.engine import (ReferenceState, Scorer, check_engine, configure_deeps
                            shards_parameters, unwrap_optimizer)
 from dpokit.errors import ConfigError, Interrupted, TrainingError
 from dpokit.metrics import MetricsLogger, truncate_metrics
+from dpokit.moving_reference import MovingReference
 from dpokit.objective import Objective
 from dpokit.threads import refresh_threads
 from dpokit.tokenize import TokenizedExample
@@ -237,6 +239,8 @@ class Engine:
     step: int
     data_order: dict
     identity: dict | None = None  # run_identity: a resume must continue the same run
+    resumed_from: Path | None = None  # the checkpoint the run continues from
+    moving_reference: MovingReference | None = None  # TR-DPO: moved after steps, saved with checkpoints
 
 
 def prepare(model: nn.Module, num_examples: int, config: TrainConfig, accelerator: Accelerator, *,
@@ -279,7 +283,7 @@ def prepare(model: nn.Module, num_examples: int, config: TrainConfig, accelerato
             log(f"resumed from {checkpoint} at step {step}" + (f" ({dropped} metrics rows after it dropped)"
                                                                  if dropped else ""))
         accelerator.wait_for_everyone()
-    return Engine(accelerator, model, scorer, optimizer, scheduler, plan, step, data_order, identity)
+    return Engine(accelerator, model, scorer, optimizer, scheduler, plan, step, data_order, identity, checkpoint)
 
 
 def train(
@@ -356,6 +360,8 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
+            if engine.moving_reference is not None:
+                engine.moving_reference.after_step(step)  # before this step's eval and checkpoint
 
             if step % config.log_every == 0 or step == plan.total_steps:
                 keys, own = sorted(metric_sums), sorted(metric_counts)
