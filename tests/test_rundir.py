@@ -52,6 +52,24 @@ def test_overwrite_replaces_the_run(finished, tiny_model_dir, sentiment_data):
     assert [r["step"] for r in read_metrics(finished / "metrics.jsonl")] == [1]
 
 
+def test_a_run_of_an_older_release_resumes_when_the_new_options_hold_their_defaults(finished, tiny_model_dir,
+                                                                                  sentiment_data, capsys):
+    import json
+
+    from dpokit.checkpoint import write_manifest
+
+    for checkpoint in finished.glob("checkpoint-*"):  # as written before --attention existed
+        state_path = checkpoint / "trainer_state.json"
+        state = json.loads(state_path.read_text())
+        del state["identity"]["config"]["attention"]
+        state_path.write_text(json.dumps(state))
+        write_manifest(checkpoint)
+    args = _args(tiny_model_dir, sentiment_data["train"], finished, "--resume", "--max-steps", "5")
+    assert main(args + ["--attention", "sdpa"]) == 2  # not its default: the run would compute otherwise
+    assert "belongs to another run (attention None -> 'sdpa')" in capsys.readouterr().err
+    assert main(args) == 0
+
+
 def test_resume_past_max_steps_or_of_another_run_is_refused(finished, tiny_model_dir, sentiment_data, tmp_path,
                                                            capsys):
     args = _args(tiny_model_dir, sentiment_data["train"], finished, "--resume")

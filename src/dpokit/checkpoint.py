@@ -289,6 +289,17 @@ def run_identity(config: dict, examples, model: str) -> dict:
             "data": examples_digest(examples), "model": weights.hexdigest()}
 
 
+def _options_added_since(saved: dict, current: dict) -> dict:
+    """The options of `current` that a checkpoint's `saved` options lack and that hold their defaults: options a
+    later dpokit added, which change nothing at their defaults, so that a run of an older release resumes."""
+    import dataclasses
+
+    from dpokit.config import TrainConfig
+
+    defaults = {f.name: json.loads(json.dumps(f.default, default=str)) for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in current.items() if k not in saved and k in defaults and defaults[k] == v}
+
+
 def check_resumable(checkpoint: Path, data_order: dict, engine: str, identity: dict | None = None) -> None:
     """Refuse to resume from a checkpoint of another run (config, data or model), into another data order, or
     from one that holds no optimizer state.
@@ -303,6 +314,9 @@ def check_resumable(checkpoint: Path, data_order: dict, engine: str, identity: d
         raise ConfigError(f"--resume: {checkpoint} was trained with another data order ({changed}); "
                           "resume with the same data, batch sizes, processes and seed, or start a new --output")
     saved_identity = state.get("identity")
+    if identity is not None and saved_identity is not None:
+        saved_identity = dict(saved_identity, config={**_options_added_since(saved_identity["config"], identity["config"]),
+                                                      **saved_identity["config"]})
     if identity is not None and saved_identity is not None and saved_identity != identity:
         changes = [f"{k} {saved_identity['config'].get(k)!r} -> {v!r}" for k, v in identity["config"].items()
                    if saved_identity["config"].get(k) != v]
