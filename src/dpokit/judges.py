@@ -166,14 +166,18 @@ def load_judge(spec: str) -> Judge:
     * ``"implicit:POLICY_DIR:REF_DIR"`` or ``"implicit:POLICY_DIR:REF_DIR:BETA"`` - the implicit reward of the DPO
       policy against its reference, β 0.1 by default (dpokit.scoring.implicit_judge; see
       :func:`judge_continuations` for scoring a continuation given its prompt);
+    * ``"reward:PATH"`` - a reward model's raw scalar (:func:`dpokit.paper.reward_model.reward_model_judge`);
     * ``"package.module:function"`` - an importable Python callable ``str -> float`` (:func:`function_judge`).
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise ConfigError("judge spec is empty: use 'vader', 'module.path:function', 'classifier:PATH:LABEL' "
-                          "or 'implicit:POLICY_DIR:REF_DIR[:BETA]'")
+        raise ConfigError("judge spec is empty: use 'vader', 'module.path:function', 'classifier:PATH:LABEL', "
+                          "'reward:PATH' or 'implicit:POLICY_DIR:REF_DIR[:BETA]'")
     spec = spec.strip()
     if spec.lower() == "vader":
         return vader_judge()
+    if spec.startswith("reward:"):
+        from dpokit.paper.reward_model import reward_model_judge
+        return reward_model_judge(spec[len("reward:"):])
     if spec.startswith("classifier:"):
         rest = spec[len("classifier:"):]
         path, sep, label = rest.rpartition(":")
@@ -185,8 +189,8 @@ def load_judge(spec: str) -> Judge:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(
-            f"bad judge spec {spec!r}: use 'vader', 'module.path:function', 'classifier:PATH:LABEL' or "
-            "'implicit:POLICY_DIR:REF_DIR[:BETA]'")
+            f"bad judge spec {spec!r}: use 'vader', 'module.path:function', 'classifier:PATH:LABEL', 'reward:PATH' "
+            "or 'implicit:POLICY_DIR:REF_DIR[:BETA]'")
     try:
         obj = importlib.import_module(module_name)
     except ImportError as e:
