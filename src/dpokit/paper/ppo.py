@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from dpokit.batching import Batch, collate
 from dpokit.generation import Sample, sample_ids
 from dpokit.judges import Judge
-from dpokit.logprobs import token_logprobs
+from dpokit.logprobs import supports_chunked_logits, token_logprobs
 from dpokit.tokenize import TokenizedExample
 
 
@@ -195,7 +195,8 @@ def collect(policy, value_head, reference, tokenizer, reward: Judge, prompts: li
 def ppo_update(policy, value_head, optimizer, rollouts: Rollouts, advantages: Tensor, returns: Tensor, *,
                epochs: int, minibatch_size: int, clip: float, vf_coef: float, max_grad_norm: float,
                rng: random.Random) -> dict[str, float]:
-    """`epochs` passes of clipped-PPO minibatch updates over one batch of rollouts; the last pass's mean stats."""
+    """`epochs` passes of clipped-PPO minibatch updates over one batch of rollouts (minibatches reshuffled each
+    pass); returns the stats averaged over all the updates."""
     n = rollouts.mask.shape[0]
     stats: dict[str, list[float]] = {}
     params = list(policy.parameters()) + list(value_head.parameters())
@@ -250,9 +251,9 @@ def _write_history(history: list[dict]) -> Callable:
 
 
 def train_ppo(policy_dir: str, reward: Judge, prompts: list[str], output: str, *, kl_coef: float = 0.1,
-              target_kl: float | None = None, steps: int = 50, batch_size: int = 32, ppo_epochs: int = 2,
-              lr: float = 1e-5, max_new_tokens: int = 32, temperature: float = 1.0, seed: int = 0,
-              threads: int | None = None, log: Callable[[str], None] = print, minibatch_size: int | None = None,
+              target_kl: float | None = None, steps: int = 16, batch_size: int = 32, ppo_epochs: int = 2,
+              lr: float = 1e-4, max_new_tokens: int = 32, temperature: float = 1.0, seed: int = 0,
+              threads: int | None = None, log: Callable[[str], None] = print, minibatch_size: int | None = 8,
               value_lr: float | None = None, gamma: float = 1.0, lam: float = 0.95, clip: float = 0.2,
               vf_coef: float = 0.1, max_grad_norm: float = 1.0, kl_horizon: int = 10000,
               reference_dir: str | None = None) -> str:
@@ -262,7 +263,7 @@ def train_ppo(policy_dir: str, reward: Judge, prompts: list[str], output: str, *
 
     The reference is `reference_dir` (default: `policy_dir`), frozen. Each of `steps` steps samples one
     continuation of each of `batch_size` prompts and makes `ppo_epochs` passes over them in minibatches of
-    `minibatch_size` (default: the whole batch) with AdamW at `lr` (`value_lr` for the value head; default
+    `minibatch_size` (None: the whole batch) with AdamW at `lr` (`value_lr` for the value head; default
     ``100·lr``, since it starts from zero). `kl_coef` is β_kl, adapted towards `target_kl` (nats per sequence)
     when that is given. See the module docstring for the algorithm.
     """
@@ -280,6 +281,9 @@ def train_ppo(policy_dir: str, reward: Judge, prompts: list[str], output: str, *
     tokenizer = load_tokenizer(policy_dir)
     policy = load_model(policy_dir)  # float32, eval mode (no dropout) and it stays so
     reference = load_model(reference_dir or policy_dir).requires_grad_(False)
+    if not supports_chunked_logits(policy):  # policy_forward reads logits as output_layer(decoder(x))
+        raise ConfigError(f"train_ppo: {type(policy).__name__} transforms its logits after the output layer, "
+                          "which policy_forward does not reproduce")
     apply_threads(threads, width=model_width(policy), log=log)
     device = next(policy.parameters()).device
     value_head = nn.Linear(model_width(policy), 1).to(device)
