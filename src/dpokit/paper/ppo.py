@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from dpokit.batching import Batch, collate
-from dpokit.generation import Sample, sample_ids
+from dpokit.generation import sample_ids
 from dpokit.judges import Judge
 from dpokit.logprobs import supports_chunked_logits, token_logprobs
 from dpokit.tokenize import TokenizedExample
