@@ -32,6 +32,7 @@ def reward_dir(tiny_model_dir, sentiment_data, tmp_path_factory):
     return path, lines
 
 
+@pytest.mark.slow
 def test_training_separates_the_pairs_and_the_judge_agrees(reward_dir, tiny_model_dir, tokenizer, sentiment_data):
     from dpokit.paper.reward_model import load_classifier
 
@@ -44,6 +45,7 @@ def test_training_separates_the_pairs_and_the_judge_agrees(reward_dir, tiny_mode
     assert load_classifier(tiny_model_dir, tokenizer).config.pad_token_id == tokenizer.pad_token_id
 
 
+@pytest.mark.slow
 def test_saved_reward_model_loads_and_pools_the_last_real_token(reward_dir, tokenizer):
     from transformers import AutoModelForSequenceClassification
 
@@ -62,6 +64,7 @@ def test_saved_reward_model_loads_and_pools_the_last_real_token(reward_dir, toke
     assert together == pytest.approx(direct, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_load_judge_reward_spec(reward_dir):
     from dpokit.judges import load_judge
 
