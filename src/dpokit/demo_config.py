@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dpokit.errors import ConfigError
+from dpokit.iterate_config import RoundSettings
 
 
 @dataclass
@@ -45,3 +46,11 @@ class DemoConfig:
         for name in ("prompts", "eval_prompts", "eval_samples", "sft_steps", "dpo_steps", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+
+    def round_settings(self) -> RoundSettings:
+        """The demo's one round of iterative DPO (dpokit.iterate): its sampling, labelling and DPO settings."""
+        return RoundSettings(samples_per_prompt=self.completions, labeling=self.labeling,
+                             min_score_gap=self.min_score_gap, bt_scale=self.bt_scale, beta=self.beta, lr=self.lr,
+                             steps=self.dpo_steps, batch_size=self.batch_size, warmup_steps=10,
+                             eval_samples=self.eval_samples, max_new_tokens=self.max_new_tokens,
+                             temperature=self.temperature, max_length=128, max_prompt_length=16)

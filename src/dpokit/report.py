@@ -8,6 +8,8 @@
   with the threshold above which a continuation counts as positive.
 * ``summary.png``: the result at a glance: the score distributions, the reward–KL point of the DPO model
   against the SFT model it started from, and positive share and held-out reward accuracy against chance.
+
+:func:`plot_rounds` plots a `dpokit iterate` run: judge score and KL from the starting policy per round.
 """
 
 from __future__ import annotations
@@ -176,3 +178,28 @@ def plot_report(output: str | Path, report: dict) -> list[Path]:
     paths.append(_save(fig, output / "summary.png"))
     plt.close(fig)
     return paths
+
+
+def plot_rounds(path: str | Path, rounds: list[dict]) -> Path:
+    """Write a plot of the mean judge score (and positive share, for VADER) and the KL from the starting policy
+    per round of `dpokit iterate` (round 0: the starting policy) to `path`; return it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    numbers = [r["round"] for r in rounds]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    axes[0].plot(numbers, [r["judge"]["mean_score"] for r in rounds], marker="o", label="mean judge score")
+    if all("positive_share" in r["judge"] for r in rounds):
+        axes[0].plot(numbers, [r["judge"]["positive_share"] for r in rounds], marker="s", label="positive share")
+    axes[0].set_title("held-out judge score per round")
+    axes[1].plot(numbers, [r["kl_vs_start"]["mean"] for r in rounds], marker="o", label="KL(π_r‖π_0)")
+    axes[1].set_title("KL from the starting policy (nats/sequence)")
+    for ax in axes:
+        ax.set_xlabel("round (0: starting policy)")
+        ax.set_xticks(numbers)
+        ax.legend(fontsize=8)
+    path = _save(fig, Path(path))
+    plt.close(fig)
+    return path
