@@ -103,7 +103,8 @@ def _score_metrics(summary: dict, vader: bool) -> dict:
 
 def run_iterate(config: IterateConfig, log: Callable[[str], None] = print, judge: Judge | None = None) -> dict:
     """Run `config.rounds` rounds of iterative DPO into `config.output` (resumed with `config.resume`); return
-    the summary (also written to summary.json). `judge` overrides ``config.judge`` (e.g. a Python callable)."""
+    the summary (also written to summary.json). `judge` (a callable ``list[str] -> list[float]``) replaces
+    ``config.judge``; a resumed run must be given the same one."""
     output = Path(config.output)
     train_prompts, eval_prompts = split_prompts(config)
     overlap = len(set(map(json.dumps, train_prompts)) & set(map(json.dumps, eval_prompts)))
@@ -128,7 +129,7 @@ def _rounds(config: IterateConfig, output: Path, start: str, train_prompts, eval
     from dpokit.threads import apply_threads, config_width
 
     settings = config.round_settings()
-    vader = config.judge.strip().lower() == "vader"
+    vader = getattr(judge, "__name__", "") == "vader"  # the positive share means something for VADER only
     tokenizer = load_tokenizer(start)
     apply_threads(config.threads or None, width=config_width(start), log=log)
     start_model = load_model(start)
@@ -152,7 +153,8 @@ def _rounds(config: IterateConfig, output: Path, start: str, train_prompts, eval
         directory = round_dir(output, number)
         if is_complete(directory):
             rounds.append(json.loads((directory / "metrics.json").read_text()))
-            policy_dir, policy = rounds[-1]["model"], None  # loaded when a later round needs it
+            # from the directory, not the path recorded (the run may have been moved); loaded when needed
+            policy_dir, policy = str(directory / "model" / "final"), None
             log(f"round {number}: complete, kept ({policy_dir})")
             continue
         shutil.rmtree(directory, ignore_errors=True)  # an interrupted round is redone from scratch
