@@ -3,6 +3,7 @@ recomputes only the missing round and gets the same result, and a bad judge is a
 
 import json
 import math
+import random
 import shutil
 
 import pytest
@@ -14,6 +15,8 @@ from dpokit.errors import ConfigError, DpokitError
 from dpokit.iterate import judge_scores, sample_and_label
 from dpokit.iterate_config import IterateConfig, round_seed
 from dpokit.iterate_run import MARKER, run_iterate
+from dpokit.judges import load_judge
+from dpokit.prompts import read_prompts
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: extra threads only contend (conftest.py)
 
@@ -78,12 +81,7 @@ def test_each_round_starts_from_the_previous_rounds_model(runs, tiny_model_dir, 
     assert summary["rounds"][2]["started_from"] == str(run_dir / "round-001" / "model" / "final")
     # round 2's pairs are exactly what round 1's model samples with round 2's seed
     settings = config(tiny_model_dir, prompt_files, run_dir).round_settings()
-    prompts = prompt_files["train"]
-    train = open(prompts).read().split("\n")[:-1]
-    import random
-
-    from dpokit.judges import load_judge
-
+    train = read_prompts(prompt_files["train"])
     seed = round_seed(0, 2)
     again = sample_and_label(load_model(str(run_dir / "round-001" / "model" / "final")), tokenizer,
                              load_judge("test_iterate:length_judge"), train, settings, seed, random.Random(seed),
