@@ -200,11 +200,13 @@ def held_out_samples(model, tokenizer, judge: Judge, prompts: Sequence[Prompt], 
 def implicit_reward_accuracy(policy, reference, sampler, tokenizer, judge: Judge, prompts: Sequence[Prompt],
                              settings: RoundSettings, seed: int, rng: random.Random, chat: bool) -> dict:
     """DPO's evaluation metrics of `policy` against `reference` on fresh held-out pairs: K samples of each
-    prompt from `sampler`, labelled by the judge like the training pairs."""
+    prompt from `sampler`, labelled by the judge like the training pairs (accuracy None when there are none)."""
     labelled = sample_and_label(sampler, tokenizer, judge, prompts, settings, seed, rng, "held-out")
     settings_ = TokenizeConfig(max_length=settings.max_length, max_prompt_length=settings.max_prompt_length,
                                apply_chat_template=chat)
     examples = tokenize_examples(typed_pairs(labelled.pairs), tokenizer, settings_)[0]
+    if not examples:  # every held-out pair tied: nothing to score (reported as such, not as an error)
+        return {"held_out_pairs": 0, "held_out_reward_accuracy": None, "held_out_metrics": {}}
     objective = DPOObjective(LossConfig(beta=settings.beta), ModelReference(reference))
     eval_config = TrainConfig(model="-", data="-", output="-", batch_size=32)
     metrics = evaluate_objective(Scorer(policy), objective, examples, eval_config, make_accelerator(eval_config),

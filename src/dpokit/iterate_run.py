@@ -186,13 +186,18 @@ def _rounds(config: IterateConfig, output: Path, start: str, train_prompts, eval
     return summary
 
 
+def _accuracy(metrics: dict) -> str:
+    accuracy = metrics["held_out_reward_accuracy"]
+    return "-" if accuracy is None else f"{accuracy:.3f}"  # None: every held-out pair tied
+
+
 def format_round(metrics: dict) -> str:
     """One line for a finished round."""
     judge = metrics["judge"]
     share = f", {judge['positive_share']:.1%} positive" if "positive_share" in judge else ""
     return (f"round {metrics['round']}: mean judge score {judge['mean_score']:.3f}{share}, "
             f"KL vs start {metrics['kl_vs_start']['mean']:.2f} nats, {metrics['pairs']} pairs, held-out "
-            f"implicit-reward accuracy {metrics['held_out_reward_accuracy']:.3f}")
+            f"implicit-reward accuracy {_accuracy(metrics)} on {metrics['held_out_pairs']} pairs")
 
 
 def format_summary(summary: dict) -> str:
@@ -204,6 +209,6 @@ def format_summary(summary: dict) -> str:
         row = f"{r['round']:>5d}{r['judge']['mean_score']:>13.3f}"
         row += f"{r['judge']['positive_share']:>10.1%}" if vader else ""
         row += f"{r['kl_vs_start']['mean']:>13.2f}"
-        row += f"{r['pairs']:>7d}{r['held_out_reward_accuracy']:>14.3f}" if r["round"] else f"{'-':>7s}{'-':>14s}"
+        row += f"{r['pairs']:>7d}{_accuracy(r):>14s}" if r["round"] else f"{'-':>7s}{'-':>14s}"
         lines.append(row)
     return "\n".join(lines)
