@@ -138,17 +138,36 @@ def test_judge_errors_name_the_judge_and_the_text():
         return [1.0, "high", 0.5]
 
     bad.__name__ = "bad"
-    with pytest.raises(DpokitError, match=r"judge 'bad' returned 'high' for text 1 \('b'\)"):
-        judge_scores(bad, ["a", "b", "c"])
+    with pytest.raises(DpokitError, match=r"judge 'bad' returned 'high' for text 1 \('p b'\)"):
+        judge_scores(bad, ["p "] * 3, ["a", "b", "c"])
     with pytest.raises(DpokitError, match=r"judge 'nan_judge' returned nan for text 2 \('the end'\)"):
-        judge_scores(_named(lambda ts: [nan_judge(t) for t in ts], "nan_judge"), ["a", "b", "the end"])
+        judge_scores(_named(lambda ts: [nan_judge(t) for t in ts], "nan_judge"), ["", "", "the "], ["a", "b", "end"])
     with pytest.raises(DpokitError, match="judge 'two' returned 2 scores for 3 texts"):
-        judge_scores(_named(lambda ts: [0.0, 1.0], "two"), ["a", "b", "c"])
+        judge_scores(_named(lambda ts: [0.0, 1.0], "two"), [""] * 3, ["a", "b", "c"])
     from dpokit.judges import function_judge
 
     with pytest.raises(DpokitError, match=r"judge 'f' failed on text 1 \('x'\): could not convert"):
-        judge_scores(function_judge(_named(lambda t: "abc" if t == "x" else 1, "f")), ["a", "x"])
-    assert judge_scores(_named(lambda ts: [1, 2.5], "ok"), ["a", "b"]) == [1.0, 2.5]
+        judge_scores(function_judge(_named(lambda t: "abc" if t == "x" else 1, "f")), ["", ""], ["a", "x"])
+
+
+def test_what_the_judge_is_given():
+    seen = []
+    whole = _named(lambda ts: seen.append(ts) or [1, 2.5], "whole")
+    chat = [{"role": "user", "content": "hi"}]
+    # plain-text prompts are judged with their continuation, chat prompts by the reply alone
+    assert judge_scores(whole, ["The film", chat], [" was good", "hello"]) == [1.0, 2.5]
+    assert seen == [["The film was good", "hello"]]
+
+    class Apart:  # a judge that scores a continuation given its prompt (as the implicit reward does)
+        __name__ = "apart"
+
+        def __call__(self, texts):
+            raise AssertionError("called with whole texts")
+
+        def continuations(self, prompts, continuations):
+            return [len(p) + 10 * len(c) for p, c in zip(prompts, continuations)]
+
+    assert judge_scores(Apart(), ["ab", "c"], ["x", "yz"]) == [12.0, 21.0]
 
 
 def _named(fn, name):
@@ -162,5 +181,6 @@ def test_a_nan_judge_is_a_one_line_cli_error(tiny_model_dir, prompt_files, tmp_p
                  prompt_files["eval"], "--judge", "test_iterate:nan_judge", "--output", str(tmp_path / "out"),
                  "--max-new-tokens", "4", "--threads", "1"])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and "\n" not in err, err
+    assert code == 2 and "Traceback" not in err, err
+    err = err.splitlines()[-1]  # after the sampling progress bar
     assert err.startswith("dpokit iterate: error: judge 'nan_judge' returned nan for text ") and "held-out prompt" in err

@@ -6,7 +6,8 @@ Round r starts from the policy π_{r−1} (π_0: the starting model):
 
 1. **Sample** K continuations of every training prompt from π_{r−1}, exact samples (no top-k/top-p truncation;
    the KL estimate relies on it), and score each with the judge (plain-text prompts: prompt + continuation, as
-   a review is judged whole; chat prompts: the reply).
+   a review is judged whole; chat prompts: the reply; a judge that scores a continuation given its prompt, such
+   as the implicit reward, gets the two apart: dpokit.judges.judge_continuations).
 2. **Label**: every two samples of a prompt whose scores differ by at least ``min_score_gap`` form a pair, the
    higher-scored chosen (``argmax``) or chosen by sampling σ(scale·Δscore) (``bradley-terry``).
 3. **Train** DPO from π_{r−1} against the round's reference (the starting model, or π_{r−1}).
@@ -37,7 +38,7 @@ from dpokit.engine import Scorer
 from dpokit.errors import DpokitError
 from dpokit.generation import Sample, sample_ids, uses_chat_template
 from dpokit.iterate_config import RoundSettings
-from dpokit.judges import POSITIVE_THRESHOLD, Judge
+from dpokit.judges import POSITIVE_THRESHOLD, Judge, judge_continuations
 from dpokit.logprobs import sequence_logprobs
 from dpokit.losses import LossConfig
 from dpokit.objective import DPOObjective
@@ -60,30 +61,40 @@ def sample_continuations(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
 
 
 def judged_text(prompt: Prompt, text: str) -> str:
-    """What the judge scores: a plain-text prompt with its continuation (a review is judged whole), or the reply
-    alone for a chat prompt."""
+    """What a judge of whole texts scores: a plain-text prompt with its continuation (a review is judged whole),
+    or the reply alone for a chat prompt."""
     return prompt + text if isinstance(prompt, str) else text
 
 
-def judge_scores(judge: Judge, texts: list[str], what: Callable[[int], str] = str) -> list[float]:
-    """`judge(texts)`, checked: one finite number per text. A judge that fails on a text, returns something
-    other than a number, NaN or the wrong count is a one-line DpokitError naming the judge and the text
-    (`what(i)` describes text i)."""
+def _score(judge: Judge, prompts: Sequence[Prompt], continuations: Sequence[str]) -> list:
+    """The judge's scores: given the prompt where the judge takes one apart (the implicit reward,
+    dpokit.judges.judge_continuations), else of :func:`judged_text`."""
+    if hasattr(judge, "continuations"):
+        return judge_continuations(judge, list(prompts), list(continuations))
+    return judge([judged_text(p, c) for p, c in zip(prompts, continuations)])
+
+
+def judge_scores(judge: Judge, prompts: Sequence[Prompt], continuations: Sequence[str],
+                 what: Callable[[int], str] = str) -> list[float]:
+    """The judge's scores of `continuations` of `prompts`, checked: one finite number each. A judge that fails
+    on a text, returns something other than a number, NaN or the wrong count is a one-line DpokitError naming
+    the judge and the text (`what(i)` describes text i)."""
     name = getattr(judge, "__name__", type(judge).__name__)
+    shown = [judged_text(p, c)[:40] for p, c in zip(prompts, continuations)]
     try:
-        scores = list(judge(texts))
+        scores = list(_score(judge, prompts, continuations))
     except (TypeError, ValueError) as error:  # e.g. float("abc") inside a function judge: find the text
-        for i, text in enumerate(texts):
+        for i in range(len(prompts)):
             try:
-                judge([text])
+                _score(judge, prompts[i : i + 1], continuations[i : i + 1])
             except (TypeError, ValueError) as single:
-                raise DpokitError(f"judge {name!r} failed on text {what(i)} ({text[:40]!r}): {single}") from None
-        raise DpokitError(f"judge {name!r} failed on {len(texts)} texts: {error}") from None
-    if len(scores) != len(texts):
-        raise DpokitError(f"judge {name!r} returned {len(scores)} scores for {len(texts)} texts")
+                raise DpokitError(f"judge {name!r} failed on text {what(i)} ({shown[i]!r}): {single}") from None
+        raise DpokitError(f"judge {name!r} failed on {len(prompts)} texts: {error}") from None
+    if len(scores) != len(prompts):
+        raise DpokitError(f"judge {name!r} returned {len(scores)} scores for {len(prompts)} texts")
     for i, score in enumerate(scores):
         if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
-            raise DpokitError(f"judge {name!r} returned {score!r} for text {what(i)} ({texts[i][:40]!r}): "
+            raise DpokitError(f"judge {name!r} returned {score!r} for text {what(i)} ({shown[i]!r}): "
                               "scores must be finite numbers")
     return [float(s) for s in scores]
 
@@ -125,8 +136,9 @@ def sample_and_label(model, tokenizer, judge: Judge, prompts: Sequence[Prompt], 
     """K samples of each prompt from `model` (seeded `seed`), judged and labelled into pairs."""
     samples = sample_continuations(model, tokenizer, prompts, settings.samples_per_prompt, settings, seed)
     k = settings.samples_per_prompt
-    flat = [judged_text(p, x.text) for p, group in zip(prompts, samples) for x in group]
-    flat_scores = judge_scores(judge, flat, lambda i: f"{i} ({source} {i // k}, sample {i % k})")
+    flat_scores = judge_scores(judge, [p for p in prompts for _ in range(k)],
+                               [x.text for group in samples for x in group],
+                               lambda i: f"{i} ({source} {i // k}, sample {i % k})")
     pairs, ties, scores = [], 0, []
     for n, (prompt, group) in enumerate(zip(prompts, samples)):
         texts = [x.text for x in group]
@@ -192,7 +204,7 @@ def held_out_samples(model, tokenizer, judge: Judge, prompts: Sequence[Prompt], 
     """`eval_samples` samples of each held-out prompt from `model`, and their judge scores."""
     samples = sample_continuations(model, tokenizer, prompts, settings.eval_samples, settings, seed)
     k = settings.eval_samples
-    flat = judge_scores(judge, [judged_text(p, x.text) for p, group in zip(prompts, samples) for x in group],
+    flat = judge_scores(judge, [p for p in prompts for _ in range(k)], [x.text for group in samples for x in group],
                         lambda i: f"{i} (held-out prompt {i // k}, sample {i % k})")
     return samples, [flat[n * k : (n + 1) * k] for n in range(len(prompts))]
 
