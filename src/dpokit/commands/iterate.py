@@ -16,8 +16,8 @@ HELP = {
     "eval_fraction": "share of --prompts held out for evaluation when --eval-prompts is not given (seeded)",
     "rounds": "rounds of sample -> label -> DPO -> evaluate",
     "samples_per_prompt": "continuations sampled per training prompt each round (K; up to K(K-1)/2 pairs)",
-    "judge": "judge: vader, module.path:function (text -> float), classifier:PATH:LABEL, or any spec "
-             "dpokit.judges.load_judge takes",
+    "judge": "judge: vader, module.path:function (text -> float), classifier:PATH:LABEL, reward:PATH, "
+             "implicit:POLICY:REF[:BETA] (any spec dpokit.judges.load_judge takes)",
     "reference": "DPO reference of each round: fixed (the starting model) or previous (the round's starting policy)",
     "labeling": "argmax: the higher judge score is chosen; bradley-terry: sampled with P = σ(scale·Δscore)",
     "min_score_gap": "pairs whose judge scores differ by less than this are ties: no pair",
