@@ -11,7 +11,8 @@ import pytest
 from dpokit.data import load_completions, load_preferences
 from dpokit.models import load_tokenizer
 from dpokit.prompts import read_prompts
-from dpokit.tokenize import TokenizeConfig, end_of_turn_id, tokenize_examples
+from dpokit.chat import end_of_turn_id
+from dpokit.tokenize import TokenizeConfig, tokenize_examples
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "build_chat_model.py"

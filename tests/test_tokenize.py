@@ -244,7 +244,8 @@ def test_responses_get_no_special_tokens_only_the_prompt_starts_with_bos():
 def reference_tokenize_examples(records, tokenizer, config):
     """dpokit's tokenisation before the chunked numpy implementation (commit 7a49e62), kept as the reference: the
     rules applied record by record on Python lists. Returns (examples, report) or raises as it did."""
-    from dpokit.tokenize import FilterReport, TokenizedExample, render_chat
+    from dpokit.chat import render_chat
+    from dpokit.tokenize import FilterReport, TokenizedExample
 
     eos = tokenizer.eos_token_id
     if eos is None:

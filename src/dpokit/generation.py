@@ -2,7 +2,7 @@
 
 Every place dpokit samples (`dpokit generate`, :func:`generate`, the demo) goes through :func:`sample_ids`, so
 a prompt is tokenised the same way everywhere, and exactly as training tokenises it
-(:func:`dpokit.tokenize.prompt_token_ids`):
+(:func:`dpokit.chat.prompt_token_ids`):
 
 * **Chat template.** When the tokenizer has one (``chat_template=None``, the default) every prompt is rendered
   with it and its generation prompt: a string becomes one user turn, a list of ``{"role", "content"}`` messages
@@ -31,7 +31,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from dpokit.errors import ConfigError
 from dpokit.threads import apply_threads, model_width
 from dpokit.prompts import Prompt
-from dpokit.tokenize import end_of_turn_id, has_chat_template, prompt_token_ids, user_turn
+from dpokit.chat import end_of_turn_id, has_chat_template, prompt_token_ids, user_turn
 
 
 @dataclass(frozen=True)

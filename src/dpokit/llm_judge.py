@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from dpokit.errors import ConfigError
 from dpokit.pairwise import PairwiseJudge, fill_template, prompt_text
 from dpokit.prompts import Prompt
-from dpokit.tokenize import has_chat_template, prompt_token_ids, user_turn
+from dpokit.chat import has_chat_template, prompt_token_ids, user_turn
 
 LABELS = ("A", "B")
 

@@ -26,8 +26,8 @@ from dpokit.data.records import Completion, Text
 from dpokit.engine import Scorer
 from dpokit.errors import ConfigError, DataError
 from dpokit.logprobs import check_layout
-from dpokit.tokenize import (FilterReport, TokenizeConfig, TokenizedExample, examples_from_arrays, prompt_token_ids,
-                             tokenize_arrays, user_turn)
+from dpokit.chat import prompt_token_ids, user_turn
+from dpokit.tokenize import FilterReport, TokenizeConfig, TokenizedExample, examples_from_arrays, tokenize_arrays
 
 
 @dataclass(frozen=True)

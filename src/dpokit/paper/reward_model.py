@@ -137,8 +137,8 @@ def train_reward_model(sft_dir: str, pairs_path: str, output: str, *, steps: int
 
 def text_ids(tokenizer, text: str, max_tokens: int | None = None) -> list[int]:
     """A full text's ids as the reward model was trained on them: the text tokenised as a prompt is
-    (:func:`dpokit.tokenize.prompt_token_ids`), then EOS; the last `max_tokens` of them when it is longer."""
-    from dpokit.tokenize import prompt_token_ids
+    (:func:`dpokit.chat.prompt_token_ids`), then EOS; the last `max_tokens` of them when it is longer."""
+    from dpokit.chat import prompt_token_ids
 
     ids = prompt_token_ids(tokenizer, text) + [tokenizer.eos_token_id]
     return ids[-max_tokens:] if max_tokens else ids
