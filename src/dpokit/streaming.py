@@ -51,25 +51,21 @@ def prepare_streamed(config, stage: str, tokenizer, settings: TokenizeConfig, co
     (see the module docstring); logs the same lines as the in-memory path (dpokit.api.prepare_data).
 
     Under a multi-process launch only the first process of each node reads the data and writes the entry; the
-    others read that entry's shards (see :func:`_node_share`)."""
+    others read that entry's shards (see :class:`_NodeShare`)."""
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     cache = open_cache(config, stage, tokenizer, settings, columns, cache_dir=root, log=log) if use_cache else None
     share = _node_share()
     if share is not None and not share.writes:
-        entry = share.path_of_writer(None)
-        _wait_for(entry / MANIFEST)
-        parts, _ = open_entry(entry, verify=False)  # checked (or just written) by the writer
-        return parts["train"], parts.get("eval", [])
-    parts = _reuse(cache, log)
-    writer = None
-    if parts is None:
-        try:
-            writer = CacheWriter(root, cache.key if cache is not None else "temporary")
-        except OSError as error:
-            raise DataError(f"--streaming writes the tokenised data to disk, and {root} cannot be written: {error} "
-                            "(set --data-cache-dir or $DPOKIT_CACHE)") from None
-    if share is not None:
-        share.path_of_writer(cache.path if cache is not None else writer.tmp)
+        return _read_shared(share.exchange(None))
+    try:
+        parts = _reuse(cache, log)
+        writer = None if parts is not None else _writer(root, cache)
+    except BaseException:
+        if share is not None:
+            share.exchange(None)  # tells the others to stop too
+        raise
+    if share is not None:  # where the entry will be, and the directory it is written in until then
+        share.exchange((cache.path if cache is not None else writer.tmp, None if writer is None else writer.tmp))
     if parts is not None:
         return parts["train"], parts.get("eval", [])
     try:
@@ -88,6 +84,34 @@ def prepare_streamed(config, stage: str, tokenizer, settings: TokenizeConfig, co
         writer.abort()
         raise
     release_freed_memory()  # the tokenizer's freed buffers, back to the OS
+    return parts["train"], parts.get("eval", [])
+
+
+def _writer(root: Path, cache) -> CacheWriter:
+    """A writer for `cache`'s entry, or for a temporary one when `cache` is None."""
+    try:
+        return CacheWriter(root, cache.key if cache is not None else "temporary")
+    except OSError as error:
+        raise DataError(f"--streaming writes the tokenised data to disk, and {root} cannot be written: {error} "
+                        "(set --data-cache-dir or $DPOKIT_CACHE)") from None
+
+
+def _read_shared(where: tuple[str, str | None] | None) -> tuple[ShardedExamples, ShardedExamples | list]:
+    """The parts of the entry that this node's first process writes (`where`: see _NodeShare.exchange), once
+    it is complete; raises DataError if the writer failed."""
+    failed = DataError("--streaming: the first process of this node failed to prepare the data (see its error)")
+    if where is None:
+        raise failed
+    entry, tmp = Path(where[0]), where[1] and Path(where[1])
+    delay = 0.05
+    # the writer's manifest appears whole (renamed into place, with the entry when it is cached); its
+    # directory disappears without an entry if it gave up (CacheWriter.abort)
+    while not (entry / MANIFEST).is_file():
+        if tmp is not None and not tmp.exists() and not (entry / MANIFEST).is_file():
+            raise failed
+        time.sleep(delay)
+        delay = min(2 * delay, 1.0)
+    parts, _ = open_entry(entry, verify=False)  # checked (or just written) by the writer
     return parts["train"], parts.get("eval", [])
 
 
@@ -119,13 +143,14 @@ class _NodeShare:
     writes: bool
     writer_rank: int  # the global rank of this node's first process (torchrun numbers a node's ranks in a row)
 
-    def path_of_writer(self, path: Path | None) -> Path:
-        """Give the writer's `path` (from the writer; None from the others) and return it, in every process."""
+    def exchange(self, where: tuple | None) -> tuple[str, str | None] | None:
+        """Every process calls this once: the writer with (entry path, temporary directory or None), or None if
+        it failed; the others with None. Returns what this node's writer gave."""
         import torch.distributed as dist
 
-        paths: list = [None] * dist.get_world_size()
-        dist.all_gather_object(paths, None if path is None else str(path))
-        return Path(paths[self.writer_rank])
+        given: list = [None] * dist.get_world_size()
+        dist.all_gather_object(given, None if where is None else tuple(p and str(p) for p in where))
+        return given[self.writer_rank]
 
 
 def _node_share() -> _NodeShare | None:
@@ -139,14 +164,6 @@ def _node_share() -> _NodeShare | None:
         return None
     local = int(os.environ.get("LOCAL_RANK", "0") or 0)
     return _NodeShare(writes=local == 0, writer_rank=dist.get_rank() - local)
-
-
-def _wait_for(manifest: Path) -> None:
-    """Wait until the writer has put `manifest` in place (written whole: see CacheWriter.finish)."""
-    delay = 0.05
-    while not manifest.is_file():
-        time.sleep(delay)
-        delay = min(2 * delay, 1.0)
 
 
 def _tokenize_into(writer: CacheWriter, config, stage: str, tokenizer, settings: TokenizeConfig,
