@@ -344,7 +344,8 @@ def main() -> None:
     for round_ in range(args.rounds):
         for n in args.sizes:
             modes = (False, True) if n in args.streaming_sizes else (False,)
-            caches = {streaming: work / f"cache-{n}-{round_}{'-streamed' if streaming else ''}" for streaming in modes}
+            caches = {streaming: work / f"cache-{n}-{round_}{'-streamed' if streaming else ''}"
+                      for streaming in modes}
             runs = [("first", streaming, "") for streaming in modes]
             # the cached runs of both modes take turns, so that they share the machine's load as it changes
             runs += [("cached", streaming, f"-{k}" if k else "") for k in range(args.cached_repeats)
@@ -385,7 +386,8 @@ def main() -> None:
 
     header = (f"dpokit data preparation: prompts ~{args.prompt_len} and responses ~{args.response_len} tokens "
               f"(x (1 ± {args.spread})), byte-level BPE vocabulary {args.vocab}, max_length 512; "
-              f"{args.rounds} round(s), {args.cached_repeats} cached run(s) per first run, median (min–max); {os.cpu_count()} CPUs, transformers "
+              f"{args.rounds} round(s), {args.cached_repeats} cached run(s) per first run, median (min–max); "
+              f"{os.cpu_count()} CPUs, transformers "
               f"{transformers.__version__}, tokenizers {tokenizers.__version__}")
     print("\n" + header + "\n" + markdown + "\n\n" + "\n".join(tok_lines))
     out = Path(args.out)

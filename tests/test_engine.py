@@ -2,10 +2,10 @@
 
 For each engine one `accelerate launch` with its shipped config (configs/accelerate/*.yaml) trains: DPO with the
 reference resident (also offloaded), DPO with reference log-probs precomputed by a sharded pass, SFT, LoRA DPO
-and DPO interrupted after checkpoint 2 and resumed, each at batch 2 x accumulation 2 x 2 processes; the same runs in this process at batch 8 x 1 must give the same weights
-after 3 steps (float32, 1e-5) and the same train and eval metrics. Under DDP also DPO with --streaming (shards
-written by the first process only, into a fresh cache entry or a temporary one, and resumed from the cache),
-which must equal the in-memory run of both launches.
+and DPO interrupted after checkpoint 2 and resumed, each at batch 2 x accumulation 2 x 2 processes; the same runs
+in this process at batch 8 x 1 must give the same weights after 3 steps (float32, 1e-5) and the same train and
+eval metrics. Under DDP also DPO with --streaming (shards written by the first process only, into a fresh cache
+entry or a temporary one, and resumed from the cache), which must equal the in-memory run of both launches.
 """
 
 from __future__ import annotations
