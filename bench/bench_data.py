@@ -20,7 +20,8 @@ Each measurement is a child process (``--child``) that imports dpokit, loads the
 * ``cached`` the same call again in a new process: the entry is read back (nothing is loaded or tokenised);
 * ``streamed first`` / ``streamed cached`` (``--streaming-sizes``): the same two calls with ``--streaming``
   (records read and tokenised chunk by chunk into the shards, examples read lazily from them; the cached call
-  opens the entry and checks its checksums);
+  opens the entry and checks its checksums); each mode has its own cache directory, and with
+  ``--cached-repeats K`` the cached calls of the two modes take turns K times after the first runs;
 * ``pre-cache`` (``--legacy-sizes``) the code before this change (commit 7a49e62: ``load_preferences`` and its
   ``tokenize_examples``, which tokenised all texts in one call and kept every encoding), for comparison.
 
@@ -285,6 +286,10 @@ def main() -> None:
     parser.add_argument("--streaming-sizes", default="200000",
                         help="sizes (of --sizes) also run with --streaming, first and cached; '' for none")
     parser.add_argument("--rounds", type=int, default=2, help="rounds; each runs every measurement once (default 2)")
+    parser.add_argument("--cached-repeats", type=int, default=1,
+                        help="cached runs per first run in each round, the in-memory and --streaming ones taking "
+                             "turns (default 1): more samples of the cheap runs without paying for more first runs "
+                             "(~4 min each at 200k on 2 idle cores)")
     parser.add_argument("--prompt-len", type=int, default=150, help="mean prompt tokens (default 150)")
     parser.add_argument("--response-len", type=int, default=250, help="mean response tokens (default 250)")
     parser.add_argument("--spread", type=float, default=0.2,
@@ -338,19 +343,26 @@ def main() -> None:
                   f"({r['tokens_per_second'] / 1e6:.3f} M tokens/s, {r['cpu_seconds']:.1f} CPU s)", flush=True)
     for round_ in range(args.rounds):
         for n in args.sizes:
-            data = setup["files"][n]["path"]
-            for streaming in (False, True) if n in args.streaming_sizes else (False,):
-                cache = work / f"cache-{n}-{round_}"
+            modes = (False, True) if n in args.streaming_sizes else (False,)
+            caches = {streaming: work / f"cache-{n}-{round_}{'-streamed' if streaming else ''}"
+                      for streaming in modes}
+            runs = [("first", streaming, "") for streaming in modes]
+            # the cached runs of both modes take turns, so that they share the machine's load as it changes
+            runs += [("cached", streaming, f"-{k}" if k else "") for k in range(args.cached_repeats)
+                     for streaming in modes]
+            for cache in caches.values():
                 shutil.rmtree(cache, ignore_errors=True)
-                for run in ("first", "cached"):
-                    run = f"streamed {run}" if streaming else run
-                    r = run_child(dict(base, system="dpokit", data=data, cache_dir=str(cache), streaming=streaming),
-                                  work, f"{run.replace(' ', '-')}-{n}-{round_}")
-                    results.setdefault(f"{run}-{n}", []).append(r)
-                    if not r.get("failed"):
-                        print(f"  round {round_ + 1}: {n:>7,} pairs, {run:15}: {r['seconds']:6.1f} s, "
-                              f"peak RSS {r['peak_rss_mib']:6.0f} MiB (load avg {r['loadavg_before']:.1f}–"
-                              f"{r['loadavg_after']:.1f})", flush=True)
+            for run, streaming, repeat in runs:
+                run = f"streamed {run}" if streaming else run
+                spec = dict(base, system="dpokit", data=setup["files"][n]["path"], cache_dir=str(caches[streaming]),
+                            streaming=streaming)
+                r = run_child(spec, work, f"{run.replace(' ', '-')}-{n}-{round_}{repeat}")
+                results.setdefault(f"{run}-{n}", []).append(r)
+                if not r.get("failed"):
+                    print(f"  round {round_ + 1}: {n:>7,} pairs, {run:15}: {r['seconds']:6.1f} s, "
+                          f"peak RSS {r['peak_rss_mib']:6.0f} MiB (load avg {r['loadavg_before']:.1f}–"
+                          f"{r['loadavg_after']:.1f})", flush=True)
+            for cache in caches.values():
                 shutil.rmtree(cache, ignore_errors=True)
         for n in args.legacy_sizes:
             r = run_child(dict(base, system="pre-cache", data=setup["files"][n]["path"],
@@ -374,7 +386,8 @@ def main() -> None:
 
     header = (f"dpokit data preparation: prompts ~{args.prompt_len} and responses ~{args.response_len} tokens "
               f"(x (1 ± {args.spread})), byte-level BPE vocabulary {args.vocab}, max_length 512; "
-              f"{args.rounds} round(s), median (min–max); {os.cpu_count()} CPUs, transformers "
+              f"{args.rounds} round(s), {args.cached_repeats} cached run(s) per first run, median (min–max); "
+              f"{os.cpu_count()} CPUs, transformers "
               f"{transformers.__version__}, tokenizers {tokenizers.__version__}")
     print("\n" + header + "\n" + markdown + "\n\n" + "\n".join(tok_lines))
     out = Path(args.out)

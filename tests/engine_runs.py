@@ -19,11 +19,18 @@ RUNS = {
     "lora": (train_dpo, {"lora_r": 4, "lora_alpha": 8, "optimizer": "adamw"}),
     "dpo-ref-offload": (train_dpo, {"ref_offload": True}),
     "dpo-sync-ref": (train_dpo, {"sync_ref_every": 1, "ref_mixup_alpha": 0.5}),  # TR-DPO: the reference moves
+    # --streaming: the shards written by the first process into a fresh cache directory (data_cache_dir, set
+    # below), or into a temporary entry (no cache); the other reads them
+    "dpo-streaming": (train_dpo, {"streaming": True}),
+    "dpo-streaming-uncached": (train_dpo, {"streaming": True, "data_cache": False}),
 }
+# the in-memory run that each of these must equal (in weights and metrics)
+SAME_AS = {"dpo-streaming": "dpo", "dpo-streaming-uncached": "dpo"}
 # Trained to step 2 (checkpointed), cut back as a crash would leave it, then resumed: must equal "dpo".
 RESUMED = "dpo-resumed"
 # Any run NAME + SUFFIX is run that way and must equal NAME (e.g. the TR-DPO run, whose reference moves).
 SUFFIX = "-resumed"
+STREAMING_RESUMED = "dpo-streaming" + SUFFIX  # its resume reads the shards cached by its first part
 
 
 def resumed_run(options: dict) -> None:
@@ -51,11 +58,37 @@ def common(model: str, train: str, eval_data: str, output: str) -> dict:
                 warmup_steps=1, eval_every=2, seed=3, batch_size=2, grad_accum=2)
 
 
+def count_streamed_writers(output: str) -> None:
+    """Record, per process, how many entries --streaming starts writing (only each node's first process may),
+    in OUTPUT/writers-rank<RANK>.txt when the process ends."""
+    import atexit
+    import os
+    from pathlib import Path
+
+    import dpokit.streaming
+    from dpokit.datacache import CacheWriter
+
+    started = []
+
+    class CountedWriter(CacheWriter):
+        def __init__(self, *args, **kwargs):
+            started.append(args[1])
+            super().__init__(*args, **kwargs)
+
+    dpokit.streaming.CacheWriter = CountedWriter
+    rank = os.environ.get("RANK", "0")
+    atexit.register(lambda: Path(f"{output}/writers-rank{rank}.txt").write_text(f"{len(started)}\n"))
+
+
 if __name__ == "__main__":
     output, model, train, eval_data, *runs = sys.argv[1:]
+    count_streamed_writers(output)
     for name in runs:
+        # a streamed run writes its own cache entry: the shared one of the in-memory runs would only be reused
+        cache = {"data_cache_dir": f"{output}/{name}-data-cache"} if "streaming" in name else {}
         if name.endswith(SUFFIX):
-            resumed_run({**common(model, train, eval_data, f"{output}/{name}"), **RUNS[name[:-len(SUFFIX)]][1]})
+            resumed_run({**common(model, train, eval_data, f"{output}/{name}"), **RUNS[name[:-len(SUFFIX)]][1],
+                         **cache})
             continue
         stage, options = RUNS[name]
-        stage(TrainConfig(**{**common(model, train, eval_data, f"{output}/{name}"), **options}))
+        stage(TrainConfig(**{**common(model, train, eval_data, f"{output}/{name}"), **options, **cache}))

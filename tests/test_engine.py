@@ -2,8 +2,10 @@
 
 For each engine one `accelerate launch` with its shipped config (configs/accelerate/*.yaml) trains: DPO with the
 reference resident (also offloaded), DPO with reference log-probs precomputed by a sharded pass, SFT, LoRA DPO
-and DPO interrupted after checkpoint 2 and resumed, each at batch 2 x accumulation 2 x 2 processes; the same runs in this process at batch 8 x 1 must give the same weights
-after 3 steps (float32, 1e-5) and the same train and eval metrics.
+and DPO interrupted after checkpoint 2 and resumed, each at batch 2 x accumulation 2 x 2 processes; the same runs
+in this process at batch 8 x 1 must give the same weights after 3 steps (float32, 1e-5) and the same train and
+eval metrics. Under DDP also DPO with --streaming (shards written by the first process only, into a fresh cache
+entry or a temporary one, and resumed from the cache), which must equal the in-memory run of both launches.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ import torch
 from safetensors.torch import load_file
 
 from dpokit.metrics import read_metrics
-from engine_runs import RESUMED, RUNS, SUFFIX, common
+from engine_runs import RESUMED, RUNS, SAME_AS, STREAMING_RESUMED, SUFFIX, common
 
 pytestmark = [pytest.mark.usefixtures("single_thread"),
               pytest.mark.skipif(torch.cuda.is_available(), reason="the 2-process engine checks run on CPU (gloo)")]
 
 ROOT = Path(__file__).resolve().parents[1]
-ENGINES = {"ddp": ["dpo", "dpo-precompute", "sft", "lora", RESUMED, "dpo-sync-ref"],
+STREAMED = ["dpo-streaming", "dpo-streaming-uncached", STREAMING_RESUMED]
+ENGINES = {"ddp": ["dpo", "dpo-precompute", "sft", "lora", RESUMED, "dpo-sync-ref", *STREAMED],
            "fsdp2": ["dpo", "dpo-precompute", "sft", "lora", "dpo-ref-offload", RESUMED, "dpo-sync-ref",
                      "dpo-sync-ref" + SUFFIX],
            "zero2": ["dpo", "dpo-precompute"],
@@ -70,6 +73,7 @@ def one_process(tiny_model_dir, data, tmp_path_factory):
     def run(name: str) -> Path:
         if name.endswith(SUFFIX):  # a resumed run must equal the uninterrupted one
             name = name[:-len(SUFFIX)]
+        name = SAME_AS.get(name, name)  # and a streamed one the in-memory one
         if name not in done:
             stage, options = RUNS[name]
             values = {**common(tiny_model_dir, data["train"], data["eval"], str(root / name)), **options,
@@ -114,6 +118,12 @@ def test_two_processes_under_the_engine_equal_one_process(engine, tiny_model_dir
             assert max((a[k] - plain[k]).abs().max().item() for k in a) > 1e-6
         if name == "dpo-precompute":
             assert list((two / "ref_cache").glob("*.safetensors")), "the sharded pass wrote no cache"
+        if name in STREAMED:  # the same weights as the in-memory run of this launch, too
+            memory = _final_weights(tmp_path / "dpo")
+            assert max((memory[k] - b[k]).abs().max().item() for k in b) <= 1e-5, name
+    if engine == "ddp":  # the first process wrote the shards of each streamed run (the resume reused them)
+        writers = [int((tmp_path / f"writers-rank{rank}.txt").read_text()) for rank in (0, 1)]
+        assert writers == [len(STREAMED), 0]
 
 
 def test_accelerate_launch_cpu_with_several_processes_is_a_clear_error(tiny_model_dir, data, tmp_path):

@@ -124,6 +124,30 @@ def test_without_a_cache_the_shards_are_temporary(tmp_path, tokenizer):
     assert not entry.exists()
 
 
+def test_the_other_processes_wait_for_the_writers_entry_or_stop_with_it(tmp_path, tokenizer):
+    """Under several processes the node's first process writes the entry and the others read it once its manifest
+    is in place (tests/test_engine.py runs that for real); if the writer gives up, they stop instead of waiting."""
+    import shutil
+    import threading
+
+    from dpokit.errors import DataError
+
+    data = _jsonl(tmp_path / "pairs.jsonl", _rows(200))
+    lines: list[str] = []
+    written = prepare_data(_config(data, tmp_path, streaming=True), "dpo", tokenizer, lines.append,
+                           cache_dir=tmp_path / "cache")
+    entry = Path(lines[-1].split("cached in ", 1)[1])
+    writing, final = tmp_path / "writing", tmp_path / "final"
+    shutil.copytree(entry, writing)
+    threading.Timer(0.3, lambda: writing.rename(final)).start()  # the writer's commit, while the other waits
+    train, evaluation = streaming._read_shared((str(final), str(writing)))
+    assert list(train) == list(written.train) and evaluation == []
+    with pytest.raises(DataError, match="first process of this node failed"):
+        streaming._read_shared((str(tmp_path / "never"), str(tmp_path / "aborted")))  # its directory is gone
+    with pytest.raises(DataError, match="first process of this node failed"):
+        streaming._read_shared(None)  # it failed before it began
+
+
 def test_save_to_disk_parquet_and_sft(tmp_path, tokenizer):
     datasets = pytest.importorskip("datasets")
     rows = _rows(400, seed=2)

@@ -263,7 +263,9 @@ class CacheWriter:
             self._flush(part)
         manifest["parts"] = {part: {"shards": shards, "report": dataclasses.asdict(reports[part])}
                              for part, shards in self.parts.items()}
-        _write_synced(self.tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+        # written aside and renamed: a process waiting for the manifest (dpokit.streaming) never reads half of it
+        _write_synced(self.tmp / f"{MANIFEST}.part", json.dumps(manifest, indent=1).encode())
+        os.replace(self.tmp / f"{MANIFEST}.part", self.tmp / MANIFEST)
 
     def commit(self, inputs: dict, log: list[str], reports: dict[str, FilterReport]) -> Path | None:
         """Finish the entry and move it into place; returns its path, or None if it could not be written

@@ -18,13 +18,19 @@ Where the shards go: the cache entry of the data's key, reused by later runs, st
 (``--no-data-cache``, or a streamed Hub data set, which has no fingerprint before it is downloaded) a temporary
 entry in the cache directory that is removed when the run ends. Either way the disk needs about 2 bytes per
 token (4 for vocabularies over 65536).
+
+Several processes (``accelerate launch``, ``torchrun``): the first process of each node writes the entry, the
+others read its shards once it is complete, so every process trains on the same examples in the same global
+order (the trainer's seeded permutation, split by rank as in memory). The others wait on the file system, not
+in a collective: tokenising a large data set takes longer than a collective's timeout.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
+import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from dpokit.data.checks import glued_boundary_message, glued_response
@@ -42,56 +48,122 @@ def prepare_streamed(config, stage: str, tokenizer, settings: TokenizeConfig, co
                      log: Callable[[str], None], *, cache_dir: str | os.PathLike | None = None,
                      use_cache: bool = True) -> tuple[ShardedExamples, ShardedExamples | list]:
     """The training and evaluation examples of `config` for `stage`, streamed into shards and read lazily
-    (see the module docstring); logs the same lines as the in-memory path (dpokit.api.prepare_data)."""
+    (see the module docstring); logs the same lines as the in-memory path (dpokit.api.prepare_data).
+
+    Under a multi-process launch only the first process of each node reads the data and writes the entry; the
+    others read that entry's shards (see :class:`_NodeShare`)."""
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     cache = open_cache(config, stage, tokenizer, settings, columns, cache_dir=root, log=log) if use_cache else None
-    with _local_main_first():
-        if cache is not None and (cache.path / MANIFEST).is_file():
-            try:
-                parts, lines = open_entry(cache.path, verify=True)
-            except DamagedEntry as error:
-                log(f"tokenised data: cache entry {cache.path} is damaged ({error}); tokenising again")
-                _remove(cache.path)
-            else:
-                for line in lines:
-                    log(line)
-                log(f"tokenised data: reusing {cache.path}")
-                return parts["train"], parts.get("eval", [])
-        try:
-            writer = CacheWriter(root, cache.key if cache is not None else "temporary")
-        except OSError as error:
-            raise DataError(f"--streaming writes the tokenised data to disk, and {root} cannot be written: {error} "
-                            "(set --data-cache-dir or $DPOKIT_CACHE)") from None
-        try:
-            lines, reports = _tokenize_into(writer, config, stage, tokenizer, settings, columns, log)
-            if cache is not None:
-                entry = writer.commit(cache.inputs, lines, reports)
-                if entry is None:
-                    raise DataError(f"--streaming: {writer.error}")
-                log(f"tokenised data: cached in {entry}")
-                parts, _ = open_entry(entry, verify=False)
-            else:
-                writer.finish(None, lines, reports)
-                parts, _ = open_entry(writer.tmp, verify=False, owner=TemporaryEntry(writer.tmp))
-                log(f"tokenised data: in {writer.tmp} (not cached: removed when this run ends)")
-        except BaseException:
-            writer.abort()
-            raise
+    share = _node_share()
+    if share is not None and not share.writes:
+        return _read_shared(share.exchange(None))
+    try:
+        parts = _reuse(cache, log)
+        writer = None if parts is not None else _writer(root, cache)
+    except BaseException:
+        if share is not None:
+            share.exchange(None)  # tells the others to stop too
+        raise
+    if share is not None:  # where the entry will be, and the directory it is written in until then
+        share.exchange((cache.path if cache is not None else writer.tmp, None if writer is None else writer.tmp))
+    if parts is not None:
+        return parts["train"], parts.get("eval", [])
+    try:
+        lines, reports = _tokenize_into(writer, config, stage, tokenizer, settings, columns, log)
+        if cache is not None:
+            entry = writer.commit(cache.inputs, lines, reports)
+            if entry is None:
+                raise DataError(f"--streaming: {writer.error}")
+            log(f"tokenised data: cached in {entry}")
+            parts, _ = open_entry(entry, verify=False)
+        else:
+            writer.finish(None, lines, reports)
+            parts, _ = open_entry(writer.tmp, verify=False, owner=TemporaryEntry(writer.tmp))
+            log(f"tokenised data: in {writer.tmp} (not cached: removed when this run ends)")
+    except BaseException:
+        writer.abort()
+        raise
     release_freed_memory()  # the tokenizer's freed buffers, back to the OS
     return parts["train"], parts.get("eval", [])
 
 
-@contextlib.contextmanager
-def _local_main_first():
-    """Under a multi-process launch, the first process of each node prepares the entry and the others then read
-    it (from the cache), instead of every process tokenising the same data."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
+def _writer(root: Path, cache) -> CacheWriter:
+    """A writer for `cache`'s entry, or for a temporary one when `cache` is None."""
+    try:
+        return CacheWriter(root, cache.key if cache is not None else "temporary")
+    except OSError as error:
+        raise DataError(f"--streaming writes the tokenised data to disk, and {root} cannot be written: {error} "
+                        "(set --data-cache-dir or $DPOKIT_CACHE)") from None
 
-        with PartialState().local_main_process_first():
-            yield
-    else:
-        yield
+
+def _read_shared(where: tuple[str, str | None] | None) -> tuple[ShardedExamples, ShardedExamples | list]:
+    """The parts of the entry that this node's first process writes (`where`: see _NodeShare.exchange), once
+    it is complete; raises DataError if the writer failed."""
+    failed = DataError("--streaming: the first process of this node failed to prepare the data (see its error)")
+    if where is None:
+        raise failed
+    entry, tmp = Path(where[0]), where[1] and Path(where[1])
+    delay = 0.05
+    # the writer's manifest appears whole (renamed into place, with the entry when it is cached); its
+    # directory disappears without an entry if it gave up (CacheWriter.abort)
+    while not (entry / MANIFEST).is_file():
+        if tmp is not None and not tmp.exists() and not (entry / MANIFEST).is_file():
+            raise failed
+        time.sleep(delay)
+        delay = min(2 * delay, 1.0)
+    parts, _ = open_entry(entry, verify=False)  # checked (or just written) by the writer
+    return parts["train"], parts.get("eval", [])
+
+
+def _reuse(cache, log: Callable[[str], None]) -> dict[str, ShardedExamples] | None:
+    """The parts of `cache`'s entry if it is there and checks out (logging its lines), else None (a damaged
+    entry is reported and removed)."""
+    if cache is None or not (cache.path / MANIFEST).is_file():
+        return None
+    try:
+        parts, lines = open_entry(cache.path, verify=True)
+    except DamagedEntry as error:
+        log(f"tokenised data: cache entry {cache.path} is damaged ({error}); tokenising again")
+        _remove(cache.path)
+        return None
+    for line in lines:
+        log(line)
+    log(f"tokenised data: reusing {cache.path}")
+    return parts
+
+
+@dataclass
+class _NodeShare:
+    """One entry per node under a multi-process launch: the node's first process (LOCAL_RANK 0) writes it.
+
+    The processes agree on its path with one quick collective before the writing starts; the others then wait
+    for its manifest on the file system instead of in a collective, whose timeout (30 min for gloo, 10 for
+    NCCL) tokenising a large data set would exceed. If the writer fails, the launcher stops the others."""
+
+    writes: bool
+    writer_rank: int  # the global rank of this node's first process (torchrun numbers a node's ranks in a row)
+
+    def exchange(self, where: tuple | None) -> tuple[str, str | None] | None:
+        """Every process calls this once: the writer with (entry path, temporary directory or None), or None if
+        it failed; the others with None. Returns what this node's writer gave."""
+        import torch.distributed as dist
+
+        given: list = [None] * dist.get_world_size()
+        dist.all_gather_object(given, None if where is None else tuple(p and str(p) for p in where))
+        return given[self.writer_rank]
+
+
+def _node_share() -> _NodeShare | None:
+    """The share of an initialised multi-process launch (dpokit.api makes the accelerator first), else None:
+    a process alone writes its own entry."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return None
+    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    return _NodeShare(writes=local == 0, writer_rank=dist.get_rank() - local)
 
 
 def _tokenize_into(writer: CacheWriter, config, stage: str, tokenizer, settings: TokenizeConfig,
