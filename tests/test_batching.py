@@ -74,7 +74,7 @@ def test_to_moves_tensors():
     fields = vars(batch)
     assert {k for k, v in fields.items() if isinstance(v, torch.Tensor)} == {
         "input_ids", "position_ids", "attention_mask", "target_index", "target_ids", "target_seq", "token_counts",
-        "example_ids"}
+        "example_ids", "token_example", "token_segment"}
     for name, value in fields.items():
         other = getattr(moved, name)
         if isinstance(value, torch.Tensor):
