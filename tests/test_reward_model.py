@@ -62,11 +62,3 @@ def test_saved_reward_model_loads_and_pools_the_last_real_token(reward_dir, toke
     with torch.no_grad():
         direct = score_rows(model, [text_ids(tokenizer, t) for t in texts], tokenizer.pad_token_id).tolist()
     assert together == pytest.approx(direct, abs=1e-5)
-
-
-@pytest.mark.slow
-def test_load_judge_reward_spec(reward_dir):
-    from dpokit.judges import load_judge
-
-    path, _ = reward_dir
-    assert load_judge(f"reward:{path}")(["the film"]) == pytest.approx(reward_model_judge(path)(["the film"]))

@@ -199,7 +199,6 @@ def load_judge(spec: str) -> Judge:
     * ``"implicit:POLICY_DIR:REF_DIR"`` or ``"implicit:POLICY_DIR:REF_DIR:BETA"`` - the implicit reward of the DPO
       policy against its reference, β 0.1 by default (dpokit.scoring.implicit_judge; see
       :func:`judge_continuations` for scoring a continuation given its prompt);
-    * ``"reward:PATH"`` - a reward model's raw scalar (:func:`dpokit.paper.reward_model.reward_model_judge`);
     * ``"package.module:function"`` - an importable Python callable ``str -> float`` (:func:`function_judge`).
     """
     if not isinstance(spec, str) or not spec.strip():
@@ -208,9 +207,6 @@ def load_judge(spec: str) -> Judge:
     spec = spec.strip()
     if spec.lower() == "vader":
         return vader_judge()
-    if spec.startswith("reward:"):
-        from dpokit.paper.reward_model import reward_model_judge
-        return reward_model_judge(spec[len("reward:"):])
     if spec.startswith("classifier:"):
         rest = spec[len("classifier:"):]
         path, sep, label = rest.rpartition(":")
