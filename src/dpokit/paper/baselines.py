@@ -19,9 +19,9 @@ def _config(model: str, pairs_path: str, output: str, *, steps: int, lr: float, 
             save_every: int, threads: int | None, **extra) -> TrainConfig:
     # the sweep owns its output directory (overwrite) and makes its pairs afresh (no tokenised-data cache)
     return TrainConfig(model=model, data=pairs_path, output=output, max_steps=steps, lr=lr, batch_size=batch_size,
-                       seed=seed, save_every=save_every, save_every_minutes=0, optimizer="adamw", warmup_steps=10,
-                       overwrite=True, data_cache=False, max_length=128, max_prompt_length=16, threads=threads,
-                       **extra)
+                       seed=seed, save_every=save_every, save_every_minutes=0, optimizer="adamw",
+                       warmup_steps=min(10, steps // 4), overwrite=True, data_cache=False, max_length=128,
+                       max_prompt_length=16, threads=threads, **extra)
 
 
 def checkpoint_dirs(output: str | Path) -> list[tuple[int, str]]:
