@@ -108,6 +108,8 @@ def format_report(report: dict) -> str:
         f"KL(π_θ‖π_ref) per sequence: {report['kl']['mean']:.2f} nats (mean of {report['kl']['samples']} samples)",
         f"held-out implicit-reward accuracy: {report['held_out_reward_accuracy']:.3f} "
         f"on {report['held_out_pairs']} pairs",
+        f"reward-KL frontier point (β {report['config']['beta']:g}): reward {dpo['mean_score']:.3f} at KL "
+        f"{report['kl']['mean']:.2f}; the frontier of DPO, PPO and the baselines: dpokit reproduce sentiment",
         "",
         "held-out examples (SFT → DPO):",
     ]
