@@ -67,25 +67,22 @@ def test_unknown_method_is_a_one_line_error(capsys):
 
 @pytest.mark.slow
 def test_micro_sweep_writes_the_frontier(tiny_model_dir, tmp_path):
-    from dpokit.paper.frontier import METHODS, SIZES, optional_module, run_frontier
+    from dpokit.paper.frontier import METHODS, SIZES, run_frontier
 
     tiny = SIZES["tiny"]
     # the random tiny model writes no sentiment for VADER to tell apart: the judge is the text's length
     sizes = replace(tiny, demo=replace(tiny.demo, model=tiny_model_dir, judge="builtins:len"))
-    ours = ("dpo", "preferred-ft", "unlikelihood")
-    # PPO, PPO-GT and Best-of-N come from other modules; they join when those exist
-    others = tuple(m for m in METHODS if m not in ours
-                   and all(optional_module(x) for x in ("reward_model", "ppo", "best_of_n")))
-    frontier = run_frontier(str(tmp_path / "out"), sizes, methods=ours + others, threads=1, log=lambda *_: None)
+    frontier = run_frontier(str(tmp_path / "out"), sizes, threads=1, log=lambda *_: None)
     saved = json.loads((tmp_path / "out" / "frontier.json").read_text())
-    assert saved["points"] == frontier["points"]
-    counts = {m: sum(p["method"] == m for p in saved["points"]) for m in ours + others}
-    assert counts["dpo"] == len(tiny.dpo_betas) * tiny.dpo_steps  # a point per checkpoint (save_every 1)
-    assert counts["preferred-ft"] == counts["unlikelihood"] == tiny.baseline_steps
-    if "best-of-n" in counts:
-        assert counts["best-of-n"] == len(tiny.best_of_n)
+    assert saved["points"] == frontier["points"] and saved["skipped"] == {}
+    counts = {m: sum(p["method"] == m for p in saved["points"]) for m in METHODS}
+    assert counts == {"dpo": len(tiny.dpo_betas) * tiny.dpo_steps,  # a point per checkpoint (save_every 1)
+                      "preferred-ft": tiny.baseline_steps, "unlikelihood": tiny.baseline_steps,
+                      "ppo": len(tiny.ppo_kl_coefs), "ppo-gt": len(tiny.ppo_kl_coefs), "best-of-n": len(tiny.best_of_n)}
     for p in saved["points"]:
         assert p["reward"] > 0 and math.isfinite(p["kl"])
+        assert p["kl_estimate"] == ("sampled" if p["method"] != "best-of-n" else "analytic bound log N - (N-1)/N")
+    assert [p["kl"] for p in saved["points"] if p["method"] == "best-of-n"] == [0.0, pytest.approx(math.log(2) - 0.5)]
     assert saved["reference"]["kl"] == 0.0
     assert (tmp_path / "out" / "frontier.png").stat().st_size > 5_000
     report = (tmp_path / "out" / "report.md").read_text()

@@ -312,7 +312,8 @@ def run_frontier(output: str, sizes: str | Sizes = "full", *, methods: tuple[str
         begun = time.monotonic()
         points += function(task)
         seconds[method] = time.monotonic() - begun
-    frontier = {"points": points, "reference": reference, "skipped": skipped, "sizes": sizes_name,
+    frontier = {"points": points, "reference": reference, "skipped": skipped, "judge": task.sizes.demo.judge,
+                "sizes": sizes_name,
                 "config": json.loads(json.dumps(asdict(task.sizes))), "seed": seed,
                 "seconds": {**seconds, "total": time.monotonic() - started}}
     write_outputs(out, frontier)

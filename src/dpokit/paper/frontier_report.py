@@ -74,8 +74,9 @@ def verdict(points: list[dict], skipped: dict[str, str] | None = None) -> str:
     return " ".join(sentences)
 
 
-def plot_frontier(path: Path, points: list[dict], reference: dict | None = None) -> Path:
-    """Reward against KL(π‖π_ref), one colour per method (the paper's Fig. 2, left), to `path` (PNG)."""
+def plot_frontier(path: Path, points: list[dict], reference: dict | None = None, judge: str = "vader") -> Path:
+    """Reward (the `judge`'s score) against KL(π‖π_ref), one colour per method (the paper's Fig. 2, left), to
+    `path` (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,7 +91,7 @@ def plot_frontier(path: Path, points: list[dict], reference: dict | None = None)
     if reference is not None:
         ax.scatter([0.0], [reference["reward"]], marker="*", s=120, color="black", label="SFT (π_ref)")
     ax.set_xlabel("KL(π ‖ π_ref) per sequence (nats)")
-    ax.set_ylabel("mean reward (VADER compound)")
+    ax.set_ylabel("mean reward (" + ("VADER compound" if judge == "vader" else judge) + ")")
     ax.set_title("controlled sentiment (embedded review model): reward vs KL")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
@@ -122,7 +123,7 @@ def _machine() -> str:
 def write_outputs(out: Path, frontier: dict) -> None:
     """frontier.json, frontier.png and report.md in `out`."""
     (out / "frontier.json").write_text(json.dumps(frontier, indent=1))
-    plot_frontier(out / "frontier.png", frontier["points"], frontier.get("reference"))
+    plot_frontier(out / "frontier.png", frontier["points"], frontier.get("reference"), frontier.get("judge", "vader"))
     seconds = frontier["seconds"]
     lines = [
         "# Reward–KL frontier (DPO paper §6.1, Fig. 2 left), miniature",
@@ -138,8 +139,8 @@ def write_outputs(out: Path, frontier: dict) -> None:
         "",
         "## Points",
         "",
-        "Reward: mean VADER compound score of the policy's samples on held-out prompts; KL: mean of "
-        "log π(y|x) − log π_ref(y|x) over the same samples. Best-of-N's KL is the analytic bound "
+        f"Reward: mean score ({frontier.get('judge', 'vader')}) of the policy's samples on held-out prompts; KL: "
+        "the mean of log π(y|x) − log π_ref(y|x) over the same samples. Best-of-N's KL is the analytic bound "
         "log N − (N−1)/N.",
         "",
         table(frontier["points"], frontier.get("reference")),
