@@ -135,19 +135,28 @@ def prepare_task(out: Path, sizes: Sizes, seed: int, threads: int | None, log: C
                 reference, judge, threads, log)
 
 
+def reward_summary(scores: list[float]) -> dict:
+    """Mean judge score, its standard error (the sampling noise of a point), share of positive scores, count."""
+    from dpokit.judges import POSITIVE_THRESHOLD
+
+    n = len(scores)
+    mean = sum(scores) / n
+    se = math.sqrt(sum((s - mean) ** 2 for s in scores) / (n - 1) / n) if n > 1 else 0.0
+    return {"reward": mean, "reward_se": se, "positive_share": sum(s > POSITIVE_THRESHOLD for s in scores) / n,
+            "samples": n}
+
+
 def measure(task: Task, policy, method: str, knob: dict) -> dict:
     """One point: the judge's mean score of `policy`'s samples on the held-out prompts and the mean of
     log π(y|x) − log π_ref(y|x) over the same samples. Every point samples with the same seed."""
     from dpokit.demo import _kl_per_sequence, sample_continuations
-    from dpokit.judges import POSITIVE_THRESHOLD
 
     demo = task.sizes.demo
     samples = sample_continuations(policy, task.tokenizer, task.held_out, task.sizes.eval_samples, demo, demo.seed + 10)
     scores = [s for prompt, group in zip(task.held_out, samples) for s in task.judge([prompt + x.text for x in group])]
     kls = _kl_per_sequence(policy, task.reference, [x for group in samples for x in group])
-    point = {"method": method, "knob": knob, "reward": sum(scores) / len(scores), "kl": sum(kls) / len(kls),
-             "kl_estimate": "sampled", "positive_share": sum(s > POSITIVE_THRESHOLD for s in scores) / len(scores),
-             "samples": len(scores)}
+    point = {"method": method, "knob": knob, **reward_summary(scores), "kl": sum(kls) / len(kls),
+             "kl_estimate": "sampled"}
     task.log(f"      {method} {knob}: reward {point['reward']:.3f}, KL {point['kl']:.2f}")
     return point
 
@@ -246,8 +255,6 @@ def best_of_n_bound(n: int) -> float:
 
 def best_of_n_points(task: Task) -> list[dict]:
     """Best-of-N of π_ref under the learned reward model, scored by the judge; KL: the analytic bound."""
-    from dpokit.judges import POSITIVE_THRESHOLD
-
     module, s, demo, points = optional_module("best_of_n"), task.sizes, task.sizes.demo, []
     reward = _reward_model(task)
     prompts = task.held_out[: s.best_of_n_prompts]
@@ -256,10 +263,8 @@ def best_of_n_points(task: Task) -> list[dict]:
                                  max_new_tokens=demo.max_new_tokens, temperature=demo.temperature,
                                  seed=demo.seed + 10, batch_size=32 * max(1, min(n, 8)))
         scores = task.judge([p + t for p, t in zip(prompts, texts)])
-        points.append({"method": "best-of-n", "knob": {"n": n}, "reward": sum(scores) / len(scores),
-                       "kl": best_of_n_bound(n), "kl_estimate": "analytic bound log N - (N-1)/N",
-                       "positive_share": sum(x > POSITIVE_THRESHOLD for x in scores) / len(scores),
-                       "samples": len(scores)})
+        points.append({"method": "best-of-n", "knob": {"n": n}, **reward_summary(scores), "kl": best_of_n_bound(n),
+                       "kl_estimate": "analytic bound log N - (N-1)/N"})
         task.log(f"      best-of-n N={n}: reward {points[-1]['reward']:.3f}, KL ≤ {points[-1]['kl']:.2f}")
     return points
 

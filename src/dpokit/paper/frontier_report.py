@@ -90,11 +90,13 @@ def plot_frontier(path: Path, points: list[dict], reference: dict | None = None,
                        marker="^" if method == "best-of-n" else "o", alpha=0.85)
     if reference is not None:
         ax.scatter([0.0], [reference["reward"]], marker="*", s=120, color="black", label="SFT (π_ref)")
-    ax.set_xlabel("KL(π ‖ π_ref) per sequence (nats)")
+    # symmetric-log x: linear below 1 nat, where most points lie, logarithmic above (a degenerate run can reach 50)
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlabel("KL(π ‖ π_ref) per sequence (nats; linear below 1, log above)")
     ax.set_ylabel("mean reward (" + ("VADER compound" if judge == "vader" else judge) + ")")
     ax.set_title("controlled sentiment (embedded review model): reward vs KL")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -103,15 +105,15 @@ def plot_frontier(path: Path, points: list[dict], reference: dict | None = None,
 
 def table(points: list[dict], reference: dict | None = None) -> str:
     """The points as a Markdown table, by method then KL."""
-    rows = ["| method | knob | reward | KL (nats) | positive |", "|---|---|---:|---:|---:|"]
+    rows = ["| method | knob | reward ± s.e. | KL (nats) | positive |", "|---|---|---:|---:|---:|"]
     if reference is not None:
-        rows.append(f"| SFT (π_ref) | - | {reference['reward']:.3f} | {reference['kl']:.2f} | "
-                    f"{reference['positive_share']:.1%} |")
+        rows.append(f"| SFT (π_ref) | - | {reference['reward']:.3f} ± {reference.get('reward_se', 0):.3f} | "
+                    f"{reference['kl']:.2f} | {reference['positive_share']:.1%} |")
     order = list(COLOURS)
     for p in sorted(points, key=lambda p: (order.index(p["method"]) if p["method"] in order else 99, p["kl"])):
         bound = " (bound)" if p.get("kl_estimate", "sampled") != "sampled" else ""
-        rows.append(f"| {p['method']} | {_knob(p)} | {p['reward']:.3f} | {p['kl']:.2f}{bound} | "
-                    f"{p['positive_share']:.1%} |")
+        rows.append(f"| {p['method']} | {_knob(p)} | {p['reward']:.3f} ± {p.get('reward_se', 0):.3f} | "
+                    f"{p['kl']:.2f}{bound} | {p['positive_share']:.1%} |")
     return "\n".join(rows)
 
 
@@ -141,7 +143,8 @@ def write_outputs(out: Path, frontier: dict) -> None:
         "",
         f"Reward: mean score ({frontier.get('judge', 'vader')}) of the policy's samples on held-out prompts; KL: "
         "the mean of log π(y|x) − log π_ref(y|x) over the same samples. Best-of-N's KL is the analytic bound "
-        "log N − (N−1)/N.",
+        "log N − (N−1)/N. ± s.e.: the standard error of the mean reward (sampling noise; the verdict compares the "
+        "means as they are).",
         "",
         table(frontier["points"], frontier.get("reference")),
         "",
