@@ -49,9 +49,9 @@ class Sizes:
     baseline_lr: float = 1e-4
     unlikelihood_alpha: float = 1.0
     ppo_kl_coefs: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)
-    ppo_steps: int = 60
+    ppo_steps: int = 32
     ppo_batch_size: int = 32
-    ppo_epochs: int = 4
+    ppo_epochs: int = 2  # dpokit.paper.ppo.train_ppo's default (its minibatches of 8)
     ppo_lr: float = 1e-4
     reward_model_steps: int = 150
     reward_model_lr: float = 1e-4
@@ -63,7 +63,7 @@ SIZES = {
     "full": Sizes(),
     # about 10 minutes on a 2-core CPU: fewer prompts, β values, steps and PPO coefficients
     "quick": Sizes(demo=DemoConfig(prompts=128), eval_prompts=64, dpo_betas=(0.1, 0.5, 2.0), dpo_steps=60,
-                   save_every=30, baseline_steps=60, ppo_kl_coefs=(0.03, 0.3), ppo_steps=15,
+                   save_every=30, baseline_steps=60, ppo_kl_coefs=(0.03, 0.3), ppo_steps=16,
                    reward_model_steps=60, best_of_n=(1, 4, 16), best_of_n_prompts=64),
     # seconds, for tests: every stage runs once, on minimal data
     "tiny": Sizes(demo=DemoConfig(sft_reviews=32, sft_steps=2, prompts=16, completions=3, max_new_tokens=8),
