@@ -37,7 +37,7 @@ def test_verdict_names_the_ppo_points_left_undominated():
     assert undominated(ppo, dpo) == [ppo[0]]
     text = verdict(dpo + ppo + [_p("unlikelihood", 0.1, 2.0, step=50)])
     assert text.startswith("DPO's frontier does not dominate PPO's: 1 of the 2 PPO points have no DPO point")
-    assert "kl_coef=0.3 (reward 0.500 at KL 1.20)" in text
+    assert "kl_coef=0.3 (reward 0.500 at KL 1.20; DPO's best at no more KL: 0.300 ± 0.000)" in text
     assert "each of the 1 Unlikelihood points has a DPO point" in text
 
 

@@ -283,7 +283,7 @@ SWEEPS: dict[str, tuple[Callable[[Task], list[dict]], tuple[str, ...]]] = {
 def run_frontier(output: str, sizes: str | Sizes = "full", *, methods: tuple[str, ...] = METHODS, seed: int = 0,
                  threads: int | None = None, log: Callable[[str], None] = print) -> dict:
     """Run the sweep; write OUTPUT/frontier.json, frontier.png and report.md; return the frontier dict."""
-    from dpokit.paper.frontier_report import write_outputs
+    from dpokit.paper.frontier_report import machine, write_outputs
 
     if isinstance(sizes, str):
         if sizes not in SIZES:
@@ -320,7 +320,7 @@ def run_frontier(output: str, sizes: str | Sizes = "full", *, methods: tuple[str
     frontier = {"points": points, "reference": reference, "skipped": skipped, "judge": task.sizes.demo.judge,
                 "sizes": sizes_name,
                 "config": json.loads(json.dumps(asdict(task.sizes))), "seed": seed,
-                "seconds": {**seconds, "total": time.monotonic() - started}}
+                "seconds": {**seconds, "total": time.monotonic() - started}, "machine": machine()}
     write_outputs(out, frontier)
     say(f"done: {out / 'frontier.json'}, {out / 'frontier.png'}, {out / 'report.md'}")
     return frontier

@@ -38,6 +38,15 @@ def _best(points: list[dict]) -> dict:
     return max(points, key=lambda p: p["reward"])
 
 
+def _best_below(point: dict, dpo: list[dict]) -> str:
+    """The best DPO reward at no more KL than `point`'s, with its standard error: how far DPO falls short."""
+    below = [q for q in dpo if q["kl"] <= point["kl"]]
+    if not below:
+        return "; no DPO point at so little KL"
+    best = _best(below)
+    return f"; DPO's best at no more KL: {best['reward']:.3f} ± {best.get('reward_se', 0):.3f}"
+
+
 def _compare(method: str, mine: list[dict], dpo: list[dict]) -> str:
     """One sentence: how many of `method`'s points some DPO point dominates, naming the others."""
     left = undominated(mine, dpo)
@@ -45,7 +54,7 @@ def _compare(method: str, mine: list[dict], dpo: list[dict]) -> str:
     if not left:
         return (f"DPO's frontier dominates {name}'s: each of the {len(mine)} {name} points has a DPO point with at "
                 "least its reward at no more KL.")
-    which = "; ".join(f"{_knob(p)} (reward {p['reward']:.3f} at KL {p['kl']:.2f})" for p in left)
+    which = "; ".join(f"{_knob(p)} (reward {p['reward']:.3f} at KL {p['kl']:.2f}{_best_below(p, dpo)})" for p in left)
     return (f"DPO's frontier does not dominate {name}'s: {len(left)} of the {len(mine)} {name} points have no DPO "
             f"point with at least their reward at no more KL: {which}.")
 
@@ -117,7 +126,8 @@ def table(points: list[dict], reference: dict | None = None) -> str:
     return "\n".join(rows)
 
 
-def _machine() -> str:
+def machine() -> str:
+    """The CPU count and load averages now: how busy the machine was when a run ended."""
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return f"{os.cpu_count()} CPUs, load average {load} (1, 5, 15 min) at the end of the run"
 
@@ -131,7 +141,7 @@ def write_outputs(out: Path, frontier: dict) -> None:
         "# Reward–KL frontier (DPO paper §6.1, Fig. 2 left), miniature",
         "",
         f"`dpokit reproduce sentiment` with sizes `{frontier['sizes']}`, seed {frontier['seed']}: "
-        f"{seconds['total']:.0f} s on {_machine()}.",
+        f"{seconds['total']:.0f} s on {frontier.get('machine') or machine()}.",
         "",
         "## Verdict",
         "",
