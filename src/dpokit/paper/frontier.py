@@ -3,7 +3,7 @@
 The demo's SFT model is π_ref and its sampled, judge-labelled pairs are the preference data; then every method
 sweeps its knob and each resulting policy becomes a point: the mean ground-truth reward (the judge, VADER) of its
 samples on held-out prompts, against KL(π‖π_ref) per sequence estimated from the same samples
-(dpokit.demo._kl_per_sequence). The methods, as the paper names them:
+(dpokit.iterate.kl_per_sequence). The methods, as the paper names them:
 
 * ``dpo``: β ∈ {0.05, …, 5}, each with checkpoints along training;
 * ``preferred-ft`` and ``unlikelihood`` (dpokit.paper.baselines): checkpoints along training;
@@ -102,15 +102,17 @@ def optional_module(name: str):
 
 
 def prepare_task(out: Path, sizes: Sizes, seed: int, threads: int | None, log: Callable[[str], None]) -> Task:
-    """The demo's stages 1-2: SFT (π_ref), then pairs from π_ref's samples labelled by the judge; the held-out
-    prompts are drawn as the demo draws them (distinct, never used in training)."""
+    """The demo's SFT (π_ref), then its pairs: π_ref's samples labelled by the judge (dpokit.iterate, the demo's
+    round); the held-out prompts are drawn as the demo draws them (distinct, never used in training)."""
     from dpokit.api import load_model, load_tokenizer
-    from dpokit.demo import label_pairs, sample_continuations, train_reference
+    from dpokit.demo import train_reference
+    from dpokit.iterate import sample_and_label, write_pairs
     from dpokit.judges import load_judge
     from dpokit.reviews import base_model_path, review_prefixes
     from dpokit.threads import apply_threads, config_width
 
-    demo = replace(sizes.demo, seed=seed, batch_size=sizes.batch_size, threads=threads or 0)
+    demo = replace(sizes.demo, seed=seed, batch_size=sizes.batch_size, eval_samples=sizes.eval_samples,
+                   threads=threads or 0)
     base = demo.model or base_model_path()
     tokenizer = load_tokenizer(base)
     apply_threads(threads, width=config_width(base), log=log)
@@ -121,16 +123,11 @@ def prepare_task(out: Path, sizes: Sizes, seed: int, threads: int | None, log: C
     seen = set(train_prompts)
     candidates = review_prefixes(sizes.eval_prompts * 4, seed + 3, tokenizer)
     held_out = list(dict.fromkeys(p for p in candidates if p not in seen))[: sizes.eval_prompts]
-    rng = random.Random(seed)
-    pairs = []
-    samples = sample_continuations(reference, tokenizer, train_prompts, demo.completions, demo, seed)
-    for k, (prompt, group) in enumerate(zip(train_prompts, samples)):
-        texts = [x.text for x in group]
-        pairs += label_pairs(prompt, texts, judge([prompt + t for t in texts]), demo, rng, f"prompt {k}")[0]
+    labelled = sample_and_label(reference, tokenizer, judge, train_prompts, demo.round_settings(), seed,
+                                random.Random(seed), "prompt")
     pairs_path = out / "pairs.jsonl"
-    pairs_path.write_text("".join(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected})
-                                  + "\n" for p in pairs))
-    log(f"      {len(pairs)} pairs from {len(train_prompts)} prompts; {len(held_out)} held-out prompts")
+    write_pairs(pairs_path, labelled.pairs)
+    log(f"      {len(labelled.pairs)} pairs from {len(train_prompts)} prompts; {len(held_out)} held-out prompts")
     return Task(out, replace(sizes, demo=demo), sft_dir, str(pairs_path), train_prompts, held_out, tokenizer,
                 reference, judge, threads, log)
 
@@ -149,12 +146,13 @@ def reward_summary(scores: list[float]) -> dict:
 def measure(task: Task, policy, method: str, knob: dict) -> dict:
     """One point: the judge's mean score of `policy`'s samples on the held-out prompts and the mean of
     log π(y|x) − log π_ref(y|x) over the same samples. Every point samples with the same seed."""
-    from dpokit.demo import _kl_per_sequence, sample_continuations
+    from dpokit.iterate import START_EVAL_SEED, held_out_samples, kl_per_sequence
 
     demo = task.sizes.demo
-    samples = sample_continuations(policy, task.tokenizer, task.held_out, task.sizes.eval_samples, demo, demo.seed + 10)
-    scores = [s for prompt, group in zip(task.held_out, samples) for s in task.judge([prompt + x.text for x in group])]
-    kls = _kl_per_sequence(policy, task.reference, [x for group in samples for x in group])
+    samples, scores = held_out_samples(policy, task.tokenizer, task.judge, task.held_out, demo.round_settings(),
+                                       demo.seed + START_EVAL_SEED)
+    scores = [s for group in scores for s in group]
+    kls = kl_per_sequence(policy, task.reference, [x for group in samples for x in group])
     point = {"method": method, "knob": knob, **reward_summary(scores), "kl": sum(kls) / len(kls),
              "kl_estimate": "sampled"}
     task.log(f"      {method} {knob}: reward {point['reward']:.3f}, KL {point['kl']:.2f}")
