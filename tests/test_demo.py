@@ -40,3 +40,13 @@ def test_reduced_demo_moves_every_effect_in_the_right_direction(tmp_path):
     assert not set(r["prompt"] for r in saved["prompts"]) & set(saved["train_prompts"])
     for name in ("training_curves.png", "judge_scores.png", "summary.png"):
         assert (tmp_path / "demo" / name).stat().st_size > 10_000
+
+
+def test_the_report_gives_the_dpo_models_frontier_point_and_the_command_for_the_frontier():
+    from dpokit.demo import format_report
+
+    report = {"sft": {"mean_score": 0.15, "positive_share": 0.56}, "dpo": {"mean_score": 0.808, "positive_share": 0.97},
+              "kl": {"mean": 5.876, "samples": 256}, "held_out_reward_accuracy": 0.865, "held_out_pairs": 643,
+              "config": {"beta": 0.1, "examples_shown": 0}, "prompts": []}
+    assert ("reward-KL frontier point (β 0.1): reward 0.808 at KL 5.88; the frontier of DPO, PPO and the baselines: "
+            "dpokit reproduce sentiment") in format_report(report).splitlines()

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dpokit.losses import LossConfig, preference_loss, preference_metrics, sft_loss
+from dpokit.losses import LossConfig, preference_loss, preference_metrics, sft_loss, unlikelihood_loss
 from loss_helpers import BETA, PC, PR, RC, RR, close, one_pair, random_batch, t
 
 
@@ -375,3 +375,20 @@ def test_wpo_pair_weights_scale_the_preference_loss_only():
     assert weights.grad is None  # the weights are constants, as in WPO
     with pytest.raises(ValueError, match="pair_weights"):
         one_pair(LossConfig(use_weighting=True))
+
+
+def test_unlikelihood_value():
+    # chosen tokens p = 0.5, 0.25: -log 0.5 - log 0.25 = log 8; rejected p = 0.5, 0.9: -log(0.5) - log(0.1) = log 20
+    chosen = torch.log(torch.tensor([0.5, 0.25]))
+    rejected = torch.log(torch.tensor([0.5, 0.9]))
+    assert unlikelihood_loss(chosen, rejected).item() == pytest.approx(math.log(8) + math.log(20), rel=1e-5)
+    assert unlikelihood_loss(chosen, rejected, alpha=0.5).item() == pytest.approx(math.log(8) + 0.5 * math.log(20),
+                                                                                   rel=1e-5)
+
+
+def test_unlikelihood_of_a_certain_token_is_large_but_finite_and_so_is_its_gradient():
+    rejected = torch.zeros(1, requires_grad=True)  # p = 1: 1 - p is floored at 1e-5
+    loss = unlikelihood_loss(torch.zeros(0), rejected)
+    assert loss.item() == pytest.approx(-math.log(1e-5), rel=1e-3)
+    loss.backward()
+    assert torch.isfinite(rejected.grad).all()

@@ -329,11 +329,21 @@ def _train_dpo(config: TrainConfig) -> dict[str, float]:
 
 def train_sft(config: TrainConfig) -> dict[str, float]:
     """Supervised fine-tuning of `config.model` on completions (or the chosen responses of a preference set)."""
+    return train_objective(config, "sft", SFTObjective())
+
+
+def train_objective(config: TrainConfig, stage: str, objective) -> dict[str, float]:
+    """Train `config.model` on `config.data` with any reference-free `objective` (dpokit.objective): the loop,
+    data, checkpoints and final model of `dpokit sft` (`stage` "sft": completions or chosen responses) or of
+    `dpokit dpo` (`stage` "dpo": preference pairs; `config.reference_free` must be set, since no reference is
+    given to the objective). Returns the final evaluation metrics."""
+    if stage == "dpo" and not config.reference_free:
+        raise ConfigError("train_objective: set reference_free (no reference model is set up for the objective)")
     check_train_inputs(config)
     with _claim(config):
-        run = _start(config, "sft")
+        run = _start(config, stage)
         engine = _prepare(run, config, config.logits == "chunked")
-        return _run(run, engine, SFTObjective(), config, SFTObjective())
+        return _run(run, engine, objective, config, objective)
 
 
 def _prepare(run: _Run, config: TrainConfig, chunked: bool) -> Engine:

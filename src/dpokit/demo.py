@@ -34,6 +34,21 @@ from dpokit.reviews import base_model_path, generate_reviews, review_prefixes
 from dpokit.threads import apply_threads, config_width
 
 
+def train_reference(config: DemoConfig, out: Path) -> str:
+    """The demo's SFT step: fine-tune the base model (`config.model` or the embedded one) on `config.sft_reviews`
+    generated reviews (written to OUT/sft.jsonl) into OUT/sft; returns the directory of the result, π_ref."""
+    reviews = generate_reviews(config.sft_reviews, seed=config.seed + 1)
+    (out / "sft.jsonl").write_text("".join(json.dumps({"prompt": "", "completion": " " + r.strip()}) + "\n"
+                                           for r in reviews))
+    # the demo owns its output directory: a re-run replaces its stages (overwrite); its data is made afresh on
+    # every run, so caching the tokenised copy would only fill the user's cache
+    train_sft(TrainConfig(model=config.model or base_model_path(), data=str(out / "sft.jsonl"),
+                          output=str(out / "sft"), lr=config.sft_lr, overwrite=True, data_cache=False,
+                          optimizer="adamw", warmup_steps=5, max_steps=config.sft_steps, batch_size=config.batch_size,
+                          seed=config.seed, max_length=256, max_prompt_length=8))
+    return str(out / "sft" / "final")
+
+
 def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict:
     """Run the whole demo (SFT, then one round of dpokit.iterate from the SFT model); write report.json and plots
     to `config.output`; return the report."""
@@ -46,15 +61,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict:
     apply_threads(config.threads or None, width=config_width(base), log=log)
 
     log(f"[1/4] SFT of {base} on {config.sft_reviews} generated reviews")
-    reviews = generate_reviews(config.sft_reviews, seed=config.seed + 1)
-    (out / "sft.jsonl").write_text("".join(json.dumps({"prompt": "", "completion": " " + r.strip()}) + "\n"
-                                           for r in reviews))
-    # the demo owns its output directory: a re-run replaces its stages (overwrite); its data is made afresh on
-    # every run, so caching the tokenised copy would only fill the user's cache
-    train_sft(TrainConfig(model=base, data=str(out / "sft.jsonl"), output=str(out / "sft"), lr=config.sft_lr,
-                          overwrite=True, data_cache=False, optimizer="adamw", warmup_steps=5, max_steps=config.sft_steps,
-                          batch_size=config.batch_size, seed=config.seed, max_length=256, max_prompt_length=8))
-    sft_dir = str(out / "sft" / "final")
+    sft_dir = train_reference(config, out)
     reference = load_model(sft_dir)
 
     train_prompts = review_prefixes(config.prompts, config.seed + 2, tokenizer)
@@ -101,6 +108,8 @@ def format_report(report: dict) -> str:
         f"KL(π_θ‖π_ref) per sequence: {report['kl']['mean']:.2f} nats (mean of {report['kl']['samples']} samples)",
         f"held-out implicit-reward accuracy: {report['held_out_reward_accuracy']:.3f} "
         f"on {report['held_out_pairs']} pairs",
+        f"reward-KL frontier point (β {report['config']['beta']:g}): reward {dpo['mean_score']:.3f} at KL "
+        f"{report['kl']['mean']:.2f}; the frontier of DPO, PPO and the baselines: dpokit reproduce sentiment",
         "",
         "held-out examples (SFT → DPO):",
     ]

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from dpokit.batching import Batch
 from dpokit.errors import ConfigError
-from dpokit.logprobs import sequence_alignment_logprobs, sequence_logprobs
+from dpokit.logprobs import sequence_alignment_logprobs, sequence_logprobs, token_logprobs
 
 ReferenceState = Callable[[nn.Module], contextlib.AbstractContextManager]
 
@@ -61,9 +61,13 @@ class Scorer(nn.Module):
         """The wrapped model's output layer."""
         return self.model.get_output_embeddings()
 
-    def forward(self, batch: Batch, reference: bool = False, alignment: bool = False) -> Tensor:
+    def forward(self, batch: Batch, reference: bool = False, alignment: bool = False, tokens: bool = False) -> Tensor:
         """Summed response log-probs of every sequence of `batch` (as the reference when `reference`); with
-        `alignment`, WPO's weight exponents instead (logprobs.sequence_alignment_logprobs, no gradients)."""
+        `alignment`, WPO's weight exponents instead (logprobs.sequence_alignment_logprobs, no gradients); with
+        `tokens`, the policy's log-prob of every response token (``batch.target_ids`` order: token-level losses
+        such as unlikelihood)."""
+        if tokens:
+            return token_logprobs(self.model, batch, chunked=self.chunked)
         if alignment:
             return sequence_alignment_logprobs(self.model, batch, chunked=self.chunked)
         if not reference:

@@ -154,3 +154,10 @@ def kto_kl_estimate(kl_logratio: Tensor) -> Tensor:
     (each prompt with another example's completion), clamped at 0 and detached, as the KTO paper (Sec. 4.1) and
     TRL's KTOTrainer estimate ``KL(pi || ref)``."""
     return kl_logratio.detach().mean().clamp(min=0)
+
+
+def unlikelihood_token_loss(token_logps: Tensor, min_complement: float = 1e-5) -> Tensor:
+    """Unlikelihood (Welleck et al. 2019) of each token: ``-log(1 - p)`` from its log-prob ``log p``, with
+    ``1 - p`` floored at `min_complement` (as the authors' code clamps it) so that a token the model is sure of
+    gives a large but finite loss."""
+    return -log1mexp(token_logps.clamp(max=math.log1p(-min_complement)))

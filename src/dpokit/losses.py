@@ -178,6 +178,20 @@ def sft_loss(logps: Tensor, token_counts: Tensor) -> Tensor:
     return -logps.float()
 
 
+def unlikelihood_loss(chosen_token_logps: Tensor, rejected_token_logps: Tensor, alpha: float = 1.0) -> Tensor:
+    """The DPO paper's Unlikelihood baseline (§6; Welleck et al. 2019) on one batch of pairs: the SUM over tokens
+    ``-sum log p(chosen token) - alpha * sum log(1 - p(rejected token))`` (float32 scalar).
+
+    Takes the policy's log-prob of every response token (flat ``[T]`` tensors, the chosen responses' tokens and
+    the rejected ones'): the likelihood of the preferred responses goes up and, token by token, the probability of
+    the dispreferred ones goes down. Not divided by anything: the caller divides by its token count, as for
+    :func:`sft_loss`. ``1 - p`` is floored at 1e-5 (:func:`dpokit.loss_formulas.unlikelihood_token_loss`).
+    """
+    _check_1d("chosen_token_logps", chosen_token_logps, None)
+    _check_1d("rejected_token_logps", rejected_token_logps, None)
+    return -chosen_token_logps.float().sum() + alpha * lf.unlikelihood_token_loss(rejected_token_logps.float()).sum()
+
+
 def preference_metrics(
     out: PreferenceLossOutput, policy_chosen: Tensor, policy_rejected: Tensor
 ) -> dict[str, Tensor]:

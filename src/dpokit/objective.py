@@ -1,4 +1,5 @@
-"""What one training step computes: DPO (policy and reference log-probs -> preference loss) or SFT (NLL).
+"""What one training step computes: DPO (policy and reference log-probs -> preference loss), SFT (NLL), KTO, or the
+paper's Unlikelihood baseline (token log-probs of both responses).
 
 An objective returns the *sum* of its per-item losses over a micro-batch and says what that sum is to be
 divided by (pairs for DPO, tokens for SFT). The trainer adds the divisors of every micro-batch of a step,
@@ -17,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from dpokit.batching import Batch, shared_length_weights
-from dpokit.losses import LossConfig, preference_loss, preference_metrics, unpaired_loss
+from dpokit.losses import (LossConfig, preference_loss, preference_metrics, unlikelihood_loss,
+                           unpaired_loss)
 from dpokit.tokenize import TokenizedExample
 
 Reference = Callable[[Batch, nn.Module], Tensor]  # (batch, the engine-wrapped policy) -> log-probs
@@ -164,3 +166,29 @@ class KTOObjective:
         counts = {"rewards/chosen": d.sum(), "rewards/rejected": u.sum(), "logps/chosen": d.sum(),
                   "logps/rejected": u.sum()}
         return StepResult(out.losses.sum(), metrics, counts)
+
+
+class UnlikelihoodObjective:
+    """The DPO paper's Unlikelihood baseline on (chosen, rejected) pairs (dpokit.losses.unlikelihood_loss): the
+    chosen response's likelihood up, each rejected token's probability down; no reference. The loss is a mean
+    over all response tokens of the batch, chosen and rejected."""
+
+    num_responses = 2
+    # the trainer's evaluation sums these (the two terms of the loss, each per token of the batch)
+    metric_names = ("loss", "loss/chosen_nll", "loss/rejected_unlikelihood")
+
+    def __init__(self, alpha: float = 1.0) -> None:
+        self.alpha = alpha
+
+    def divisor(self, batch: Batch) -> int:
+        """Response tokens of both responses: the loss is a mean over tokens."""
+        return int(batch.token_counts.sum())
+
+    def __call__(self, scorer: nn.Module, batch: Batch) -> StepResult:
+        """Loss and metric sums on `batch` of the policy whose token log-probs `scorer(batch, tokens=True)` gives."""
+        logps = scorer(batch, tokens=True)
+        chosen = batch.target_seq % 2 == 0  # sequences alternate chosen, rejected (as DPOObjective reads them)
+        nll = unlikelihood_loss(logps[chosen], logps.new_zeros(0))
+        loss = unlikelihood_loss(logps[chosen], logps[~chosen], self.alpha)
+        return StepResult(loss, {"loss": loss.detach(), "loss/chosen_nll": nll.detach(),
+                                 "loss/rejected_unlikelihood": (loss - nll).detach()})

@@ -5,5 +5,5 @@ arguments. Like dpokit.cli, a command module imports torch and transformers only
 ``--help`` and option errors answer at once.
 """
 
-MODULES = ("merge", "score", "rank", "winrate", "iterate")
+MODULES = ("merge", "score", "rank", "winrate", "iterate", "reproduce")
 """dpokit.commands.<name> modules, in the order their commands are listed by ``dpokit --help``."""
