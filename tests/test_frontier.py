@@ -66,6 +66,26 @@ def test_unknown_method_is_a_one_line_error(capsys):
 
 
 @pytest.mark.slow
+def test_a_directory_in_use_or_holding_a_sweep_is_refused_untouched(tmp_path, capsys):
+    from dpokit.cli import main
+    from dpokit.rundir import LOCK
+
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "frontier.json").write_text("{}")
+    assert main(["reproduce", "sentiment", "--output", str(held), "--sizes", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run (frontier.json)" in err and "--overwrite" in err and "--resume" not in err
+    assert [p.name for p in held.iterdir()] == ["frontier.json"]
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    import os
+    import socket
+    (busy / LOCK).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": 0}))
+    assert main(["reproduce", "sentiment", "--output", str(busy), "--sizes", "tiny", "--overwrite"]) == 2
+    assert "in use by another run" in capsys.readouterr().err
+
+
 def test_micro_sweep_writes_the_frontier(tiny_model_dir, tmp_path):
     from dpokit.paper.frontier import METHODS, SIZES, run_frontier
 

@@ -67,21 +67,24 @@ def _take_lock(path: Path) -> None:
     raise ConfigError(f"cannot take the lock {path}")
 
 
-def _refuse_reuse(output: Path, resume: bool, overwrite: bool, contents: Callable[[Path], list[str]]) -> None:
+def _refuse_reuse(output: Path, resume: bool, overwrite: bool, contents: Callable[[Path], list[str]],
+                  resumable: bool = True) -> None:
     existing = contents(output)
     if existing and not (resume or overwrite):
         raise ConfigError(f"{output} already holds a run ({', '.join(existing[:4])}"
-                          f"{', ...' if len(existing) > 4 else ''}); pass --resume to continue it, --overwrite to "
-                          "replace it, or choose another --output")
+                          f"{', ...' if len(existing) > 4 else ''}); pass "
+                          f"{'--resume to continue it, ' if resumable else ''}--overwrite to replace it, or choose "
+                          "another --output")
 
 
 @contextlib.contextmanager
 def claim_output(output: str | Path, *, resume: bool, overwrite: bool, main_process: bool = True,
-                 contents: Callable[[Path], list[str]] = run_contents) -> Iterator[None]:
+                 contents: Callable[[Path], list[str]] = run_contents, resumable: bool = True) -> Iterator[None]:
     """Hold `output` for this run: refuse a directory in use or holding another run, clear it with `overwrite`.
 
     Only the main process checks and locks; the others wait for its decision at their first collective.
-    `contents` lists what of an earlier run a directory holds (default: a training run's, :func:`run_contents`).
+    `contents` lists what of an earlier run a directory holds (default: a training run's, :func:`run_contents`);
+    `resumable` False: the command has no --resume (the refusal does not suggest it).
     """
     output = Path(output)
     if not main_process:
@@ -89,13 +92,13 @@ def claim_output(output: str | Path, *, resume: bool, overwrite: bool, main_proc
         return
     if resume and overwrite:
         raise ConfigError("--resume continues the run in --output and --overwrite replaces it: give one")
-    _refuse_reuse(output, resume, overwrite, contents)  # before anything is written there
+    _refuse_reuse(output, resume, overwrite, contents, resumable)  # before anything is written there
     created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
     lock = output / LOCK
     _take_lock(lock)
     try:
-        _refuse_reuse(output, resume, overwrite, contents)  # again, now that no other run can start writing
+        _refuse_reuse(output, resume, overwrite, contents, resumable)  # again, now that no other run can start writing
         existing = contents(output)
         if existing and overwrite:
             for name in existing:

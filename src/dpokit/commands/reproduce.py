@@ -25,7 +25,7 @@ def _run(args: argparse.Namespace) -> None:
     if args.quick and args.sizes not in ("full", "quick"):
         raise ConfigError(f"--quick and --sizes {args.sizes} contradict each other: give one")
     run_frontier(args.output, "quick" if args.quick else args.sizes, methods=methods, seed=args.seed,
-                 threads=args.threads)
+                 threads=args.threads, overwrite=args.overwrite)
 
 
 def add_command(commands) -> None:
@@ -42,6 +42,8 @@ def add_command(commands) -> None:
                         help="full: every knob value of the paper's sweep; quick: about 10 minutes on 2 CPU cores; "
                              "tiny: seconds, to check the pipeline (meaningless numbers)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods to run")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace what --output holds (default: a directory that holds anything is refused)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of every stage")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: chosen from the model's width and the free CPUs)")

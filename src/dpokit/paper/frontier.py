@@ -278,9 +278,27 @@ SWEEPS: dict[str, tuple[Callable[[Task], list[dict]], tuple[str, ...]]] = {
 }
 
 
+def frontier_contents(output: Path) -> list[str]:
+    """What of an earlier sweep `output` holds: everything but dpokit's lock file (a sweep fills its directory)."""
+    from dpokit.rundir import LOCK
+
+    return sorted(p.name for p in output.iterdir() if p.name != LOCK) if output.is_dir() else []
+
+
 def run_frontier(output: str, sizes: str | Sizes = "full", *, methods: tuple[str, ...] = METHODS, seed: int = 0,
-                 threads: int | None = None, log: Callable[[str], None] = print) -> dict:
-    """Run the sweep; write OUTPUT/frontier.json, frontier.png and report.md; return the frontier dict."""
+                 threads: int | None = None, overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Run the sweep; write OUTPUT/frontier.json, frontier.png and report.md; return the frontier dict.
+
+    OUTPUT is held like a training run's (dpokit.rundir): a directory in use by another sweep is refused, and one
+    that holds anything is refused unless `overwrite` clears it first."""
+    from dpokit.rundir import claim_output
+
+    with claim_output(output, resume=False, overwrite=overwrite, contents=frontier_contents, resumable=False):
+        return _run_frontier(output, sizes, methods=methods, seed=seed, threads=threads, log=log)
+
+
+def _run_frontier(output: str, sizes: str | Sizes, *, methods: tuple[str, ...], seed: int, threads: int | None,
+                  log: Callable[[str], None]) -> dict:
     from dpokit.paper.frontier_report import machine, write_outputs
 
     if isinstance(sizes, str):
