@@ -184,3 +184,36 @@ def test_a_nan_judge_is_a_one_line_cli_error(tiny_model_dir, prompt_files, tmp_p
     assert code == 2 and "Traceback" not in err, err
     err = err.splitlines()[-1]  # after the sampling progress bar
     assert err.startswith("dpokit iterate: error: judge 'nan_judge' returned nan for text ") and "held-out prompt" in err
+
+
+def eval_rows(run_dir, number):
+    rows = [json.loads(line) for line in (run_dir / f"round-{number:03d}" / "model" / "metrics.jsonl").open()]
+    return [r for r in rows if r.get("split") == "eval"]
+
+
+@pytest.mark.slow
+def test_the_held_out_pairs_are_evaluated_along_each_rounds_training(runs):
+    run_dir, summary = runs["previous"]
+    for number in (1, 2):
+        held_out = (run_dir / f"round-{number:03d}" / "held_out_pairs.jsonl").read_text().splitlines()
+        rows = eval_rows(run_dir, number)
+        assert held_out and [r["step"] for r in rows] == [1, 2]  # 2 steps: every step (at most HELD_OUT_EVALS)
+        # the training run's last evaluation is the round's reported held-out accuracy, on the same pairs
+        assert rows[-1]["rewards/accuracies"] == pytest.approx(summary["rounds"][number]["held_out_reward_accuracy"],
+                                                               abs=1e-6)
+        assert summary["rounds"][number]["held_out_pairs"] == len(held_out)
+
+
+@pytest.mark.slow
+def test_evaluating_along_the_way_leaves_the_training_unchanged(runs, tiny_model_dir, prompt_files, tmp_path):
+    from dpokit.iterate import train_round
+
+    run_dir = runs["previous"][0]
+    settings = config(tiny_model_dir, prompt_files, run_dir).round_settings()
+    pairs, held_out = run_dir / "round-001" / "pairs.jsonl", run_dir / "round-001" / "held_out_pairs.jsonl"
+    plain = train_round(tiny_model_dir, None, pairs, tmp_path / "plain", settings, 0, chat=False)
+    assert not [line for line in (tmp_path / "plain" / "metrics.jsonl").open() if '"eval"' in line]
+    evaluated = train_round(tiny_model_dir, None, pairs, tmp_path / "evaluated", settings, 0, chat=False,
+                            eval_pairs_path=held_out)
+    a, b = (load_file(f"{d}/model.safetensors") for d in (plain, evaluated))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -13,6 +13,9 @@ Round r starts from the policy π_{r−1} (π_0: the starting model):
 3. **Train** DPO from π_{r−1} against the round's reference (the starting model, or π_{r−1}).
 4. **Evaluate** π_r on held-out prompts: judge scores of its samples, KL(π_r‖π_0) per sequence from its own
    samples, and the implicit reward's accuracy on held-out pairs sampled from π_{r−1} and labelled by the judge.
+   Those pairs are drawn before training and are the training run's evaluation data, so its metrics.jsonl holds
+   a held-out curve (about ``HELD_OUT_EVALS`` evaluations; evaluation draws no random numbers, so the training
+   itself is the same as without it).
 
 Every random draw is seeded from the round's seed (torch's sampling: seed, +11, +12; the labels:
 ``random.Random(seed)``), so a round recomputed from the same inputs gives the same result.
@@ -49,6 +52,7 @@ from dpokit.trainer import evaluate as evaluate_objective
 
 # offsets of a round's seed for its torch sampling streams (the starting model's held-out samples use +10)
 POLICY_EVAL_SEED, HELD_OUT_PAIRS_SEED, START_EVAL_SEED = 11, 12, 10
+HELD_OUT_EVALS = 6  # evaluations of the held-out pairs during a round's training (the last at its end)
 
 
 def sample_continuations(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt],
@@ -167,9 +171,10 @@ def write_pairs(path: str | Path, pairs: list[PreferencePair]) -> None:
 
 
 def train_round(policy: str, reference: str | None, pairs_path: str | Path, output: str | Path,
-                settings: RoundSettings, seed: int, chat: bool) -> str:
+                settings: RoundSettings, seed: int, chat: bool, eval_pairs_path: str | Path | None = None) -> str:
     """DPO from the model directory `policy` on the pairs in `pairs_path`, into `output` (replaced if there);
-    `reference` None: the policy's starting weights are the reference. Returns the trained model's directory."""
+    `reference` None: the policy's starting weights are the reference. The pairs in `eval_pairs_path` (if any)
+    are evaluated about ``HELD_OUT_EVALS`` times along the run. Returns the trained model's directory."""
     # the round owns `output` (an interrupted round is redone from scratch); its data is made afresh every
     # round, so caching the tokenised copy would only fill the user's cache
     train_dpo(TrainConfig(model=policy, ref_model=reference, overwrite=True, data_cache=False, data=str(pairs_path),
@@ -177,7 +182,8 @@ def train_round(policy: str, reference: str | None, pairs_path: str | Path, outp
                           warmup_steps=settings.warmup_steps, max_steps=settings.steps,
                           batch_size=settings.batch_size, seed=seed, max_length=settings.max_length,
                           max_prompt_length=settings.max_prompt_length, precompute_ref=True,
-                          apply_chat_template=chat))
+                          apply_chat_template=chat, eval_data=str(eval_pairs_path) if eval_pairs_path else None,
+                          eval_every=max(1, settings.steps // HELD_OUT_EVALS) if eval_pairs_path else 0))
     return str(Path(output) / "final")
 
 
@@ -209,14 +215,13 @@ def held_out_samples(model, tokenizer, judge: Judge, prompts: Sequence[Prompt], 
     return samples, [flat[n * k : (n + 1) * k] for n in range(len(prompts))]
 
 
-def implicit_reward_accuracy(policy, reference, sampler, tokenizer, judge: Judge, prompts: Sequence[Prompt],
-                             settings: RoundSettings, seed: int, rng: random.Random, chat: bool) -> dict:
-    """DPO's evaluation metrics of `policy` against `reference` on fresh held-out pairs: K samples of each
-    prompt from `sampler`, labelled by the judge like the training pairs (accuracy None when there are none)."""
-    labelled = sample_and_label(sampler, tokenizer, judge, prompts, settings, seed, rng, "held-out")
+def implicit_reward_accuracy(policy, reference, tokenizer, pairs: list[PreferencePair], settings: RoundSettings,
+                             chat: bool) -> dict:
+    """DPO's evaluation metrics of `policy` against `reference` on the held-out `pairs` (labelled by the judge
+    like the training pairs; accuracy None when there are none)."""
     settings_ = TokenizeConfig(max_length=settings.max_length, max_prompt_length=settings.max_prompt_length,
                                apply_chat_template=chat)
-    examples = tokenize_examples(typed_pairs(labelled.pairs), tokenizer, settings_)[0]
+    examples = tokenize_examples(typed_pairs(pairs), tokenizer, settings_)[0]
     if not examples:  # every held-out pair tied: nothing to score (reported as such, not as an error)
         return {"held_out_pairs": 0, "held_out_reward_accuracy": None, "held_out_metrics": {}}
     objective = DPOObjective(LossConfig(beta=settings.beta), ModelReference(reference))
@@ -262,9 +267,16 @@ def run_round(policy_dir: str, reference_dir: str | None, models: dict, tokenize
     if not labelled.pairs:
         raise DpokitError(f"no preference pairs from {len(train_prompts)} prompts: every two samples tied (judge "
                           "scores closer than --min-score-gap, or identical texts); sample more, or lower the gap")
+    # the held-out pairs come from the round's starting policy, as the training pairs do; drawn now, they are
+    # the training run's evaluation data (a held-out curve in its metrics.jsonl)
+    held_out = sample_and_label(models["policy"], tokenizer, judge, eval_prompts, settings,
+                                seed + HELD_OUT_PAIRS_SEED, rng, "held-out")
+    held_out_path = Path(pairs_path).with_name("held_out_" + Path(pairs_path).name)
+    write_pairs(held_out_path, typed_pairs(held_out.pairs))
     stage(2, f"DPO from {policy_dir}, β={settings.beta}, {settings.steps} steps, reference "
              f"{reference_dir or 'the same model'}")
-    trained = train_round(policy_dir, reference_dir, pairs_path, model_dir, settings, seed, chat)
+    trained = train_round(policy_dir, reference_dir, pairs_path, model_dir, settings, seed, chat,
+                          held_out_path if held_out.pairs else None)
     policy = load(trained)
     stage(3, f"evaluating on {len(eval_prompts)} held-out prompts")
     samples, scores = held_out_samples(policy, tokenizer, judge, eval_prompts, settings, seed + POLICY_EVAL_SEED)
@@ -272,7 +284,6 @@ def run_round(policy_dir: str, reference_dir: str | None, models: dict, tokenize
     metrics = {
         "policy": score_summary([s for group in scores for s in group]),
         "kl": {"mean": sum(kls) / len(kls), "median": sorted(kls)[len(kls) // 2], "samples": len(kls)},
-        **implicit_reward_accuracy(policy, models["reference"], models["policy"], tokenizer, judge, eval_prompts,
-                                   settings, seed + HELD_OUT_PAIRS_SEED, rng, chat),
+        **implicit_reward_accuracy(policy, models["reference"], tokenizer, held_out.pairs, settings, chat),
     }
     return Round(len(labelled.pairs), labelled.ties, trained, policy, samples, scores, metrics)

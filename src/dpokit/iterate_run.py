@@ -5,6 +5,7 @@ The output directory holds::
     iterate_config.json      the run's settings (a resumed run must share them, the number of rounds aside)
     round-000/               the starting model's held-out evaluation (eval_samples.jsonl, metrics.json)
     round-001/pairs.jsonl    round 1's preference pairs, sampled from the starting model
+    round-001/held_out_pairs.jsonl  its held-out pairs (the same policy; evaluated along the round's DPO run)
     round-001/model/         round 1's DPO run (model/final: the policy round 2 starts from)
     round-001/eval_samples.jsonl, metrics.json
     ...
