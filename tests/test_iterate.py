@@ -184,3 +184,16 @@ def test_a_nan_judge_is_a_one_line_cli_error(tiny_model_dir, prompt_files, tmp_p
     assert code == 2 and "Traceback" not in err, err
     err = err.splitlines()[-1]  # after the sampling progress bar
     assert err.startswith("dpokit iterate: error: judge 'nan_judge' returned nan for text ") and "held-out prompt" in err
+
+
+def test_every_iterate_setting_is_a_flag_and_the_round_settings_are_shared():
+    import dataclasses
+
+    from dpokit.commands.iterate import HELP
+    from dpokit.iterate_config import RoundSettings
+
+    names = {field.name for field in dataclasses.fields(IterateConfig)}
+    assert set(HELP) == names  # a field without help would be left out of `dpokit iterate`
+    settings = IterateConfig(prompts="p.txt", steps=7, labeling="bradley-terry").round_settings()
+    assert type(settings) is RoundSettings and settings.steps == 7 and settings.labeling == "bradley-terry"
+    assert settings == RoundSettings(steps=7, labeling="bradley-terry")  # the same defaults
