@@ -52,6 +52,13 @@ def _med(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
+def _spread(xs, fmt="{:.3f}"):
+    """The median and the range of `xs`: "median (min–max)"; "–" when there are none."""
+    if not xs:
+        return "–"
+    return f"{fmt.format(_med(xs))} ({fmt.format(min(xs))}–{fmt.format(max(xs))})"
+
+
 def summarise(results: dict, setup: dict, args, gflops: list[float]) -> dict:
     m = setup["model"]
     peak = max(gflops) * 1e9

@@ -1,4 +1,5 @@
-"""Building the benchmark's inputs: the byte-level BPE tokenizer, the random Llama model and the preference data."""
+"""Building the benchmark's inputs: the byte-level BPE tokenizer, the random Llama model and the preference data,
+and the command-line options of their shape that the benchmark scripts share."""
 
 from __future__ import annotations
 
@@ -54,25 +55,51 @@ def text_of_tokens(tokenizer, sample, n: int, leading_space: bool) -> str:
     return text
 
 
+def add_shape_options(parser, *, prompt_len: int = 200, response_len: int = 120, hidden: int = 256, layers: int = 4,
+                      heads: int = 4, intermediate: int | None = None) -> None:
+    """The options of the model's and the data's shape that :func:`build_everything` reads (--prompt-len to
+    --intermediate; --max-length and --pairs stay with each script), with a script's defaults."""
+    parser.add_argument("--prompt-len", type=int, default=prompt_len, help=f"mean prompt tokens (default {prompt_len})")
+    parser.add_argument("--response-len", type=int, default=response_len,
+                        help=f"mean response tokens incl. EOS (default {response_len})")
+    parser.add_argument("--spread", type=float, default=0.3, help="lengths uniform in mean x (1 ± spread)")
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--hidden", type=int, default=hidden)
+    parser.add_argument("--layers", type=int, default=layers)
+    parser.add_argument("--heads", type=int, default=heads)
+    width = "4 x hidden" if intermediate is None else f"{intermediate} = {intermediate / hidden:g} x hidden"
+    parser.add_argument("--intermediate", type=int, default=intermediate, help=f"MLP width (default {width})")
+
+
+def random_llama(*, vocab: int, hidden: int, max_positions: int, layers: int = 4, heads: int = 4,
+                 intermediate: int | None = None, seed: int = 0, **config):
+    """A LlamaForCausalLM of random weights (torch seeded with `seed` first): `layers` layers, `heads` heads (as
+    many key/value heads), MLP `intermediate` wide (default 4 x hidden); `config`: further LlamaConfig fields."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or 4 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=max_positions, **config)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
 def build_everything(args, work: Path) -> dict:
     """Tokenizer, model (saved), preference data (JSONL + TRL-ordered JSONL); returns a description."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     rng = random.Random(args.seed)
     sample = _zipf_sampler(rng, _words(rng, 6000))
     model_dir = work / "model"
     tokenizer = build_tokenizer(sample, args.vocab, model_dir)
 
-    config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate or 4 * args.hidden,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-        max_position_embeddings=max(1024, args.max_length), tie_word_embeddings=False,
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
-        attention_dropout=0.0,
-    )
-    torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(config).to(torch.float32)
+    model = random_llama(vocab=args.vocab, hidden=args.hidden, layers=args.layers, heads=args.heads,
+                         intermediate=args.intermediate, max_positions=max(1024, args.max_length), seed=args.seed,
+                         tie_word_embeddings=False, bos_token_id=tokenizer.eos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+                         attention_dropout=0.0).to(torch.float32)
+    config = model.config
     model.save_pretrained(model_dir, safe_serialization=True)
     params = {name: p.numel() for name, p in model.named_parameters()}
     total = sum(params.values())

@@ -24,23 +24,15 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from dpokit.attention import SEGMENTS, set_attention
 import dpokit.attention as attention
 from dpokit.batching import collate
 from dpokit.logprobs import sequence_logprobs
 from dpokit.tokenize import TokenizedExample
+from _setup import random_llama
 
 HERE = Path(__file__).resolve().parent
-
-
-def llama(width: int, vocab: int) -> LlamaForCausalLM:
-    """A random Llama of the given width (4 layers, 4 heads, MLP 4 x width)."""
-    config = LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config)
 
 
 def pairs(length: int, count: int, vocab: int) -> list[TokenizedExample]:
@@ -71,7 +63,7 @@ def main() -> int:
     rows = []
     print(f"threads {args.threads}; load average {os.getloadavg()[0]:.1f} at the start")
     for width, vocab in ((128, 2048), (256, 8192)):
-        model = llama(width, vocab)
+        model = random_llama(vocab=vocab, hidden=width, max_positions=2048)
         for length in (int(x) for x in args.lengths.split(",")):
             batch = collate(pairs(length, max(1, 2048 // length), vocab), list(range(max(1, 2048 // length))),
                             layout="shared", pad_token_id=0)

@@ -26,15 +26,15 @@ import os
 import platform
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _report import _med, _spread
 from _scale_children import tree_state
-from _setup import build_everything
+from _setup import add_shape_options, build_everything
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -44,16 +44,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _med(xs):
-    return statistics.median(xs) if xs else float("nan")
-
-
-def _spread(xs, fmt="{:.3f}"):
-    if not xs:
-        return "–"
-    return f"{fmt.format(_med(xs))} ({fmt.format(min(xs))}–{fmt.format(max(xs))})"
 
 
 def _env(src: Path, threads: int) -> dict:
@@ -110,14 +100,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS per process (default 1)")
     parser.add_argument("--batch-size", type=int, default=4, help="pairs per process per step (default 4)")
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--response-len", type=int, default=48)
-    parser.add_argument("--spread", type=float, default=0.3)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--intermediate", type=int, default=None, help="MLP width (default 4 x hidden)")
+    add_shape_options(parser, prompt_len=64, response_len=48)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=int, default=900, help="seconds allowed per launch")
     parser.add_argument("--workdir", help="keep the model, data and logs here (default: a temporary directory)")

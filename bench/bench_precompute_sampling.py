@@ -38,6 +38,8 @@ HERE = Path(__file__).resolve().parent
 
 
 def _args() -> argparse.Namespace:
+    from _setup import add_shape_options
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds (default 3; one warm-up round more)")
     parser.add_argument("--pairs", type=int, default=64, help="preference pairs to precompute (default 64)")
@@ -46,14 +48,7 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--prompts", type=int, default=16, help="prompts to sample from (default 16)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--prompt-len", type=int, default=200, help="mean prompt tokens (default 200)")
-    parser.add_argument("--response-len", type=int, default=120, help="mean response tokens incl. EOS (default 120)")
-    parser.add_argument("--spread", type=float, default=0.3, help="lengths uniform in mean x (1 ± spread)")
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--intermediate", type=int, default=None, help="MLP width (default 4 x hidden)")
+    add_shape_options(parser)
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every system (default 1: on a busy "
                         "machine 2 threads of a small model wait on each other at every op, 10-45x slower)")
     parser.add_argument("--only", choices=("precompute", "sampling"), help="measure only these systems")

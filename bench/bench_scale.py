@@ -32,16 +32,16 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _report import _med, _spread
 from _scale_children import (DEFAULT_SYSTEMS, LORA, LR, SYSTEMS, child_dpokit, child_trl, dpokit_lora_fields,
                              tree_state)
-from _setup import build_everything
+from _setup import add_shape_options, build_everything
 
 HERE = Path(__file__).resolve().parent
 
@@ -58,16 +58,6 @@ RATIOS = [
     ("dpokit-full", "trl-full", "mem", None),
     ("trl-lora", "trl-full", "mem", None),
 ]
-
-
-def _med(xs):
-    return statistics.median(xs) if xs else float("nan")
-
-
-def _spread(xs, fmt="{:.3f}"):
-    if not xs:
-        return "–"
-    return f"{fmt.format(_med(xs))} ({fmt.format(min(xs))}–{fmt.format(max(xs))})"
 
 
 def run_child(spec: dict, work: Path, name: str, round_: int) -> dict:
@@ -172,14 +162,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="steps discarded at the start of each run (default 1)")
     parser.add_argument("--batch-size", type=int, default=4, help="preference pairs per step (default 4)")
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--prompt-len", type=int, default=64, help="mean prompt tokens (default 64)")
-    parser.add_argument("--response-len", type=int, default=48, help="mean response tokens incl. EOS (default 48)")
-    parser.add_argument("--spread", type=float, default=0.3, help="lengths uniform in mean x (1 ± spread)")
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--intermediate", type=int, default=2304, help="MLP width (default 2304 = 3 x hidden)")
+    add_shape_options(parser, prompt_len=64, response_len=48, hidden=768, layers=12, heads=12, intermediate=2304)
     parser.add_argument("--threads", type=int, default=2, help="torch threads in every run (default 2)")
     parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
                         help=f"comma-separated subset of: {', '.join(SYSTEMS)} (default: all)")

@@ -24,17 +24,10 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+
+from _setup import random_llama
 
 HERE = Path(__file__).resolve().parent
-
-
-def llama(width: int, vocab: int) -> LlamaForCausalLM:
-    """A random Llama of the given width (4 layers, 4 heads, MLP 4 x width)."""
-    config = LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config)
 
 
 def training_step(model, rows: int, length: int):
@@ -72,7 +65,8 @@ def sampling(model, rows: int, new_tokens: int):
 
 def kernels() -> dict:
     """name -> (callable, alternations)."""
-    demo, bench = llama(128, 2048), llama(256, 8192)
+    demo = random_llama(vocab=2048, hidden=128, max_positions=1024)  # the embedded demo model's shape
+    bench = random_llama(vocab=8192, hidden=256, max_positions=1024)  # the speed benchmark's
     return {
         "demo model: SFT step 16x64": (training_step(demo, 16, 64), 10),
         "demo model: DPO-sized step 32x40": (training_step(demo, 32, 40), 10),

@@ -53,7 +53,7 @@ from pathlib import Path
 from _children import DEFAULT_SYSTEMS, SYSTEMS, child_dpokit, child_trl
 from _exactness import exactness
 from _report import _med, matmul_gflops, summarise, table
-from _setup import build_everything
+from _setup import add_shape_options, build_everything
 
 HERE = Path(__file__).resolve().parent
 
@@ -95,14 +95,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="preference pairs per step (default 8)")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--pairs", type=int, default=64, help="preference pairs in the data set (default 64)")
-    parser.add_argument("--prompt-len", type=int, default=200, help="mean prompt tokens (default 200)")
-    parser.add_argument("--response-len", type=int, default=120, help="mean response tokens incl. EOS (default 120)")
-    parser.add_argument("--spread", type=float, default=0.3, help="lengths uniform in mean x (1 ± spread)")
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--intermediate", type=int, default=None, help="MLP width (default 4 x hidden)")
+    add_shape_options(parser)
     parser.add_argument("--threads", type=int, default=2, help="torch threads in every run (default 2)")
     parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
                         help=f"comma-separated subset of: {', '.join(SYSTEMS)}")

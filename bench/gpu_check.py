@@ -47,7 +47,6 @@ import re
 import resource
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -85,10 +84,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _med(xs):
-    return statistics.median(xs) if xs else float("nan")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -344,6 +339,7 @@ def main() -> int:
                         help="keep dpokit's end-of-run checkpoint (skipped by default: it is not what is timed)")
     parser.add_argument("--workdir", help="keep the model, data and logs here (default: a temporary directory)")
     args = parser.parse_args()
+    from _report import _med
 
     if args.child:
         spec = json.loads(Path(args.child).read_text())

@@ -217,3 +217,16 @@ def test_evaluating_along_the_way_leaves_the_training_unchanged(runs, tiny_model
                             eval_pairs_path=held_out)
     a, b = (load_file(f"{d}/model.safetensors") for d in (plain, evaluated))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_every_iterate_setting_is_a_flag_and_the_round_settings_are_shared():
+    import dataclasses
+
+    from dpokit.commands.iterate import HELP
+    from dpokit.iterate_config import RoundSettings
+
+    names = {field.name for field in dataclasses.fields(IterateConfig)}
+    assert set(HELP) == names  # a field without help would be left out of `dpokit iterate`
+    settings = IterateConfig(prompts="p.txt", steps=7, labeling="bradley-terry").round_settings()
+    assert type(settings) is RoundSettings and settings.steps == 7 and settings.labeling == "bradley-terry"
+    assert settings == RoundSettings(steps=7, labeling="bradley-terry")  # the same defaults

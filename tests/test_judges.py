@@ -115,6 +115,7 @@ def test_reward_judge_returns_the_raw_score_of_a_one_output_model(tiny_classifie
     from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_classifier)
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})  # not EOS, so that an appended EOS is pooled, not padding
     torch.manual_seed(1)
     cfg = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64, num_labels=1,
                      pad_token_id=tokenizer.pad_token_id, initializer_range=0.5)
@@ -127,6 +128,11 @@ def test_reward_judge_returns_the_raw_score_of_a_one_output_model(tiny_classifie
     assert max(expected) - min(expected) > 0.1 and not all(0 <= e <= 1 for e in expected)  # raw, not a probability
     assert reward_judge(str(tmp_path), batch_size=2)(texts) == pytest.approx(expected, abs=1e-5)
     assert load_judge(f"reward:{tmp_path}")(texts) == pytest.approx(expected, abs=1e-5)
+    with torch.no_grad():  # append_eos: the text then EOS, as dpokit trains a reward model
+        with_eos = [model(torch.tensor([tokenizer(t)["input_ids"] + [tokenizer.eos_token_id]])).logits[0, 0].item()
+                    for t in texts]
+    assert with_eos != pytest.approx(expected, abs=1e-3)
+    assert reward_judge(str(tmp_path), batch_size=2, append_eos=True)(texts) == pytest.approx(with_eos, abs=1e-5)
     with pytest.raises(ConfigError, match="has 2 outputs, a reward model has one"):
         load_judge(f"reward:{tiny_classifier}")
     with pytest.raises(ConfigError, match="expected 'reward:PATH'"):

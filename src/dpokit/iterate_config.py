@@ -43,9 +43,11 @@ def round_seed(seed: int, round_number: int) -> int:
     return seed + ROUND_SEED_STRIDE * (round_number - 1)
 
 
-@dataclass
-class IterateConfig:
-    """Every setting of `dpokit iterate`; each is a flag."""
+@dataclass(frozen=True)
+class IterateConfig(RoundSettings):
+    """Every setting of `dpokit iterate`; each is a flag. The settings every round shares (and their defaults) are
+    inherited from :class:`RoundSettings`, so each is written once; `dpokit iterate --help` lists them in the order
+    of dpokit.commands.iterate.HELP."""
 
     prompts: str = ""  # required: the training prompts file (dpokit.prompts.read_prompts)
     output: str = "runs/iterate"
@@ -53,22 +55,8 @@ class IterateConfig:
     eval_prompts: str | None = None
     eval_fraction: float = 0.1
     rounds: int = 3
-    samples_per_prompt: int = 4
     judge: str = "vader"
     reference: str = "fixed"
-    labeling: str = "argmax"
-    min_score_gap: float = 0.1
-    bt_scale: float = 10.0
-    beta: float = 0.1
-    lr: float = 1e-4
-    steps: int = 50
-    batch_size: int = 16
-    warmup_steps: int = 10
-    eval_samples: int = 2
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    max_length: int = 256
-    max_prompt_length: int = 192
     seed: int = 0
     threads: int = 0  # torch CPU threads; 0: dpokit.threads chooses
     resume: bool = False

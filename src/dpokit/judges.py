@@ -144,17 +144,23 @@ def classifier_judge(model_path: str, label: str, device: str = "cpu", batch_siz
     return judge
 
 
-def reward_judge(model_path: str, device: str = "cpu", batch_size: int = 32) -> Judge:
+def reward_judge(model_path: str, device: str = "cpu", batch_size: int = 32, *, append_eos: bool = False) -> Judge:
     """A judge returning the raw score (the one logit) of a local reward model: an
     ``AutoModelForSequenceClassification`` with ``num_labels == 1`` and its tokenizer, as TRL's reward trainer
-    saves it. The text is scored as it is (no chat template). A model with more than one output is refused:
-    use ``classifier:PATH:LABEL`` for it."""
+    saves it. The text is scored as it is (no chat template); with `append_eos`, as dpokit trains a reward model
+    (dpokit.reward_rows: the text tokenised as a prompt, then EOS, right-padded; its last tokens kept when it is
+    too long), the tokenisation of dpokit.paper.reward_model's reward models. A model with more than one output
+    is refused: use ``classifier:PATH:LABEL`` for it."""
     tokenizer, model, max_len = _load_sequence_classifier(model_path, "reward judge", device, batch_size)
     if int(model.config.num_labels) != 1:
         raise ConfigError(f"reward judge: {model_path!r} has {model.config.num_labels} outputs, a reward model has "
                           "one (for a classifier use classifier:PATH:LABEL)")
 
     def judge(texts: list[str]) -> list[float]:
+        if append_eos:
+            from dpokit.reward_rows import text_scores
+
+            return text_scores(model, tokenizer, texts, batch_size, max_len)
         return _batched_logits(tokenizer, model, max_len, device, batch_size, texts)[:, 0].tolist()
 
     judge.__name__ = "reward"

@@ -54,19 +54,21 @@ def _run(args: argparse.Namespace) -> None:
 
 def add_command(commands) -> None:
     """Add `dpokit iterate` to the subcommands of the dpokit parser."""
-    from dpokit.iterate_config import IterateConfig
+    from dpokit.iterate_config import LABELINGS, REFERENCES, IterateConfig
 
     parser = commands.add_parser("iterate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                  help="iterative (online) DPO: rounds of sampling from the policy, labelling with a "
                                       "judge, DPO and held-out evaluation")
-    for field in dataclasses.fields(IterateConfig):
-        flag = "--" + field.name.replace("_", "-")
+    fields = {field.name: field for field in dataclasses.fields(IterateConfig)}
+    for name, text in HELP.items():  # HELP's order, not the fields' (IterateConfig's round settings come first)
+        field = fields[name]
+        flag = "--" + name.replace("_", "-")
         if isinstance(field.default, bool):
-            parser.add_argument(flag, action="store_true", help=HELP[field.name])
-        elif field.name == "prompts":
-            parser.add_argument(flag, required=True, metavar="FILE", help=HELP[field.name])
+            parser.add_argument(flag, action="store_true", help=text)
+        elif name == "prompts":
+            parser.add_argument(flag, required=True, metavar="FILE", help=text)
         else:
             kind = {int: int, float: float}.get(type(field.default), str)
-            choices = {"reference": ("fixed", "previous"), "labeling": ("argmax", "bradley-terry")}.get(field.name)
-            parser.add_argument(flag, type=kind, default=field.default, choices=choices, help=HELP[field.name])
+            choices = {"reference": REFERENCES, "labeling": LABELINGS}.get(name)
+            parser.add_argument(flag, type=kind, default=field.default, choices=choices, help=text)
     parser.set_defaults(func=_run)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from dpokit.commands.score import add_scoring_options, check_options, logger, score_rows, write_jsonl
+from dpokit.commands.score import add_scoring_options, run_scoring
 
 
 def ranked_row(index: int, row, results) -> dict:
@@ -25,20 +25,18 @@ def ranked_row(index: int, row, results) -> dict:
             "ranking": ranked}
 
 
-def _run(args: argparse.Namespace) -> None:
-    check_options(args)
-    from dpokit.data.responses import read_candidates
-
-    log = logger(args)
-    rows = read_candidates(args.data, split=args.split)
-    results = score_rows(args, rows, log)
+def _ranked_rows(rows, results) -> list[dict]:
     out, start = [], 0
     for i, row in enumerate(rows):
         out.append(ranked_row(i, row, results[start : start + len(row.responses)]))
         start += len(row.responses)
-    write_jsonl(args.output, out)
-    if args.output != "-":
-        log(f"wrote {args.output}")
+    return out
+
+
+def _run(args: argparse.Namespace) -> None:
+    from dpokit.data.responses import read_candidates
+
+    run_scoring(args, read_candidates, _ranked_rows)
 
 
 def add_command(commands) -> None:

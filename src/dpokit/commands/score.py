@@ -9,7 +9,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from dpokit.config import Default
@@ -111,17 +111,28 @@ def write_jsonl(path: str, rows: Iterable[dict]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _run(args: argparse.Namespace) -> None:
+def run_scoring(args: argparse.Namespace, read: Callable[..., list], output_rows: Callable[[list, list], Iterable[dict]]
+                ) -> None:
+    """The body of `dpokit score` and `dpokit rank`: check the options, read --data with `read`
+    (dpokit.data.responses), score every response and write the rows `output_rows(rows, results)` makes."""
     check_options(args)
-    from dpokit.data.responses import read_responses
-
     log = logger(args)
-    rows = read_responses(args.data, split=args.split)
+    rows = read(args.data, split=args.split)
     results = score_rows(args, rows, log)
-    write_jsonl(args.output, ({"index": i, "prompt": row.given_prompt, "response": row.given_responses[0],
-                               **result.row()} for i, (row, result) in enumerate(zip(rows, results))))
+    write_jsonl(args.output, output_rows(rows, results))
     if args.output != "-":
         log(f"wrote {args.output}")
+
+
+def _scored_rows(rows, results) -> Iterable[dict]:
+    return ({"index": i, "prompt": row.given_prompt, "response": row.given_responses[0], **result.row()}
+            for i, (row, result) in enumerate(zip(rows, results)))
+
+
+def _run(args: argparse.Namespace) -> None:
+    from dpokit.data.responses import read_responses
+
+    run_scoring(args, read_responses, _scored_rows)
 
 
 def add_command(commands) -> None:

@@ -37,11 +37,14 @@ class ResponseRow:
         return [f"{self.source} {self.list_column}[{j}]" for j in range(len(self.responses))]
 
 
-def _rows(spec: str | os.PathLike, split: str) -> Iterator[tuple[dict, str]]:
+def _prompted_rows(spec: str | os.PathLike, split: str, prompt_column: str, fmt: str
+                   ) -> Iterator[tuple[dict, str, Text]]:
+    """Each row of `spec` with its provenance and its checked prompt; a data set without rows is an error."""
+    columns = ColumnMap(prompt=prompt_column)
     count = 0
     for row, prov in read_rows(spec, split):
         count += 1
-        yield row, prov
+        yield row, prov, _prompt(row, prov, columns, conversational=None, fmt=fmt)
     if count == 0:
         raise DataError(f"{os.fspath(spec)}: the data set has no rows")
 
@@ -49,10 +52,8 @@ def _rows(spec: str | os.PathLike, split: str) -> Iterator[tuple[dict, str]]:
 def read_responses(spec: str | os.PathLike, *, split: str = "train", column: str = "response",
                    prompt_column: str = "prompt") -> list[ResponseRow]:
     """Rows ``{"prompt", "response"}`` of `spec` (any file or data set dpokit reads), one response each."""
-    columns = ColumnMap(prompt=prompt_column)
     out = []
-    for row, prov in _rows(spec, split):
-        prompt = _prompt(row, prov, columns, conversational=None, fmt="score")
+    for row, prov, prompt in _prompted_rows(spec, split, prompt_column, "score"):
         response = _response(row, column, prov, conversational=isinstance(prompt, list), fmt="score")
         out.append(ResponseRow(prompt, (response,), row[prompt_column], (row[column],), prov))
     return out
@@ -61,10 +62,8 @@ def read_responses(spec: str | os.PathLike, *, split: str = "train", column: str
 def read_candidates(spec: str | os.PathLike, *, split: str = "train", column: str = "responses",
                     prompt_column: str = "prompt") -> list[ResponseRow]:
     """Rows ``{"prompt", "responses": [...]}`` of `spec`, one or more candidate responses each."""
-    columns = ColumnMap(prompt=prompt_column)
     out = []
-    for row, prov in _rows(spec, split):
-        prompt = _prompt(row, prov, columns, conversational=None, fmt="rank")
+    for row, prov, prompt in _prompted_rows(spec, split, prompt_column, "rank"):
         given = row.get(column)
         if column not in row:
             raise DataError(f"{prov}: missing field {column!r} (rank format)")

@@ -20,30 +20,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dpokit.judges import Judge
+from dpokit.reward_rows import padded_rows, score_rows, text_ids  # noqa: F401  (public here as before)
 from dpokit.tokenize import TokenizedExample
 
 
 def bradley_terry_loss(chosen: Tensor, rejected: Tensor) -> Tensor:
     """Per-pair Bradley–Terry loss ``−log σ(r_w − r_l)`` (float32)."""
     return -F.logsigmoid(chosen.float() - rejected.float())
-
-
-def padded_rows(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
-    """Right-padded input ids and attention mask of token rows."""
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
-    return ids, mask
-
-
-def score_rows(model, rows: Sequence[Sequence[int]], pad_token_id: int) -> Tensor:
-    """r for each row of token ids: the classifier's scalar at the last non-pad token, float32, ``[rows]``."""
-    device = next(model.parameters()).device
-    ids, mask = padded_rows(rows, pad_token_id)
-    return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float()
 
 
 def pair_rewards(model, examples: Sequence[TokenizedExample], pad_token_id: int) -> tuple[Tensor, Tensor]:
@@ -135,33 +118,14 @@ def train_reward_model(sft_dir: str, pairs_path: str, output: str, *, steps: int
     return str(save_model_dir(output, model, tokenizer))
 
 
-def text_ids(tokenizer, text: str, max_tokens: int | None = None) -> list[int]:
-    """A full text's ids as the reward model was trained on them: the text tokenised as a prompt is
-    (:func:`dpokit.chat.prompt_token_ids`), then EOS; the last `max_tokens` of them when it is longer."""
-    from dpokit.chat import prompt_token_ids
-
-    ids = prompt_token_ids(tokenizer, text) + [tokenizer.eos_token_id]
-    return ids[-max_tokens:] if max_tokens else ids
-
-
 def reward_model_judge(path: str, batch_size: int = 32) -> Judge:
-    """A judge returning the reward model at `path`'s raw scalar r(text) for each full text."""
+    """A judge returning the reward model at `path`'s raw scalar r(text) for each full text, tokenised as it was
+    trained (``dpokit.judges.reward_judge`` with ``append_eos``)."""
     from dpokit.errors import ConfigError
-    from dpokit.models import load_tokenizer
+    from dpokit.judges import reward_judge
 
-    if batch_size < 1:
+    if batch_size < 1:  # checked here too, so that the error names this judge
         raise ConfigError(f"reward model judge: batch_size must be >= 1, got {batch_size}")
-    tokenizer = load_tokenizer(path)
-    model = load_classifier(path, tokenizer)
-    limit = getattr(model.config, "max_position_embeddings", None)
-
-    @torch.no_grad()
-    def judge(texts: list[str]) -> list[float]:
-        scores: list[float] = []
-        for start in range(0, len(texts), batch_size):
-            rows = [text_ids(tokenizer, t, limit) for t in texts[start : start + batch_size]]
-            scores += score_rows(model, rows, tokenizer.pad_token_id).tolist()
-        return scores
-
+    judge = reward_judge(path, batch_size=batch_size, append_eos=True)
     judge.__name__ = f"reward:{path}"
     return judge
