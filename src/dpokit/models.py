@@ -105,6 +105,8 @@ def load_model(path: str, *, dtype: str = "float32", trust_remote_code: bool = F
     except (OSError, ValueError) as error:
         where = f"{path!r}" + (f" (GGUF file {gguf_file})" if gguf_file else "")
         raise ConfigError(f"cannot load a causal language model from {where}: {error}") from None
+    if bits == 4:
+        _plain_cpu_4bit(model)
     if gguf_file is not None:
         # transformers always dequantises GGUF into ordinary tensors but still marks the model as quantized,
         # which would refuse save_pretrained: the weights are plain, so the model is saved as a normal directory
@@ -112,6 +114,18 @@ def load_model(path: str, *, dtype: str = "float32", trust_remote_code: bool = F
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     return model.eval()
+
+
+def _plain_cpu_4bit(model: torch.nn.Module) -> None:
+    """Keep bitsandbytes' 4-bit layers on their one dequantising path on CPU.
+
+    bitsandbytes ≥ 0.50 repacks a 4-bit weight in place the first time it runs in eval mode without gradients on
+    a CPU with AVX512-BF16 (the LoRA reference pass), storing its scales in bfloat16 from then on: the reference
+    and every later policy pass would then compute with other numbers than the first, and layers narrower than a
+    quantization block (64) fail to repack at all."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_policy(config: TrainConfig, device: torch.device | str, *, with_reference: bool = True
