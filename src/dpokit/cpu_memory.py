@@ -5,14 +5,15 @@ system, but only until the first such block is freed: then it raises its mmap th
 (up to 32 MiB), and from there on blocks of activation size are carved out of its heap, where a freed block stays
 resident and can only be reused by a later block that fits into it. A training step allocates and frees
 thousands of activation-sized tensors of changing shapes, so the heap keeps growing past what the step holds:
-in a 2-step run at bench_scale.py's shape (104.6M-parameter Llama, LoRA r=16, one thread) a forward pass held
-489 MiB of saved activations but grew the process by 1,087 MiB, and the peak RSS was 1,989 MiB; with the
-threshold fixed at glibc's own starting value it was 1,392 MiB.
+at bench_scale.py's shape (104.6M-parameter Llama, LoRA r=16, one thread) a forward pass saved ~510 MiB of
+activations but grew the process by 756 MiB, none of which came back, and the peak RSS was 2,296 MiB (2,175-2,418);
+with the threshold fixed at glibc's own starting value it was 1,418 MiB.
 
 Fixing the threshold (``mallopt(M_MMAP_THRESHOLD, ...)``, which also stops glibc from adjusting it) keeps every
 block of at least 128 KiB an mmap of its own, returned when freed. The price is a page fault for every page of
-every such block, each time it is allocated: the same LoRA run took ~1.4x as long per step. So it is opt-in
-(``--return-freed-memory``), for runs that must fit in memory; bench/README.md ("Scale") has the measurements.
+every such block, each time it is allocated: the same LoRA run took ~1.4x as long per step (0.76x the
+throughput). So it is opt-in (``--return-freed-memory``), for runs that must fit in memory; bench/README.md
+("Scale") has the measurements.
 A threshold the user set through ``MALLOC_MMAP_THRESHOLD_`` is left alone, and so is any other C library.
 """
 
