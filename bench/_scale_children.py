@@ -26,6 +26,10 @@ SYSTEMS = {
     # not in the default set: LoRA with gradient checkpointing (activations recomputed in the backward pass)
     "dpokit-lora-gc": ("dpokit", {"lora_r": LORA["r"], "lora_alpha": LORA["alpha"], "lora_dropout": LORA["dropout"],
                                   "gradient_checkpointing": True}),
+    # not in the default set: dpokit's return_freed_memory (glibc serves blocks >= 128 KiB by mmap; dpokit.cpu_memory)
+    "dpokit-full-mmap": ("dpokit", {"return_freed_memory": True}),
+    "dpokit-lora-mmap": ("dpokit", {"lora_r": LORA["r"], "lora_alpha": LORA["alpha"], "lora_dropout": LORA["dropout"],
+                                    "return_freed_memory": True}),
     "trl-full": ("trl", {"peft": False, "load_in_4bit": False}),
     "trl-lora": ("trl", {"peft": True, "load_in_4bit": False}),
     "trl-qlora": ("trl", {"peft": True, "load_in_4bit": True}),
@@ -40,7 +44,7 @@ def dpokit_lora_fields() -> list[str]:
     from dpokit.config import TrainConfig
 
     wanted = {"lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "load_in_4bit", "load_in_8bit",
-              "gradient_checkpointing"}
+              "gradient_checkpointing", "return_freed_memory"}
     return sorted(f.name for f in dataclasses.fields(TrainConfig) if f.name in wanted)
 
 

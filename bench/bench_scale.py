@@ -17,7 +17,9 @@ constant without warm-up, float32, beta 0.1):
 * ``trl-lora``     ``DPOTrainer`` with ``peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
   target_modules="all-linear")`` and no reference model (TRL disables the adapter for the reference);
 * ``trl-qlora``    the same on a 4-bit NF4 base (float32 compute);
-* ``dpokit-lora-gc`` (only when named in ``--systems``) ``dpokit-lora`` with ``gradient_checkpointing=True``.
+* ``dpokit-lora-gc`` (only when named in ``--systems``) ``dpokit-lora`` with ``gradient_checkpointing=True``;
+* ``dpokit-full-mmap``, ``dpokit-lora-mmap`` (only when named) ``dpokit-full``/``dpokit-lora`` with
+  ``return_freed_memory=True`` (freed activations returned to the system at once; dpokit.cpu_memory).
 
 Measured per run: seconds per step (dpokit: the trainer's ``seconds_per_step`` in ``metrics.jsonl``; TRL: the
 time between consecutive ``on_step_end`` callbacks), median over the steps after ``--warmup``; peak RSS of the
@@ -50,8 +52,13 @@ RATIOS = [
     ("dpokit-lora", "dpokit-full", "mem", ("<=", 0.5)),
     ("dpokit-qlora", "dpokit-full", "mem", ("<=", 0.5)),
     ("dpokit-lora-gc", "dpokit-full", "mem", ("<=", 0.5)),
+    ("dpokit-lora-mmap", "dpokit-full-mmap", "mem", ("<=", 0.5)),
     ("dpokit-lora", "trl-lora", "speed", (">=", 2.0)),
     ("dpokit-lora", "trl-lora", "mem", ("<=", 0.6)),
+    ("dpokit-lora-mmap", "trl-lora", "speed", (">=", 2.0)),
+    ("dpokit-lora-mmap", "trl-lora", "mem", ("<=", 0.6)),
+    ("dpokit-lora-mmap", "dpokit-lora", "speed", None),
+    ("dpokit-lora-mmap", "dpokit-lora", "mem", None),
     ("dpokit-qlora", "trl-qlora", "speed", None),
     ("dpokit-qlora", "trl-qlora", "mem", None),
     ("dpokit-full", "trl-full", "speed", None),

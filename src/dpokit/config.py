@@ -114,6 +114,9 @@ class TrainConfig:
     load_in_8bit: bool = opt(False, "load the frozen base in 8-bit (bitsandbytes); needs --lora-r or an adapter --model")
     gradient_checkpointing: bool = opt(False, "recompute each decoder layer's activations in the backward pass "
                                        "(less memory, same numbers, one more forward pass of compute)")
+    return_freed_memory: bool = opt(False, "CPU training on glibc: serve every block of at least 128 KiB by mmap, so "
+                                    "freed activations leave the process at once (lower peak RSS, slower steps: "
+                                    "see dpokit.cpu_memory)")
 
     batch_size: int = opt(8, "examples per process per micro-batch (global batch = this × grad_accum × processes)")
     eval_batch_size: int | None = opt(None, "examples per evaluation batch (default: --batch-size)")
