@@ -37,8 +37,9 @@ class _ChunkedTargetLogProb(torch.autograd.Function):
         lse = torch.empty_like(out)
         for s in range(0, hidden.shape[0], chunk):
             logits = _logits(hidden[s : s + chunk], weight, bias)
-            lse[s : s + chunk] = torch.logsumexp(logits, dim=-1)
-            out[s : s + chunk] = logits.gather(1, targets[s : s + chunk, None]).squeeze(1) - lse[s : s + chunk]
+            picked = logits.gather(1, targets[s : s + chunk, None]).squeeze(1)
+            lse[s : s + chunk] = _logsumexp_(logits)
+            out[s : s + chunk] = picked - lse[s : s + chunk]
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk = chunk
         return out
@@ -55,7 +56,8 @@ class _ChunkedTargetLogProb(torch.autograd.Function):
             h = hidden[s : s + ctx.chunk]
             g = grad_out[s : s + ctx.chunk].float()
             # d logp / d logits = onehot(target) - softmax
-            grad_logits = torch.exp(_logits(h, weight, bias) - lse[s : s + ctx.chunk, None]).mul_(-g[:, None])
+            # in place: a chunk is [positions x vocabulary], and a fresh one per operation costs page faults
+            grad_logits = _logits(h, weight, bias).sub_(lse[s : s + ctx.chunk, None]).exp_().mul_(-g[:, None])
             grad_logits.scatter_add_(1, targets[s : s + ctx.chunk, None], g[:, None])
             if need_h:
                 grad_h[s : s + ctx.chunk] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
@@ -68,6 +70,14 @@ class _ChunkedTargetLogProb(torch.autograd.Function):
         if need_b:
             grad_b = grad_b.to(bias.dtype)
         return grad_h, grad_w, grad_b, None, None
+
+
+def _logsumexp_(logits: Tensor) -> Tensor:
+    """torch.logsumexp(logits, dim=-1), the same operations in the same order, but overwriting `logits` instead
+    of allocating two more tensors of its size."""
+    maxes = logits.amax(dim=-1, keepdim=True)
+    maxes.masked_fill_(maxes.abs() == float("inf"), 0)
+    return logits.sub_(maxes).exp_().sum(dim=-1).log_().add_(maxes.squeeze(-1))
 
 
 def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
