@@ -142,3 +142,14 @@ def test_wpo_alignment_logprobs_by_hand(examples, layout, chunked):
     assert not got.requires_grad
     torch.testing.assert_close(got, torch.stack(expected), rtol=1e-5, atol=1e-5)
     assert got.std() > 0.01  # responses differ: not a constant
+
+
+def test_the_in_place_logsumexp_is_torchs_bit_for_bit():
+    from dpokit.logprobs import _logsumexp_
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 500, generator=generator) * 10
+    logits[0, 3] = float("-inf")  # a masked logit
+    logits[1] = float("-inf")  # a row with nothing allowed: -inf, as torch gives
+    expected = torch.logsumexp(logits, dim=-1)
+    assert torch.equal(_logsumexp_(logits.clone()), expected)
