@@ -40,16 +40,15 @@ def held_out_prompts(tokenizer, config) -> list[str]:
 
 def evaluate(path: str, reference, tokenizer, prompts: list[str], config) -> dict:
     """Mean VADER score, positive share and mean sequence KL of the policy at `path` on `prompts`."""
-    from dpokit.demo import _kl_per_sequence, _summary, sample_continuations
+    from dpokit.iterate import held_out_samples, kl_per_sequence, score_summary
     from dpokit.judges import vader_judge
     from dpokit.models import load_model
 
     policy = load_model(path)
-    samples = sample_continuations(policy, tokenizer, prompts, config.eval_samples, config, config.seed + 11)
-    judge = vader_judge()
-    scores = [s for prompt, group in zip(prompts, samples) for s in judge([prompt + x.text for x in group])]
-    kls = _kl_per_sequence(policy, reference, [x for group in samples for x in group])
-    return {**_summary(scores), "kl": sum(kls) / len(kls)}
+    samples, scores = held_out_samples(policy, tokenizer, vader_judge(), prompts, config.round_settings(),
+                                       config.seed + 11)
+    kls = kl_per_sequence(policy, reference, [x for group in samples for x in group])
+    return {**score_summary([s for group in scores for s in group]), "kl": sum(kls) / len(kls)}
 
 
 def main() -> None:

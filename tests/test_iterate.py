@@ -193,15 +193,23 @@ def eval_rows(run_dir, number):
 
 @pytest.mark.slow
 def test_the_held_out_pairs_are_evaluated_along_each_rounds_training(runs):
+    from dpokit.api import evaluate
+
     run_dir, summary = runs["previous"]
     for number in (1, 2):
-        held_out = (run_dir / f"round-{number:03d}" / "held_out_pairs.jsonl").read_text().splitlines()
+        reported = summary["rounds"][number]
+        held_out = run_dir / f"round-{number:03d}" / "held_out_pairs.jsonl"
         rows = eval_rows(run_dir, number)
-        assert held_out and [r["step"] for r in rows] == [1, 2]  # 2 steps: every step (at most HELD_OUT_EVALS)
-        # the training run's last evaluation is the round's reported held-out accuracy, on the same pairs
-        assert rows[-1]["rewards/accuracies"] == pytest.approx(summary["rounds"][number]["held_out_reward_accuracy"],
-                                                               abs=1e-6)
-        assert summary["rounds"][number]["held_out_pairs"] == len(held_out)
+        assert held_out.read_text() and [r["step"] for r in rows] == [1, 2]  # 2 steps: every step (<= HELD_OUT_EVALS)
+        assert reported["held_out_pairs"] == len(held_out.read_text().splitlines())
+        # the round reports its training run's last evaluation; a standalone evaluation of the trained model
+        # against the round's reference on the same pairs gives the same figures
+        assert reported["held_out_reward_accuracy"] == rows[-1]["rewards/accuracies"]
+        again = evaluate(str(run_dir / f"round-{number:03d}" / "model" / "final"), str(held_out),
+                         ref_model=reported["reference"], beta=0.1, max_length=64, max_prompt_length=32,
+                         log=lambda *_: None)
+        assert again["rewards/accuracies"] == pytest.approx(reported["held_out_reward_accuracy"], abs=1e-6)
+        assert again["loss"] == pytest.approx(reported["held_out_metrics"]["loss"], abs=1e-5)
 
 
 @pytest.mark.slow
@@ -211,10 +219,11 @@ def test_evaluating_along_the_way_leaves_the_training_unchanged(runs, tiny_model
     run_dir = runs["previous"][0]
     settings = config(tiny_model_dir, prompt_files, run_dir).round_settings()
     pairs, held_out = run_dir / "round-001" / "pairs.jsonl", run_dir / "round-001" / "held_out_pairs.jsonl"
-    plain = train_round(tiny_model_dir, None, pairs, tmp_path / "plain", settings, 0, chat=False)
+    plain, no_eval = train_round(tiny_model_dir, None, pairs, tmp_path / "plain", settings, 0, chat=False)
+    assert no_eval == {}
     assert not [line for line in (tmp_path / "plain" / "metrics.jsonl").open() if '"eval"' in line]
-    evaluated = train_round(tiny_model_dir, None, pairs, tmp_path / "evaluated", settings, 0, chat=False,
-                            eval_pairs_path=held_out)
+    evaluated, _ = train_round(tiny_model_dir, None, pairs, tmp_path / "evaluated", settings, 0, chat=False,
+                               eval_pairs_path=held_out)
     a, b = (load_file(f"{d}/model.safetensors") for d in (plain, evaluated))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -73,7 +73,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict:
               2: f"DPO from the SFT model, β={config.beta}, {config.dpo_steps} steps",
               3: f"evaluating on {len(held_out)} held-out prompts"}
     settings = config.round_settings()
-    one = run_round(sft_dir, None, {"policy": reference, "reference": reference, "start": reference}, tokenizer,
+    one = run_round(sft_dir, None, {"policy": reference, "start": reference}, tokenizer,
                     judge, train_prompts, held_out, settings, config.seed, out / "pairs.jsonl", out / "dpo",
                     load_model, log=log, stage=lambda k, _: log(f"[{k + 1}/4] {titles[k]}"))
     sft_samples, sft_scores = held_out_samples(reference, tokenizer, judge, held_out, settings,

@@ -33,22 +33,17 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from dpokit.api import make_accelerator, train_dpo
+from dpokit.api import train_dpo
 from dpokit.batching import collate
 from dpokit.config import TrainConfig
 from dpokit.data.records import PreferencePair
-from dpokit.engine import Scorer
 from dpokit.errors import DpokitError
 from dpokit.generation import Sample, sample_ids, uses_chat_template
 from dpokit.iterate_config import RoundSettings
 from dpokit.judges import POSITIVE_THRESHOLD, Judge, judge_continuations
 from dpokit.logprobs import sequence_logprobs
-from dpokit.losses import LossConfig
-from dpokit.objective import DPOObjective
 from dpokit.prompts import Prompt
-from dpokit.reference import ModelReference
 from dpokit.tokenize import TokenizeConfig, TokenizedExample, tokenize_examples
-from dpokit.trainer import evaluate as evaluate_objective
 
 # offsets of a round's seed for its torch sampling streams (the starting model's held-out samples use +10)
 POLICY_EVAL_SEED, HELD_OUT_PAIRS_SEED, START_EVAL_SEED = 11, 12, 10
@@ -171,20 +166,22 @@ def write_pairs(path: str | Path, pairs: list[PreferencePair]) -> None:
 
 
 def train_round(policy: str, reference: str | None, pairs_path: str | Path, output: str | Path,
-                settings: RoundSettings, seed: int, chat: bool, eval_pairs_path: str | Path | None = None) -> str:
+                settings: RoundSettings, seed: int, chat: bool,
+                eval_pairs_path: str | Path | None = None) -> tuple[str, dict[str, float]]:
     """DPO from the model directory `policy` on the pairs in `pairs_path`, into `output` (replaced if there);
     `reference` None: the policy's starting weights are the reference. The pairs in `eval_pairs_path` (if any)
-    are evaluated about ``HELD_OUT_EVALS`` times along the run. Returns the trained model's directory."""
+    are evaluated about ``HELD_OUT_EVALS`` times along the run, the last time at its end. Returns the trained
+    model's directory and that last evaluation's metrics (empty without `eval_pairs_path`)."""
     # the round owns `output` (an interrupted round is redone from scratch); its data is made afresh every
     # round, so caching the tokenised copy would only fill the user's cache
-    train_dpo(TrainConfig(model=policy, ref_model=reference, overwrite=True, data_cache=False, data=str(pairs_path),
-                          output=str(output), beta=settings.beta, lr=settings.lr, optimizer="adamw",
-                          warmup_steps=settings.warmup_steps, max_steps=settings.steps,
-                          batch_size=settings.batch_size, seed=seed, max_length=settings.max_length,
-                          max_prompt_length=settings.max_prompt_length, precompute_ref=True,
-                          apply_chat_template=chat, eval_data=str(eval_pairs_path) if eval_pairs_path else None,
-                          eval_every=max(1, settings.steps // HELD_OUT_EVALS) if eval_pairs_path else 0))
-    return str(Path(output) / "final")
+    final_eval = train_dpo(TrainConfig(
+        model=policy, ref_model=reference, overwrite=True, data_cache=False, data=str(pairs_path), output=str(output),
+        beta=settings.beta, lr=settings.lr, optimizer="adamw", warmup_steps=settings.warmup_steps,
+        max_steps=settings.steps, batch_size=settings.batch_size, seed=seed, max_length=settings.max_length,
+        max_prompt_length=settings.max_prompt_length, precompute_ref=True, apply_chat_template=chat,
+        eval_data=str(eval_pairs_path) if eval_pairs_path else None,
+        eval_every=max(1, settings.steps // HELD_OUT_EVALS) if eval_pairs_path else 0))
+    return str(Path(output) / "final"), final_eval
 
 
 def kl_per_sequence(policy, reference, samples: Sequence[Sample]) -> list[float]:
@@ -215,21 +212,15 @@ def held_out_samples(model, tokenizer, judge: Judge, prompts: Sequence[Prompt], 
     return samples, [flat[n * k : (n + 1) * k] for n in range(len(prompts))]
 
 
-def implicit_reward_accuracy(policy, reference, tokenizer, pairs: list[PreferencePair], settings: RoundSettings,
-                             chat: bool) -> dict:
-    """DPO's evaluation metrics of `policy` against `reference` on the held-out `pairs` (labelled by the judge
-    like the training pairs; accuracy None when there are none)."""
+def held_out_result(pairs: list[PreferencePair], final_eval: dict[str, float], tokenizer, settings: RoundSettings,
+                    chat: bool) -> dict:
+    """The round's held-out figures: the training run's last evaluation (`final_eval`) of the held-out `pairs`,
+    and how many of them it scored (those that tokenise; accuracy None when there are none)."""
     settings_ = TokenizeConfig(max_length=settings.max_length, max_prompt_length=settings.max_prompt_length,
                                apply_chat_template=chat)
-    examples = tokenize_examples(typed_pairs(pairs), tokenizer, settings_)[0]
-    if not examples:  # every held-out pair tied: nothing to score (reported as such, not as an error)
-        return {"held_out_pairs": 0, "held_out_reward_accuracy": None, "held_out_metrics": {}}
-    objective = DPOObjective(LossConfig(beta=settings.beta), ModelReference(reference))
-    eval_config = TrainConfig(model="-", data="-", output="-", batch_size=32)
-    metrics = evaluate_objective(Scorer(policy), objective, examples, eval_config, make_accelerator(eval_config),
-                                 tokenizer.pad_token_id)
-    return {"held_out_pairs": len(examples), "held_out_reward_accuracy": metrics["rewards/accuracies"],
-            "held_out_metrics": metrics}
+    scored = len(tokenize_examples(typed_pairs(pairs), tokenizer, settings_)[0]) if pairs else 0
+    return {"held_out_pairs": scored, "held_out_reward_accuracy": final_eval.get("rewards/accuracies") if scored
+            else None, "held_out_metrics": final_eval if scored else {}}
 
 
 @dataclass
@@ -252,8 +243,8 @@ def run_round(policy_dir: str, reference_dir: str | None, models: dict, tokenize
               log: Callable[[str], None] = print,
               stage: Callable[[int, str], None] | None = None) -> Round:
     """One round from the policy in `policy_dir` (loaded: ``models["policy"]``), against the reference in
-    `reference_dir` (None: the policy itself; loaded: ``models["reference"]``), with ``models["start"]`` the
-    starting model of the whole run for the KL. Writes the pairs to `pairs_path` and the DPO run to `model_dir`;
+    `reference_dir` (None: the policy itself), with ``models["start"]`` the starting model of the whole run for
+    the KL. Writes the pairs to `pairs_path` and the DPO run to `model_dir`;
     `load` loads the trained model. `stage(k, text)` announces the round's stages 1-3 (default: `log`)."""
     stage = stage or (lambda k, text: log(text))
     rng = random.Random(seed)
@@ -275,8 +266,8 @@ def run_round(policy_dir: str, reference_dir: str | None, models: dict, tokenize
     write_pairs(held_out_path, typed_pairs(held_out.pairs))
     stage(2, f"DPO from {policy_dir}, β={settings.beta}, {settings.steps} steps, reference "
              f"{reference_dir or 'the same model'}")
-    trained = train_round(policy_dir, reference_dir, pairs_path, model_dir, settings, seed, chat,
-                          held_out_path if held_out.pairs else None)
+    trained, final_eval = train_round(policy_dir, reference_dir, pairs_path, model_dir, settings, seed, chat,
+                                      held_out_path if held_out.pairs else None)
     policy = load(trained)
     stage(3, f"evaluating on {len(eval_prompts)} held-out prompts")
     samples, scores = held_out_samples(policy, tokenizer, judge, eval_prompts, settings, seed + POLICY_EVAL_SEED)
@@ -284,6 +275,6 @@ def run_round(policy_dir: str, reference_dir: str | None, models: dict, tokenize
     metrics = {
         "policy": score_summary([s for group in scores for s in group]),
         "kl": {"mean": sum(kls) / len(kls), "median": sorted(kls)[len(kls) // 2], "samples": len(kls)},
-        **implicit_reward_accuracy(policy, models["reference"], tokenizer, held_out.pairs, settings, chat),
+        **held_out_result(held_out.pairs, final_eval, tokenizer, settings, chat),
     }
     return Round(len(labelled.pairs), labelled.ties, trained, policy, samples, scores, metrics)

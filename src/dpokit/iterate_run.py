@@ -164,7 +164,7 @@ def _rounds(config: IterateConfig, output: Path, start: str, train_prompts, eval
         fixed = config.reference == "fixed"
         # None: the round's starting policy is its reference (always so in round 1)
         reference_dir = start if fixed and policy_dir != start else None
-        models = {"policy": policy, "reference": start_model if fixed else policy, "start": start_model}
+        models = {"policy": policy, "start": start_model}
         seed = round_seed(config.seed, number)
         one = run_round(policy_dir, reference_dir, models, tokenizer, judge, train_prompts, eval_prompts, settings,
                         seed, directory / "pairs.jsonl", directory / "model", load_model, log=log,
