@@ -31,9 +31,11 @@ print(applied, rss() - before)
 """
 
 
-def _retained_mib(setting: str) -> tuple[bool, float]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+def _retained_mib(setting: str, preload: str | None = None) -> tuple[bool, float]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
     env["PYTHONPATH"] = SRC
+    if preload:
+        env["LD_PRELOAD"] = preload
     out = subprocess.run([sys.executable, "-c", RETAINED, setting], capture_output=True, text=True, env=env,
                          check=True).stdout.split()
     return out[0] == "True", float(out[1])
@@ -54,6 +56,22 @@ def test_a_threshold_the_user_set_is_left_alone(monkeypatch):
 
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert return_freed_blocks() is False
+
+
+def _preloadable_allocator() -> str | None:
+    """jemalloc or tcmalloc where this machine has one (DPOKIT_TEST_MALLOC names a library file to use)."""
+    import ctypes.util
+
+    names = [os.environ.get("DPOKIT_TEST_MALLOC"), ctypes.util.find_library("jemalloc"),
+             ctypes.util.find_library("tcmalloc_minimal"), ctypes.util.find_library("tcmalloc")]
+    return next((name for name in names if name), None)
+
+
+@glibc_only
+@pytest.mark.skipif(_preloadable_allocator() is None, reason="no jemalloc/tcmalloc here to preload")
+def test_a_preloaded_allocator_is_left_alone():
+    applied, _ = _retained_mib("on", preload=_preloadable_allocator())
+    assert not applied  # glibc's mallopt would not reach the malloc torch calls
 
 
 @pytest.mark.parametrize("asked", [True, False])

@@ -226,7 +226,8 @@ def _start(config: TrainConfig, stage: str) -> _Run:
     with_reference = stage in ("dpo", "kto") and not config.reference_free and config.ref_model is None
     if config.return_freed_memory and accelerator.device.type == "cpu":  # before anything large is allocated
         if not return_freed_blocks():
-            log("--return-freed-memory: not applied (not glibc, or MALLOC_MMAP_THRESHOLD_ is set)")
+            log("--return-freed-memory: not applied (not glibc's malloc, e.g. jemalloc preloaded, "
+                "or MALLOC_MMAP_THRESHOLD_ is set)")
     model, reference_state = load_policy(config, accelerator.device, with_reference=with_reference)
     set_attention(model, choose_attention(config.attention, accelerator.device, config.layout))
     apply_threads(config.threads, width=model_width(model), device=accelerator.device, log=log)

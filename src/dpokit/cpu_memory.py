@@ -14,7 +14,10 @@ block of at least 128 KiB an mmap of its own, returned when freed. The price is 
 every such block, each time it is allocated: the same LoRA run took ~1.4x as long per step (0.76x the
 throughput). So it is opt-in (``--return-freed-memory``), for runs that must fit in memory; bench/README.md
 ("Scale") has the measurements.
-A threshold the user set through ``MALLOC_MMAP_THRESHOLD_`` is left alone, and so is any other C library.
+A threshold the user set through ``MALLOC_MMAP_THRESHOLD_`` is left alone, and so is any other C library or
+allocator: with jemalloc preloaded (``LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2``, Debian/Ubuntu
+package libjemalloc2) glibc's malloc is not the one torch calls, and jemalloc, which reuses freed blocks by size
+class, already keeps the peak low at full speed (bench/README.md, "Scale").
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ ENV_OVERRIDE = "MALLOC_MMAP_THRESHOLD_"
 def return_freed_blocks(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     """Make glibc serve every block of at least `threshold` bytes by mmap from now on, in this process.
 
-    Returns whether the setting was applied: False on a C library other than glibc, when the user set
-    ``MALLOC_MMAP_THRESHOLD_``, or when glibc refused it.
+    Returns whether the setting was applied: False on a C library other than glibc, when another allocator is
+    preloaded, when the user set ``MALLOC_MMAP_THRESHOLD_``, or when glibc refused it.
     """
     if os.environ.get(ENV_OVERRIDE) is not None or platform.libc_ver()[0] != "glibc":
         return False
@@ -40,4 +43,14 @@ def return_freed_blocks(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
+    if not _glibc_malloc_in_use(libc):
+        return False
     return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
+
+
+def _glibc_malloc_in_use(libc: ctypes.CDLL) -> bool:
+    """Whether the process's `malloc` is glibc's, not one interposed by a preloaded allocator (e.g. jemalloc)."""
+    def address(function) -> int | None:
+        return ctypes.cast(function, ctypes.c_void_p).value
+
+    return address(ctypes.CDLL(None).malloc) == address(libc.malloc)
