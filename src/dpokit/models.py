@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from dpokit.gated_mlp import keep_less_in_gated_mlps
 from dpokit.checkpoint import save_model_dir
 from dpokit.config import TrainConfig
 from dpokit.engine import ReferenceState
@@ -150,6 +151,8 @@ def load_policy(config: TrainConfig, device: torch.device | str, *, with_referen
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    else:  # checkpointing recomputes the whole layer anyway; this is exact, so it is not optional
+        keep_less_in_gated_mlps(model)
     reference_state = None
     if config.lora_r is not None:
         alpha = config.lora_alpha if config.lora_alpha is not None else 2 * config.lora_r
