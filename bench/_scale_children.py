@@ -28,11 +28,15 @@ SYSTEMS = {
                                   "gradient_checkpointing": True}),
     # not in the default set: dpokit's return_freed_memory (glibc serves blocks >= 128 KiB by mmap; dpokit.cpu_memory)
     "dpokit-full-mmap": ("dpokit", {"return_freed_memory": True}),
+    # not in the default set: full fine-tuning with gradient checkpointing, the like-for-like base for dpokit-lora-gc
+    "dpokit-full-gc": ("dpokit", {"gradient_checkpointing": True}),
     "dpokit-lora-mmap": ("dpokit", {"lora_r": LORA["r"], "lora_alpha": LORA["alpha"], "lora_dropout": LORA["dropout"],
                                     "return_freed_memory": True}),
     "trl-full": ("trl", {"peft": False, "load_in_4bit": False}),
     "trl-lora": ("trl", {"peft": True, "load_in_4bit": False}),
     "trl-qlora": ("trl", {"peft": True, "load_in_4bit": True}),
+    # not in the default set: TRL's own default, gradient checkpointing on (DPOConfig's default in TRL 1.16)
+    "trl-lora-gc": ("trl", {"peft": True, "load_in_4bit": False, "gradient_checkpointing": True}),
 }
 DEFAULT_SYSTEMS = ["dpokit-full", "dpokit-lora", "dpokit-qlora", "trl-full", "trl-lora", "trl-qlora"]
 
@@ -170,7 +174,8 @@ def child_trl(spec: dict) -> dict:
     config = DPOConfig(
         output_dir=spec["output"], per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
         max_length=spec["max_length"], max_steps=spec["steps"], learning_rate=LR, lr_scheduler_type="constant",
-        warmup_steps=0, optim="adamw_torch", gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True,
+        warmup_steps=0, optim="adamw_torch",
+        gradient_checkpointing=opts.get("gradient_checkpointing", False), bf16=False, fp16=False, use_cpu=True,
         report_to=[], logging_steps=1, save_strategy="no", dataloader_num_workers=0, dataloader_pin_memory=False,
         disable_tqdm=True, seed=spec["seed"], train_sampling_strategy="sequential", beta=0.1, max_grad_norm=10.0,
         precompute_ref_log_probs=False,

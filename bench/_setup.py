@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 import statistics
 from pathlib import Path
 
@@ -158,3 +159,10 @@ def build_everything(args, work: Path) -> dict:
                        "sequence_tokens": sum(p * len(e.responses) for p, e in zip(prompt_lens, examples))
                        + sum(resp_lens)},
     }
+
+
+def free_port() -> int:
+    """A TCP port that is free on this machine now (the rendezvous port of a multi-process launch)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

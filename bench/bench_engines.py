@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,16 +33,10 @@ from pathlib import Path
 
 from _report import _med, _spread
 from _scale_children import tree_state
-from _setup import add_shape_options, build_everything
+from _setup import add_shape_options, build_everything, free_port
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(src: Path, threads: int) -> dict:
@@ -65,7 +58,7 @@ def run_launch(version: str, src: Path, setup: dict, args, work: Path, round_: i
     shutil.rmtree(output, ignore_errors=True)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(args.processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "dpokit.cli",
+           "--main_process_port", str(free_port()), "-m", "dpokit.cli",
            "dpo", "--model", setup["model_dir"], "--data", setup["data"], "--output", str(output),
            "--batch-size", str(args.batch_size), "--max-steps", str(args.steps), "--lr", "1e-5",
            "--warmup-steps", "0", "--optimizer", "adamw", "--max-length", str(args.max_length),

@@ -17,14 +17,17 @@ constant without warm-up, float32, beta 0.1):
 * ``trl-lora``     ``DPOTrainer`` with ``peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
   target_modules="all-linear")`` and no reference model (TRL disables the adapter for the reference);
 * ``trl-qlora``    the same on a 4-bit NF4 base (float32 compute);
-* ``dpokit-lora-gc`` (only when named in ``--systems``) ``dpokit-lora`` with ``gradient_checkpointing=True``;
+* ``dpokit-lora-gc``, ``dpokit-full-gc`` (only when named in ``--systems``) ``dpokit-lora``/``dpokit-full`` with
+  ``gradient_checkpointing=True``;
+* ``trl-lora-gc`` (only when named) ``trl-lora`` with ``gradient_checkpointing=True``, TRL's own default;
 * ``dpokit-full-mmap``, ``dpokit-lora-mmap`` (only when named) ``dpokit-full``/``dpokit-lora`` with
   ``return_freed_memory=True`` (freed activations returned to the system at once; dpokit.cpu_memory).
 
 Measured per run: seconds per step (dpokit: the trainer's ``seconds_per_step`` in ``metrics.jsonl``; TRL: the
 time between consecutive ``on_step_end`` callbacks), median over the steps after ``--warmup``; peak RSS of the
 child (``ru_maxrss``; for dpokit read before the end-of-run checkpoint, which is skipped). Reported: median
-(min-max) over rounds, and per-round ratios summarised the same way.
+(min-max) over rounds, and per-round ratios summarised the same way. The children inherit the environment, so
+``LD_PRELOAD=.../libjemalloc.so.2 python bench/bench_scale.py`` measures every system with jemalloc (recorded).
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ RATIOS = [
     ("dpokit-qlora", "dpokit-full", "mem", ("<=", 0.5)),
     ("dpokit-lora-gc", "dpokit-full", "mem", ("<=", 0.5)),
     ("dpokit-lora-mmap", "dpokit-full-mmap", "mem", ("<=", 0.5)),
+    ("dpokit-lora-gc", "dpokit-full-gc", "mem", ("<=", 0.5)),
+    ("dpokit-lora-gc", "trl-lora-gc", "speed", (">=", 2.0)),
+    ("dpokit-lora-gc", "trl-lora-gc", "mem", ("<=", 0.6)),
     ("dpokit-lora", "trl-lora", "speed", (">=", 2.0)),
     ("dpokit-lora", "trl-lora", "mem", ("<=", 0.6)),
     ("dpokit-lora-mmap", "trl-lora", "speed", (">=", 2.0)),
@@ -244,7 +250,8 @@ def main() -> None:
           f"MLP {m['intermediate']}, vocab {m['vocab']}), batch {args.batch_size} pairs, prompts ~{args.prompt_len} "
           f"tokens, responses ~{args.response_len}, float32, AdamW lr {LR:g} constant, LoRA r={LORA['r']} "
           f"alpha={LORA['alpha']} dropout={LORA['dropout']} on all linear layers, {args.threads} threads, "
-          f"{args.steps} steps per run ({args.warmup} warm-up discarded), {args.rounds} round(s)")
+          f"{args.steps} steps per run ({args.warmup} warm-up discarded), {args.rounds} round(s), allocator: "
+          f"{_allocator()}")
     print("values: median (min–max over rounds)")
     print(text)
     if skipped:
@@ -265,13 +272,18 @@ def main() -> None:
                "dpokit_tree": {"before": tree_before, "after": tree_after},
                "table_markdown": text, "wall_seconds": time.perf_counter() - t0,
                "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                           "cpus": os.cpu_count(), "versions": _versions()}}
+                           "cpus": os.cpu_count(), "versions": _versions(), "allocator": _allocator()}}
     path.write_text(json.dumps(payload, indent=1, default=str))
     print(f"\nwrote {path} ({time.perf_counter() - t0:.0f} s)")
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     if failed:
         sys.exit(1)
+
+
+def _allocator() -> str:
+    """The malloc every child inherits: a library preloaded through LD_PRELOAD (e.g. jemalloc), else glibc's."""
+    return os.environ.get("LD_PRELOAD") or "glibc malloc"
 
 
 def _versions() -> dict:

@@ -46,7 +46,6 @@ import os
 import re
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -78,12 +77,6 @@ SHAPES = {  # model and data per mode
 
 
 GPU_ONLY = {"dpokit-dense"}  # on a CPU `auto` is SDPA already: the run would repeat dpokit-full
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -248,6 +241,8 @@ def build(mode: str, work: Path) -> dict:
 
 def run(name: str, library: str, launcher: str | None, options: dict, mode: str, setup: dict, work: Path,
         processes: int, checkpoint: bool) -> dict:
+    from _setup import free_port  # on sys.path since build()
+
     s = SHAPES[mode]
     out = work / f"run_{name}"
     spec = {"library": library, "options": options, "model_dir": setup["model_dir"], "data": setup["data"],
@@ -267,7 +262,7 @@ def run(name: str, library: str, launcher: str | None, options: dict, mode: str,
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(REPO / "configs" / "accelerate" / f"{launcher}.yaml"), "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "bf16" if mode == "gpu" else "no",
-               "--main_process_port", str(_free_port()), __file__, "--child", str(spec_path)]
+               "--main_process_port", str(free_port()), __file__, "--child", str(spec_path)]
     else:
         cmd = [sys.executable, __file__, "--child", str(spec_path)]
     log = work / f"log_{name}.txt"
