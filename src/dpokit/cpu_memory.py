@@ -17,7 +17,7 @@ throughput). So it is opt-in (``--return-freed-memory``), for runs that must fit
 A threshold the user set through ``MALLOC_MMAP_THRESHOLD_`` is left alone, and so is any other C library or
 allocator: with jemalloc preloaded (``LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2``, Debian/Ubuntu
 package libjemalloc2) glibc's malloc is not the one torch calls, and jemalloc, which reuses freed blocks by size
-class, already keeps the peak low, at a smaller cost in step time than this setting (bench/README.md, "Scale").
+class, already keeps the peak low without this setting's cost in step time (bench/README.md, "Scale").
 """
 
 from __future__ import annotations
