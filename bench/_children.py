@@ -172,28 +172,21 @@ def step_timer():
     return StepTimer()
 
 
-def child_trl(spec: dict) -> dict:
-    base_rss = rss_mib()
-    import torch
-
-    torch.set_num_threads(spec["threads"])
+def train_trl(spec: dict, model, ref_model, *, peft_config=None, **config) -> dict:
+    """Train `model` with TRL's DPOTrainer on the spec's data (rows in dpokit's visiting order, a sequential
+    sampler, no saving) with `config` as further DPOConfig fields; return per-step seconds and tokens, losses,
+    the trainable parameter count, the reference precompute time and the memory marks."""
     import datasets
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     datasets.disable_progress_bars()
-    after_import_rss = rss_mib()
-    opts = spec["options"]
     rows = [json.loads(line) for line in Path(spec["data_trl"]).read_text().splitlines()]
     dataset = datasets.Dataset.from_list(rows)
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
-    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
-    ref_model = None
-    if not opts["precompute_ref_log_probs"]:
-        ref_model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
-
     timer = step_timer()
     tokens: list[int] = []
+    marks: dict = {}
 
     class Trainer(DPOTrainer):
         def training_step(self, model, inputs, *a, **k):
@@ -206,30 +199,47 @@ def child_trl(spec: dict) -> dict:
             marks["precompute_seconds"] = marks.get("precompute_seconds", 0.0) + time.perf_counter() - t
             return out
 
-    marks: dict = {}
-    config = DPOConfig(
+    args = DPOConfig(
         output_dir=spec["output"], per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
-        max_length=spec["max_length"], max_steps=spec["steps"], learning_rate=1e-6, lr_scheduler_type="constant",
-        warmup_steps=0, optim="adamw_torch", gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True,
-        report_to=[], logging_steps=1, save_strategy="no", dataloader_num_workers=0, dataloader_pin_memory=False,
-        disable_tqdm=True, seed=spec["seed"], train_sampling_strategy="sequential", beta=0.1,
-        precompute_ref_log_probs=opts["precompute_ref_log_probs"],
+        max_length=spec["max_length"], max_steps=spec["steps"], lr_scheduler_type="constant", warmup_steps=0,
+        optim="adamw_torch", bf16=False, fp16=False, use_cpu=True, report_to=[], logging_steps=1,
+        save_strategy="no", dataloader_num_workers=0, dataloader_pin_memory=False, disable_tqdm=True,
+        seed=spec["seed"], train_sampling_strategy="sequential", beta=0.1, **config,
     )
-    trainer = Trainer(model=model, ref_model=ref_model, args=config, train_dataset=dataset,
-                      processing_class=tokenizer, callbacks=[timer])
+    trainer = Trainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                      callbacks=[timer], peft_config=peft_config)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     rss_before = rss_mib()
     hwm_reset = reset_hwm()
     trainer.train()
     steps = len(timer.end)
-    seconds = timer.seconds_per_step()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {
-        "seconds_per_step": seconds,
+        "seconds_per_step": timer.seconds_per_step(),
         "seconds_per_step_compute_only": timer.compute_seconds(),
         "tokens_per_step": tokens[:steps],
-        "loss": losses,
+        "loss": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+        "trainable_params": trainable,
         "precompute_seconds": marks.get("precompute_seconds"),
-        "rss_start_mib": base_rss, "rss_after_import_mib": after_import_rss, "rss_before_train_mib": rss_before,
+        "rss_before_train_mib": rss_before,
         "peak_rss_mib": peak_rss_mib(),
         "train_peak_rss_mib": _proc_status("VmHWM") if hwm_reset else None,
     }
+
+
+def child_trl(spec: dict) -> dict:
+    base_rss = rss_mib()
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    # imported before the after-import mark (train_trl uses them): their memory counts as imports
+    import datasets  # noqa: F401
+    from trl import DPOConfig, DPOTrainer  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    after_import_rss = rss_mib()
+    precompute = spec["options"]["precompute_ref_log_probs"]
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
+    ref_model = None if precompute else AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
+    result = train_trl(spec, model, ref_model, learning_rate=1e-6, gradient_checkpointing=False,
+                       precompute_ref_log_probs=precompute)
+    return {**result, "rss_start_mib": base_rss, "rss_after_import_mib": after_import_rss}

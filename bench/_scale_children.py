@@ -7,12 +7,11 @@ float32 and reports its per-step seconds, token counts, trainable parameter coun
 from __future__ import annotations
 
 import hashlib
-import json
 import subprocess
 import sys
 from pathlib import Path
 
-from _children import _proc_status, peak_rss_mib, reset_hwm, rss_mib, step_timer
+from _children import _proc_status, peak_rss_mib, reset_hwm, rss_mib, train_trl
 
 LR = 1e-5
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
@@ -139,16 +138,13 @@ def child_trl(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    import datasets
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-    from trl import DPOConfig, DPOTrainer
+    # imported before the after-import mark (train_trl uses them): their memory counts as imports
+    import datasets  # noqa: F401
+    from trl import DPOConfig, DPOTrainer  # noqa: F401
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    datasets.disable_progress_bars()
     after_import_rss = rss_mib()
     opts = spec["options"]
-    rows = [json.loads(line) for line in Path(spec["data_trl"]).read_text().splitlines()]
-    dataset = datasets.Dataset.from_list(rows)
-    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     load = {"dtype": torch.float32}
     if opts["load_in_4bit"]:
         load["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -162,40 +158,7 @@ def child_trl(spec: dict) -> dict:
                                       target_modules="all-linear", task_type="CAUSAL_LM")
     else:
         ref_model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
-
-    timer = step_timer()
-    tokens: list[int] = []
-
-    class Trainer(DPOTrainer):
-        def training_step(self, model, inputs, *a, **k):
-            tokens.append(int(inputs["attention_mask"].sum()))
-            return super().training_step(model, inputs, *a, **k)
-
-    config = DPOConfig(
-        output_dir=spec["output"], per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
-        max_length=spec["max_length"], max_steps=spec["steps"], learning_rate=LR, lr_scheduler_type="constant",
-        warmup_steps=0, optim="adamw_torch",
-        gradient_checkpointing=opts.get("gradient_checkpointing", False), bf16=False, fp16=False, use_cpu=True,
-        report_to=[], logging_steps=1, save_strategy="no", dataloader_num_workers=0, dataloader_pin_memory=False,
-        disable_tqdm=True, seed=spec["seed"], train_sampling_strategy="sequential", beta=0.1, max_grad_norm=10.0,
-        precompute_ref_log_probs=False,
-    )
-    trainer = Trainer(model=model, ref_model=ref_model, args=config, train_dataset=dataset,
-                      processing_class=tokenizer, callbacks=[timer], peft_config=peft_config)
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    rss_before = rss_mib()
-    hwm_reset = reset_hwm()
-    trainer.train()
-    steps = len(timer.end)
-    seconds = timer.seconds_per_step()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {
-        "seconds_per_step": seconds,
-        "seconds_per_step_compute_only": timer.compute_seconds(),
-        "tokens_per_step": tokens[:steps],
-        "loss": losses,
-        "trainable_params": trainable,
-        "rss_start_mib": base_rss, "rss_after_import_mib": after_import_rss, "rss_before_train_mib": rss_before,
-        "peak_rss_mib": peak_rss_mib(),
-        "train_peak_rss_mib": _proc_status("VmHWM") if hwm_reset else None,
-    }
+    result = train_trl(spec, model, ref_model, peft_config=peft_config, learning_rate=LR, max_grad_norm=10.0,
+                       gradient_checkpointing=opts.get("gradient_checkpointing", False),
+                       precompute_ref_log_probs=False)
+    return {**result, "rss_start_mib": base_rss, "rss_after_import_mib": after_import_rss}

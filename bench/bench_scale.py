@@ -282,8 +282,10 @@ def main() -> None:
 
 
 def _allocator() -> str:
-    """The malloc every child inherits: a library preloaded through LD_PRELOAD (e.g. jemalloc), else glibc's."""
-    return os.environ.get("LD_PRELOAD") or "glibc malloc"
+    """The malloc every child inherits: a library preloaded through LD_PRELOAD (e.g. jemalloc), else glibc's,
+    with jemalloc's MALLOC_CONF when set."""
+    conf = os.environ.get("MALLOC_CONF")
+    return (os.environ.get("LD_PRELOAD") or "glibc malloc") + (f" (MALLOC_CONF={conf})" if conf else "")
 
 
 def _versions() -> dict:
