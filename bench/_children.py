@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -72,6 +73,49 @@ def batch_shapes(batch, examples) -> dict:
     return {"rows": rows, "width": width, "targets": targets, "seq_lens": seq_lens}
 
 
+def train_dpokit(spec: dict, marks: dict, **config) -> dict:
+    """Train with ``dpokit.api.train_dpo`` on the spec's model and data, with `config` as further TrainConfig
+    fields and the end-of-run checkpoint skipped (the peak is read where it would start); return per-step seconds
+    and tokens, losses and the memory marks. `marks` also collects what the caller's own patches record."""
+    import dpokit.api as api
+    from dpokit.config import TrainConfig
+    from dpokit.metrics import read_metrics
+
+    def no_checkpoint(*a, **k):
+        marks["peak_before_checkpoint_mib"] = peak_rss_mib()
+
+    # the trainer (or the engine that may replace it) imports save_checkpoint by name: patch it wherever it is
+    patched = []
+    for name, module in list(sys.modules.items()):
+        if name.startswith("dpokit") and hasattr(module, "save_checkpoint"):
+            module.save_checkpoint = no_checkpoint
+            patched.append(name)
+    real_train = api.train
+
+    def train(*a, **k):
+        marks["rss_before_train_mib"] = rss_mib()
+        marks["hwm_reset"] = reset_hwm()
+        return real_train(*a, **k)
+
+    api.train = train
+    api.train_dpo(TrainConfig(
+        model=spec["model_dir"], data=spec["data"], output=spec["output"], batch_size=spec["batch_size"],
+        max_length=spec["max_length"], max_prompt_length=spec["max_prompt_length"], max_steps=spec["steps"],
+        optimizer="adamw", warmup_steps=0, dtype="float32", seed=spec["seed"], save_final=False, save_every=0,
+        log_every=1, **config,
+    ))
+    rows = [r for r in read_metrics(Path(spec["output"]) / "metrics.jsonl") if r["split"] == "train"]
+    return {
+        "seconds_per_step": [r["seconds_per_step"] for r in rows],
+        "tokens_per_step": [round(r["tokens_per_second"] * r["seconds_per_step"]) for r in rows],
+        "loss": [r["loss"] for r in rows],
+        "checkpoint_patched_in": patched,
+        "rss_before_train_mib": marks.get("rss_before_train_mib"),
+        "peak_rss_mib": marks.get("peak_before_checkpoint_mib", peak_rss_mib()),
+        "train_peak_rss_mib": _proc_status("VmHWM") if marks.get("hwm_reset") else None,
+    }
+
+
 def child_dpokit(spec: dict) -> dict:
     base_rss = rss_mib()
     import torch
@@ -79,7 +123,6 @@ def child_dpokit(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     import dpokit.api as api
     import dpokit.trainer as trainer
-    from dpokit.config import TrainConfig
 
     after_import_rss = rss_mib()
     shapes: list[dict] = []
@@ -97,12 +140,6 @@ def child_dpokit(spec: dict) -> dict:
         return batch
 
     trainer.collate, trainer.step_indices = collate, step_indices
-
-    def no_checkpoint(*a, **k):  # the trainer checkpoints at its last step: not part of the benchmark
-        marks["peak_before_checkpoint_mib"] = peak_rss_mib()
-
-    trainer.save_checkpoint = no_checkpoint
-
     real_cached = api.cached_reference_logps
 
     def cached(*a, **k):
@@ -112,38 +149,11 @@ def child_dpokit(spec: dict) -> dict:
         return out
 
     api.cached_reference_logps = cached
-    real_train = api.train
-
-    def train(*a, **k):
-        marks["rss_before_train_mib"] = rss_mib()
-        marks["hwm_reset"] = reset_hwm()
-        return real_train(*a, **k)
-
-    api.train = train
-
     opts = spec["options"]
-    config = TrainConfig(
-        model=spec["model_dir"], data=spec["data"], output=spec["output"], batch_size=spec["batch_size"],
-        max_length=spec["max_length"], max_prompt_length=spec["max_prompt_length"], max_steps=spec["steps"],
-        optimizer="adamw", lr=1e-6, warmup_steps=0, dtype="float32", seed=spec["seed"], save_final=False,
-        save_every=0, log_every=1, layout=opts["layout"], logits=opts["logits"],
-        precompute_ref=opts["precompute_ref"], forward_tokens=opts["forward_tokens"],
-    )
-    api.train_dpo(config)
-    from dpokit.metrics import read_metrics
-
-    rows = [r for r in read_metrics(Path(spec["output"]) / "metrics.jsonl") if r["split"] == "train"]
-    return {
-        "seconds_per_step": [r["seconds_per_step"] for r in rows],
-        "tokens_per_step": [round(r["tokens_per_second"] * r["seconds_per_step"]) for r in rows],
-        "loss": [r["loss"] for r in rows],
-        "shapes": shapes,
-        "precompute_seconds": marks.get("precompute_seconds"),
-        "rss_start_mib": base_rss, "rss_after_import_mib": after_import_rss,
-        "rss_before_train_mib": marks.get("rss_before_train_mib"),
-        "peak_rss_mib": marks.get("peak_before_checkpoint_mib", peak_rss_mib()),
-        "train_peak_rss_mib": _proc_status("VmHWM") if marks.get("hwm_reset") else None,
-    }
+    result = train_dpokit(spec, marks, lr=1e-6, layout=opts["layout"], logits=opts["logits"],
+                          precompute_ref=opts["precompute_ref"], forward_tokens=opts["forward_tokens"])
+    return {**result, "shapes": shapes, "precompute_seconds": marks.get("precompute_seconds"),
+            "rss_start_mib": base_rss, "rss_after_import_mib": after_import_rss}
 
 
 def step_timer():

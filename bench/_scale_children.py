@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-import sys
 from pathlib import Path
 
-from _children import _proc_status, peak_rss_mib, reset_hwm, rss_mib, train_trl
+from _children import rss_mib, train_dpokit, train_trl
 
 LR = 1e-5
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
@@ -86,51 +85,14 @@ def child_dpokit(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    import dpokit.api as api
-    from dpokit.config import TrainConfig
-    from dpokit.metrics import read_metrics
+    import dpokit.api  # noqa: F401  (its memory counts as imports)
 
     after_import_rss = rss_mib()
     marks: dict = {}
     _count_adamw(marks)
-
-    def no_checkpoint(*a, **k):  # the end-of-run checkpoint is not part of training: skipped, peak read here
-        marks["peak_before_checkpoint_mib"] = peak_rss_mib()
-
-    # the trainer (or the engine that may replace it) imports save_checkpoint by name: patch it wherever it is
-    patched = []
-    for name, module in list(sys.modules.items()):
-        if name.startswith("dpokit") and hasattr(module, "save_checkpoint"):
-            module.save_checkpoint = no_checkpoint
-            patched.append(name)
-    real_train = api.train
-
-    def train(*a, **k):
-        marks["rss_before_train_mib"] = rss_mib()
-        marks["hwm_reset"] = reset_hwm()
-        return real_train(*a, **k)
-
-    api.train = train
-
-    config = TrainConfig(
-        model=spec["model_dir"], data=spec["data"], output=spec["output"], batch_size=spec["batch_size"],
-        max_length=spec["max_length"], max_prompt_length=spec["max_prompt_length"], max_steps=spec["steps"],
-        optimizer="adamw", lr=LR, warmup_steps=0, schedule="constant", dtype="float32", seed=spec["seed"],
-        beta=0.1, save_final=False, save_every=0, log_every=1, **spec["options"],
-    )
-    api.train_dpo(config)
-    rows = [r for r in read_metrics(Path(spec["output"]) / "metrics.jsonl") if r["split"] == "train"]
-    return {
-        "seconds_per_step": [r["seconds_per_step"] for r in rows],
-        "tokens_per_step": [round(r["tokens_per_second"] * r["seconds_per_step"]) for r in rows],
-        "loss": [r["loss"] for r in rows],
-        "trainable_params": marks.get("trainable_params"),
-        "checkpoint_patched_in": patched,
-        "rss_start_mib": base_rss, "rss_after_import_mib": after_import_rss,
-        "rss_before_train_mib": marks.get("rss_before_train_mib"),
-        "peak_rss_mib": marks.get("peak_before_checkpoint_mib", peak_rss_mib()),
-        "train_peak_rss_mib": _proc_status("VmHWM") if marks.get("hwm_reset") else None,
-    }
+    result = train_dpokit(spec, marks, lr=LR, schedule="constant", beta=0.1, **spec["options"])
+    return {**result, "trainable_params": marks.get("trainable_params"), "rss_start_mib": base_rss,
+            "rss_after_import_mib": after_import_rss}
 
 
 def child_trl(spec: dict) -> dict:
