@@ -70,6 +70,28 @@ def test_half_of_the_mlp_activations_are_kept(lora):
     assert _saved_mlp_wide_tensors(lean, ids) == 2 * 3
 
 
+def test_the_product_is_freed_after_the_forward_pass(monkeypatch):
+    import gc
+    import weakref
+
+    import dpokit.gated_mlp as gated_mlp
+
+    products = []
+    real_apply = gated_mlp._GatedProduct.apply
+
+    def apply(*args):
+        product = real_apply(*args)
+        products.append(weakref.ref(product))
+        return product
+
+    monkeypatch.setattr(gated_mlp._GatedProduct, "apply", apply)
+    _, lean = _pair(lora=True)
+    loss = lean(input_ids=torch.randint(1, 64, (2, 11))).logits.sum()
+    gc.collect()
+    assert len(products) == 3 and all(ref() is None for ref in products)  # rebuilt in backward, not kept
+    loss.backward()
+
+
 def test_other_mlps_are_left_alone():
     model = make_gpt2(vocab_size=64)
     assert keep_less_in_gated_mlps(model) == 0

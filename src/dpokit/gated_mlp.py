@@ -59,10 +59,11 @@ def _lean_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
     gate, up = mlp.gate_proj(x), mlp.up_proj(x)
     product = _GatedProduct.apply(gate, up, mlp.act_fn)
-    storage = product.untyped_storage().data_ptr()  # not the tensor: the hooks must not keep it alive
+    # plain values, not the tensor: autograd keeps the hooks as long as the graph, and they must not keep it alive
+    device, storage = product.device, product.untyped_storage().data_ptr()
 
     def pack(saved: torch.Tensor):
-        if saved.device == product.device and saved.untyped_storage().data_ptr() == storage:
+        if saved.device == device and saved.untyped_storage().data_ptr() == storage:
             return _Recompute(saved.shape, saved.stride(), saved.storage_offset())
         return saved
 

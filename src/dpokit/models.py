@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from dpokit.gated_mlp import keep_less_in_gated_mlps
 from dpokit.checkpoint import save_model_dir
 from dpokit.config import TrainConfig
 from dpokit.engine import ReferenceState
 from dpokit.errors import ConfigError
+from dpokit.gated_mlp import keep_less_in_gated_mlps
 from dpokit.lora import (LoraOptions, adapter_base, adapter_disabled, add_adapter, add_reference_adapter,
                          is_adapter_dir, load_adapter, merge_adapter, reference_adapter)
 
