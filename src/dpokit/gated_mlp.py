@@ -16,6 +16,7 @@ evaluation run the module as written. Gradient checkpointing recomputes the whol
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 from dataclasses import dataclass
@@ -78,10 +79,14 @@ def _lean_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _is_plain_gated_mlp(module: nn.Module) -> bool:
-    if not all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-        return False
+    has_parts = all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+    return has_parts and _forward_is_gated_expression(type(module))
+
+
+@functools.cache  # one source lookup per class, not per layer
+def _forward_is_gated_expression(cls: type) -> bool:
     try:
-        source = inspect.getsource(type(module).forward)
+        source = inspect.getsource(cls.forward)
     except (OSError, TypeError):
         return False
     return GATED_FORWARD.replace(" ", "") in "".join(source.split())  # whitespace aside, that very expression
