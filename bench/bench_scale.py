@@ -27,7 +27,10 @@ Measured per run: seconds per step (dpokit: the trainer's ``seconds_per_step`` i
 time between consecutive ``on_step_end`` callbacks), median over the steps after ``--warmup``; peak RSS of the
 child (``ru_maxrss``; for dpokit read before the end-of-run checkpoint, which is skipped). Reported: median
 (min-max) over rounds, and per-round ratios summarised the same way. The children inherit the environment, so
-``LD_PRELOAD=.../libjemalloc.so.2 python bench/bench_scale.py`` measures every system with jemalloc (recorded).
+``LD_PRELOAD=.../libjemalloc.so.2 python bench/bench_scale.py`` measures every system with jemalloc. By default
+(``--malloc as-shipped``) dpokit's children run on the allocator the ``dpokit`` command would choose (mimalloc
+from the cmeel-mimalloc wheel, or jemalloc: dpokit.cpu_memory), TRL's on the environment's, as each ships;
+``--malloc inherit`` runs every child on the environment's. The allocator of each system is recorded.
 """
 
 from __future__ import annotations
@@ -73,13 +76,23 @@ RATIOS = [
 ]
 
 
-def run_child(spec: dict, work: Path, name: str, round_: int) -> dict:
+def child_environment(name: str, malloc: str) -> dict:
+    """The environment a system's child starts from. With ``--malloc as-shipped`` a dpokit child gets the
+    allocator the ``dpokit`` command would run on (dpokit.cpu_memory: mimalloc or jemalloc when found, unless
+    DPOKIT_MALLOC=system or one is preloaded already); TRL's children, like TRL, run on what the environment has."""
+    from dpokit.cpu_memory import malloc_environment
+
+    shipped = malloc_environment(os.environ) if malloc == "as-shipped" and name.startswith("dpokit") else None
+    return shipped or dict(os.environ)
+
+
+def run_child(spec: dict, work: Path, name: str, round_: int, malloc: str) -> dict:
     spec_path = work / f"spec_{name}_{round_}.json"
     out_path = work / f"result_{name}_{round_}.json"
     spec = dict(spec, result=str(out_path), output=str(work / f"run_{name}_{round_}"))
     spec_path.write_text(json.dumps(spec))
     threads = str(spec["threads"])
-    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false",
+    env = dict(child_environment(name, malloc), OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false",
                HF_DATASETS_CACHE=str(work / "hf_datasets_cache"), TQDM_DISABLE="1", HF_HUB_OFFLINE="1",
                TRANSFORMERS_NO_ADVISORY_WARNINGS="1", PYTHONWARNINGS="ignore")
     log = work / f"log_{name}_{round_}.txt"
@@ -182,6 +195,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", help="keep the model, data and logs here (default: a temporary directory)")
     parser.add_argument("--out", default=str(HERE / "results"), help="directory for the JSON result")
+    parser.add_argument("--malloc", choices=("as-shipped", "inherit"), default="as-shipped",
+                        help="as-shipped (default): dpokit's children run on the allocator the dpokit command "
+                             "chooses (mimalloc or jemalloc when found; dpokit.cpu_memory), TRL's on the "
+                             "environment's; inherit: every child on the environment's")
     parser.add_argument("--quick", action="store_true",
                         help="tiny check of the harness: 1 round, 3 steps, hidden 64, 2 layers")
     args = parser.parse_args()
@@ -231,7 +248,7 @@ def main() -> None:
     for round_ in range(args.rounds):
         for name in names:
             kind, options = SYSTEMS[name]
-            r = run_child(dict(spec_base, kind=kind, options=options), work, name, round_)
+            r = run_child(dict(spec_base, kind=kind, options=options), work, name, round_, args.malloc)
             results[name].append(r)
             if r.get("failed"):
                 print(f"round {round_ + 1}/{args.rounds} {name:13s} FAILED (exit {r['returncode']}); log tail:\n"
@@ -250,8 +267,8 @@ def main() -> None:
           f"MLP {m['intermediate']}, vocab {m['vocab']}), batch {args.batch_size} pairs, prompts ~{args.prompt_len} "
           f"tokens, responses ~{args.response_len}, float32, AdamW lr {LR:g} constant, LoRA r={LORA['r']} "
           f"alpha={LORA['alpha']} dropout={LORA['dropout']} on all linear layers, {args.threads} threads, "
-          f"{args.steps} steps per run ({args.warmup} warm-up discarded), {args.rounds} round(s), allocator: "
-          f"{_allocator()}")
+          f"{args.steps} steps per run ({args.warmup} warm-up discarded), {args.rounds} round(s), allocators: "
+          + "; ".join(f"{n}: {a}" for n, a in _allocators(names, args.malloc).items()))
     print("values: median (min–max over rounds)")
     print(text)
     if skipped:
@@ -272,7 +289,8 @@ def main() -> None:
                "dpokit_tree": {"before": tree_before, "after": tree_after},
                "table_markdown": text, "wall_seconds": time.perf_counter() - t0,
                "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                           "cpus": os.cpu_count(), "versions": _versions(), "allocator": _allocator()}}
+                           "cpus": os.cpu_count(), "versions": _versions(),
+                           "allocators": _allocators(names, args.malloc)}}
     path.write_text(json.dumps(payload, indent=1, default=str))
     print(f"\nwrote {path} ({time.perf_counter() - t0:.0f} s)")
     if not args.workdir:
@@ -281,11 +299,15 @@ def main() -> None:
         sys.exit(1)
 
 
-def _allocator() -> str:
-    """The malloc every child inherits: a library preloaded through LD_PRELOAD (e.g. jemalloc), else glibc's,
-    with jemalloc's MALLOC_CONF when set."""
-    conf = os.environ.get("MALLOC_CONF")
-    return (os.environ.get("LD_PRELOAD") or "glibc malloc") + (f" (MALLOC_CONF={conf})" if conf else "")
+def _allocator(environment) -> str:
+    """The malloc of a child started in `environment`: a library preloaded through LD_PRELOAD (e.g. jemalloc),
+    else glibc's, with jemalloc's MALLOC_CONF when set."""
+    conf = environment.get("MALLOC_CONF")
+    return (environment.get("LD_PRELOAD") or "glibc malloc") + (f" (MALLOC_CONF={conf})" if conf else "")
+
+
+def _allocators(systems, malloc: str) -> dict:
+    return {name: _allocator(child_environment(name, malloc)) for name in systems}
 
 
 def _versions() -> dict:

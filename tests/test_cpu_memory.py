@@ -59,16 +59,19 @@ def test_a_threshold_the_user_set_is_left_alone(monkeypatch):
 
 
 def _preloadable_allocator() -> str | None:
-    """jemalloc or tcmalloc where this machine has one (DPOKIT_TEST_MALLOC names a library file to use)."""
+    """mimalloc (cmeel-mimalloc), jemalloc or tcmalloc where this machine has one (DPOKIT_TEST_MALLOC names a
+    library file to use)."""
     import ctypes.util
 
-    names = [os.environ.get("DPOKIT_TEST_MALLOC"), ctypes.util.find_library("jemalloc"),
+    from dpokit.cpu_memory import find_malloc
+
+    names = [os.environ.get("DPOKIT_TEST_MALLOC"), find_malloc("auto"), ctypes.util.find_library("jemalloc"),
              ctypes.util.find_library("tcmalloc_minimal"), ctypes.util.find_library("tcmalloc")]
     return next((name for name in names if name), None)
 
 
 @glibc_only
-@pytest.mark.skipif(_preloadable_allocator() is None, reason="no jemalloc/tcmalloc here to preload")
+@pytest.mark.skipif(_preloadable_allocator() is None, reason="no mimalloc/jemalloc/tcmalloc here to preload")
 def test_a_preloaded_allocator_is_left_alone():
     applied, _ = _retained_mib("on", preload=_preloadable_allocator())
     assert not applied  # glibc's mallopt would not reach the malloc torch calls
@@ -85,3 +88,83 @@ def test_cpu_training_applies_it_before_the_model_is_loaded_when_asked(asked, ti
                          batch_size=2, max_steps=1, lora_r=4, save_final=False, threads=1, return_freed_memory=asked)
     api.train_dpo(config)
     assert order == (["freed blocks", "load"] if asked else ["load"])
+
+
+# --- the allocator the dpokit command runs on (DPOKIT_MALLOC) ---
+
+from dpokit.cpu_memory import JEMALLOC_CONF, PRELOADED, find_malloc, malloc_environment  # noqa: E402
+from dpokit.errors import DpokitError  # noqa: E402
+
+linux_only = pytest.mark.skipif(sys.platform != "linux", reason="LD_PRELOAD is Linux's")
+
+
+@linux_only
+def test_system_an_earlier_reexec_or_a_users_preload_leave_the_environment_alone():
+    assert malloc_environment({"DPOKIT_MALLOC": "system"}) is None
+    assert malloc_environment({PRELOADED: "/x/libmimalloc.so"}) is None
+    assert malloc_environment({"LD_PRELOAD": "/opt/lib/libtcmalloc.so.4"}) is None
+
+
+@linux_only
+def test_a_library_file_is_preloaded_before_what_the_user_preloads(tmp_path):
+    library = tmp_path / "libmymalloc.so"
+    library.write_bytes(b"")
+    environment = malloc_environment({"DPOKIT_MALLOC": str(library), "LD_PRELOAD": "libother.so", "HOME": "/h"})
+    assert environment["LD_PRELOAD"] == f"{library}:libother.so"
+    assert environment[PRELOADED] == str(library) and environment["HOME"] == "/h"
+    assert "MALLOC_CONF" not in environment
+
+
+@linux_only
+def test_jemalloc_gets_the_launchers_settings_unless_the_user_gave_some(tmp_path):
+    library = tmp_path / "libjemalloc.so.2"
+    library.write_bytes(b"")
+    assert malloc_environment({"DPOKIT_MALLOC": str(library)})["MALLOC_CONF"] == JEMALLOC_CONF
+    assert malloc_environment({"DPOKIT_MALLOC": str(library), "MALLOC_CONF": "narenas:1"})["MALLOC_CONF"] == "narenas:1"
+
+
+def test_an_allocator_that_is_not_there_is_a_clear_error(tmp_path, monkeypatch):
+    with pytest.raises(DpokitError, match="DPOKIT_MALLOC=.*no such library file"):
+        find_malloc(str(tmp_path / "missing.so"))
+    import dpokit.cpu_memory as cpu_memory
+
+    monkeypatch.setattr(cpu_memory, "_mimalloc_from_wheel", lambda: None)
+    monkeypatch.setattr(cpu_memory, "_system_library", lambda name: None)
+    with pytest.raises(DpokitError, match="DPOKIT_MALLOC=mimalloc: not found .*pip install cmeel-mimalloc"):
+        find_malloc("mimalloc")
+    with pytest.raises(DpokitError, match="DPOKIT_MALLOC=jemalloc: not found"):
+        find_malloc("jemalloc")
+    assert find_malloc("auto") is None and malloc_environment({}) is None  # auto without one: glibc, quietly
+
+
+def _maps_of_a_dpokit_run(tmp_path, tiny_model_dir, sentiment_data, **env) -> tuple[subprocess.CompletedProcess, str]:
+    """A one-step `python -m dpokit.cli dpo` run; its result and the libraries its process had mapped at the end
+    (written by a sitecustomize that dumps /proc/self/maps at exit)."""
+    hook = tmp_path / f"hook-{env.get('DPOKIT_MALLOC', 'auto')}"
+    hook.mkdir()
+    maps = hook / "maps.txt"
+    (hook / "sitecustomize.py").write_text(
+        "import atexit, os\n"
+        f"atexit.register(lambda: os.system('cp /proc/%d/maps {maps}' % os.getpid()))\n")
+    environment = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", PRELOADED, "DPOKIT_MALLOC")}
+    environment.update(PYTHONPATH=os.pathsep.join([str(hook), SRC]), OMP_NUM_THREADS="1", **env)
+    result = subprocess.run([sys.executable, "-m", "dpokit.cli", "dpo", "--model", tiny_model_dir, "--data",
+                             sentiment_data["train"], "--output", str(hook / "run"), "--batch-size", "2",
+                             "--max-steps", "1", "--no-save-final", "--threads", "1"],
+                            capture_output=True, text=True, env=environment)
+    return result, maps.read_text() if maps.exists() else ""
+
+
+@linux_only
+@pytest.mark.skipif(find_malloc("auto") is None, reason="neither mimalloc (cmeel-mimalloc) nor jemalloc here")
+def test_the_command_runs_on_the_allocator_it_found_and_says_so(tmp_path, tiny_model_dir, sentiment_data):
+    library = find_malloc("auto")
+    result, maps = _maps_of_a_dpokit_run(tmp_path, tiny_model_dir, sentiment_data)
+    assert result.returncode == 0, result.stderr
+    assert os.path.basename(os.path.realpath(library)) in maps  # mapped into the process that trained
+    name = "mimalloc" if "mimalloc" in library.name else "jemalloc"
+    assert f"malloc: {name}, chosen by dpokit" in result.stdout
+
+    system, maps = _maps_of_a_dpokit_run(tmp_path, tiny_model_dir, sentiment_data, DPOKIT_MALLOC="system")
+    assert system.returncode == 0, system.stderr
+    assert name not in maps and "malloc: " in system.stdout and f"malloc: {name}" not in system.stdout

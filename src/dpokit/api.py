@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from dpokit.attention import choose_attention, set_attention
 from dpokit.checkpoint import run_identity, save_final
 from dpokit.config import Default, TrainConfig
-from dpokit.cpu_memory import return_freed_blocks
+from dpokit.cpu_memory import malloc_note, return_freed_blocks
 from dpokit.data import ColumnMap, load_completions, load_preferences, load_unpaired, split_eval
 from dpokit.data.checks import glued_boundary_warning
 from dpokit.engine import (ReferenceState, Scorer, check_engine, engine_name, engine_on_cpu, place_reference,
@@ -224,6 +224,8 @@ def _start(config: TrainConfig, stage: str) -> _Run:
     for line in schedule_warnings(plan, config, eval_examples=len(data.eval)):
         log(line)
     with_reference = stage in ("dpo", "kto") and not config.reference_free and config.ref_model is None
+    if accelerator.device.type == "cpu":
+        log(malloc_note())
     if config.return_freed_memory and accelerator.device.type == "cpu":  # before anything large is allocated
         if not return_freed_blocks():
             log("--return-freed-memory: not applied (not glibc's malloc, e.g. jemalloc preloaded, "

@@ -17,6 +17,7 @@ from typing import Any
 
 from dpokit.argparsing import Parser, option_yaml_reader
 from dpokit.commands import MODULES as COMMAND_MODULES
+from dpokit.cpu_memory import reexec_with_malloc
 from dpokit.config import REQUIRED, Default, TrainConfig, fields_for, make_config, read_yaml
 from dpokit.errors import EXIT_INTERRUPTED, ConfigError, DpokitError, Interrupted
 from dpokit.inputs import check_data_spec, check_model_spec
@@ -306,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_progress_bars()
     try:
+        if argv is None:  # the command line, not a call from Python: run on a leaner malloc (dpokit.cpu_memory)
+            reexec_with_malloc()
         args.func(args)
     except Interrupted as stop:
         argv = list(sys.argv[1:] if argv is None else argv)
