@@ -9,6 +9,8 @@ The profiler adds overhead of its own, so shares are indicative; seconds per ste
 
     python bench/profile_step.py                     # resident reference, 4 steps, 2 threads
     python bench/profile_step.py --precompute-ref    # precomputed reference log-probs
+    python bench/profile_step.py --lora-r 16 --hidden 768 --layers 12 --heads 12 --intermediate 2304 \
+        --batch-size 4 --threads 1                   # bench_scale.py's LoRA run
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ def profile(args, setup: dict, work: Path) -> dict:
                          batch_size=args.batch_size, max_length=args.max_length,
                          max_prompt_length=setup["max_prompt_length"], max_steps=args.steps, optimizer="adamw",
                          lr=1e-6, warmup_steps=0, seed=args.seed, save_final=False, data_cache=False, save_every=0,
-                         precompute_ref=args.precompute_ref, threads=args.threads)
+                         precompute_ref=args.precompute_ref, threads=args.threads,
+                         **({"lora_r": args.lora_r, "lora_alpha": 2 * args.lora_r} if args.lora_r else {}))
     found: dict = {}
     real_train = api.train
 
@@ -77,6 +80,7 @@ def main() -> None:
     add_shape_options(parser)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--precompute-ref", action="store_true")
+    parser.add_argument("--lora-r", type=int, default=0, help="LoRA of this rank (alpha 2r) instead of full fine-tuning")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--matmul-size", type=int, default=1024)
     parser.add_argument("--top", type=int, default=15, help="operators listed (default 15)")
@@ -95,7 +99,8 @@ def main() -> None:
           f"GFLOP/s, {result['mm_share_of_matmul_rate']:.0%} of the float32 matmul rate ({before:.1f} before, "
           f"{after:.1f} after; the higher used), {result['mm_seconds'] / result['profiled_seconds']:.0%} of the profiled "
           "time")
-    out = Path(args.out) / time.strftime(f"profile-{'precompute-' if args.precompute_ref else ''}%Y%m%d-%H%M%S.json")
+    kind = ("precompute-" if args.precompute_ref else "") + (f"lora{args.lora_r}-" if args.lora_r else "")
+    out = Path(args.out) / time.strftime(f"profile-{kind}%Y%m%d-%H%M%S.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "model": setup["model"], **result}, indent=1))
     print(f"wrote {out}")

@@ -92,7 +92,7 @@ def test_cpu_training_applies_it_before_the_model_is_loaded_when_asked(asked, ti
 
 # --- the allocator the dpokit command runs on (DPOKIT_MALLOC) ---
 
-from dpokit.cpu_memory import JEMALLOC_CONF, PRELOADED, find_malloc, malloc_environment  # noqa: E402
+from dpokit.cpu_memory import JEMALLOC_CONF, MIMALLOC_SETTINGS, PRELOADED, find_malloc, malloc_environment  # noqa: E402
 from dpokit.errors import DpokitError  # noqa: E402
 
 linux_only = pytest.mark.skipif(sys.platform != "linux", reason="LD_PRELOAD is Linux's")
@@ -121,6 +121,15 @@ def test_jemalloc_gets_the_launchers_settings_unless_the_user_gave_some(tmp_path
     library.write_bytes(b"")
     assert malloc_environment({"DPOKIT_MALLOC": str(library)})["MALLOC_CONF"] == JEMALLOC_CONF
     assert malloc_environment({"DPOKIT_MALLOC": str(library), "MALLOC_CONF": "narenas:1"})["MALLOC_CONF"] == "narenas:1"
+
+
+@linux_only
+def test_mimalloc_keeps_freed_pages_unless_the_user_says_otherwise(tmp_path):
+    library = tmp_path / "libmimalloc.so.3"
+    library.write_bytes(b"")
+    environment = malloc_environment({"DPOKIT_MALLOC": str(library)})
+    assert all(environment[k] == v for k, v in MIMALLOC_SETTINGS.items()) and "MALLOC_CONF" not in environment
+    assert malloc_environment({"DPOKIT_MALLOC": str(library), "MIMALLOC_PURGE_DELAY": "10"})["MIMALLOC_PURGE_DELAY"] == "10"
 
 
 def test_an_allocator_that_is_not_there_is_a_clear_error(tmp_path, monkeypatch):

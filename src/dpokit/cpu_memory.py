@@ -23,8 +23,9 @@ That is why the `dpokit` command runs itself on such an allocator by default (`r
 which the `cmeel-mimalloc` wheel ships on Linux, else a system jemalloc. The process re-executes itself with the
 library in ``LD_PRELOAD`` before torch is imported, as PyTorch's own CPU launcher (``torch.backends.xeon.run_cpu``)
 does. ``DPOKIT_MALLOC`` chooses: ``auto`` (the default), ``mimalloc``, ``jemalloc``, a library file, or ``system``
-(the C library's malloc, as before). Measured (bench/README.md, "Scale"): the same LoRA step with 0.64x glibc's
-peak memory, and no slower.
+(the C library's malloc, as before). Freed pages are kept for reuse (``MIMALLOC_PURGE_DELAY=-1``; jemalloc: the
+launcher's ``MALLOC_CONF``), unless the user set those variables. Measured (bench/README.md, "Scale"): the LoRA
+step of bench_scale.py at 0.55-0.65x glibc's peak memory, and 0.9x its step time.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ PRELOADED = "DPOKIT_MALLOC_PRELOADED"  # set in the re-executed process: the lib
 ALLOCATOR_NAMES = ("mimalloc", "jemalloc", "tcmalloc")
 # PyTorch's CPU launcher's jemalloc settings, with freed pages kept for reuse instead of decayed (bench/README.md)
 JEMALLOC_CONF = "background_thread:true,metadata_thp:auto,dirty_decay_ms:-1,muzzy_decay_ms:-1"
+# mimalloc the same way: freed pages stay for reuse rather than being returned and faulted in again (~10% faster
+# steps at bench_scale.py's LoRA shape, bench/README.md)
+MIMALLOC_SETTINGS = {"MIMALLOC_PURGE_DELAY": "-1"}
 
 
 def return_freed_blocks(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
@@ -113,6 +117,8 @@ def malloc_environment(environ: Mapping[str, str]) -> dict[str, str] | None:
     environment[PRELOADED] = str(library)
     if "jemalloc" in library.name and "MALLOC_CONF" not in environ:
         environment["MALLOC_CONF"] = JEMALLOC_CONF
+    if "mimalloc" in library.name:
+        environment.update({k: v for k, v in MIMALLOC_SETTINGS.items() if k not in environ})
     return environment
 
 
