@@ -90,6 +90,7 @@ def run_child(spec: dict, work: Path, name: str, round_: int, malloc: str) -> di
     spec_path = work / f"spec_{name}_{round_}.json"
     out_path = work / f"result_{name}_{round_}.json"
     spec = dict(spec, result=str(out_path), output=str(work / f"run_{name}_{round_}"))
+    shutil.rmtree(spec["output"], ignore_errors=True)  # left by an interrupted earlier run in the same --workdir
     spec_path.write_text(json.dumps(spec))
     threads = str(spec["threads"])
     env = dict(child_environment(name, malloc), OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false",
@@ -301,9 +302,9 @@ def main() -> None:
 
 def _allocator(environment) -> str:
     """The malloc of a child started in `environment`: a library preloaded through LD_PRELOAD (e.g. jemalloc),
-    else glibc's, with jemalloc's MALLOC_CONF when set."""
-    conf = environment.get("MALLOC_CONF")
-    return (environment.get("LD_PRELOAD") or "glibc malloc") + (f" (MALLOC_CONF={conf})" if conf else "")
+    else glibc's, with jemalloc's MALLOC_CONF and mimalloc's MIMALLOC_* settings when set."""
+    settings = [f"{k}={v}" for k, v in sorted(environment.items()) if k == "MALLOC_CONF" or k.startswith("MIMALLOC_")]
+    return (environment.get("LD_PRELOAD") or "glibc malloc") + (f" ({', '.join(settings)})" if settings else "")
 
 
 def _allocators(systems, malloc: str) -> dict:
