@@ -205,7 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every dpokit command."""
     from dpokit import __version__
 
-    parser = Parser(prog="dpokit", description="Direct Preference Optimization for causal LMs.")
+    parser = Parser(prog="dpokit", description="Direct Preference Optimization for causal LMs.",
+                    epilog="environment: DPOKIT_MALLOC=auto|mimalloc|jemalloc|system|FILE chooses the malloc dpokit "
+                           "runs on (default auto: mimalloc, else jemalloc, else the C library's; README: Speed and "
+                           "memory)")
     parser.add_argument("--version", action="version", version=f"dpokit {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = argparse.ArgumentDefaultsHelpFormatter
