@@ -1,9 +1,10 @@
 """Building the benchmark's inputs: the byte-level BPE tokenizer, the random Llama model and the preference data,
-and the command-line options of their shape that the benchmark scripts share."""
+the command-line options of their shape that the benchmark scripts share, and the allocator each child runs on."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import socket
 import statistics
@@ -166,3 +167,33 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def add_malloc_option(parser) -> None:
+    """--malloc: which allocator the children run on (`child_environment`)."""
+    parser.add_argument("--malloc", choices=("as-shipped", "inherit"), default="as-shipped",
+                        help="as-shipped (default): dpokit's children run on the allocator the dpokit command "
+                             "chooses (mimalloc or jemalloc when found; dpokit.cpu_memory), TRL's on the "
+                             "environment's; inherit: every child on the environment's")
+
+
+def child_environment(name: str, malloc: str) -> dict:
+    """The environment a system's child starts from. With ``--malloc as-shipped`` a dpokit child gets the
+    allocator the ``dpokit`` command would run on (dpokit.cpu_memory: mimalloc or jemalloc when found, unless
+    DPOKIT_MALLOC=system or one is preloaded already); TRL's children, like TRL, run on what the environment has."""
+    from dpokit.cpu_memory import malloc_environment
+
+    shipped = malloc_environment(os.environ) if malloc == "as-shipped" and name.startswith("dpokit") else None
+    return shipped or dict(os.environ)
+
+
+def _allocator(environment) -> str:
+    """The malloc of a child started in `environment`: a library preloaded through LD_PRELOAD (e.g. jemalloc),
+    else glibc's, with jemalloc's MALLOC_CONF and mimalloc's MIMALLOC_* settings when set."""
+    settings = [f"{k}={v}" for k, v in sorted(environment.items()) if k == "MALLOC_CONF" or k.startswith("MIMALLOC_")]
+    return (environment.get("LD_PRELOAD") or "glibc malloc") + (f" ({', '.join(settings)})" if settings else "")
+
+
+def allocators(systems, malloc: str) -> dict:
+    """Each system's allocator (`_allocator`) under `--malloc`."""
+    return {name: _allocator(child_environment(name, malloc)) for name in systems}

@@ -49,7 +49,7 @@ from pathlib import Path
 from _report import _med, _spread
 from _scale_children import (DEFAULT_SYSTEMS, LORA, LR, SYSTEMS, child_dpokit, child_trl, dpokit_lora_fields,
                              tree_state)
-from _setup import add_shape_options, build_everything
+from _setup import add_malloc_option, add_shape_options, allocators, build_everything, child_environment
 
 HERE = Path(__file__).resolve().parent
 
@@ -74,16 +74,6 @@ RATIOS = [
     ("dpokit-full", "trl-full", "mem", None),
     ("trl-lora", "trl-full", "mem", None),
 ]
-
-
-def child_environment(name: str, malloc: str) -> dict:
-    """The environment a system's child starts from. With ``--malloc as-shipped`` a dpokit child gets the
-    allocator the ``dpokit`` command would run on (dpokit.cpu_memory: mimalloc or jemalloc when found, unless
-    DPOKIT_MALLOC=system or one is preloaded already); TRL's children, like TRL, run on what the environment has."""
-    from dpokit.cpu_memory import malloc_environment
-
-    shipped = malloc_environment(os.environ) if malloc == "as-shipped" and name.startswith("dpokit") else None
-    return shipped or dict(os.environ)
 
 
 def run_child(spec: dict, work: Path, name: str, round_: int, malloc: str) -> dict:
@@ -196,10 +186,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", help="keep the model, data and logs here (default: a temporary directory)")
     parser.add_argument("--out", default=str(HERE / "results"), help="directory for the JSON result")
-    parser.add_argument("--malloc", choices=("as-shipped", "inherit"), default="as-shipped",
-                        help="as-shipped (default): dpokit's children run on the allocator the dpokit command "
-                             "chooses (mimalloc or jemalloc when found; dpokit.cpu_memory), TRL's on the "
-                             "environment's; inherit: every child on the environment's")
+    add_malloc_option(parser)
     parser.add_argument("--quick", action="store_true",
                         help="tiny check of the harness: 1 round, 3 steps, hidden 64, 2 layers")
     args = parser.parse_args()
@@ -269,7 +256,7 @@ def main() -> None:
           f"tokens, responses ~{args.response_len}, float32, AdamW lr {LR:g} constant, LoRA r={LORA['r']} "
           f"alpha={LORA['alpha']} dropout={LORA['dropout']} on all linear layers, {args.threads} threads, "
           f"{args.steps} steps per run ({args.warmup} warm-up discarded), {args.rounds} round(s), allocators: "
-          + "; ".join(f"{n}: {a}" for n, a in _allocators(names, args.malloc).items()))
+          + "; ".join(f"{n}: {a}" for n, a in allocators(names, args.malloc).items()))
     print("values: median (min–max over rounds)")
     print(text)
     if skipped:
@@ -291,24 +278,13 @@ def main() -> None:
                "table_markdown": text, "wall_seconds": time.perf_counter() - t0,
                "machine": {"platform": platform.platform(), "python": platform.python_version(),
                            "cpus": os.cpu_count(), "versions": _versions(),
-                           "allocators": _allocators(names, args.malloc)}}
+                           "allocators": allocators(names, args.malloc)}}
     path.write_text(json.dumps(payload, indent=1, default=str))
     print(f"\nwrote {path} ({time.perf_counter() - t0:.0f} s)")
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     if failed:
         sys.exit(1)
-
-
-def _allocator(environment) -> str:
-    """The malloc of a child started in `environment`: a library preloaded through LD_PRELOAD (e.g. jemalloc),
-    else glibc's, with jemalloc's MALLOC_CONF and mimalloc's MIMALLOC_* settings when set."""
-    settings = [f"{k}={v}" for k, v in sorted(environment.items()) if k == "MALLOC_CONF" or k.startswith("MIMALLOC_")]
-    return (environment.get("LD_PRELOAD") or "glibc malloc") + (f" ({', '.join(settings)})" if settings else "")
-
-
-def _allocators(systems, malloc: str) -> dict:
-    return {name: _allocator(child_environment(name, malloc)) for name in systems}
 
 
 def _versions() -> dict:

@@ -31,6 +31,9 @@ What it does:
    optimisation off (plain padded layout, full logits).
 5. Prints a markdown table and writes everything to ``bench/results/<timestamp>.json``.
 
+dpokit's children run on the allocator the ``dpokit`` command would choose, TRL's on the environment's
+(``--malloc as-shipped``, the default; ``--malloc inherit``: every child on the environment's); recorded in the JSON.
+
 This file holds the command line and the rounds (it is also what every child process runs, with ``--child``);
 the rest lives beside it: ``_setup.py`` (tokenizer, model, data), ``_children.py`` (the systems and the dpokit
 and TRL runs), ``_report.py`` (FLOP estimates, matmul rate, summary, table), ``_exactness.py`` (the exactness
@@ -53,18 +56,18 @@ from pathlib import Path
 from _children import DEFAULT_SYSTEMS, SYSTEMS, child_dpokit, child_trl
 from _exactness import exactness
 from _report import _med, matmul_gflops, summarise, table
-from _setup import add_shape_options, build_everything
+from _setup import add_malloc_option, add_shape_options, allocators, build_everything, child_environment
 
 HERE = Path(__file__).resolve().parent
 
 
-def run_child(spec: dict, work: Path, name: str, round_: int) -> dict:
+def run_child(spec: dict, work: Path, name: str, round_: int, malloc: str) -> dict:
     spec_path = work / f"spec_{name}_{round_}.json"
     out_path = work / f"result_{name}_{round_}.json"
     spec = dict(spec, result=str(out_path), output=str(work / f"run_{name}_{round_}"))
     spec_path.write_text(json.dumps(spec))
     threads = str(spec["threads"])
-    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false",
+    env = dict(child_environment(name, malloc), OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false",
                HF_DATASETS_CACHE=str(work / "hf_datasets_cache"), TQDM_DISABLE="1",
                HF_HUB_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1", PYTHONWARNINGS="ignore")
     log = work / f"log_{name}_{round_}.txt"
@@ -104,6 +107,7 @@ def main() -> None:
     parser.add_argument("--no-exactness", action="store_true", help="skip the exactness check")
     parser.add_argument("--workdir", help="keep the model, data and logs here (default: a temporary directory)")
     parser.add_argument("--out", default=str(HERE / "results"), help="directory for the JSON result")
+    add_malloc_option(parser)
     parser.add_argument("--quick", action="store_true",
                         help="tiny validation run: 1 round, 3 steps, 16 pairs of short sequences, hidden 64, 2 layers")
     args = parser.parse_args()
@@ -137,6 +141,7 @@ def main() -> None:
 
     gflops = [matmul_gflops(args.threads, args.matmul_size)]
     print(f"float32 matmul: {gflops[0]:.1f} GFLOP/s with {args.threads} threads", flush=True)
+    print("allocators: " + "; ".join(f"{n}: {a}" for n, a in allocators(names, args.malloc).items()), flush=True)
 
     spec_base = {"model_dir": setup["model_dir"], "data": setup["data"], "data_trl": setup["data_trl"],
                  "batch_size": args.batch_size, "max_length": args.max_length,
@@ -146,7 +151,7 @@ def main() -> None:
     for round_ in range(args.rounds):
         for name in names:
             kind, options = SYSTEMS[name]
-            r = run_child(dict(spec_base, kind=kind, options=options), work, name, round_)
+            r = run_child(dict(spec_base, kind=kind, options=options), work, name, round_, args.malloc)
             results[name].append(r)
             w = args.warmup
             sec = r["seconds_per_step"][w:]
@@ -189,7 +194,7 @@ def main() -> None:
         "args": vars(args), "setup": setup, "matmul_gflops": gflops, "summary": summary, "exactness": exact,
         "raw": results, "table_markdown": text, "wall_seconds": time.perf_counter() - t0,
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-                    "versions": _versions()},
+                    "versions": _versions(), "allocators": allocators(names, args.malloc)},
     }
     path.write_text(json.dumps(payload, indent=1, default=str))
     print(f"\nwrote {path} ({time.perf_counter() - t0:.0f} s)")
