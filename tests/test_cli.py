@@ -376,3 +376,23 @@ def test_an_invalid_choice_gets_the_closest_one(capsys):
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"{prog}: error: ") and err.endswith(f"{expected} (see {prog} --help)"), err
+
+
+@pytest.mark.parametrize("command, reexecs", [("dpo", True), ("eval", True), ("demo", False)])
+def test_the_command_line_reexecutes_on_a_leaner_malloc_except_for_the_demo(command, reexecs, monkeypatch):
+    """From the command line (argv None) the process re-executes on mimalloc/jemalloc (dpokit.cpu_memory), except
+    for the demo's tiny model; a call from Python (argv given) never does."""
+    import dpokit.cli as cli
+
+    calls = []
+    monkeypatch.setattr(cli, "reexec_with_malloc", lambda: calls.append("reexec"))
+    for name in ("_cmd_dpo", "_cmd_eval", "_cmd_demo"):
+        monkeypatch.setattr(cli, name, lambda args: calls.append("ran"))
+    args = {"dpo": ["--model", "m", "--data", "d.jsonl", "--output", "out"], "eval": ["--model", "m", "--data", "d.jsonl",
+                                                                   "--reference-free"], "demo": []}[command]
+    monkeypatch.setattr(sys, "argv", ["dpokit", command, *args])
+    assert cli.main() == 0
+    assert calls == (["reexec", "ran"] if reexecs else ["ran"])
+    calls.clear()
+    assert cli.main([command, *args]) == 0
+    assert calls == ["ran"]

@@ -19,9 +19,9 @@ allocator: with jemalloc preloaded (``LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libje
 package libjemalloc2) glibc's malloc is not the one torch calls, and jemalloc, which reuses freed blocks by size
 class, already keeps the peak low without this setting's cost in step time (bench/README.md, "Scale").
 
-That is why the `dpokit` command runs itself on such an allocator by default (`reexec_with_malloc`): mimalloc,
-which the `cmeel-mimalloc` wheel ships on Linux, else a system jemalloc. The process re-executes itself with the
-library in ``LD_PRELOAD`` before torch is imported, as PyTorch's own CPU launcher (``torch.backends.xeon.run_cpu``)
+That is why the `dpokit` command (all but `dpokit demo`, whose tiny model does not gain) runs itself on such an
+allocator by default (`reexec_with_malloc`): mimalloc, which the `cmeel-mimalloc` wheel ships on Linux, else a
+system jemalloc. The process re-executes itself with the library in ``LD_PRELOAD`` before torch is imported, as PyTorch's own CPU launcher (``torch.backends.xeon.run_cpu``)
 does. ``DPOKIT_MALLOC`` chooses: ``auto`` (the default), ``mimalloc``, ``jemalloc``, a library file, or ``system``
 (the C library's malloc, as before). Freed pages are kept for reuse (``MIMALLOC_PURGE_DELAY=-1``; jemalloc: the
 launcher's ``MALLOC_CONF``), unless the user set those variables. Measured (bench/README.md, "Scale"): the LoRA
@@ -150,8 +150,7 @@ def malloc_note() -> str:
     name = malloc_in_use()
     if os.environ.get(PRELOADED):
         return f"malloc: {name}, chosen by dpokit for a lower peak memory ({MALLOC_CHOICE}=system: the C library's)"
-    return f"malloc: {name}" + (f" ({MALLOC_CHOICE} chooses; default: mimalloc or jemalloc when found)"
-                                 if name == "glibc" else "")
+    return f"malloc: {name}"
 
 
 def _mimalloc_from_wheel() -> Path | None:
