@@ -177,14 +177,21 @@ def add_malloc_option(parser) -> None:
                              "environment's; inherit: every child on the environment's")
 
 
-def child_environment(name: str, malloc: str) -> dict:
-    """The environment a system's child starts from. With ``--malloc as-shipped`` a dpokit child gets the
-    allocator the ``dpokit`` command would run on (dpokit.cpu_memory: mimalloc or jemalloc when found, unless
-    DPOKIT_MALLOC=system or one is preloaded already); TRL's children, like TRL, run on what the environment has."""
+def child_environment(name: str, malloc: str, threads: int | None = None, work: Path | None = None) -> dict:
+    """The environment of system `name`'s child. With ``--malloc as-shipped`` a dpokit child gets the allocator
+    the ``dpokit`` command would run on (dpokit.cpu_memory: mimalloc or jemalloc when found, unless
+    DPOKIT_MALLOC=system or one is preloaded already); TRL's children, like TRL, run on what the environment has.
+    With `threads` and `work`: also the thread counts, a datasets cache in `work`, offline hub, no progress bars
+    or advisory warnings."""
     from dpokit.cpu_memory import malloc_environment
 
     shipped = malloc_environment(os.environ) if malloc == "as-shipped" and name.startswith("dpokit") else None
-    return shipped or dict(os.environ)
+    environment = shipped or dict(os.environ)
+    if threads is not None and work is not None:
+        environment.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
+                           HF_DATASETS_CACHE=str(work / "hf_datasets_cache"), TQDM_DISABLE="1", HF_HUB_OFFLINE="1",
+                           TRANSFORMERS_NO_ADVISORY_WARNINGS="1", PYTHONWARNINGS="ignore")
+    return environment
 
 
 def _allocator(environment) -> str:

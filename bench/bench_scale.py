@@ -82,10 +82,7 @@ def run_child(spec: dict, work: Path, name: str, round_: int, malloc: str) -> di
     spec = dict(spec, result=str(out_path), output=str(work / f"run_{name}_{round_}"))
     shutil.rmtree(spec["output"], ignore_errors=True)  # left by an interrupted earlier run in the same --workdir
     spec_path.write_text(json.dumps(spec))
-    threads = str(spec["threads"])
-    env = dict(child_environment(name, malloc), OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false",
-               HF_DATASETS_CACHE=str(work / "hf_datasets_cache"), TQDM_DISABLE="1", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_NO_ADVISORY_WARNINGS="1", PYTHONWARNINGS="ignore")
+    env = child_environment(name, malloc, spec["threads"], work)
     log = work / f"log_{name}_{round_}.txt"
     started = time.perf_counter()
     with log.open("w") as handle:

@@ -388,8 +388,8 @@ def test_the_command_line_reexecutes_on_a_leaner_malloc_except_for_the_demo(comm
     monkeypatch.setattr(cli, "reexec_with_malloc", lambda: calls.append("reexec"))
     for name in ("_cmd_dpo", "_cmd_eval", "_cmd_demo"):
         monkeypatch.setattr(cli, name, lambda args: calls.append("ran"))
-    args = {"dpo": ["--model", "m", "--data", "d.jsonl", "--output", "out"], "eval": ["--model", "m", "--data", "d.jsonl",
-                                                                   "--reference-free"], "demo": []}[command]
+    args = {"dpo": ["--model", "m", "--data", "d.jsonl", "--output", "out"],
+            "eval": ["--model", "m", "--data", "d.jsonl", "--reference-free"], "demo": []}[command]
     monkeypatch.setattr(sys, "argv", ["dpokit", command, *args])
     assert cli.main() == 0
     assert calls == (["reexec", "ran"] if reexecs else ["ran"])

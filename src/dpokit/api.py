@@ -226,8 +226,7 @@ def _start(config: TrainConfig, stage: str) -> _Run:
     with_reference = stage in ("dpo", "kto") and not config.reference_free and config.ref_model is None
     if accelerator.device.type == "cpu":
         log(malloc_note())
-    if config.return_freed_memory and accelerator.device.type == "cpu":  # before anything large is allocated
-        if not return_freed_blocks():
+        if config.return_freed_memory and not return_freed_blocks():  # before anything large is allocated
             log("--return-freed-memory: not applied (not glibc's malloc, e.g. jemalloc preloaded, "
                 "or MALLOC_MMAP_THRESHOLD_ is set)")
     model, reference_state = load_policy(config, accelerator.device, with_reference=with_reference)

@@ -21,8 +21,8 @@ class, already keeps the peak low without this setting's cost in step time (benc
 
 That is why the `dpokit` command (all but `dpokit demo`, whose tiny model does not gain) runs itself on such an
 allocator by default (`reexec_with_malloc`): mimalloc, which the `cmeel-mimalloc` wheel ships on Linux, else a
-system jemalloc. The process re-executes itself with the library in ``LD_PRELOAD`` before torch is imported, as PyTorch's own CPU launcher (``torch.backends.xeon.run_cpu``)
-does. ``DPOKIT_MALLOC`` chooses: ``auto`` (the default), ``mimalloc``, ``jemalloc``, a library file, or ``system``
+system jemalloc. The process re-executes itself with the library in ``LD_PRELOAD`` before torch is imported, as
+PyTorch's own CPU launcher (``torch.backends.xeon.run_cpu``) does. ``DPOKIT_MALLOC`` chooses: ``auto`` (the default), ``mimalloc``, ``jemalloc``, a library file, or ``system``
 (the C library's malloc, as before). Freed pages are kept for reuse (``MIMALLOC_PURGE_DELAY=-1``; jemalloc: the
 launcher's ``MALLOC_CONF``), unless the user set those variables. Measured (bench/README.md, "Scale"): the LoRA
 step of bench_scale.py at 0.55-0.65x glibc's peak memory, and 0.9x its step time.
@@ -61,23 +61,26 @@ def return_freed_blocks(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     Returns whether the setting was applied: False on a C library other than glibc, when another allocator is
     preloaded, when the user set ``MALLOC_MMAP_THRESHOLD_``, or when glibc refused it.
     """
-    if os.environ.get(ENV_OVERRIDE) is not None or platform.libc_ver()[0] != "glibc":
+    if os.environ.get(ENV_OVERRIDE) is not None:
         return False
+    libc = _glibc_serving_malloc()
+    return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
+
+
+def _glibc_serving_malloc() -> ctypes.CDLL | None:
+    """glibc, when its `malloc` is the process's: None on another C library or when a preloaded allocator (e.g.
+    jemalloc) interposes its own."""
+    if platform.libc_ver()[0] != "glibc":
+        return None
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
-        return False
-    if not _glibc_malloc_in_use(libc):
-        return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
+        return None
 
-
-def _glibc_malloc_in_use(libc: ctypes.CDLL) -> bool:
-    """Whether the process's `malloc` is glibc's, not one interposed by a preloaded allocator (e.g. jemalloc)."""
     def address(function) -> int | None:
         return ctypes.cast(function, ctypes.c_void_p).value
 
-    return address(ctypes.CDLL(None).malloc) == address(libc.malloc)
+    return libc if address(ctypes.CDLL(None).malloc) == address(libc.malloc) else None
 
 
 def find_malloc(choice: str) -> Path | None:
@@ -135,12 +138,8 @@ def reexec_with_malloc() -> None:
 
 def malloc_in_use() -> str:
     """A short name of the allocator serving this process's malloc: "glibc", a preloaded one, or "other"."""
-    if platform.libc_ver()[0] == "glibc":
-        try:
-            if _glibc_malloc_in_use(ctypes.CDLL("libc.so.6")):
-                return "glibc"
-        except OSError:
-            pass
+    if _glibc_serving_malloc() is not None:
+        return "glibc"
     preloaded = os.environ.get("LD_PRELOAD", "")
     return next((name for name in ALLOCATOR_NAMES if name in preloaded), "other")
 
