@@ -78,7 +78,8 @@ def _lean_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return mlp.down_proj(product)
 
 
-def _is_plain_gated_mlp(module: nn.Module) -> bool:
+def is_plain_gated_mlp(module: nn.Module) -> bool:
+    """Whether `module` computes exactly ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``, position by position."""
     has_parts = all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
     return has_parts and _forward_is_gated_expression(type(module))
 
@@ -97,7 +98,7 @@ def keep_less_in_gated_mlps(model: nn.Module) -> int:
     docstring). Returns how many modules were changed."""
     changed = 0
     for module in model.modules():
-        if getattr(module, "_dpokit_lean", False) or not _is_plain_gated_mlp(module):
+        if getattr(module, "_dpokit_lean", False) or not is_plain_gated_mlp(module):
             continue
         module.forward = types.MethodType(_lean_forward, module)
         module._dpokit_lean = True

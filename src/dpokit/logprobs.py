@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from dpokit.attention import SEGMENTS, block_mask, uses_attention
 from dpokit.batching import Batch
+from dpokit.last_layer import last_layer_only_at
 from dpokit.tokenize import TokenizedExample
 
 # Config attributes of model families that transform logits after the output layer (soft-capping,
@@ -140,12 +141,20 @@ def _model_inputs(batch: Batch, model: nn.Module) -> dict:
     return inputs
 
 
+def _read_hidden_states(model: nn.Module, batch: Batch, inputs: dict) -> Tensor:
+    """The decoder's output at the positions that predict a target token, ``[targets, hidden]``; its last layer
+    does its per-token work only there (dpokit.last_layer)."""
+    rows, length = batch.input_ids.shape
+    with last_layer_only_at(model, rows, length, batch.target_index):
+        hidden = model.get_decoder()(**inputs)[0]
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_index)
+
+
 def token_logprobs(model: nn.Module, batch: Batch, *, chunked: bool = True, chunk_size: int = 1024) -> Tensor:
     """Log-prob (float32) of every target token of `batch`, in `batch.target_ids` order."""
     inputs = _model_inputs(batch, model)
     if chunked and supports_chunked_logits(model):
-        hidden = model.get_decoder()(**inputs)[0]
-        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_index)
+        hidden = _read_hidden_states(model, batch, inputs)
         head = model.get_output_embeddings()
         if _sharded(head.weight):  # FSDP2 and ZeRO-3 gather it in the layer's own forward hooks
             return _module_target_logprobs(head, hidden, batch.target_ids, chunk_size)
@@ -177,8 +186,7 @@ def sequence_alignment_logprobs(model: nn.Module, batch: Batch, *, chunked: bool
     """
     inputs = _model_inputs(batch, model)
     if chunked and supports_chunked_logits(model):
-        hidden = model.get_decoder()(**inputs)[0]
-        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_index)
+        hidden = _read_hidden_states(model, batch, inputs)
         head = model.get_output_embeddings()  # called as a module: engines gather a sharded weight in its forward
         logits_of = lambda s: head(hidden[s : s + chunk_size])  # noqa: E731
     else:
