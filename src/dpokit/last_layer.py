@@ -52,26 +52,30 @@ def last_layer_only_at(model: nn.Module, rows: int, length: int, positions: Tens
     """Inside the block, the per-token modules of `model`'s last decoder layer (:func:`per_token_modules`) run only
     at `positions`: flat indices into ``[rows * length]``, the shape of the decoder's input. An input of any other
     shape passes through unchanged."""
+    modules = per_token_modules(model)
+    if not modules:
+        yield
+        return
     positions = torch.unique(positions)  # two responses read their prompt's last position: once is enough
-    shapes: dict[int, torch.Size] = {}
+    selected: set[int] = set()  # the modules whose input was narrowed, so that their output is widened back
 
     def select(module: nn.Module, args: tuple):
         x = args[0]
         if x.dim() != 3 or x.shape[:2] != (rows, length):
             return None
-        shapes[id(module)] = x.shape
+        selected.add(id(module))
         return (x.reshape(rows * length, x.shape[-1]).index_select(0, positions.to(x.device)), *args[1:])
 
     def scatter(module: nn.Module, args: tuple, output: Tensor):
-        shape = shapes.pop(id(module), None)
-        if shape is None:
+        if id(module) not in selected:
             return None
+        selected.discard(id(module))
         full = output.new_zeros(rows * length, output.shape[-1])
         return full.index_copy(0, positions.to(output.device), output).view(rows, length, output.shape[-1])
 
     handles = []
     try:
-        for module in per_token_modules(model):
+        for module in modules:
             handles.append(module.register_forward_pre_hook(select))
             handles.append(module.register_forward_hook(scatter))
         yield
