@@ -13,6 +13,7 @@ from dpokit.checkpoint import save_model_dir
 from dpokit.config import TrainConfig
 from dpokit.engine import ReferenceState
 from dpokit.errors import ConfigError
+from dpokit.fused_lora import fuse_lora_linears
 from dpokit.gated_mlp import keep_less_in_gated_mlps
 from dpokit.lora import (LoraOptions, adapter_base, adapter_disabled, add_adapter, add_reference_adapter,
                          is_adapter_dir, load_adapter, merge_adapter, reference_adapter)
@@ -162,6 +163,8 @@ def load_policy(config: TrainConfig, device: torch.device | str, *, with_referen
     elif is_adapter_dir(config.model) and with_reference:
         add_reference_adapter(model, config.ref_adapter or config.model)
         reference_state = reference_adapter
+    if config.uses_lora:
+        fuse_lora_linears(model)  # exact up to rounding, and only where peft's forward would do the same
     if bits is None:
         model = model.to(device)
     return model, reference_state
