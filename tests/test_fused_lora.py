@@ -127,3 +127,21 @@ def test_log_probs_and_gradients_of_a_model_match_peft(monkeypatch):
     assert grads_a.keys() == grads_b.keys() and len(grads_a) == 2 * 3 * 7
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-6)
+
+
+def test_zero3_partitions_and_quantized_bases_run_peft(monkeypatch):
+    """A ZeRO-3 partition (its ``ds_id``) is gathered only when its own module is called, so its layer keeps peft's
+    forward, which calls it; a 4-bit base is not an ``nn.Linear`` and is never changed."""
+    peft, fused = _layer(8)
+    calls = _calls(monkeypatch)
+    layer = fused.get_base_model().proj
+    layer.lora_A["default"].weight.ds_id = 7
+    torch.testing.assert_close(fused(torch.ones(2, 24)), peft(torch.ones(2, 24)), rtol=0, atol=0)
+    assert not calls
+    del layer.lora_A["default"].weight.ds_id
+    fused(torch.ones(2, 24))
+    assert len(calls) == 1
+    bnb = pytest.importorskip("bitsandbytes")
+    quantized = peft.get_base_model()
+    quantized.proj.base_layer = bnb.nn.Linear4bit(24, 40, bias=False)
+    assert fuse_lora_linears(quantized) == 0
