@@ -396,3 +396,22 @@ def test_the_command_line_reexecutes_on_a_leaner_malloc_except_for_the_demo(comm
     calls.clear()
     assert cli.main([command, *args]) == 0
     assert calls == ["ran"]
+
+
+def test_library_noise_no_dpokit_user_can_act_on_is_quieted_and_nothing_else(caplog):
+    import logging
+    import warnings
+
+    from dpokit.cli import _quiet_library_noise
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _quiet_library_noise()
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("something else is deprecated", FutureWarning)
+    assert [str(w.message) for w in caught] == ["something else is deprecated"]
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s.", "untrusted")
+        logger.warning("a real problem")
+    assert [r.getMessage() for r in caplog.records] == ["a real problem"]

@@ -85,6 +85,20 @@ def _quiet_progress_bars() -> None:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
+def _quiet_library_noise() -> None:
+    """Two messages from the libraries under dpokit that every LoRA run printed and that no dpokit user can act on:
+    peft asks transformers' deprecated ``is_gradient_checkpointing`` (a FutureWarning from the library's own
+    code), and bitsandbytes, when imported on a CPU with AVX512-BF16, warns that an optional kernel it tries to
+    fetch from the Hugging Face hub did not load (dpokit downloads nothing at run time and keeps bitsandbytes'
+    built-in CPU path, dpokit.models). Everything else is left as the libraries say it."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: "gemm_4bit_forward from kernels-community" not in record.getMessage())
+
+
 def _cmd_dpo(args):
     from dpokit.inputs import check_train_inputs
 
@@ -313,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `dpokit` command."""
     args = build_parser().parse_args(argv)
     _quiet_progress_bars()
+    _quiet_library_noise()
     try:
         if argv is None and args.command not in KEEP_MALLOC:  # the command line, not a call from Python
             reexec_with_malloc()  # a leaner malloc (dpokit.cpu_memory)
