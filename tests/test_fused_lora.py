@@ -103,11 +103,17 @@ def test_a_frozen_adapter_gets_no_gradient_and_the_input_still_does():
     torch.testing.assert_close(x_grad_b, x_grad_a, rtol=1e-6, atol=1e-6)
 
 
-def test_log_probs_and_gradients_of_a_model_match_peft(monkeypatch):
-    """Through a whole Llama with the lean gated MLP (whose saved product the fused down_proj keeps as a view)
-    and the shared layout: the numbers dpokit trains on."""
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["lean-mlp", "checkpointed"])
+def test_log_probs_and_gradients_of_a_model_match_peft(checkpointing, monkeypatch):
+    """Through a whole Llama, with the lean gated MLP (whose saved product the fused down_proj keeps as a view) or
+    under gradient checkpointing (which runs the fused function again in the backward pass), in the shared layout:
+    the numbers dpokit trains on."""
     peft = _trained(add_adapter(make_llama(vocab_size=64, hidden_size=48, num_hidden_layers=3), LoraOptions(4, 8)))
-    keep_less_in_gated_mlps(peft)
+    if checkpointing:
+        peft.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        peft.train()
+    else:
+        keep_less_in_gated_mlps(peft)
     fused = copy.deepcopy(peft)
     assert fuse_lora_linears(fused) == 3 * 7  # q, k, v, o, gate, up, down in each layer
     calls = _calls(monkeypatch)
@@ -121,7 +127,7 @@ def test_log_probs_and_gradients_of_a_model_match_peft(monkeypatch):
         logps = sequence_logprobs(model, batch)
         logps.sum().backward()
         results.append((logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    assert len(calls) == 3 * 7
+    assert len(calls) == 3 * 7 * (2 if checkpointing else 1)  # checkpointing: once more in the backward pass
     (logps_a, grads_a), (logps_b, grads_b) = results
     torch.testing.assert_close(logps_b, logps_a, rtol=1e-6, atol=1e-5)
     assert grads_a.keys() == grads_b.keys() and len(grads_a) == 2 * 3 * 7
