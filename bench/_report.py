@@ -48,6 +48,28 @@ def matmul_gflops(threads: int, size: int, repeats: int = 5) -> float:
 # summary
 
 
+def on_off(step, batches: list) -> tuple[list[float], list[float], list[tuple]]:
+    """An A/B of one change within one run. `step(flag, batch)` runs a batch with the change on (True) or off and
+    returns (seconds, result); both run on every batch, the order flipped every batch, after one call of each on the
+    first batch (first-call allocations). Returns the seconds on, the seconds off and each batch's (result on,
+    result off)."""
+    step(True, batches[0]), step(False, batches[0])
+    on, off, results = [], [], []
+    for i, batch in enumerate(batches):
+        order = (True, False) if i % 2 else (False, True)
+        ran = {flag: step(flag, batch) for flag in order}
+        on.append(ran[True][0])
+        off.append(ran[False][0])
+        results.append((ran[True][1], ran[False][1]))
+    return on, off, results
+
+
+def speedup(on: list[float], off: list[float]) -> str:
+    """The per-batch speed-ups of an :func:`on_off` run: median (min-max)."""
+    ratios = [b / a for a, b in zip(on, off)]
+    return f"x{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
+
+
 def _med(xs):
     return statistics.median(xs) if xs else float("nan")
 

@@ -27,6 +27,7 @@ from dpokit.batching import collate
 from dpokit.gated_mlp import keep_less_in_gated_mlps
 from dpokit.logprobs import sequence_logprobs
 from dpokit.lora import LoraOptions, add_adapter
+from _report import on_off, speedup
 from _setup import random_llama
 from bench_last_layer import pairs
 
@@ -95,22 +96,15 @@ def model(args) -> None:
         net.zero_grad(set_to_none=True)
         with torch.no_grad(), net.disable_adapter():
             sequence_logprobs(net, batch)
-        return time.perf_counter() - start, logps.detach(), grads
+        return time.perf_counter() - start, (logps.detach(), grads)
 
-    step(True, batches[0]), step(False, batches[0])  # first-call allocations
-    on, off, worst, worst_grad = [], [], 0.0, 0.0
-    for i, batch in enumerate(batches):
-        order = (True, False) if i % 2 else (False, True)
-        results = {flag: step(flag, batch) for flag in order}
-        on.append(results[True][0])
-        off.append(results[False][0])
-        worst = max(worst, (results[True][1] - results[False][1]).abs().max().item())
-        worst_grad = max(worst_grad, *((a - b).abs().max().item() / b.abs().max().item()
-                                       for a, b in zip(results[True][2], results[False][2])))
-    speedups = [b / a for a, b in zip(on, off)]
+    on, off, results = on_off(step, batches)
+    worst = max((a[0] - b[0]).abs().max().item() for a, b in results)
+    worst_grad = max((x - y).abs().max().item() / y.abs().max().item()
+                     for a, b in results for x, y in zip(a[1], b[1]))
     print(f"model: fused {statistics.median(on):.3f} s  peft {statistics.median(off):.3f} s  speed-up "
-          f"x{statistics.median(speedups):.3f} ({min(speedups):.3f}-{max(speedups):.3f})  max log-prob difference "
-          f"{worst:.2e}, max gradient difference {worst_grad:.2e} of the gradient's largest entry")
+          f"{speedup(on, off)}  max log-prob difference {worst:.2e}, max gradient difference {worst_grad:.2e} of "
+          f"the gradient's largest entry")
 
 
 def main() -> None:

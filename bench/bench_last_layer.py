@@ -24,6 +24,7 @@ from dpokit.gated_mlp import keep_less_in_gated_mlps
 from dpokit.logprobs import sequence_logprobs
 from dpokit.lora import LoraOptions, add_adapter
 from dpokit.tokenize import TokenizedExample
+from _report import on_off, speedup
 from _setup import random_llama
 
 
@@ -62,17 +63,9 @@ def main() -> None:
             sequence_logprobs(model, batch)
         return time.perf_counter() - start, logps.detach()
 
-    step(True, batches[0]), step(False, batches[0])  # first-call allocations
-    on, off, worst = [], [], 0.0
-    for i, batch in enumerate(batches):
-        order = (True, False) if i % 2 else (False, True)
-        results = {flag: step(flag, batch) for flag in order}
-        on.append(results[True][0])
-        off.append(results[False][0])
-        worst = max(worst, (results[True][1] - results[False][1]).abs().max().item())
-    speedups = [b / a for a, b in zip(on, off)]
-    print(f"on {statistics.median(on):.3f} s  off {statistics.median(off):.3f} s  speed-up "
-          f"x{statistics.median(speedups):.3f} ({min(speedups):.3f}-{max(speedups):.3f})  "
+    on, off, results = on_off(step, batches)
+    worst = max((a - b).abs().max().item() for a, b in results)
+    print(f"on {statistics.median(on):.3f} s  off {statistics.median(off):.3f} s  speed-up {speedup(on, off)}  "
           f"max log-prob difference {worst:.2e}")
 
 
