@@ -1,16 +1,21 @@
 #!/usr/bin/env python
-"""Dense masked SDPA vs per-segment SDPA calls (``--attention sdpa`` vs ``segments``) on CPU: the measurements
-behind dpokit.attention.SEGMENTS_MIN_LENGTH and the CPU default of ``--attention auto``.
+"""Dense masked SDPA vs dpokit's ``segments`` kernel (``--attention sdpa`` vs ``segments``) on CPU: the
+measurements behind dpokit.attention.SEGMENTS_MIN_LENGTH, SPLIT_MIN_PREFIX and the CPU default of
+``--attention auto``.
 
     python bench/bench_attention.py                    # rows of 64 .. 1024 tokens, two model widths
     python bench/bench_attention.py --threads 2 --rounds 7
+    python bench/bench_attention.py --per-segment      # one call per prompt and response at every row length
+    python bench/bench_attention.py --lengths 160,440 --widths 768 --layers 2   # bench_scale.py's width
 
-For each row length L, a forward + backward of dpokit's packed-layout log-probs (dpokit.logprobs.sequence_logprobs)
+For each row length L, a forward + backward of dpokit's shared-layout log-probs (dpokit.logprobs.sequence_logprobs)
 on pairs whose prompt is 45% of L and whose two responses are 27.5% each (one pair per row, about 2,048 tokens
 per call), alternately with the two kernels, the order flipped every round; prints the median seconds per call,
 the ratio and its spread (min-max of the per-round ratios), and writes ``bench/results/attention-<time>.json``.
-Models: random Llamas of width 128 (the embedded demo model's shape, vocabulary 2048) and 256 (the speed
-benchmark's, vocabulary 8192), 4 layers.
+The ``segments`` kernel runs as shipped (two calls split after the prompt for rows shorter than
+SEGMENTS_MIN_LENGTH whose prompts reach SPLIT_MIN_PREFIX, one call per segment from SEGMENTS_MIN_LENGTH on) unless
+``--per-segment``. Models: random Llamas of `--layers` layers, 4 heads or one per 64 channels, of width 128 (the
+embedded demo model's, vocabulary 2048) and 256 (the speed benchmark's, vocabulary 8192) unless ``--widths``.
 """
 
 from __future__ import annotations
@@ -56,14 +61,20 @@ def main() -> int:
     parser.add_argument("--lengths", default="64,128,256,512,1024", help="row lengths (tokens per pair)")
     parser.add_argument("--rounds", type=int, default=5, help="alternations per length (default 5)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--widths", default="128,256", help="model widths (vocabulary 2048 at 128, else 8192)")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--per-segment", action="store_true", help="one call per prompt and response everywhere")
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    attention.SEGMENTS_MIN_LENGTH = 0  # measure the segment calls at every length
+    if args.per_segment:
+        attention.SEGMENTS_MIN_LENGTH = 0
     rows = []
     print(f"threads {args.threads}; load average {os.getloadavg()[0]:.1f} at the start")
-    for width, vocab in ((128, 2048), (256, 8192)):
-        model = random_llama(vocab=vocab, hidden=width, max_positions=2048)
+    for width in (int(x) for x in args.widths.split(",")):
+        vocab = 2048 if width <= 128 else 8192
+        model = random_llama(vocab=vocab, hidden=width, heads=max(4, width // 64), layers=args.layers,
+                             max_positions=2048)
         for length in (int(x) for x in args.lengths.split(",")):
             batch = collate(pairs(length, max(1, 2048 // length), vocab), list(range(max(1, 2048 // length))),
                             layout="shared", pad_token_id=0)
@@ -87,6 +98,8 @@ def main() -> int:
     out = Path(args.out) / f"attention-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"threads": args.threads, "rounds": args.rounds, "command": " ".join(sys.argv),
+                               "segments_min_length": attention.SEGMENTS_MIN_LENGTH,
+                               "split_min_prefix": attention.SPLIT_MIN_PREFIX,
                                "load_end": os.getloadavg()[0], "rows": rows}, indent=1))
     print(f"load average {os.getloadavg()[0]:.1f} at the end; wrote {out}")
     return 0

@@ -81,6 +81,41 @@ def test_segment_attention_gives_the_dense_masks_logprobs_and_gradients(layout, 
         torch.testing.assert_close(segments_grad, dense_grad, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["shared", "packed"])
+def test_split_after_the_common_prompt_gives_the_dense_masks_logprobs_and_gradients(layout, monkeypatch):
+    import transformers.integrations.sdpa_attention as hf_sdpa
+
+    monkeypatch.setattr(attention, "SPLIT_MIN_PREFIX", 3)  # these prompts are short: force the split
+    calls = []
+    real_sdpa = hf_sdpa.sdpa_attention_forward
+    monkeypatch.setattr(hf_sdpa, "sdpa_attention_forward",
+                        lambda module, query, *a, **k: calls.append(query.shape[2]) or real_sdpa(module, query, *a, **k))
+    model = make_llama(num_key_value_heads=1)
+    examples = _examples()  # first prompts of 7-19 tokens
+    batch = collate(examples, list(range(len(examples))), layout=layout, pad_token_id=0)
+    prefix = min(row[0][1] for row in batch.spans)
+    results = {}
+    for kernel in ("sdpa", SEGMENTS):
+        set_attention(model, kernel)
+        model.zero_grad()
+        logps = sequence_logprobs(model, batch)
+        logps.sum().backward()
+        results[kernel] = (logps.detach(), [p.grad.clone() for p in model.parameters()])
+    length = batch.input_ids.shape[1]
+    assert calls[-2:] == [prefix, length - prefix]  # the segments kernel split each layer's call in two
+    torch.testing.assert_close(results[SEGMENTS][0], results["sdpa"][0], rtol=0, atol=1e-5)
+    for split_grad, dense_grad in zip(results[SEGMENTS][1], results["sdpa"][1]):
+        torch.testing.assert_close(split_grad, dense_grad, rtol=0, atol=1e-5)
+
+
+def test_no_split_when_a_row_starts_without_a_prompt(monkeypatch):
+    monkeypatch.setattr(attention, "SPLIT_MIN_PREFIX", 1)
+    examples = _examples() + [TokenizedExample((), ((50, 51, 52), (60, 61)))]
+    batch = collate(examples, list(range(len(examples))), layout="shared", pad_token_id=0)
+    assert attention._causal_prefix(batch.spans) == 0
+    assert attention._causal_prefix(collate(_examples(), list(range(5)), layout="shared", pad_token_id=0).spans) == 7
+
+
 def test_segment_attention_is_plain_sdpa_for_generation():
     model = make_llama().eval()
     prompt = torch.tensor([[3, 4, 5, 6]])

@@ -21,9 +21,17 @@ ATTENTION_CHOICES = ("auto", "sdpa", "eager", "flex", "segments")
 SEGMENTS = "dpokit_segments"
 _HF_NAMES = {"sdpa": "sdpa", "eager": "eager", "flex": "flex_attention", "segments": SEGMENTS}
 SEGMENTS_MIN_LENGTH = 1024
-"""Rows shorter than this run as one dense SDPA call. `python bench/bench_attention.py --rounds 3` (one thread, a
-loaded 2-core CPU) measured the per-segment calls 1.12-1.18x faster per forward+backward at 1024-token rows, even
-at 512, and slower below 256 (per-call overhead); bench/README.md has the table."""
+"""Rows shorter than this run as one or two dense SDPA calls. `python bench/bench_attention.py --rounds 3
+--per-segment` (one thread, a loaded 2-core CPU) measured the per-segment calls 1.12-1.18x faster per
+forward+backward at 1024-token rows, even at 512, and slower below 256 (per-call overhead); bench/README.md has the
+table."""
+SPLIT_MIN_PREFIX = 128
+"""Shorter rows run as two dense SDPA calls when every row's first prompt has at least this many tokens: those
+queries see only their own causal prefix, so one call covers that square and one the remaining queries against the
+whole row. The CPU kernel computes every (query, key) pair of a call it is given a mask for; the split drops the
+prompt's queries against everything after the prompt. `python bench/bench_attention.py --lengths 96,160,256,440
+--widths 128,256,768 --rounds 5` (one thread; prompts 45% of the row): forward + backward of the model 1.02-1.04x
+faster at 440-token rows, 0.98-1.01x at 160 and 256, whence the threshold; bench/README.md has the table."""
 
 
 def choose_attention(choice: str, device: torch.device | str, layout: str, *, training: bool = True) -> str | None:
@@ -85,8 +93,9 @@ def _register_segments() -> None:
 def segment_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                       dropout: float = 0.0, scaling: float | None = None, dpokit_spans=None, **kwargs):
     """A transformers attention function: with ``dpokit_spans`` (Batch.spans, passed by dpokit.logprobs) one SDPA
-    call per prompt and per response instead of one over the whole row's dense mask; without them, or for rows
-    shorter than SEGMENTS_MIN_LENGTH, transformers' SDPA attention.
+    call per prompt and per response instead of one over the whole row's dense mask; for rows shorter than
+    SEGMENTS_MIN_LENGTH, two calls split after the rows' common causal prefix (SPLIT_MIN_PREFIX), or one; without
+    spans, transformers' SDPA attention.
 
     ``query`` is ``[rows, heads, length, dim]``, ``key``/``value`` ``[rows, kv_heads, length, dim]``; returns
     ``([rows, length, heads, dim], None)`` like transformers' own attention functions. Padding columns get zeros
@@ -94,9 +103,19 @@ def segment_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     length = query.shape[2]
-    if dpokit_spans is None or length < SEGMENTS_MIN_LENGTH:
+    if dpokit_spans is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    if length < SEGMENTS_MIN_LENGTH:
+        prefix = _causal_prefix(dpokit_spans)
+        if prefix < SPLIT_MIN_PREFIX or attention_mask is None:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, **kwargs)
+        head, _ = sdpa_attention_forward(module, query[:, :, :prefix], key[:, :, :prefix], value[:, :, :prefix],
+                                         None, dropout=dropout, scaling=scaling, is_causal=True, **kwargs)
+        rest, _ = sdpa_attention_forward(module, query[:, :, prefix:], key, value, attention_mask[:, :, prefix:],
+                                         dropout=dropout, scaling=scaling, **kwargs)
+        return torch.cat([head, rest], dim=1), None
     sdpa = torch.nn.functional.scaled_dot_product_attention
     options = dict(scale=scaling, dropout_p=dropout if module.training else 0.0,
                    enable_gqa=query.shape[1] != key.shape[1])
@@ -120,3 +139,10 @@ def segment_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
             pieces.append(query.new_zeros(1, query.shape[1], length - used, query.shape[3]))
         rows.append(torch.cat(pieces, dim=2))
     return torch.cat(rows).transpose(1, 2).contiguous(), None
+
+
+def _causal_prefix(spans) -> int:
+    """How many leading positions of every row are the first example's prompt: their attention is plain causal."""
+    if not spans or any(not row or row[0][0] != 0 for row in spans):
+        return 0
+    return min(row[0][1] for row in spans)
