@@ -358,7 +358,7 @@ def _prepare(run: _Run, config: TrainConfig, chunked: bool) -> Engine:
     engine = prepare(run.model, len(run.data.train), config, run.accelerator, chunked=chunked,
                      reference_state=run.reference_state, identity=identity, log=run.log)
     config.layout = check_layout(engine.scorer, run.data.train, config.layout, run.tokenizer.pad_token_id,
-                                 device=run.accelerator.device)
+                                 device=run.accelerator.device, max_length=config.max_length)
     return engine
 
 

@@ -211,19 +211,48 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
+def sliding_window(model: nn.Module) -> int | None:
+    """The sliding attention window of `model`'s layers (from its transformers config), or None when every layer
+    attends to the whole sequence."""
+    from transformers import PretrainedConfig
+
+    config = next((m.config for m in model.modules() if isinstance(getattr(m, "config", None), PretrainedConfig)),
+                  None)
+    if config is None:
+        return None
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return int(window)
+
+
 @torch.no_grad()
 def check_layout(scorer: nn.Module, examples: Sequence[TokenizedExample], layout: str, pad_token_id: int, *,
-                 device: torch.device | str, tolerance: float = 1e-4) -> str:
+                 device: torch.device | str, max_length: int | None, tolerance: float = 1e-4) -> str:
     """`layout` if the model gives the plain layout's log-probs with it on a few `examples`, else "plain".
 
     The shared and packed layouts need a model that honours a 4-D attention mask and explicit position
     ids. Rather than keep a list of families, this asks the model itself, once, before training, through
     `scorer` (batch -> log-probs; the engine-wrapped policy, so every process takes part in the check).
+    A model with sliding-window attention gets the plain layout when sequences may be longer than its window
+    (`max_length`, prompt + response; None: unknown): the block layouts' 4-D masks do not apply the window, and
+    a few short examples would not show it.
     """
     from dpokit.batching import collate
 
     if layout == "plain":
         return layout
+    window = sliding_window(scorer)
+    if window is not None and (max_length is None or max_length > window):
+        name = type(getattr(scorer, "model", scorer)).__name__
+        _warn_once(f"{name} attends within a sliding window of {window} tokens, which the {layout} layout does "
+                   f"not apply, and sequences may have up to {max_length or 'any number of'} tokens; using the "
+                   "plain layout")
+        return "plain"
     sample = list(examples[:4])
     ids = list(range(len(sample)))
     was_training = scorer.training

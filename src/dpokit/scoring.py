@@ -66,11 +66,11 @@ def _pad(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def supported_layout(policy: nn.Module, reference: nn.Module, sample: Sequence[TokenizedExample], layout: str,
-                     pad_token_id: int) -> str:
-    """`layout` if both models give the plain layout's log-probs with it on `sample`, else "plain"
-    (dpokit.logprobs.check_layout)."""
+                     pad_token_id: int, max_length: int) -> str:
+    """`layout` if both models give the plain layout's log-probs with it on `sample` and on sequences of up to
+    `max_length` tokens, else "plain" (dpokit.logprobs.check_layout)."""
     for scorer in (_scorer(policy), _scorer(reference)):
-        layout = check_layout(scorer, sample, layout, pad_token_id, device=_device(scorer))
+        layout = check_layout(scorer, sample, layout, pad_token_id, device=_device(scorer), max_length=max_length)
     return layout
 
 
@@ -156,7 +156,8 @@ def implicit_rewards(policy: nn.Module, reference: nn.Module, tokenizer: PreTrai
     try:
         pad = _pad(tokenizer)
         if kept and verify_layout:
-            layout = supported_layout(policy, reference, [examples[i] for i in kept[-4:]], layout, pad)
+            layout = supported_layout(policy, reference, [examples[i] for i in kept[-4:]], layout, pad,
+                                      settings.max_length)
         logps = _score_batches(policy, reference, examples, kept, beta, batch_size, layout, pad, progress)
     finally:
         policy.train(modes[0])
@@ -242,7 +243,8 @@ class ImplicitJudge:
         self.__name__ = name
         # asked once here rather than on every call: a judge is often called with a few texts at a time
         probe = [e for e in tokenize_responses(tokenizer, ["the", ""], [" a", " b c"], settings)[0] if e is not None]
-        self.layout = supported_layout(policy, reference, probe, "packed", _pad(tokenizer)) if probe else "plain"
+        self.layout = (supported_layout(policy, reference, probe, "packed", _pad(tokenizer), settings.max_length)
+                       if probe else "plain")
 
     def __call__(self, texts: list[str]) -> list[float]:
         """The implicit reward of each text as the response to an empty prompt."""
