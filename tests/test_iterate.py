@@ -239,3 +239,27 @@ def test_every_iterate_setting_is_a_flag_and_the_round_settings_are_shared():
     settings = IterateConfig(prompts="p.txt", steps=7, labeling="bradley-terry").round_settings()
     assert type(settings) is RoundSettings and settings.steps == 7 and settings.labeling == "bradley-terry"
     assert settings == RoundSettings(steps=7, labeling="bradley-terry")  # the same defaults
+
+
+def test_kl_per_sequence_respects_a_sliding_window():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from dpokit.batching import collate
+    from dpokit.generation import Sample
+    from dpokit.iterate import kl_per_sequence
+    from dpokit.logprobs import sequence_logprobs
+    from dpokit.tokenize import TokenizedExample
+
+    def mistral(seed):
+        torch.manual_seed(seed)
+        return MistralForCausalLM(MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                sliding_window=8, max_position_embeddings=64)).eval()
+
+    policy, reference = mistral(0), mistral(1)
+    samples = [Sample(list(range(1, 7)), list(range(10, 10 + n)), "") for n in (12, 5)]  # the first outruns 8
+    examples = [TokenizedExample(tuple(s.prompt_ids), (tuple(s.ids),)) for s in samples]
+    with torch.no_grad():
+        plain = collate(examples, range(2), layout="plain")
+        expected = (sequence_logprobs(policy, plain) - sequence_logprobs(reference, plain)).tolist()
+    assert kl_per_sequence(policy, reference, samples) == pytest.approx(expected, abs=1e-5)
