@@ -415,3 +415,21 @@ def test_library_noise_no_dpokit_user_can_act_on_is_quieted_and_nothing_else(cap
         logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s.", "untrusted")
         logger.warning("a real problem")
     assert [r.getMessage() for r in caplog.records] == ["a real problem"]
+
+
+def test_dpokit_warnings_print_as_one_line(monkeypatch, capsys):
+    import warnings
+
+    from dpokit.cli import _warnings_as_lines
+    from dpokit.errors import DpokitWarning
+
+    shown = []
+    monkeypatch.setattr(warnings, "showwarning", lambda *a, **k: shown.append(a[0]))
+    _warnings_as_lines()
+    _warnings_as_lines()  # a second call does not wrap it twice
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("using the plain layout", DpokitWarning)
+        warnings.warn("a library's own warning", UserWarning)
+    assert capsys.readouterr().err == "dpokit: warning: using the plain layout\n"
+    assert [str(m) for m in shown] == ["a library's own warning"]

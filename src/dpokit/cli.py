@@ -99,6 +99,27 @@ def _quiet_library_noise() -> None:
         lambda record: "gemm_4bit_forward from kernels-community" not in record.getMessage())
 
 
+def _warnings_as_lines() -> None:
+    """dpokit's own warnings (DpokitWarning) as ``dpokit: warning: ...`` on stderr, without the source line of
+    whichever library frame raised them; the libraries' warnings as Python prints them."""
+    import warnings
+
+    from dpokit.errors import DpokitWarning
+
+    show = warnings.showwarning
+    if getattr(show, "dpokit_lines", False):  # main() called again in the same process
+        return
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DpokitWarning):
+            print(f"dpokit: warning: {message}", file=file or sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    show_warning.dpokit_lines = True
+    warnings.showwarning = show_warning
+
+
 def _cmd_dpo(args):
     from dpokit.inputs import check_train_inputs
 
@@ -328,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_progress_bars()
     _quiet_library_noise()
+    _warnings_as_lines()
     try:
         if argv is None and args.command not in KEEP_MALLOC:  # the command line, not a call from Python
             reexec_with_malloc()  # a leaner malloc (dpokit.cpu_memory)

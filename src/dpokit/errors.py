@@ -17,6 +17,10 @@ class TrainingError(DpokitError):
     """Training cannot go on (a non-finite gradient, say); the message says what to change."""
 
 
+class DpokitWarning(UserWarning):
+    """Something dpokit chose for the user (a slower but exact path, say); the CLI prints it as one line."""
+
+
 class Interrupted(Exception):
     """Training stopped on SIGINT/SIGTERM after writing a checkpoint (the CLI exits with EXIT_INTERRUPTED)."""
 

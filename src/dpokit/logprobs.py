@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from dpokit.attention import SEGMENTS, block_mask, uses_attention
 from dpokit.batching import Batch
+from dpokit.errors import DpokitWarning
 from dpokit.last_layer import last_layer_only_at
 from dpokit.tokenize import TokenizedExample
 
@@ -208,7 +209,7 @@ _warned: set[str] = set()
 def _warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
-        warnings.warn(message, stacklevel=3)
+        warnings.warn(message, DpokitWarning, stacklevel=3)
 
 
 def sliding_window(model: nn.Module) -> int | None:
