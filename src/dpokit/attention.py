@@ -111,8 +111,9 @@ def segment_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
         if prefix < SPLIT_MIN_PREFIX or attention_mask is None:
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, **kwargs)
+        causal = {**kwargs, "is_causal": True}  # the prefix's own square, whatever the caller's flag
         head, _ = sdpa_attention_forward(module, query[:, :, :prefix], key[:, :, :prefix], value[:, :, :prefix],
-                                         None, dropout=dropout, scaling=scaling, is_causal=True, **kwargs)
+                                         None, dropout=dropout, scaling=scaling, **causal)
         rest, _ = sdpa_attention_forward(module, query[:, :, prefix:], key, value, attention_mask[:, :, prefix:],
                                          dropout=dropout, scaling=scaling, **kwargs)
         return torch.cat([head, rest], dim=1), None
