@@ -79,6 +79,16 @@ def make_llama(vocab_size: int = 320, seed: int = 0, **overrides) -> LlamaForCau
     return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
 
 
+def make_mistral(sliding_window: int | None, vocab_size: int = 100, seed: int = 0) -> "MistralForCausalLM":
+    """A random 2-layer Mistral whose attention sees the last `sliding_window` tokens (None: all), float32."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    return MistralForCausalLM(MistralConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            sliding_window=sliding_window, max_position_embeddings=256)).eval()
+
+
 def make_gpt2(vocab_size: int = 320, seed: int = 0) -> GPT2LMHeadModel:
     """A random 2-layer GPT-2 (learned absolute positions, tied embeddings), dropout off."""
     torch.manual_seed(seed)

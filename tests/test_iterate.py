@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from dpokit.cli import main
 from dpokit.errors import ConfigError, DpokitError
 from dpokit.iterate import judge_scores, sample_and_label
+from helpers import make_mistral
 from dpokit.iterate_config import IterateConfig, round_seed
 from dpokit.iterate_run import MARKER, run_iterate
 from dpokit.judges import load_judge
@@ -242,21 +243,13 @@ def test_every_iterate_setting_is_a_flag_and_the_round_settings_are_shared():
 
 
 def test_kl_per_sequence_respects_a_sliding_window():
-    from transformers import MistralConfig, MistralForCausalLM
-
     from dpokit.batching import collate
     from dpokit.generation import Sample
     from dpokit.iterate import kl_per_sequence
     from dpokit.logprobs import sequence_logprobs
     from dpokit.tokenize import TokenizedExample
 
-    def mistral(seed):
-        torch.manual_seed(seed)
-        return MistralForCausalLM(MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
-                                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                                sliding_window=8, max_position_embeddings=64)).eval()
-
-    policy, reference = mistral(0), mistral(1)
+    policy, reference = make_mistral(8, vocab_size=50, seed=0), make_mistral(8, vocab_size=50, seed=1)
     samples = [Sample(list(range(1, 7)), list(range(10, 10 + n)), "") for n in (12, 5)]  # the first outruns 8
     examples = [TokenizedExample(tuple(s.prompt_ids), (tuple(s.ids),)) for s in samples]
     with torch.no_grad():

@@ -12,7 +12,7 @@ from dpokit.data.records import PreferencePair
 from dpokit.engine import Scorer
 from dpokit.logprobs import check_layout, sequence_logprobs, sliding_window, supports_chunked_logits
 from dpokit.tokenize import TokenizeConfig, TokenizedExample, tokenize_examples
-from helpers import WORDS, make_gpt2, make_llama
+from helpers import WORDS, make_gpt2, make_llama, make_mistral
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: extra threads only contend (conftest.py)
 
@@ -125,18 +125,9 @@ def test_check_layout_falls_back_to_plain_for_models_that_ignore_the_mask(exampl
     assert any("does not support the shared layout" in str(w.message) for w in caught)
 
 
-def _mistral(window: int | None):
-    from transformers import MistralConfig, MistralForCausalLM
-
-    torch.manual_seed(0)
-    return MistralForCausalLM(MistralConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                            num_attention_heads=4, num_key_value_heads=2, sliding_window=window,
-                                            max_position_embeddings=256)).eval()
-
-
 def test_block_layouts_do_not_apply_a_sliding_window():
     """Why check_layout looks at the window: past it, the shared layout's log-probs are not the model's."""
-    model = _mistral(window=16)
+    model = make_mistral(16)
     long = [TokenizedExample(tuple(range(1, 9)), (tuple(range(40, 52)), tuple(range(60, 70))))]  # 20 tokens
     with torch.no_grad():
         plain = sequence_logprobs(model, collate(long, [0], layout="plain", pad_token_id=0))
@@ -146,21 +137,21 @@ def test_block_layouts_do_not_apply_a_sliding_window():
 
 def test_check_layout_uses_plain_when_sequences_may_outrun_a_sliding_window():
     short = [TokenizedExample(tuple(range(1, 6)), (tuple(range(40, 45)), tuple(range(60, 66))))]  # 11 tokens
-    model = _mistral(window=16)
+    model = make_mistral(16)
     assert check_layout(Scorer(model), short, "shared", 0, device="cpu", max_length=16) == "shared"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         # the sample fits in the window, but later sequences may not: the few examples checked would not show it
         assert check_layout(Scorer(model), short, "shared", 0, device="cpu", max_length=17) == "plain"
     assert any("sliding window of 16 tokens" in str(w.message) for w in caught)
-    assert check_layout(Scorer(_mistral(window=None)), short, "packed", 0, device="cpu", max_length=256) == "packed"
+    assert check_layout(Scorer(make_mistral(None)), short, "packed", 0, device="cpu", max_length=256) == "packed"
 
 
 def test_sliding_window_reads_the_models_config():
     from transformers import Gemma3TextConfig, Qwen2Config
 
-    assert sliding_window(_mistral(window=16)) == 16
-    assert sliding_window(_mistral(window=None)) is None
+    assert sliding_window(make_mistral(16)) == 16
+    assert sliding_window(make_mistral(None)) is None
     assert sliding_window(make_llama()) is None
     qwen = Qwen2Config(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, sliding_window=16, use_sliding_window=False)

@@ -231,6 +231,14 @@ def sliding_window(model: nn.Module) -> int | None:
     return int(window)
 
 
+def window_outrun(model: nn.Module, max_length: int | None) -> int | None:
+    """The sliding window of `model` if sequences of up to `max_length` tokens (None: unknown) may be longer than
+    it, else None. The shared and packed layouts' 4-D masks do not apply the window, so past it their log-probs
+    are not the model's: such sequences need the plain layout."""
+    window = sliding_window(model)
+    return window if window is not None and (max_length is None or max_length > window) else None
+
+
 @torch.no_grad()
 def check_layout(scorer: nn.Module, examples: Sequence[TokenizedExample], layout: str, pad_token_id: int, *,
                  device: torch.device | str, max_length: int | None, tolerance: float = 1e-4) -> str:
@@ -247,8 +255,8 @@ def check_layout(scorer: nn.Module, examples: Sequence[TokenizedExample], layout
 
     if layout == "plain":
         return layout
-    window = sliding_window(scorer)
-    if window is not None and (max_length is None or max_length > window):
+    window = window_outrun(scorer, max_length)
+    if window is not None:
         name = type(getattr(scorer, "model", scorer)).__name__
         _warn_once(f"{name} attends within a sliding window of {window} tokens, which the {layout} layout does "
                    f"not apply, and sequences may have up to {max_length or 'any number of'} tokens; using the "
