@@ -89,6 +89,20 @@ def make_mistral(sliding_window: int | None, vocab_size: int = 100, seed: int = 
                                             sliding_window=sliding_window, max_position_embeddings=256)).eval()
 
 
+def make_mixed_window(family: str, sliding_window: int, vocab_size: int = 100, seed: int = 0):
+    """A random 2-layer Qwen2 or Gemma 3 with one full-attention and one sliding-window layer, float32."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, sliding_window=sliding_window,
+                  max_position_embeddings=256)
+    if family == "qwen2":  # layers from max_window_layers on slide
+        return Qwen2ForCausalLM(Qwen2Config(use_sliding_window=True, max_window_layers=1, **common)).eval()
+    config = Gemma3TextConfig(head_dim=8, layer_types=["sliding_attention", "full_attention"], **common)
+    return Gemma3ForCausalLM(config).eval()
+
+
 def make_gpt2(vocab_size: int = 320, seed: int = 0) -> GPT2LMHeadModel:
     """A random 2-layer GPT-2 (learned absolute positions, tied embeddings), dropout off."""
     torch.manual_seed(seed)

@@ -7,12 +7,12 @@ import torch
 
 from dpokit.api import evaluate
 import dpokit.attention as attention
-from dpokit.attention import SEGMENTS, block_mask, choose_attention, set_attention
+from dpokit.attention import SEGMENTS, block_mask, choose_attention, model_mask, set_attention
 from dpokit.batching import collate
 from dpokit.errors import ConfigError
 from dpokit.logprobs import sequence_logprobs
 from dpokit.tokenize import TokenizedExample
-from helpers import make_llama
+from helpers import make_llama, make_mistral, make_mixed_window
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -44,10 +44,20 @@ def test_block_mask_admits_exactly_the_dense_masks_pairs(layout):
         assert torch.equal(mask.mask_mod(b, None, q, k), batch.attention_mask[row])
 
 
+SLIDING = {"mistral": lambda: make_mistral(16), "qwen2": lambda: make_mixed_window("qwen2", 16),
+           "gemma3": lambda: make_mixed_window("gemma3", 16)}
+
+
+def _past_window() -> list[TokenizedExample]:  # 16-34 tokens each: all but the first cross a 16-token window
+    return [TokenizedExample(tuple(range(3 + i, 9 + 2 * i)), (tuple(range(20, 30 + 3 * i)), tuple(range(50, 55 + i))))
+            for i in range(5)]
+
+
 @pytest.mark.parametrize("layout", ["shared", "packed"])
-def test_flex_attention_gives_the_plain_layouts_logprobs(layout, eager_flex):
-    model = make_llama().eval()
-    examples, ids = _examples(), list(range(5))
+@pytest.mark.parametrize("family", ["llama", *SLIDING])
+def test_flex_attention_gives_the_plain_layouts_logprobs(layout, family, eager_flex):
+    model = make_llama().eval() if family == "llama" else SLIDING[family]()
+    examples, ids = (_examples(), list(range(5))) if family == "llama" else (_past_window(), list(range(5)))
     with torch.no_grad():
         plain = sequence_logprobs(model, collate(examples, ids, layout="plain", pad_token_id=0))
         model.set_attn_implementation("flex_attention")
@@ -70,6 +80,46 @@ def test_segment_attention_gives_the_dense_masks_logprobs_and_gradients(layout, 
     examples = _examples() + [TokenizedExample((), ((50, 51, 52), (60, 61)))]  # and an empty prompt (SFT-like)
     batch = collate(examples, list(range(len(examples))), layout=layout, pad_token_id=0)
     _assert_segments_match_dense(model, batch)
+
+
+@pytest.mark.parametrize("layout", ["shared", "packed"])
+@pytest.mark.parametrize("family", SLIDING)
+@pytest.mark.parametrize("kernel", ["sdpa", SEGMENTS])
+def test_block_layouts_apply_a_sliding_window(layout, family, kernel, monkeypatch):
+    """Past the window, the block layouts' log-probs and gradients are the plain layout's: the mask of the sliding
+    layers has the window (one mask per layer type where the model mixes them), and the segments kernel leaves
+    those layers to that dense mask."""
+    monkeypatch.setattr(attention, "SEGMENTS_MIN_LENGTH", 0)  # the per-segment calls for the full layers
+    model = SLIDING[family]()
+    examples = _past_window()
+    results = {}
+    for name, kernel_used, batch_layout in (("plain", "sdpa", "plain"), ("block", kernel, layout)):
+        set_attention(model, kernel_used)
+        model.zero_grad()
+        logps = sequence_logprobs(model, collate(examples, list(range(5)), layout=batch_layout, pad_token_id=0))
+        (logps * torch.linspace(0.5, 1.5, len(logps))).sum().backward()
+        results[name] = (logps.detach(), [p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(results["block"][0], results["plain"][0], rtol=1e-5, atol=1e-5)
+    for block_grad, plain_grad in zip(results["block"][1], results["plain"][1]):
+        torch.testing.assert_close(block_grad, plain_grad, rtol=1e-5, atol=1e-5)
+
+
+def test_the_window_is_in_the_mask_only_when_an_example_reaches_past_it():
+    short = [TokenizedExample((3, 4, 5), ((20, 21, 22), (30, 31)))]
+    for make in SLIDING.values():
+        model = make()
+        assert isinstance(model_mask(collate(short, [0], layout="shared", pad_token_id=0), model), torch.Tensor)
+    long = collate(_past_window(), list(range(5)), layout="shared", pad_token_id=0)
+    mistral, gemma = SLIDING["mistral"](), SLIDING["gemma3"]()
+    windowed = model_mask(long, mistral)  # every Mistral layer slides: one mask
+    full = model_mask(long, make_llama())
+    assert isinstance(windowed, torch.Tensor) and (windowed < 0).sum() > (full < 0).sum()
+    per_type = model_mask(long, gemma)
+    assert set(per_type) == {"full_attention", "sliding_attention"}
+    assert torch.equal(per_type["full_attention"], full) and torch.equal(per_type["sliding_attention"], windowed)
+    row = int(long.position_ids.max(dim=1).values.argmax())  # the longest example's row
+    q = int(long.position_ids[row].argmax())  # its last chosen token, 31 positions after the row's first
+    assert full[row, 0, q, 0] == 0 and windowed[row, 0, q, 0] < 0
 
 
 def _assert_segments_match_dense(model, batch) -> None:

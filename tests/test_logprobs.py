@@ -10,7 +10,8 @@ from torch import nn
 from dpokit.batching import collate
 from dpokit.data.records import PreferencePair
 from dpokit.engine import Scorer
-from dpokit.logprobs import check_layout, sequence_logprobs, sliding_window, supports_chunked_logits
+from dpokit.attention import sliding_window
+from dpokit.logprobs import check_layout, sequence_logprobs, supports_chunked_logits
 from dpokit.tokenize import TokenizeConfig, TokenizedExample, tokenize_examples
 from helpers import WORDS, make_gpt2, make_llama, make_mistral
 
@@ -125,26 +126,23 @@ def test_check_layout_falls_back_to_plain_for_models_that_ignore_the_mask(exampl
     assert any("does not support the shared layout" in str(w.message) for w in caught)
 
 
-def test_block_layouts_do_not_apply_a_sliding_window():
-    """Why check_layout looks at the window: past it, the shared layout's log-probs are not the model's."""
-    model = make_mistral(16)
-    long = [TokenizedExample(tuple(range(1, 9)), (tuple(range(40, 52)), tuple(range(60, 70))))]  # 20 tokens
-    with torch.no_grad():
-        plain = sequence_logprobs(model, collate(long, [0], layout="plain", pad_token_id=0))
-        shared = sequence_logprobs(model, collate(long, [0], layout="shared", pad_token_id=0))
-    assert (plain - shared).abs().max() > 1e-3
+def test_check_layout_tries_a_sliding_window_model_past_its_window(monkeypatch):
+    """Sequences may outrun the window while the few examples checked do not: check_layout adds one that does,
+    so a layout whose masks lack the window falls back to plain, and one whose masks have it is kept."""
+    import dpokit.attention as attention
 
-
-def test_check_layout_uses_plain_when_sequences_may_outrun_a_sliding_window():
     short = [TokenizedExample(tuple(range(1, 6)), (tuple(range(40, 45)), tuple(range(60, 66))))]  # 11 tokens
     model = make_mistral(16)
-    assert check_layout(Scorer(model), short, "shared", 0, device="cpu", max_length=16) == "shared"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback, no warning
+        assert check_layout(Scorer(model), short, "shared", 0, device="cpu", max_length=512) == "shared"
+        assert check_layout(Scorer(model), short, "packed", 0, device="cpu", max_length=None) == "packed"
+    monkeypatch.setattr(attention, "_by_layer_type", lambda model, full, windowed: full)  # masks without the window
+    assert check_layout(Scorer(model), short, "shared", 0, device="cpu", max_length=16) == "shared"  # cannot tell
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        # the sample fits in the window, but later sequences may not: the few examples checked would not show it
         assert check_layout(Scorer(model), short, "shared", 0, device="cpu", max_length=17) == "plain"
-    assert any("sliding window of 16 tokens" in str(w.message) for w in caught)
-    assert check_layout(Scorer(make_mistral(None)), short, "packed", 0, device="cpu", max_length=256) == "packed"
+    assert any("longer than its sliding window of 16 tokens" in str(w.message) for w in caught)
 
 
 def test_sliding_window_reads_the_models_config():

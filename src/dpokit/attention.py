@@ -65,20 +65,82 @@ def uses_attention(model: nn.Module) -> str | None:
     return getattr(config, "_attn_implementation", None)
 
 
-def block_mask(batch: Batch):
+def block_mask(batch: Batch, window: int | None = None):
     """The FlexAttention ``BlockMask`` equal to `batch`'s dense shared/packed mask: query q may see key k when
-    k ≤ q, both belong to the same example, and k is in the prompt or in q's own response."""
+    k ≤ q, both belong to the same example, and k is in the prompt or in q's own response; with a `window`, only
+    when k is fewer than `window` positions before q."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    example, segment = batch.token_example, batch.token_segment
+    example, segment, position = batch.token_example, batch.token_segment, batch.position_ids
 
     def may_attend(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         same_example = example[b, q] == example[b, k]
         visible = (segment[b, k] == 0) | (segment[b, k] == segment[b, q])
-        return (k <= q) & same_example & visible
+        allowed = (k <= q) & same_example & visible
+        return allowed if window is None else allowed & (position[b, q] - position[b, k] < window)
 
     rows, length = example.shape
     return create_block_mask(may_attend, rows, None, length, length, device=example.device)
+
+
+def model_mask(batch: Batch, model: nn.Module):
+    """The attention mask to pass `model` for `batch`: the 2-D padding mask in the plain layout; otherwise the
+    block mask, as a FlexAttention ``BlockMask`` when the model runs FlexAttention and as an additive float mask
+    (which every attention implementation taking a 4-D mask understands) when not.
+
+    A 4-D mask is used as given, so a model's sliding window must be in it: when some example of `batch` is
+    longer than the window, the mask of the sliding layers admits only keys fewer than `window` positions back,
+    and a model that mixes full and sliding layers gets one mask per layer type (transformers'
+    ``{layer type: mask}`` form)."""
+    if batch.attention_mask.dim() == 2:
+        return batch.attention_mask
+    window = sliding_window(model)
+    if window is not None and int(batch.position_ids.max()) < window:
+        window = None  # no example reaches past the window: it changes nothing
+    if batch.token_example is not None and uses_attention(model) == "flex_attention":
+        full = block_mask(batch)
+        return full if window is None else _by_layer_type(model, full, block_mask(batch, window))
+    dtype = model.get_input_embeddings().weight.dtype
+    full = _additive(batch.attention_mask, dtype)
+    if window is None:
+        return full
+    position = batch.position_ids
+    within = position[:, :, None] - position[:, None, :] < window
+    return _by_layer_type(model, full, _additive(batch.attention_mask & within, dtype))
+
+
+def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, blocked)[:, None]
+
+
+def _by_layer_type(model: nn.Module, full, windowed):
+    layer_types = getattr(_text_config(model), "layer_types", None)
+    if layer_types is None:
+        return windowed  # every layer slides (Mistral)
+    return {"full_attention": full, "sliding_attention": windowed}
+
+
+def _text_config(model: nn.Module):
+    from transformers import PretrainedConfig
+
+    config = next((m.config for m in model.modules() if isinstance(getattr(m, "config", None), PretrainedConfig)),
+                  None)
+    return config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+
+
+def sliding_window(model: nn.Module) -> int | None:
+    """The sliding attention window of `model`'s layers (from its transformers config), or None when every layer
+    attends to the whole sequence."""
+    config = _text_config(model)
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return int(window)
 
 
 def _register_segments() -> None:
@@ -95,7 +157,7 @@ def segment_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     """A transformers attention function: with ``dpokit_spans`` (Batch.spans, passed by dpokit.logprobs) one SDPA
     call per prompt and per response instead of one over the whole row's dense mask; for rows shorter than
     SEGMENTS_MIN_LENGTH, two calls split after the rows' common causal prefix (SPLIT_MIN_PREFIX), or one; without
-    spans, transformers' SDPA attention.
+    spans, or in a sliding-window layer when an example is longer than the window, transformers' SDPA attention.
 
     ``query`` is ``[rows, heads, length, dim]``, ``key``/``value`` ``[rows, kv_heads, length, dim]``; returns
     ``([rows, length, heads, dim], None)`` like transformers' own attention functions. Padding columns get zeros
@@ -103,7 +165,9 @@ def segment_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     length = query.shape[2]
-    if dpokit_spans is None:
+    window = kwargs.get("sliding_window")
+    if dpokit_spans is None or (window and _longest_sequence(dpokit_spans) > window):
+        # a sliding layer past its window: the calls below know nothing of it, the dense mask has it (model_mask)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     if length < SEGMENTS_MIN_LENGTH:
@@ -140,6 +204,12 @@ def segment_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
             pieces.append(query.new_zeros(1, query.shape[1], length - used, query.shape[3]))
         rows.append(torch.cat(pieces, dim=2))
     return torch.cat(rows).transpose(1, 2).contiguous(), None
+
+
+def _longest_sequence(spans) -> int:
+    """Tokens in the longest prompt + response of any row."""
+    return max((prompt_length + max((size for _, size in responses), default=0)
+                for row in spans for _, prompt_length, responses in row), default=0)
 
 
 def _causal_prefix(spans) -> int:

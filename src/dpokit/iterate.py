@@ -41,7 +41,7 @@ from dpokit.errors import DpokitError
 from dpokit.generation import Sample, sample_ids, uses_chat_template
 from dpokit.iterate_config import RoundSettings
 from dpokit.judges import POSITIVE_THRESHOLD, Judge, judge_continuations
-from dpokit.logprobs import sequence_logprobs, window_outrun
+from dpokit.logprobs import sequence_logprobs
 from dpokit.prompts import Prompt
 from dpokit.tokenize import TokenizeConfig, TokenizedExample, tokenize_examples
 
@@ -188,11 +188,9 @@ def kl_per_sequence(policy, reference, samples: Sequence[Sample]) -> list[float]
     """log π(y|x) − log π_ref(y|x) for each y sampled from π: a Monte-Carlo estimate of the sequence KL."""
     examples = [TokenizedExample(tuple(x.prompt_ids), (tuple(x.ids),)) for x in samples if x.ids]
     kls = []
-    longest = max((len(x.prompt_ids) + len(x.ids) for x in samples if x.ids), default=0)
-    layout = "plain" if window_outrun(policy, longest) else "packed"
     for start in range(0, len(examples), 32):
         chunk = examples[start : start + 32]
-        batch = collate(chunk, range(len(chunk)), layout=layout)
+        batch = collate(chunk, range(len(chunk)), layout="packed")
         with torch.no_grad():
             kls += (sequence_logprobs(policy, batch) - sequence_logprobs(reference, batch)).tolist()
     return kls

@@ -12,13 +12,14 @@ Two ways to get from hidden states to log-probs, with the same numbers:
 
 from __future__ import annotations
 
+import random
 import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from dpokit.attention import SEGMENTS, block_mask, uses_attention
+from dpokit.attention import SEGMENTS, model_mask, sliding_window, uses_attention
 from dpokit.batching import Batch
 from dpokit.errors import DpokitWarning
 from dpokit.last_layer import last_layer_only_at
@@ -122,20 +123,8 @@ def supports_chunked_logits(model: nn.Module) -> bool:
     return not any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS)
 
 
-def _model_mask(batch: Batch, model: nn.Module):
-    if batch.attention_mask.dim() == 2:
-        return batch.attention_mask
-    if batch.token_example is not None and uses_attention(model) == "flex_attention":
-        return block_mask(batch)
-    dtype = model.get_input_embeddings().weight.dtype
-    # An additive float mask is understood by every attention implementation that takes a 4-D mask.
-    zero = torch.zeros((), dtype=dtype, device=batch.attention_mask.device)
-    blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=batch.attention_mask.device)
-    return torch.where(batch.attention_mask, zero, blocked)[:, None]
-
-
 def _model_inputs(batch: Batch, model: nn.Module) -> dict:
-    inputs = dict(input_ids=batch.input_ids, attention_mask=_model_mask(batch, model),
+    inputs = dict(input_ids=batch.input_ids, attention_mask=model_mask(batch, model),
                   position_ids=batch.position_ids, use_cache=False)
     if batch.spans is not None and uses_attention(model) == SEGMENTS:
         inputs["dpokit_spans"] = batch.spans  # reaches dpokit.attention.segment_attention in every layer
@@ -212,33 +201,6 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, DpokitWarning, stacklevel=3)
 
 
-def sliding_window(model: nn.Module) -> int | None:
-    """The sliding attention window of `model`'s layers (from its transformers config), or None when every layer
-    attends to the whole sequence."""
-    from transformers import PretrainedConfig
-
-    config = next((m.config for m in model.modules() if isinstance(getattr(m, "config", None), PretrainedConfig)),
-                  None)
-    if config is None:
-        return None
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    window = getattr(config, "sliding_window", None)
-    if not window or getattr(config, "use_sliding_window", True) is False:
-        return None
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None and "sliding_attention" not in layer_types:
-        return None
-    return int(window)
-
-
-def window_outrun(model: nn.Module, max_length: int | None) -> int | None:
-    """The sliding window of `model` if sequences of up to `max_length` tokens (None: unknown) may be longer than
-    it, else None. The shared and packed layouts' 4-D masks do not apply the window, so past it their log-probs
-    are not the model's: such sequences need the plain layout."""
-    window = sliding_window(model)
-    return window if window is not None and (max_length is None or max_length > window) else None
-
-
 @torch.no_grad()
 def check_layout(scorer: nn.Module, examples: Sequence[TokenizedExample], layout: str, pad_token_id: int, *,
                  device: torch.device | str, max_length: int | None, tolerance: float = 1e-4) -> str:
@@ -247,22 +209,19 @@ def check_layout(scorer: nn.Module, examples: Sequence[TokenizedExample], layout
     The shared and packed layouts need a model that honours a 4-D attention mask and explicit position
     ids. Rather than keep a list of families, this asks the model itself, once, before training, through
     `scorer` (batch -> log-probs; the engine-wrapped policy, so every process takes part in the check).
-    A model with sliding-window attention gets the plain layout when sequences may be longer than its window
-    (`max_length`, prompt + response; None: unknown): the block layouts' 4-D masks do not apply the window, and
-    a few short examples would not show it.
+    When the model attends within a sliding window and sequences may be longer than it (`max_length`, prompt +
+    response; None: unknown), the check adds an example that crosses the window: the few short examples would
+    not show whether the layout's masks apply it.
     """
     from dpokit.batching import collate
 
     if layout == "plain":
         return layout
-    window = window_outrun(scorer, max_length)
-    if window is not None:
-        name = type(getattr(scorer, "model", scorer)).__name__
-        _warn_once(f"{name} attends within a sliding window of {window} tokens, which the {layout} layout does "
-                   f"not apply, and sequences may have up to {max_length or 'any number of'} tokens; using the "
-                   "plain layout")
-        return "plain"
     sample = list(examples[:4])
+    window = sliding_window(scorer)
+    crossing = window is not None and (max_length is None or max_length > window)
+    if crossing:
+        sample.append(_example_past(window, sample))
     ids = list(range(len(sample)))
     was_training = scorer.training
     scorer.eval()
@@ -270,7 +229,8 @@ def check_layout(scorer: nn.Module, examples: Sequence[TokenizedExample], layout
         plain = scorer(collate(sample, ids, layout="plain", pad_token_id=pad_token_id).to(device))
         other = scorer(collate(sample, ids, layout=layout, pad_token_id=pad_token_id).to(device))
         error = ((other - plain).abs() / plain.abs().clamp_min(1.0)).max().item()
-        reason = None if error <= tolerance else f"log-probs differ by {error:.2e}"
+        reason = None if error <= tolerance else f"log-probs differ by {error:.2e}" + (
+            f" with an example longer than its sliding window of {window} tokens" if crossing else "")
     except Exception as exc:  # a family that rejects 4-D masks or position ids outright
         reason = f"{type(exc).__name__}: {exc}"
     finally:
@@ -280,3 +240,15 @@ def check_layout(scorer: nn.Module, examples: Sequence[TokenizedExample], layout
     name = type(getattr(scorer, "model", scorer)).__name__
     _warn_once(f"{name} does not support the {layout} layout ({reason}); using the plain layout")
     return "plain"
+
+
+def _example_past(window: int, sample: list[TokenizedExample]) -> TokenizedExample:
+    """An example of `window` + 16 tokens whose responses reach past the window, made of a seeded shuffle of
+    `sample`'s tokens (varied: under one repeated token every mask gives the same numbers). Its length is not
+    capped at --max-length: what it checks is whether the layout's masks apply the window at all."""
+    tokens = sorted({t for e in sample for t in (*e.prompt_ids, *(t for r in e.responses for t in r))}) or [0]
+    length = window + 16
+    prompt, responses = length // 2, len(sample[0].responses) if sample else 2
+    rng = random.Random(0)
+    pick = lambda n: tuple(rng.choice(tokens) for _ in range(n))  # noqa: E731
+    return TokenizedExample(pick(prompt), tuple(pick(length - prompt) for _ in range(responses)), "window check")
