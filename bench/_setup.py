@@ -71,20 +71,25 @@ def add_shape_options(parser, *, prompt_len: int = 200, response_len: int = 120,
     parser.add_argument("--heads", type=int, default=heads)
     width = "4 x hidden" if intermediate is None else f"{intermediate} = {intermediate / hidden:g} x hidden"
     parser.add_argument("--intermediate", type=int, default=intermediate, help=f"MLP width (default {width})")
+    parser.add_argument("--sliding-window", type=int, default=None, metavar="N",
+                        help="a Mistral of the same shape whose layers attend within N tokens (default: a Llama)")
 
 
 def random_llama(*, vocab: int, hidden: int, max_positions: int, layers: int = 4, heads: int = 4,
-                 intermediate: int | None = None, seed: int = 0, **config):
+                 intermediate: int | None = None, seed: int = 0, sliding_window: int | None = None, **config):
     """A LlamaForCausalLM of random weights (torch seeded with `seed` first): `layers` layers, `heads` heads (as
-    many key/value heads), MLP `intermediate` wide (default 4 x hidden); `config`: further LlamaConfig fields."""
+    many key/value heads), MLP `intermediate` wide (default 4 x hidden); with a `sliding_window`, the Mistral of
+    that shape (a Llama whose layers attend within the window); `config`: further config fields."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or 4 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                         max_position_embeddings=max_positions, **config)
+    shape = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or 4 * hidden,
+                 num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                 max_position_embeddings=max_positions, **config)
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
+    if sliding_window is not None:
+        return MistralForCausalLM(MistralConfig(sliding_window=sliding_window, **shape))
+    return LlamaForCausalLM(LlamaConfig(**shape))
 
 
 def build_everything(args, work: Path) -> dict:
@@ -98,10 +103,11 @@ def build_everything(args, work: Path) -> dict:
 
     model = random_llama(vocab=args.vocab, hidden=args.hidden, layers=args.layers, heads=args.heads,
                          intermediate=args.intermediate, max_positions=max(1024, args.max_length), seed=args.seed,
+                         sliding_window=getattr(args, "sliding_window", None),
                          tie_word_embeddings=False, bos_token_id=tokenizer.eos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
                          attention_dropout=0.0).to(torch.float32)
-    config = model.config
+    config, arch = model.config, type(model).__name__
     model.save_pretrained(model_dir, safe_serialization=True)
     params = {name: p.numel() for name, p in model.named_parameters()}
     total = sum(params.values())
@@ -149,7 +155,8 @@ def build_everything(args, work: Path) -> dict:
     return {
         "model_dir": str(model_dir), "data": str(data), "data_trl": str(work / "pairs_trl_order.jsonl"),
         "max_prompt_length": cfg.max_prompt_length,
-        "model": {"arch": "LlamaForCausalLM (random init)", "vocab": args.vocab, "tokenizer_vocab": len(tokenizer),
+        "model": {"arch": f"{arch} (random init)",
+                  "sliding_window": getattr(config, "sliding_window", None), "vocab": args.vocab, "tokenizer_vocab": len(tokenizer),
                   "hidden": args.hidden, "layers": args.layers, "heads": args.heads,
                   "intermediate": config.intermediate_size, "tied_embeddings": False,
                   "params_total": total, "params_embedding": embed, "params_lm_head": head,
