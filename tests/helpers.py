@@ -90,8 +90,9 @@ def make_mistral(sliding_window: int | None, vocab_size: int = 100, seed: int = 
 
 
 def make_mixed_window(family: str, sliding_window: int, vocab_size: int = 100, seed: int = 0):
-    """A random 2-layer Qwen2 or Gemma 3 with one full-attention and one sliding-window layer, float32."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, Qwen2Config, Qwen2ForCausalLM
+    """A random 2-layer Qwen2, Gemma 2 or Gemma 3 with one full-attention and one sliding-window layer, float32."""
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, Qwen2Config,
+                              Qwen2ForCausalLM)
 
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -99,6 +100,8 @@ def make_mixed_window(family: str, sliding_window: int, vocab_size: int = 100, s
                   max_position_embeddings=256)
     if family == "qwen2":  # layers from max_window_layers on slide
         return Qwen2ForCausalLM(Qwen2Config(use_sliding_window=True, max_window_layers=1, **common)).eval()
+    if family == "gemma2":  # sliding and full layers alternate; soft-capped logits (the full-logits path)
+        return Gemma2ForCausalLM(Gemma2Config(head_dim=8, **common)).eval()
     config = Gemma3TextConfig(head_dim=8, layer_types=["sliding_attention", "full_attention"], **common)
     return Gemma3ForCausalLM(config).eval()
 

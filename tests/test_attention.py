@@ -7,7 +7,7 @@ import torch
 
 from dpokit.api import evaluate
 import dpokit.attention as attention
-from dpokit.attention import SEGMENTS, block_mask, choose_attention, model_mask, set_attention
+from dpokit.attention import SEGMENTS, block_mask, choose_attention, model_mask, set_attention, uses_attention
 from dpokit.batching import collate
 from dpokit.errors import ConfigError
 from dpokit.logprobs import sequence_logprobs
@@ -45,7 +45,7 @@ def test_block_mask_admits_exactly_the_dense_masks_pairs(layout):
 
 
 SLIDING = {"mistral": lambda: make_mistral(16), "qwen2": lambda: make_mixed_window("qwen2", 16),
-           "gemma3": lambda: make_mixed_window("gemma3", 16)}
+           "gemma2": lambda: make_mixed_window("gemma2", 16), "gemma3": lambda: make_mixed_window("gemma3", 16)}
 
 
 def _past_window() -> list[TokenizedExample]:  # 16-34 tokens each: all but the first cross a 16-token window
@@ -83,8 +83,8 @@ def test_segment_attention_gives_the_dense_masks_logprobs_and_gradients(layout, 
 
 
 @pytest.mark.parametrize("layout", ["shared", "packed"])
-@pytest.mark.parametrize("family", SLIDING)
-@pytest.mark.parametrize("kernel", ["sdpa", SEGMENTS])
+@pytest.mark.parametrize("family,kernel", [(f, k) for f in SLIDING for k in ("sdpa", SEGMENTS)
+                                           if (f, k) != ("gemma2", "sdpa")])  # Gemma 2 cannot run SDPA
 def test_block_layouts_apply_a_sliding_window(layout, family, kernel, monkeypatch):
     """Past the window, the block layouts' log-probs and gradients are the plain layout's: the mask of the sliding
     layers has the window (one mask per layer type where the model mixes them), and the segments kernel leaves
@@ -93,7 +93,7 @@ def test_block_layouts_apply_a_sliding_window(layout, family, kernel, monkeypatc
     model = SLIDING[family]()
     examples = _past_window()
     results = {}
-    for name, kernel_used, batch_layout in (("plain", "sdpa", "plain"), ("block", kernel, layout)):
+    for name, kernel_used, batch_layout in (("plain", None, "plain"), ("block", kernel, layout)):  # None: its own
         set_attention(model, kernel_used)
         model.zero_grad()
         logps = sequence_logprobs(model, collate(examples, list(range(5)), layout=batch_layout, pad_token_id=0))
@@ -102,6 +102,17 @@ def test_block_layouts_apply_a_sliding_window(layout, family, kernel, monkeypatc
     torch.testing.assert_close(results["block"][0], results["plain"][0], rtol=1e-5, atol=1e-5)
     for block_grad, plain_grad in zip(results["block"][1], results["plain"][1]):
         torch.testing.assert_close(block_grad, plain_grad, rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_that_cannot_run_sdpa_keeps_its_own_attention():
+    """Gemma 2 soft-caps its attention scores, which SDPA cannot: the segments kernel (SDPA calls) leaves it on
+    its own kernel with the dense mask, and asking for SDPA outright is a clear error, not a crash mid-run."""
+    model = SLIDING["gemma2"]()
+    own = uses_attention(model)
+    set_attention(model, choose_attention("auto", "cpu", "packed"))
+    assert uses_attention(model) == own == "eager"
+    with pytest.raises(ConfigError, match="--attention sdpa: Gemma2ForCausalLM cannot run it"):
+        set_attention(model, choose_attention("sdpa", "cpu", "packed"))
 
 
 def test_the_window_is_in_the_mask_only_when_an_example_reaches_past_it():

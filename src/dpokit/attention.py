@@ -52,11 +52,27 @@ def choose_attention(choice: str, device: torch.device | str, layout: str, *, tr
 
 
 def set_attention(model: nn.Module, implementation: str | None) -> None:
-    """Switch `model` (a transformers model, or a PEFT model around one) to `implementation` in place."""
+    """Switch `model` (a transformers model, or a PEFT model around one) to `implementation` in place.
+
+    The segments kernel is SDPA: a model that cannot run SDPA (Gemma 2, whose attention soft-caps its scores)
+    keeps its own kernel, with the dense mask. An implementation the model rejects is a ConfigError."""
     if implementation == SEGMENTS:
+        if not _supports_sdpa(model):
+            return
         _register_segments()
     if implementation is not None and uses_attention(model) != implementation:
-        model.set_attn_implementation(implementation)
+        try:
+            model.set_attn_implementation(implementation)
+        except ValueError as exc:
+            name = next((k for k, v in _HF_NAMES.items() if v == implementation), implementation)
+            raise ConfigError(f"--attention {name}: {type(model).__name__} cannot run it ({exc})") from None
+
+
+def _supports_sdpa(model: nn.Module) -> bool:
+    from transformers import PreTrainedModel
+
+    hf = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    return bool(getattr(hf, "_supports_sdpa", True))
 
 
 def uses_attention(model: nn.Module) -> str | None:
