@@ -7,6 +7,9 @@ SDPA, which then runs its math kernel over every (query, key) pair. FlexAttentio
 fast path. On a CPU, where FlexAttention has no backward pass, ``segments`` (registered with transformers as
 ``dpokit_segments``) runs one SDPA call per prompt (causal) and one per response (its prompt, then itself,
 causal), from the batch's spans: the same numbers, none of the masked blocks.
+
+The masks themselves are built here too (``model_mask``), with a model's sliding attention window in them where
+an example reaches past it.
 """
 
 from __future__ import annotations
