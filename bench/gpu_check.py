@@ -12,7 +12,8 @@ random weights (bench/_setup.py), with synthetic preference data. Then, each in 
 
 ==============  =====================================================================================
 exactness       log-probs (and on CUDA gradients) of the packed layout with FlexAttention block masks against
-                the plain layout with SDPA, float32, TF32 off: relative 1e-5 (gradients 1e-4), or the check fails
+                the plain layout with SDPA, float32, TF32 off: relative 1e-5 (gradients 1e-4), or the check fails;
+                then the same weights as a Mistral with a sliding window shorter than most pairs
 dpokit-full     ``dpokit.api.train_dpo``, one process, full fine-tuning, reference resident (``--attention
                 auto``: FlexAttention block masks on CUDA)
 dpokit-dense    the same with ``--attention sdpa`` (the dense 4-D mask): the fast path's gain (GPU only)
@@ -136,12 +137,13 @@ def child_dpokit(spec: dict) -> dict:
 
 def child_exactness(spec: dict) -> dict:
     """Log-probs (and on CUDA the gradients) of the packed layout with FlexAttention block masks against the
-    plain layout with SDPA, float32, TF32 off, on the first 8 pairs: the fast path must change no number."""
+    plain layout with SDPA, float32, TF32 off, on the first 8 pairs: the fast path must change no number. Then the
+    same for the model's weights as a Mistral whose layers attend within ``spec["sliding_window"]`` tokens, shorter
+    than most of these pairs: the block masks must apply the window."""
     import torch
+    from transformers import MistralConfig, MistralForCausalLM
 
-    from dpokit.batching import collate
     from dpokit.data import load_preferences
-    from dpokit.logprobs import sequence_logprobs
     from dpokit.models import load_model, load_tokenizer
     from dpokit.tokenize import TokenizeConfig, tokenize_examples
 
@@ -157,13 +159,36 @@ def child_exactness(spec: dict) -> dict:
     pairs = load_preferences(spec["data"])[0][:8]
     examples = tokenize_examples(pairs, tokenizer, TokenizeConfig(max_length=spec["max_length"],
                                                                   max_prompt_length=spec["max_prompt_length"]))[0]
-    ids = list(range(len(examples)))
     model = load_model(spec["model_dir"]).to(device)
+    out = {"gradients_checked": cuda, "pairs": len(examples),
+           **_flex_against_plain(model, examples, tokenizer.pad_token_id, device)}
+    window = spec["sliding_window"]
+    config = MistralConfig(**{k: v for k, v in model.config.to_dict().items() if k not in ("architectures",
+                                                                                         "model_type")},
+                           sliding_window=window)
+    windowed = MistralForCausalLM(config).to(device)
+    windowed.load_state_dict(model.state_dict())  # Llama and Mistral name their weights alike
+    del model
+    past = sum(len(e.prompt_ids) + max(len(r) for r in e.responses) > window for e in examples)
+    out.update({f"window_{k}": v for k, v in _flex_against_plain(windowed, examples, tokenizer.pad_token_id,
+                                                                  device).items()},
+               sliding_window=window, pairs_past_window=past)
+    return out
+
+
+def _flex_against_plain(model, examples, pad_token_id: int, device: str) -> dict:
+    import torch
+
+    from dpokit.batching import collate
+    from dpokit.logprobs import sequence_logprobs
+
+    cuda = device == "cuda"
+    ids = list(range(len(examples)))
     results = {}
     for name, layout, attention in (("plain-sdpa", "plain", "sdpa"), ("packed-flex", "packed", "flex_attention")):
         model.set_attn_implementation(attention)
         model.zero_grad(set_to_none=True)
-        batch = collate(examples, ids, layout=layout, pad_token_id=tokenizer.pad_token_id).to(device)
+        batch = collate(examples, ids, layout=layout, pad_token_id=pad_token_id).to(device)
         with torch.set_grad_enabled(cuda):
             logps = sequence_logprobs(model, batch)
             if cuda:
@@ -172,8 +197,7 @@ def child_exactness(spec: dict) -> dict:
         results[name] = (logps.detach().cpu(), grads)
     (plain, plain_grad), (flex, flex_grad) = results["plain-sdpa"], results["packed-flex"]
     out = {"logp_max_abs_diff": (flex - plain).abs().max().item(),
-           "logp_max_rel_diff": ((flex - plain).abs() / plain.abs().clamp_min(1.0)).max().item(),
-           "gradients_checked": cuda, "pairs": len(examples)}
+           "logp_max_rel_diff": ((flex - plain).abs() / plain.abs().clamp_min(1.0)).max().item()}
     if cuda:
         out["grad_max_rel_diff"] = ((flex_grad - plain_grad).abs().max() / plain_grad.abs().max()).item()
     return out
@@ -309,6 +333,7 @@ def run_exactness(mode: str, setup: dict, work: Path) -> dict:
     s = SHAPES[mode]
     spec = {"library": "exactness", "model_dir": setup["model_dir"], "data": setup["data"],
             "max_length": s["max_length"], "max_prompt_length": setup["max_prompt_length"],
+            "sliding_window": s["prompt_len"],  # most prompt + response pairs are longer
             "result": str(work / "result_exactness.json")}
     spec_path = work / "spec_exactness.json"
     spec_path.write_text(json.dumps(spec))
@@ -318,7 +343,9 @@ def run_exactness(mode: str, setup: dict, work: Path) -> dict:
     if proc.returncode != 0 or not Path(spec["result"]).exists():
         return {"status": "FAILED", "error": f"exit code {proc.returncode}", "log_tail": proc.stderr[-3000:]}
     result = json.loads(Path(spec["result"]).read_text())
-    exact = result["logp_max_rel_diff"] <= EXACT_LOGP and result.get("grad_max_rel_diff", 0.0) <= EXACT_GRAD
+    exact = all(result[f"{prefix}logp_max_rel_diff"] <= EXACT_LOGP
+                and result.get(f"{prefix}grad_max_rel_diff", 0.0) <= EXACT_GRAD for prefix in ("", "window_"))
+    exact = exact and result["pairs_past_window"] > 0  # else the window check would prove nothing
     result["status"] = "ok" if exact else "FAILED"
     return result
 
@@ -370,10 +397,13 @@ def main() -> int:
           f"built in {time.perf_counter() - t0:.0f} s", flush=True)
 
     exactness = run_exactness(mode, setup, work)
-    grads = (f", gradients {exactness['grad_max_rel_diff']:.1e}" if "grad_max_rel_diff" in exactness
-             else " (forward only on CPU)")
-    print(f"exactness     {exactness['status']:6s} packed+FlexAttention vs plain+SDPA, float32: log-probs "
-          f"{exactness.get('logp_max_rel_diff', float('nan')):.1e}{grads} (relative)", flush=True)
+    for prefix, what in (("", ""), ("window_", f" as a Mistral with a {exactness.get('sliding_window')}-token window "
+                                              f"({exactness.get('pairs_past_window')} of "
+                                              f"{exactness.get('pairs')} pairs past it)")):
+        grads = (f", gradients {exactness[prefix + 'grad_max_rel_diff']:.1e}"
+                 if prefix + "grad_max_rel_diff" in exactness else " (forward only on CPU)")
+        print(f"exactness     {exactness['status']:6s} packed+FlexAttention vs plain+SDPA{what}, float32: log-probs "
+              f"{exactness.get(prefix + 'logp_max_rel_diff', float('nan')):.1e}{grads} (relative)", flush=True)
     if exactness["status"] != "ok":
         print(f"--- exactness:\n{exactness.get('log_tail', exactness)}\n---", flush=True)
 

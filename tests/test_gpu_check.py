@@ -1,6 +1,7 @@
 """bench/gpu_check.sh --dry-run: the GPU smoke test's sequence (the FlexAttention exactness stage, FSDP2, ZeRO-3,
 LoRA, TRL beside them) on CPU with a tiny model, so the script is known to work before a GPU is lent."""
 
+import json
 import os
 import subprocess
 import sys
@@ -22,5 +23,7 @@ def test_the_gpu_check_runs_every_part_on_cpu(tmp_path):
     for run, engine in (("dpokit-full", "single"), ("dpokit-fsdp2", "fsdp2"), ("dpokit-zero3", "zero3"),
                         ("dpokit-lora", "single"), ("trl-lora", "trl")):
         assert f"| {run} | ok | {engine} |" in summary, summary
-    assert "exactness     ok" in result.stdout  # packed + FlexAttention block masks == plain + SDPA (forward)
+    assert "exactness     ok     packed+FlexAttention vs plain+SDPA, float32" in result.stdout  # forward
+    assert "exactness     ok     packed+FlexAttention vs plain+SDPA as a Mistral with a 24-token window" in result.stdout
+    assert json.loads((tmp_path / "result_exactness.json").read_text())["pairs_past_window"] > 0
     assert "gpu_check passed" in result.stdout
