@@ -133,6 +133,48 @@ def test_the_window_is_in_the_mask_only_when_an_example_reaches_past_it():
     assert full[row, 0, q, 0] == 0 and windowed[row, 0, q, 0] < 0
 
 
+# Other popular families, tiny: (config class, model class, their own fields); "sw": a sliding window of 16
+FAMILIES = {
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=8)),
+    "qwen3-sw": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=8, use_sliding_window=True, sliding_window=16,
+                                                         max_window_layers=1)),
+    "phi3-sw": ("Phi3Config", "Phi3ForCausalLM", dict(sliding_window=16, pad_token_id=0)),
+    "starcoder2-sw": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(sliding_window=16)),
+    "mixtral-sw": ("MixtralConfig", "MixtralForCausalLM", dict(sliding_window=16, num_local_experts=2,
+                                                               num_experts_per_tok=1)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=8)),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(eos_token_id=0, pad_token_id=0)),
+    "gpt-neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),
+    "phi": ("PhiConfig", "PhiForCausalLM", {}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {}),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(pad_token_id=0, bos_token_id=0, eos_token_id=0)),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_block_layouts_give_the_plain_layouts_logprobs_across_families(family, monkeypatch):
+    """What `--layout packed` and `--attention auto` do on a CPU, through each family's own attention code: the
+    per-segment calls and the two-call split both run (thresholds lowered for these short rows), and sequences
+    reach past the window of the sliding-window families."""
+    import transformers
+
+    monkeypatch.setattr(attention, "SEGMENTS_MIN_LENGTH", 24)
+    monkeypatch.setattr(attention, "SPLIT_MIN_PREFIX", 4)
+    config_class, model_class, own = FAMILIES[family]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_class)(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                 max_position_embeddings=256, **own)
+    model = getattr(transformers, model_class)(config).eval()
+    examples = _past_window()
+    with torch.no_grad():
+        plain = sequence_logprobs(model, collate(examples, list(range(5)), layout="plain", pad_token_id=0))
+        for layout in ("shared", "packed"):
+            set_attention(model, choose_attention("auto", "cpu", layout))
+            block = sequence_logprobs(model, collate(examples, list(range(5)), layout=layout, pad_token_id=0))
+            torch.testing.assert_close(block, plain, rtol=1e-5, atol=1e-5)
+
+
 def _assert_segments_match_dense(model, batch) -> None:
     """The segments kernel's log-probs and gradients on `batch` are the dense SDPA call's (1e-5)."""
     results = {}
