@@ -7,6 +7,7 @@ measurements behind dpokit.attention.SEGMENTS_MIN_LENGTH, SPLIT_MIN_PREFIX and t
     python bench/bench_attention.py --threads 2 --rounds 7
     python bench/bench_attention.py --per-segment      # one call per prompt and response at every row length
     python bench/bench_attention.py --lengths 160,440 --widths 768 --layers 2   # bench_scale.py's width
+    python bench/bench_attention.py --lengths 1024,2048 --widths 256 --sliding-window 512   # Mistrals
 
 For each row length L, a forward + backward of dpokit's shared-layout log-probs (dpokit.logprobs.sequence_logprobs)
 on pairs whose prompt is 45% of L and whose two responses are 27.5% each (one pair per row, about 2,048 tokens
@@ -64,6 +65,8 @@ def main() -> int:
     parser.add_argument("--widths", default="128,256", help="model widths (vocabulary 2048 at 128, else 8192)")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--per-segment", action="store_true", help="one call per prompt and response everywhere")
+    parser.add_argument("--sliding-window", type=int, default=None, metavar="N",
+                        help="Mistrals (the same shapes) whose layers attend within N tokens")
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -74,7 +77,7 @@ def main() -> int:
     for width in (int(x) for x in args.widths.split(",")):
         vocab = 2048 if width <= 128 else 8192
         model = random_llama(vocab=vocab, hidden=width, heads=max(4, width // 64), layers=args.layers,
-                             max_positions=2048)
+                             max_positions=2048, sliding_window=args.sliding_window)
         for length in (int(x) for x in args.lengths.split(",")):
             batch = collate(pairs(length, max(1, 2048 // length), vocab), list(range(max(1, 2048 // length))),
                             layout="shared", pad_token_id=0)
@@ -98,6 +101,7 @@ def main() -> int:
     out = Path(args.out) / f"attention-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"threads": args.threads, "rounds": args.rounds, "command": " ".join(sys.argv),
+                               "sliding_window": args.sliding_window,
                                "segments_min_length": attention.SEGMENTS_MIN_LENGTH,
                                "split_min_prefix": attention.SPLIT_MIN_PREFIX,
                                "load_end": os.getloadavg()[0], "rows": rows}, indent=1))

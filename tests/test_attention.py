@@ -48,16 +48,18 @@ SLIDING = {"mistral": lambda: make_mistral(16), "qwen2": lambda: make_mixed_wind
            "gemma2": lambda: make_mixed_window("gemma2", 16), "gemma3": lambda: make_mixed_window("gemma3", 16)}
 
 
-def _past_window() -> list[TokenizedExample]:  # 16-34 tokens each: all but the first cross a 16-token window
+def _past_window() -> list[TokenizedExample]:  # 16-34 tokens each: all but the first cross a 16-token window,
+    # and the last one's prompt alone is longer than the window
     return [TokenizedExample(tuple(range(3 + i, 9 + 2 * i)), (tuple(range(20, 30 + 3 * i)), tuple(range(50, 55 + i))))
-            for i in range(5)]
+            for i in range(5)] + [TokenizedExample(tuple(range(60, 80)), ((81, 82, 83), (84, 85)))]
 
 
 @pytest.mark.parametrize("layout", ["shared", "packed"])
 @pytest.mark.parametrize("family", ["llama", *SLIDING])
 def test_flex_attention_gives_the_plain_layouts_logprobs(layout, family, eager_flex):
     model = make_llama().eval() if family == "llama" else SLIDING[family]()
-    examples, ids = (_examples(), list(range(5))) if family == "llama" else (_past_window(), list(range(5)))
+    examples = _examples() if family == "llama" else _past_window()
+    ids = list(range(len(examples)))
     with torch.no_grad():
         plain = sequence_logprobs(model, collate(examples, ids, layout="plain", pad_token_id=0))
         model.set_attn_implementation("flex_attention")
@@ -96,12 +98,27 @@ def test_block_layouts_apply_a_sliding_window(layout, family, kernel, monkeypatc
     for name, kernel_used, batch_layout in (("plain", None, "plain"), ("block", kernel, layout)):  # None: its own
         set_attention(model, kernel_used)
         model.zero_grad()
-        logps = sequence_logprobs(model, collate(examples, list(range(5)), layout=batch_layout, pad_token_id=0))
+        logps = sequence_logprobs(model, collate(examples, list(range(6)), layout=batch_layout, pad_token_id=0))
         (logps * torch.linspace(0.5, 1.5, len(logps))).sum().backward()
         results[name] = (logps.detach(), [p.grad.clone() for p in model.parameters()])
     torch.testing.assert_close(results["block"][0], results["plain"][0], rtol=1e-5, atol=1e-5)
     for block_grad, plain_grad in zip(results["block"][1], results["plain"][1]):
         torch.testing.assert_close(block_grad, plain_grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma3"])
+def test_no_split_after_a_common_prompt_longer_than_the_window(family, monkeypatch):
+    """The split's prefix call is plain causal: with every row's first prompt longer than the window, the sliding
+    layers must take the dense (windowed) mask instead."""
+    monkeypatch.setattr(attention, "SPLIT_MIN_PREFIX", 4)
+    model = SLIDING[family]()
+    examples = [TokenizedExample(tuple(range(60 - i, 80)), ((81, 82 + i, 83), (84, 85))) for i in range(3)]
+    with torch.no_grad():
+        plain = sequence_logprobs(model, collate(examples, [0, 1, 2], layout="plain", pad_token_id=0))
+        set_attention(model, SEGMENTS)
+        for layout in ("shared", "packed"):
+            block = sequence_logprobs(model, collate(examples, [0, 1, 2], layout=layout, pad_token_id=0))
+            torch.testing.assert_close(block, plain, rtol=1e-5, atol=1e-5)
 
 
 def test_a_model_that_cannot_run_sdpa_keeps_its_own_attention():
@@ -120,7 +137,7 @@ def test_the_window_is_in_the_mask_only_when_an_example_reaches_past_it():
     for make in SLIDING.values():
         model = make()
         assert isinstance(model_mask(collate(short, [0], layout="shared", pad_token_id=0), model), torch.Tensor)
-    long = collate(_past_window(), list(range(5)), layout="shared", pad_token_id=0)
+    long = collate(_past_window(), list(range(6)), layout="shared", pad_token_id=0)
     mistral, gemma = SLIDING["mistral"](), SLIDING["gemma3"]()
     windowed = model_mask(long, mistral)  # every Mistral layer slides: one mask
     full = model_mask(long, make_llama())
@@ -168,10 +185,10 @@ def test_block_layouts_give_the_plain_layouts_logprobs_across_families(family, m
     model = getattr(transformers, model_class)(config).eval()
     examples = _past_window()
     with torch.no_grad():
-        plain = sequence_logprobs(model, collate(examples, list(range(5)), layout="plain", pad_token_id=0))
+        plain = sequence_logprobs(model, collate(examples, list(range(6)), layout="plain", pad_token_id=0))
         for layout in ("shared", "packed"):
             set_attention(model, choose_attention("auto", "cpu", layout))
-            block = sequence_logprobs(model, collate(examples, list(range(5)), layout=layout, pad_token_id=0))
+            block = sequence_logprobs(model, collate(examples, list(range(6)), layout=layout, pad_token_id=0))
             torch.testing.assert_close(block, plain, rtol=1e-5, atol=1e-5)
 
 

@@ -176,7 +176,8 @@ def segment_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     """A transformers attention function: with ``dpokit_spans`` (Batch.spans, passed by dpokit.logprobs) one SDPA
     call per prompt and per response instead of one over the whole row's dense mask; for rows shorter than
     SEGMENTS_MIN_LENGTH, two calls split after the rows' common causal prefix (SPLIT_MIN_PREFIX), or one; without
-    spans, or in a sliding-window layer when an example is longer than the window, transformers' SDPA attention.
+    spans, transformers' SDPA attention. In a sliding-window layer (``sliding_window``) the per-segment masks
+    have the window, and the short rows' dense mask has it already (model_mask).
 
     ``query`` is ``[rows, heads, length, dim]``, ``key``/``value`` ``[rows, kv_heads, length, dim]``; returns
     ``([rows, length, heads, dim], None)`` like transformers' own attention functions. Padding columns get zeros
@@ -184,21 +185,22 @@ def segment_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     length = query.shape[2]
-    window = kwargs.get("sliding_window")
-    if dpokit_spans is None or (window and _longest_sequence(dpokit_spans) > window):
-        # a sliding layer past its window: the calls below know nothing of it, the dense mask has it (model_mask)
+    if dpokit_spans is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    window = kwargs.get("sliding_window")
+    if window and _longest_sequence(dpokit_spans) <= window:
+        window = None  # a sliding layer, but no example reaches past its window: it changes nothing
     if length < SEGMENTS_MIN_LENGTH:
         prefix = _causal_prefix(dpokit_spans)
-        if prefix < SPLIT_MIN_PREFIX or attention_mask is None:
+        if prefix < SPLIT_MIN_PREFIX or attention_mask is None or (window and prefix > window):
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, **kwargs)
         causal = {**kwargs, "is_causal": True}  # the prefix's own square, whatever the caller's flag
         head, _ = sdpa_attention_forward(module, query[:, :, :prefix], key[:, :, :prefix], value[:, :, :prefix],
                                          None, dropout=dropout, scaling=scaling, **causal)
         rest, _ = sdpa_attention_forward(module, query[:, :, prefix:], key, value, attention_mask[:, :, prefix:],
-                                         dropout=dropout, scaling=scaling, **kwargs)
+                                         dropout=dropout, scaling=scaling, **kwargs)  # the mask has any window
         return torch.cat([head, rest], dim=1), None
     sdpa = torch.nn.functional.scaled_dot_product_attention
     options = dict(scale=scaling, dropout_p=dropout if module.training else 0.0,
@@ -209,20 +211,34 @@ def segment_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
         for prompt_start, prompt_length, responses in examples:
             prompt = slice(prompt_start, prompt_start + prompt_length)
             prompt_key, prompt_value = key[r : r + 1, :, prompt], value[r : r + 1, :, prompt]
-            if prompt_length:
+            if prompt_length and (window is None or prompt_length <= window):
                 pieces.append(sdpa(query[r : r + 1, :, prompt], prompt_key, prompt_value, is_causal=True, **options))
+            elif prompt_length:
+                pieces.append(sdpa(query[r : r + 1, :, prompt], prompt_key, prompt_value,
+                                   attn_mask=_visible(0, prompt_length, window, query.device), **options))
             for start, size in responses:
                 span = slice(start, start + size)
-                visible = torch.ones(size, prompt_length + size, dtype=torch.bool, device=query.device)
-                visible[:, prompt_length:] = torch.ones(size, size, dtype=torch.bool, device=query.device).tril()
                 pieces.append(sdpa(query[r : r + 1, :, span], torch.cat([prompt_key, key[r : r + 1, :, span]], 2),
-                                   torch.cat([prompt_value, value[r : r + 1, :, span]], 2), attn_mask=visible,
-                                   **options))
+                                   torch.cat([prompt_value, value[r : r + 1, :, span]], 2),
+                                   attn_mask=_visible(prompt_length, size, window, query.device), **options))
             used = prompt_start + prompt_length + sum(size for _, size in responses)
         if used < length:
             pieces.append(query.new_zeros(1, query.shape[1], length - used, query.shape[3]))
         rows.append(torch.cat(pieces, dim=2))
     return torch.cat(rows).transpose(1, 2).contiguous(), None
+
+
+def _visible(prompt_length: int, size: int, window: int | None, device) -> Tensor:
+    """``[size, prompt_length + size]``: which keys (the prompt, then the segment itself) each of a segment's
+    `size` queries sees: the whole prompt and itself causally, and with a `window` only keys fewer than `window`
+    positions back (the segment's positions continue the prompt's)."""
+    visible = torch.ones(size, prompt_length + size, dtype=torch.bool, device=device)
+    visible[:, prompt_length:] = torch.ones(size, size, dtype=torch.bool, device=device).tril()
+    if window is not None:
+        query_position = torch.arange(prompt_length, prompt_length + size, device=device)
+        key_position = torch.arange(prompt_length + size, device=device)
+        visible &= query_position[:, None] - key_position[None, :] < window
+    return visible
 
 
 def _longest_sequence(spans) -> int:
