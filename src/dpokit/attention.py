@@ -114,8 +114,8 @@ def model_mask(batch: Batch, model: nn.Module):
     if batch.attention_mask.dim() == 2:
         return batch.attention_mask
     window = sliding_window(model)
-    if window is not None and int(batch.position_ids.max()) < window:
-        window = None  # no example reaches past the window: it changes nothing
+    if window is not None and _longest_sequence(batch.spans) <= window:
+        window = None  # no example reaches past the window: it changes nothing (segment_attention's rule too)
     if batch.token_example is not None and uses_attention(model) == "flex_attention":
         full = block_mask(batch)
         return full if window is None else _by_layer_type(model, full, block_mask(batch, window))
