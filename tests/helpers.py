@@ -79,31 +79,33 @@ def make_llama(vocab_size: int = 320, seed: int = 0, **overrides) -> LlamaForCau
     return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
 
 
+def make_tiny(family: str, vocab_size: int = 100, seed: int = 0, **own):
+    """A random 2-layer transformers `family` model (``Qwen3``: ``Qwen3Config``, or ``Gemma3TextConfig`` where a
+    family has a text config of its own, and ``Qwen3ForCausalLM``), hidden 32, 4 heads over 2 key/value heads,
+    256 positions, float32, in eval mode; `own`: that family's further fields."""
+    import transformers
+
+    config_class = getattr(transformers, f"{family}TextConfig", None) or getattr(transformers, f"{family}Config")
+    torch.manual_seed(seed)
+    config = config_class(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **own)
+    return getattr(transformers, f"{family}ForCausalLM")(config).eval()
+
+
 def make_mistral(sliding_window: int | None, vocab_size: int = 100, seed: int = 0) -> "MistralForCausalLM":
     """A random 2-layer Mistral whose attention sees the last `sliding_window` tokens (None: all), float32."""
-    from transformers import MistralConfig, MistralForCausalLM
-
-    torch.manual_seed(seed)
-    return MistralForCausalLM(MistralConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
-                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                            sliding_window=sliding_window, max_position_embeddings=256)).eval()
+    return make_tiny("Mistral", vocab_size, seed, sliding_window=sliding_window)
 
 
 def make_mixed_window(family: str, sliding_window: int, vocab_size: int = 100, seed: int = 0):
     """A random 2-layer Qwen2, Gemma 2 or Gemma 3 with one full-attention and one sliding-window layer, float32."""
-    from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, Qwen2Config,
-                              Qwen2ForCausalLM)
-
-    torch.manual_seed(seed)
-    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, sliding_window=sliding_window,
-                  max_position_embeddings=256)
     if family == "qwen2":  # layers from max_window_layers on slide
-        return Qwen2ForCausalLM(Qwen2Config(use_sliding_window=True, max_window_layers=1, **common)).eval()
+        return make_tiny("Qwen2", vocab_size, seed, sliding_window=sliding_window, use_sliding_window=True,
+                         max_window_layers=1)
     if family == "gemma2":  # sliding and full layers alternate; soft-capped logits (the full-logits path)
-        return Gemma2ForCausalLM(Gemma2Config(head_dim=8, **common)).eval()
-    config = Gemma3TextConfig(head_dim=8, layer_types=["sliding_attention", "full_attention"], **common)
-    return Gemma3ForCausalLM(config).eval()
+        return make_tiny("Gemma2", vocab_size, seed, sliding_window=sliding_window, head_dim=8)
+    return make_tiny("Gemma3", vocab_size, seed, sliding_window=sliding_window, head_dim=8,
+                     layer_types=["sliding_attention", "full_attention"])
 
 
 def make_gpt2(vocab_size: int = 320, seed: int = 0) -> GPT2LMHeadModel:

@@ -12,7 +12,7 @@ from dpokit.batching import collate
 from dpokit.errors import ConfigError
 from dpokit.logprobs import sequence_logprobs
 from dpokit.tokenize import TokenizedExample
-from helpers import make_llama, make_mistral, make_mixed_window
+from helpers import make_llama, make_mistral, make_mixed_window, make_tiny
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -89,8 +89,8 @@ def test_segment_attention_gives_the_dense_masks_logprobs_and_gradients(layout, 
                                            if (f, k) != ("gemma2", "sdpa")])  # Gemma 2 cannot run SDPA
 def test_block_layouts_apply_a_sliding_window(layout, family, kernel, monkeypatch):
     """Past the window, the block layouts' log-probs and gradients are the plain layout's: the mask of the sliding
-    layers has the window (one mask per layer type where the model mixes them), and the segments kernel leaves
-    those layers to that dense mask."""
+    layers has the window (one mask per layer type where the model mixes them), and so do the segments kernel's
+    per-segment masks, a prompt longer than the window included."""
     monkeypatch.setattr(attention, "SEGMENTS_MIN_LENGTH", 0)  # the per-segment calls for the full layers
     model = SLIDING[family]()
     examples = _past_window()
@@ -150,21 +150,19 @@ def test_the_window_is_in_the_mask_only_when_an_example_reaches_past_it():
     assert full[row, 0, q, 0] == 0 and windowed[row, 0, q, 0] < 0
 
 
-# Other popular families, tiny: (config class, model class, their own fields); "sw": a sliding window of 16
+# Other popular families (helpers.make_tiny), with their own fields; "-sw": a sliding window of 16
 FAMILIES = {
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=8)),
-    "qwen3-sw": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=8, use_sliding_window=True, sliding_window=16,
-                                                         max_window_layers=1)),
-    "phi3-sw": ("Phi3Config", "Phi3ForCausalLM", dict(sliding_window=16, pad_token_id=0)),
-    "starcoder2-sw": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(sliding_window=16)),
-    "mixtral-sw": ("MixtralConfig", "MixtralForCausalLM", dict(sliding_window=16, num_local_experts=2,
-                                                               num_experts_per_tok=1)),
-    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=8)),
-    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(eos_token_id=0, pad_token_id=0)),
-    "gpt-neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),
-    "phi": ("PhiConfig", "PhiForCausalLM", {}),
-    "granite": ("GraniteConfig", "GraniteForCausalLM", {}),
-    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(pad_token_id=0, bos_token_id=0, eos_token_id=0)),
+    "qwen3": ("Qwen3", dict(head_dim=8)),
+    "qwen3-sw": ("Qwen3", dict(head_dim=8, use_sliding_window=True, sliding_window=16, max_window_layers=1)),
+    "phi3-sw": ("Phi3", dict(sliding_window=16, pad_token_id=0)),
+    "starcoder2-sw": ("Starcoder2", dict(sliding_window=16)),
+    "mixtral-sw": ("Mixtral", dict(sliding_window=16, num_local_experts=2, num_experts_per_tok=1)),
+    "gemma": ("Gemma", dict(head_dim=8)),
+    "olmo2": ("Olmo2", dict(eos_token_id=0, pad_token_id=0)),
+    "gpt-neox": ("GPTNeoX", {}),
+    "phi": ("Phi", {}),
+    "granite": ("Granite", {}),
+    "smollm3": ("SmolLM3", dict(pad_token_id=0, bos_token_id=0, eos_token_id=0)),
 }
 
 
@@ -173,16 +171,10 @@ def test_block_layouts_give_the_plain_layouts_logprobs_across_families(family, m
     """What `--layout packed` and `--attention auto` do on a CPU, through each family's own attention code: the
     per-segment calls and the two-call split both run (thresholds lowered for these short rows), and sequences
     reach past the window of the sliding-window families."""
-    import transformers
-
     monkeypatch.setattr(attention, "SEGMENTS_MIN_LENGTH", 24)
     monkeypatch.setattr(attention, "SPLIT_MIN_PREFIX", 4)
-    config_class, model_class, own = FAMILIES[family]
-    torch.manual_seed(0)
-    config = getattr(transformers, config_class)(vocab_size=100, hidden_size=32, intermediate_size=64,
-                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                                 max_position_embeddings=256, **own)
-    model = getattr(transformers, model_class)(config).eval()
+    name, own = FAMILIES[family]
+    model = make_tiny(name, **own)
     examples = _past_window()
     with torch.no_grad():
         plain = sequence_logprobs(model, collate(examples, list(range(6)), layout="plain", pad_token_id=0))
