@@ -79,7 +79,7 @@ def train_dpokit(spec: dict, marks: dict, **config) -> dict:
     and tokens, losses and the memory marks. `marks` also collects what the caller's own patches record."""
     import dpokit.api as api
     from dpokit.config import TrainConfig
-    from dpokit.metrics import read_metrics
+    from dpokit.train.metrics import read_metrics
 
     def no_checkpoint(*a, **k):
         marks["peak_before_checkpoint_mib"] = peak_rss_mib()
@@ -122,7 +122,7 @@ def child_dpokit(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     import dpokit.api as api
-    import dpokit.trainer as trainer
+    import dpokit.train.loop as trainer
 
     after_import_rss = rss_mib()
     shapes: list[dict] = []

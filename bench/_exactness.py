@@ -9,13 +9,13 @@ def exactness(setup: dict, args) -> dict:
 
     import torch
     from dpokit.api import load_model, load_tokenizer, prepare_data
-    from dpokit.batching import collate, forward_groups
+    from dpokit.data.batching import collate, forward_groups
     from dpokit.config import TrainConfig
-    from dpokit.logprobs import sequence_logprobs, token_logprobs
-    from dpokit.losses import LossConfig
-    from dpokit.engine import Scorer
-    from dpokit.objective import DPOObjective
-    from dpokit.reference import ModelReference
+    from dpokit.models.logprobs import sequence_logprobs, token_logprobs
+    from dpokit.losses.dispatch import LossConfig
+    from dpokit.train.engine import Scorer
+    from dpokit.losses.objective import DPOObjective
+    from dpokit.train.reference import ModelReference
 
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(setup["model_dir"])
@@ -43,7 +43,7 @@ def exactness(setup: dict, args) -> dict:
         seqs = sequence_logprobs(policy, batch, chunked=chunked)
         result = objective(scorer, batch)
         (result.loss_sum / objective.divisor(batch)).backward()
-        from dpokit.losses import preference_loss
+        from dpokit.losses.dispatch import preference_loss
 
         with torch.no_grad():
             losses = preference_loss(seqs[0::2], seqs[1::2], ref[0::2], ref[1::2], LossConfig(beta=0.1)).losses

@@ -24,7 +24,7 @@ SYSTEMS = {
     # not in the default set: LoRA with gradient checkpointing (activations recomputed in the backward pass)
     "dpokit-lora-gc": ("dpokit", {"lora_r": LORA["r"], "lora_alpha": LORA["alpha"], "lora_dropout": LORA["dropout"],
                                   "gradient_checkpointing": True}),
-    # not in the default set: dpokit's return_freed_memory (glibc serves blocks >= 128 KiB by mmap; dpokit.cpu_memory)
+    # not in the default set: dpokit's return_freed_memory (glibc serves blocks >= 128 KiB by mmap; dpokit.runtime.memory)
     "dpokit-full-mmap": ("dpokit", {"return_freed_memory": True}),
     # not in the default set: full fine-tuning with gradient checkpointing, the like-for-like base for dpokit-lora-gc
     "dpokit-full-gc": ("dpokit", {"gradient_checkpointing": True}),

@@ -180,17 +180,17 @@ def add_malloc_option(parser) -> None:
     """--malloc: which allocator the children run on (`child_environment`)."""
     parser.add_argument("--malloc", choices=("as-shipped", "inherit"), default="as-shipped",
                         help="as-shipped (default): dpokit's children run on the allocator the dpokit command "
-                             "chooses (mimalloc or jemalloc when found; dpokit.cpu_memory), TRL's on the "
+                             "chooses (mimalloc or jemalloc when found; dpokit.runtime.memory), TRL's on the "
                              "environment's; inherit: every child on the environment's")
 
 
 def child_environment(name: str, malloc: str, threads: int | None = None, work: Path | None = None) -> dict:
     """The environment of system `name`'s child. With ``--malloc as-shipped`` a dpokit child gets the allocator
-    the ``dpokit`` command would run on (dpokit.cpu_memory: mimalloc or jemalloc when found, unless
+    the ``dpokit`` command would run on (dpokit.runtime.memory: mimalloc or jemalloc when found, unless
     DPOKIT_MALLOC=system or one is preloaded already); TRL's children, like TRL, run on what the environment has.
     With `threads` and `work`: also the thread counts, a datasets cache in `work`, offline hub, no progress bars
     or advisory warnings."""
-    from dpokit.cpu_memory import malloc_environment
+    from dpokit.runtime.memory import malloc_environment
 
     shipped = malloc_environment(os.environ) if malloc == "as-shipped" and name.startswith("dpokit") else None
     environment = shipped or dict(os.environ)

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Dense masked SDPA vs dpokit's ``segments`` kernel (``--attention sdpa`` vs ``segments``) on CPU: the
-measurements behind dpokit.attention.SEGMENTS_MIN_LENGTH, SPLIT_MIN_PREFIX and the CPU default of
+measurements behind dpokit.models.attention.SEGMENTS_MIN_LENGTH, SPLIT_MIN_PREFIX and the CPU default of
 ``--attention auto``.
 
     python bench/bench_attention.py                    # rows of 64 .. 1024 tokens, two model widths
@@ -9,7 +9,7 @@ measurements behind dpokit.attention.SEGMENTS_MIN_LENGTH, SPLIT_MIN_PREFIX and t
     python bench/bench_attention.py --lengths 160,440 --widths 768 --layers 2   # bench_scale.py's width
     python bench/bench_attention.py --lengths 1024,2048 --widths 256 --sliding-window 512   # Mistrals
 
-For each row length L, a forward + backward of dpokit's shared-layout log-probs (dpokit.logprobs.sequence_logprobs)
+For each row length L, a forward + backward of dpokit's shared-layout log-probs (dpokit.models.logprobs.sequence_logprobs)
 on pairs whose prompt is 45% of L and whose two responses are 27.5% each (one pair per row, about 2,048 tokens
 per call), alternately with the two kernels, the order flipped every round; prints the median seconds per call,
 the ratio and its spread (min-max of the per-round ratios), and writes ``bench/results/attention-<time>.json``.
@@ -31,11 +31,11 @@ from pathlib import Path
 
 import torch
 
-from dpokit.attention import SEGMENTS, set_attention
-import dpokit.attention as attention
-from dpokit.batching import collate
-from dpokit.logprobs import sequence_logprobs
-from dpokit.tokenize import TokenizedExample
+from dpokit.models.attention import SEGMENTS, set_attention
+import dpokit.models.attention as attention
+from dpokit.data.batching import collate
+from dpokit.models.logprobs import sequence_logprobs
+from dpokit.data.tokenize import TokenizedExample
 from _setup import random_llama
 
 HERE = Path(__file__).resolve().parent

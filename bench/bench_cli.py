@@ -2,7 +2,7 @@
 
     python bench/bench_cli.py --rounds 5 [--baseline COMMIT]
 
-Each case runs as a fresh `python -m dpokit.cli` process (the time a user waits). With --baseline, the same cases
+Each case runs as a fresh `python -m dpokit.cli.main` process (the time a user waits). With --baseline, the same cases
 run against that commit's `src/` (extracted with `git archive` into a temporary directory), interleaved round by
 round with the working tree so that load on the machine hits both alike. Prints the median, min and max per case.
 """
@@ -27,9 +27,9 @@ CASES = {
 
 
 def seconds(src: Path, args: list[str]) -> float:
-    """Wall time of one `python -m dpokit.cli ARGS` with `src` first on the import path."""
+    """Wall time of one `python -m dpokit.cli.main ARGS` with `src` first on the import path."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "dpokit.cli", *args], capture_output=True,
+    subprocess.run([sys.executable, "-m", "dpokit.cli.main", *args], capture_output=True,
                    env={**os.environ, "PYTHONPATH": str(src)})
     return time.perf_counter() - start
 

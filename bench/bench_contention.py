@@ -124,7 +124,7 @@ def child_step(spec: dict) -> None:
     """Train `spec["steps"]` DPO steps on the benchmark model and print seconds per step as JSON."""
     from dpokit.api import train_dpo
     from dpokit.config import TrainConfig
-    from dpokit.metrics import read_metrics
+    from dpokit.train.metrics import read_metrics
 
     config = TrainConfig(model=spec["model_dir"], data=spec["data"], output=spec["output"], batch_size=8,
                          max_length=512, max_prompt_length=spec["max_prompt_length"], max_steps=spec["steps"],
@@ -151,7 +151,7 @@ def build_step_inputs(work: Path, pairs: int) -> dict:
 
 def cpus_available() -> int:
     """What the `before` setting pins: the CPUs this process may use (affinity and cgroup quota)."""
-    from dpokit.threads import available_cpus
+    from dpokit.runtime.threads import available_cpus
 
     return available_cpus()
 
@@ -160,7 +160,7 @@ def one_run(workload: str, setting: str, load: int, args, work: Path, setup: dic
     threads = ["--threads", str(cpus_available())] if setting == "before" else []
     out = work / f"{workload}-{setting}-{load}-{index}"
     if workload == "demo":
-        command = [sys.executable, "-m", "dpokit.cli", "demo", "--output", str(out), *threads, *args.demo_args]
+        command = [sys.executable, "-m", "dpokit.cli.main", "demo", "--output", str(out), *threads, *args.demo_args]
     else:
         spec = dict(setup, output=str(out), steps=args.steps + args.warmup,
                     threads=int(threads[1]) if threads else None)

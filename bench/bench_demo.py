@@ -25,7 +25,7 @@ def run_once(output: Path, extra: list[str]) -> dict:
     """One `dpokit demo` in a child process: wall seconds, peak RSS of the child, and its report."""
     started = time.perf_counter()
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    subprocess.run([sys.executable, "-m", "dpokit.cli", "demo", "--output", str(output), *extra], check=True,
+    subprocess.run([sys.executable, "-m", "dpokit.cli.main", "demo", "--output", str(output), *extra], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # max over children so far (KiB)

@@ -5,8 +5,8 @@
     python bench/bench_engines.py --quick         # 1 round, 3 steps: checks the harness
 
 Both versions run the same command, ``accelerate launch --multi_gpu --num_processes 2 --num_machines 1
---mixed_precision no --dynamo_backend no --main_process_port <free port> -m dpokit.cli dpo ...`` with
-``OMP_NUM_THREADS=1`` and ``TOKENIZERS_PARALLELISM=false`` (the launch of tests/test_trainer.py's two-process
+--mixed_precision no --dynamo_backend no --main_process_port <free port> -m dpokit.cli.main dpo ...`` with
+``OMP_NUM_THREADS=1`` and ``TOKENIZERS_PARALLELISM=false`` (the launch of tests/train/test_loop.py's two-process
 test), on the same locally built Llama and preference data (bench/_setup.py). The old code is checked out with
 ``git worktree add`` into a temporary directory and imported through ``PYTHONPATH=<worktree>/src`` (which comes
 before the editable install of the working tree on sys.path); the worktree is removed at the end.
@@ -58,7 +58,7 @@ def run_launch(version: str, src: Path, setup: dict, args, work: Path, round_: i
     shutil.rmtree(output, ignore_errors=True)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(args.processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), "-m", "dpokit.cli",
+           "--main_process_port", str(free_port()), "-m", "dpokit.cli.main",
            "dpo", "--model", setup["model_dir"], "--data", setup["data"], "--output", str(output),
            "--batch-size", str(args.batch_size), "--max-steps", str(args.steps), "--lr", "1e-5",
            "--warmup-steps", "0", "--optimizer", "adamw", "--max-length", str(args.max_length),

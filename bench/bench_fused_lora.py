@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""LoRA layers as one autograd function (dpokit.fused_lora) against peft's forward, per layer and in a model.
+"""LoRA layers as one autograd function (dpokit.models.fused_lora) against peft's forward, per layer and in a model.
 
     python bench/bench_fused_lora.py               # bench_scale.py's LoRA shape: hidden 768, 12 layers, r 16
     python bench/bench_fused_lora.py --layers-only
@@ -22,11 +22,11 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-import dpokit.fused_lora as fused_lora
-from dpokit.batching import collate
-from dpokit.gated_mlp import keep_less_in_gated_mlps
-from dpokit.logprobs import sequence_logprobs
-from dpokit.lora import LoraOptions, add_adapter
+import dpokit.models.fused_lora as fused_lora
+from dpokit.data.batching import collate
+from dpokit.models.gated_mlp import keep_less_in_gated_mlps
+from dpokit.models.logprobs import sequence_logprobs
+from dpokit.models.lora import LoraOptions, add_adapter
 from _report import on_off, speedup
 from _setup import random_llama
 from bench_last_layer import pairs

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The last decoder layer's per-token work only at the read positions (dpokit.last_layer), on vs off.
+"""The last decoder layer's per-token work only at the read positions (dpokit.models.last_layer), on vs off.
 
     python bench/bench_last_layer.py                         # bench_vs_trl's model: hidden 256, 4 layers
     python bench/bench_last_layer.py --hidden 768 --heads 12 --layers 12 --lora-r 16 --pairs 2   # bench_scale's
@@ -18,12 +18,12 @@ import time
 
 import torch
 
-import dpokit.last_layer as last_layer
-from dpokit.batching import collate
-from dpokit.gated_mlp import keep_less_in_gated_mlps
-from dpokit.logprobs import sequence_logprobs
-from dpokit.lora import LoraOptions, add_adapter
-from dpokit.tokenize import TokenizedExample
+import dpokit.models.last_layer as last_layer
+from dpokit.data.batching import collate
+from dpokit.models.gated_mlp import keep_less_in_gated_mlps
+from dpokit.models.logprobs import sequence_logprobs
+from dpokit.models.lora import LoraOptions, add_adapter
+from dpokit.data.tokenize import TokenizedExample
 from _report import on_off, speedup
 from _setup import random_llama
 

@@ -92,9 +92,9 @@ def main() -> None:
 
     torch.set_num_threads(1)
     import dpokit.api as api
-    from dpokit import objective
+    from dpokit.losses import objective
     from dpokit.config import TrainConfig
-    from dpokit.losses import preference_loss, preference_metrics
+    from dpokit.losses.dispatch import preference_loss, preference_metrics
 
     mark("after imports")
     real_load, real_prepare = api.load_policy, api._prepare
@@ -128,9 +128,9 @@ def main() -> None:
         return result
 
     torch.optim.AdamW.step = step
-    import dpokit.trainer
+    import dpokit.train.loop
 
-    dpokit.trainer.save_checkpoint = lambda *a, **k: mark("end of training (checkpoint skipped)")
+    dpokit.train.loop.save_checkpoint = lambda *a, **k: mark("end of training (checkpoint skipped)")
     work = Path(args.workdir)
     output = Path(tempfile.mkdtemp(prefix="memory_phases_"))
     lora = {} if args.lora_r is None else {"lora_r": args.lora_r, "lora_alpha": 2 * args.lora_r}

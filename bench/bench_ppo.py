@@ -1,7 +1,7 @@
 """Check PPO on the demo's task: PPO-GT (reward: VADER) and PPO (reward: a reward model fitted to the demo's
 pairs) from the demo's SFT model, evaluated like `dpokit demo` evaluates DPO.
 
-Needs a finished `dpokit demo` run (its sft/final and pairs.jsonl). Trains with dpokit.paper's defaults unless
+Needs a finished `dpokit demo` run (its sft/final and pairs.jsonl). Trains with dpokit.experiments.paper's defaults unless
 told otherwise, then samples 2 continuations of each of the demo's 128 held-out prompts from π_ref and from each
 PPO policy and prints, per model, the mean VADER score, the positive share and KL(π‖π_ref) per sequence
 (estimated from the policy's own samples), with the wall and CPU seconds of each training.
@@ -30,8 +30,8 @@ def _timed(fn, *args, **kwargs) -> tuple[object, dict]:
 
 
 def held_out_prompts(tokenizer, config) -> list[str]:
-    """The demo's held-out prompts (same seeds and rule as dpokit.demo.run_demo)."""
-    from dpokit.reviews import review_prefixes
+    """The demo's held-out prompts (same seeds and rule as dpokit.experiments.demo.run_demo)."""
+    from dpokit.experiments.reviews import review_prefixes
 
     seen = set(review_prefixes(config.prompts, config.seed + 2, tokenizer))
     candidates = review_prefixes(config.eval_prompts * 4, config.seed + 3, tokenizer)
@@ -40,9 +40,9 @@ def held_out_prompts(tokenizer, config) -> list[str]:
 
 def evaluate(path: str, reference, tokenizer, prompts: list[str], config) -> dict:
     """Mean VADER score, positive share and mean sequence KL of the policy at `path` on `prompts`."""
-    from dpokit.iterate import held_out_samples, kl_per_sequence, score_summary
-    from dpokit.judges import vader_judge
-    from dpokit.models import load_model
+    from dpokit.experiments.iterate import held_out_samples, kl_per_sequence, score_summary
+    from dpokit.judges.pointwise import vader_judge
+    from dpokit.models.loading import load_model
 
     policy = load_model(path)
     samples, scores = held_out_samples(policy, tokenizer, vader_judge(), prompts, config.round_settings(),
@@ -61,13 +61,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
 
-    from dpokit.demo import DemoConfig
-    from dpokit.judges import vader_judge
-    from dpokit.models import load_model, load_tokenizer
-    from dpokit.paper.ppo import train_ppo
-    from dpokit.paper.reward_model import reward_model_judge, train_reward_model
-    from dpokit.reviews import review_prefixes
-    from dpokit.threads import apply_threads
+    from dpokit.experiments.demo import DemoConfig
+    from dpokit.judges.pointwise import vader_judge
+    from dpokit.models.loading import load_model, load_tokenizer
+    from dpokit.experiments.paper.ppo import train_ppo
+    from dpokit.experiments.paper.reward_model import reward_model_judge, train_reward_model
+    from dpokit.experiments.reviews import review_prefixes
+    from dpokit.runtime.threads import apply_threads
 
     demo, out = Path(args.demo_dir), Path(args.output or Path(args.demo_dir) / "ppo-bench")
     config = DemoConfig(**{k: v for k, v in json.loads((demo / "report.json").read_text())["config"].items()

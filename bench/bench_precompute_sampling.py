@@ -6,14 +6,14 @@
 
 On the same locally built model and preference data as ``bench_vs_trl.py`` (``_setup.py``):
 
-* **precompute**: the reference log-probs of every pair, by dpokit (``dpokit.reference.compute_reference_logps``:
+* **precompute**: the reference log-probs of every pair, by dpokit (``dpokit.train.reference.compute_reference_logps``:
   no_grad, longest examples first, packed layout, chunked response-only logits) and by TRL's ``DPOTrainer``
   with ``precompute_ref_log_probs=True`` (its ``_precompute_ref_logps``, timed around the call, on a trainer
   built afresh every round; building it, and its tokenisation, are not timed). Both use ``--batch-size`` pairs
   per batch. Tokens = prompt + response tokens of every sequence, the prompt counted once per response: the
   non-padding tokens of TRL's batches (counted from its attention masks, and checked equal to dpokit's count).
 * **sampling**: ``--prompts`` prompts of the data, ``--max-new-tokens`` new tokens each, temperature 1 without
-  top-k (exact samples), by dpokit's sampler (``dpokit.generation.sample_ids``: prompts sorted by length, KV
+  top-k (exact samples), by dpokit's sampler (``dpokit.eval.generation.sample_ids``: prompts sorted by length, KV
   cache, ``--batch-size`` sequences per ``generate`` call), by plain ``model.generate`` in the same batches of
   prompts in their data order (left-padded, KV cache), and one prompt at a time. Tokens = the new tokens kept
   (through the first EOS; the random model rarely emits it, so nearly all ``--max-new-tokens``).
@@ -69,8 +69,8 @@ def _args() -> argparse.Namespace:
 
 
 def dpokit_precompute(setup: dict, examples, tokenizer, args) -> tuple[float, int]:
-    from dpokit.models import load_model
-    from dpokit.reference import ModelReference, compute_reference_logps
+    from dpokit.models.loading import load_model
+    from dpokit.train.reference import ModelReference, compute_reference_logps
 
     reference = ModelReference(load_model(setup["model_dir"]))  # as train_dpo scores it: packed, chunked logits
     start = time.perf_counter()
@@ -118,7 +118,7 @@ def _new_tokens(row: list[int], eos: int) -> int:
 
 
 def dpokit_sampling(model, tokenizer, prompts: list[str], args) -> tuple[float, int]:
-    from dpokit.generation import sample_ids
+    from dpokit.eval.generation import sample_ids
 
     start = time.perf_counter()
     samples = sample_ids(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, temperature=1.0, seed=args.seed,
@@ -165,7 +165,7 @@ def main() -> None:
     from _setup import build_everything
     from dpokit.api import prepare_data
     from dpokit.config import TrainConfig
-    from dpokit.models import load_model, load_tokenizer
+    from dpokit.models.loading import load_model, load_tokenizer
 
     datasets.disable_progress_bars()
     datasets.disable_caching()  # TRL must compute its table every round, never reuse a cached one

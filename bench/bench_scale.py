@@ -21,7 +21,7 @@ constant without warm-up, float32, beta 0.1):
   ``gradient_checkpointing=True``;
 * ``trl-lora-gc`` (only when named) ``trl-lora`` with ``gradient_checkpointing=True``, TRL's own default;
 * ``dpokit-full-mmap``, ``dpokit-lora-mmap`` (only when named) ``dpokit-full``/``dpokit-lora`` with
-  ``return_freed_memory=True`` (freed activations returned to the system at once; dpokit.cpu_memory).
+  ``return_freed_memory=True`` (freed activations returned to the system at once; dpokit.runtime.memory).
 
 Measured per run: seconds per step (dpokit: the trainer's ``seconds_per_step`` in ``metrics.jsonl``; TRL: the
 time between consecutive ``on_step_end`` callbacks), median over the steps after ``--warmup``; peak RSS of the
@@ -29,7 +29,7 @@ child (``ru_maxrss``; for dpokit read before the end-of-run checkpoint, which is
 (min-max) over rounds, and per-round ratios summarised the same way. The children inherit the environment, so
 ``LD_PRELOAD=.../libjemalloc.so.2 python bench/bench_scale.py`` measures every system with jemalloc. By default
 (``--malloc as-shipped``) dpokit's children run on the allocator the ``dpokit`` command would choose (mimalloc
-from the cmeel-mimalloc wheel, or jemalloc: dpokit.cpu_memory), TRL's on the environment's, as each ships;
+from the cmeel-mimalloc wheel, or jemalloc: dpokit.runtime.memory), TRL's on the environment's, as each ships;
 ``--malloc inherit`` runs every child on the environment's. The allocator of each system is recorded.
 """
 

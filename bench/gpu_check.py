@@ -99,7 +99,7 @@ def child_dpokit(spec: dict) -> dict:
 
     from dpokit.api import train_dpo
     from dpokit.config import TrainConfig
-    from dpokit.metrics import read_metrics
+    from dpokit.train.metrics import read_metrics
 
     if spec.get("no_deepspeed_shm_op"):
         # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce kernel (C++, 1-2 min on 2 cores, and
@@ -144,8 +144,8 @@ def child_exactness(spec: dict) -> dict:
     from transformers import MistralConfig, MistralForCausalLM
 
     from dpokit.data import load_preferences
-    from dpokit.models import load_model, load_tokenizer
-    from dpokit.tokenize import TokenizeConfig, tokenize_examples
+    from dpokit.models.loading import load_model, load_tokenizer
+    from dpokit.data.tokenize import TokenizeConfig, tokenize_examples
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -179,8 +179,8 @@ def child_exactness(spec: dict) -> dict:
 def _flex_against_plain(model, examples, pad_token_id: int, device: str) -> dict:
     import torch
 
-    from dpokit.batching import collate
-    from dpokit.logprobs import sequence_logprobs
+    from dpokit.data.batching import collate
+    from dpokit.models.logprobs import sequence_logprobs
 
     cuda = device == "cuda"
     ids = list(range(len(examples)))

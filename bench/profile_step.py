@@ -32,7 +32,7 @@ def profile(args, setup: dict, work: Path) -> dict:
     import torch
 
     import dpokit.api as api
-    import dpokit.trainer as trainer
+    import dpokit.train.loop as trainer
     from dpokit.config import TrainConfig
 
     trainer.save_checkpoint = lambda *a, **k: None  # not part of a step

@@ -6,7 +6,7 @@ Reproducible from the seed (deterministic corpus, torch.manual_seed, one thread 
     python scripts/build_base_model.py --seed 0 --steps 900 --threads 2
 
 Steps:
-1. generate a movie-review corpus with :func:`dpokit.reviews.generate_reviews` (no downloaded data);
+1. generate a movie-review corpus with :func:`dpokit.experiments.reviews.generate_reviews` (no downloaded data);
 2. train a byte-level BPE tokenizer (``tokenizers``) with ``<|endoftext|>`` as BOS/EOS/PAD;
 3. pretrain a ``LlamaForCausalLM`` (tied embeddings) on packed ``text<|endoftext|>`` documents;
    every training row starts at a review start, so the model continues a prompt with or without a
@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from dpokit.reviews import generate_reviews, review_prefixes  # noqa: E402
+from dpokit.experiments.reviews import generate_reviews, review_prefixes  # noqa: E402
 
 EOT = "<|endoftext|>"
 

@@ -5,7 +5,7 @@ uninterrupted run: the same final weights (byte for byte) and the same metrics r
     python scripts/kill_resume.py --kills 40 --seed 1          # the stress run (README: Runs that survive)
     python scripts/kill_resume.py --kills 20 --streaming       # the same with --streaming --no-data-cache
 
-tests/test_kill_resume.py runs 10 kill points of it in CI. The run (8 steps, a checkpoint every 2, evaluation
+tests/train/test_kill_resume.py runs 10 kill points of it in CI. The run (8 steps, a checkpoint every 2, evaluation
 every 3, reference log-probs precomputed and cached) spends its time in the phases a kill can hit: loading,
 the reference pass and its cache write, forward/backward, evaluation, checkpoint writes. Kill times are drawn
 (seeded) from the span of the uninterrupted run's work, counted from the moment a run takes its output
@@ -44,7 +44,7 @@ def run_args(model: str, data: str, eval_data: str, output: Path, extra: tuple[s
 
 
 def _command(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "dpokit.cli", *args]
+    return [sys.executable, "-m", "dpokit.cli.main", *args]
 
 
 def rows(output: Path) -> list[dict]:

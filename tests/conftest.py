@@ -28,7 +28,7 @@ def chat_tokenizer():
     return make_tokenizer(chat_template=True)
 
 
-# --- training-core fixtures (tests/test_trainer.py, test_checkpoint.py, test_cli.py, test_end_to_end.py) ---
+# --- training-core fixtures (tests/train/test_loop.py, train/test_checkpoint.py, cli/test_main.py, test_end_to_end.py) ---
 
 POSITIVE = "great good wonderful fun loved enjoyed liked".split()
 NEGATIVE = "awful bad boring dull hated slow".split()

@@ -1,4 +1,4 @@
-"""Runs launched by tests/test_engine.py under `accelerate launch` with each engine's config (2 CPU processes).
+"""Runs launched by tests/train/test_engine.py under `accelerate launch` with each engine's config (2 CPU processes).
 
     accelerate launch --config_file configs/accelerate/ENGINE.yaml --num_processes 2 tests/engine_runs.py \
         OUTPUT MODEL TRAIN EVAL [RUN ...]
@@ -65,8 +65,8 @@ def count_streamed_writers(output: str) -> None:
     import os
     from pathlib import Path
 
-    import dpokit.streaming
-    from dpokit.datacache import CacheWriter
+    import dpokit.data.streaming
+    from dpokit.data.cache import CacheWriter
 
     started = []
 
@@ -75,7 +75,7 @@ def count_streamed_writers(output: str) -> None:
             started.append(args[1])
             super().__init__(*args, **kwargs)
 
-    dpokit.streaming.CacheWriter = CountedWriter
+    dpokit.data.streaming.CacheWriter = CountedWriter
     rank = os.environ.get("RANK", "0")
     atexit.register(lambda: Path(f"{output}/writers-rank{rank}.txt").write_text(f"{len(started)}\n"))
 

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from dpokit.losses import LossConfig, PreferenceLossOutput, preference_loss
+from dpokit.losses.dispatch import LossConfig, PreferenceLossOutput, preference_loss
 
 # One concrete pair used by the hand-computed tests: h = (pc - pr) - (rc - rr) = 2 - 0.5 = 1.5.
 PC, PR, RC, RR = -10.0, -12.0, -11.0, -11.5

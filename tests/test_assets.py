@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpokit.reviews import base_model_path, generate_reviews
+from dpokit.experiments.reviews import base_model_path, generate_reviews
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: extra threads only contend (conftest.py)
 

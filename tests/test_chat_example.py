@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from dpokit.data import load_completions, load_preferences
-from dpokit.models import load_tokenizer
-from dpokit.prompts import read_prompts
-from dpokit.chat import end_of_turn_id
-from dpokit.tokenize import TokenizeConfig, tokenize_examples
+from dpokit.models.loading import load_tokenizer
+from dpokit.data.prompts import read_prompts
+from dpokit.data.chat import end_of_turn_id
+from dpokit.data.tokenize import TokenizeConfig, tokenize_examples
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "build_chat_model.py"

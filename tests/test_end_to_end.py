@@ -15,11 +15,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dpokit.api import load_tokenizer, prepare_data
-from dpokit.batching import collate
-from dpokit.cli import main
+from dpokit.data.batching import collate
+from dpokit.cli.main import main
 from dpokit.config import TrainConfig
-from dpokit.logprobs import sequence_logprobs
-from dpokit.metrics import read_metrics
+from dpokit.models.logprobs import sequence_logprobs
+from dpokit.train.metrics import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_gpu_check_runs_every_part_on_cpu(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     # every run but trl-full and dpokit-qlora, whose children are trl-lora's and dpokit-lora's with other options
-    # (QLoRA itself is tested in tests/test_lora.py): the suite's time budget
+    # (QLoRA itself is tested in tests/models/test_lora.py): the suite's time budget
     runs = "dpokit-full,dpokit-fsdp2,dpokit-zero3,dpokit-lora,trl-lora"
     result = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run", "--workdir", str(tmp_path),
                              "--runs", runs],

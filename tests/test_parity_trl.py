@@ -33,9 +33,9 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 from dpokit.api import evaluate  # noqa: E402
-from dpokit.cli import main  # noqa: E402
+from dpokit.cli.main import main  # noqa: E402
 from dpokit.data.records import PreferencePair  # noqa: E402
-from dpokit.tokenize import TokenizeConfig, tokenize_examples  # noqa: E402
+from dpokit.data.tokenize import TokenizeConfig, tokenize_examples  # noqa: E402
 from helpers import WORDS, make_llama, make_tokenizer  # noqa: E402
 
 TOL = 1e-4
@@ -48,7 +48,7 @@ METRICS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "r
 #   hinge    relu(1 - beta*h)
 #   ipo      (h_avg - 1/(2*beta))**2, log-ratios divided by each response's token count (EOS included) in both
 #   robust   (-(1-eps)*logsigmoid(beta*h) + eps*logsigmoid(-beta*h)) / (1-2*eps)
-# and a sample of the further losses (every one is compared with TRL's loss code in tests/test_losses_trl.py):
+# and a sample of the further losses (every one is compared with TRL's loss code in tests/losses/test_losses_trl.py):
 # sigmoid_norm (length-averaged like ipo), exo_pair, bco_pair, apo_down.
 LOSSES = [("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.1), ("sigmoid_norm", 0.0),
           ("exo_pair", 1e-3), ("bco_pair", 0.0), ("apo_down", 0.0)]

@@ -11,13 +11,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dpokit.batching import LAYOUTS, collate
+from dpokit.data.batching import LAYOUTS, collate
 from dpokit.config import read_yaml
 from dpokit.data import load_preferences
 from dpokit.data.records import PreferencePair
 from dpokit.errors import ConfigError, DataError
-from dpokit.logprobs import sequence_logprobs
-from dpokit.tokenize import TokenizeConfig, TokenizedExample, tokenize_examples
+from dpokit.models.logprobs import sequence_logprobs
+from dpokit.data.tokenize import TokenizeConfig, TokenizedExample, tokenize_examples
 from helpers import make_llama
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -115,7 +115,7 @@ def test_config_file_mistakes_name_the_key_and_the_file(tmp_path, text, words):
 
 
 def test_an_option_the_chosen_loss_does_not_take_is_an_error_before_any_work(tmp_path, capsys):
-    from dpokit.cli import main
+    from dpokit.cli.main import main
 
     code = main(["dpo", "--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "no-data.jsonl"),
                  "--output", str(tmp_path / "out"), "--loss", "hinge", "--label-smoothing", "0.1"])

@@ -29,15 +29,15 @@ def evaluate(model: str, data: str, **kwargs) -> dict[str, float]:
 
 def generate(model: str, prompts: list, **kwargs) -> list[list[str]]:
     """Sample continuations, or a chat model's replies: prompts are strings or lists of chat messages, rendered
-    with the tokenizer's chat template when it has one (see dpokit.generation.generate for the options)."""
-    from dpokit.generation import generate as run
+    with the tokenizer's chat template when it has one (see dpokit.eval.generation.generate for the options)."""
+    from dpokit.eval.generation import generate as run
 
     return run(model, prompts, **kwargs)
 
 
 def merge(adapter: str, output: str, **kwargs):
-    """Fold a LoRA adapter into its base model and save it (see dpokit.models.merge)."""
-    from dpokit.models import merge as run
+    """Fold a LoRA adapter into its base model and save it (see dpokit.train.policy.merge)."""
+    from dpokit.train.policy import merge as run
 
     return run(adapter, output, **kwargs)
 

@@ -17,30 +17,31 @@ from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType
 from transformers import PreTrainedTokenizerBase
 
-from dpokit.attention import choose_attention, set_attention
-from dpokit.checkpoint import run_identity, save_final
+from dpokit.models.attention import choose_attention, set_attention
+from dpokit.train.checkpoint import run_identity, save_final
 from dpokit.config import Default, TrainConfig
-from dpokit.cpu_memory import malloc_note, return_freed_blocks
+from dpokit.runtime.memory import malloc_note, return_freed_blocks
 from dpokit.data import ColumnMap, load_completions, load_preferences, load_unpaired, split_eval
 from dpokit.data.checks import glued_boundary_warning
-from dpokit.engine import (ReferenceState, Scorer, check_engine, engine_name, engine_on_cpu, place_reference,
+from dpokit.train.engine import (ReferenceState, Scorer, check_engine, engine_name, engine_on_cpu, place_reference,
                            shards_parameters)
 from dpokit.errors import ConfigError
-from dpokit.generation import Sample, generate, sample, sample_ids  # noqa: F401  (the API's names, kept here)
-from dpokit.logprobs import check_layout
-from dpokit.lora import trained_adapter_weight
-from dpokit.inputs import check_data_spec, check_model_spec, check_train_inputs
-from dpokit.models import load_model, load_policy, load_tokenizer, model_max_positions
-from dpokit.moving_reference import MovingReference, check_sync_engine
-from dpokit.losses import REFERENCE_FREE_LOSSES, LossConfig
-from dpokit.objective import DPOObjective, KTOObjective, SFTObjective
-from dpokit.reference import (CachedReference, ModelReference, PolicyReference, cached_reference_logps,
+from dpokit.eval.generation import Sample, generate, sample, sample_ids  # noqa: F401  (the API's names, kept here)
+from dpokit.models.logprobs import check_layout
+from dpokit.models.lora import trained_adapter_weight
+from dpokit.data.validation import check_data_spec, check_model_spec, check_train_inputs
+from dpokit.models.loading import load_model, load_tokenizer, model_max_positions
+from dpokit.train.policy import load_policy
+from dpokit.train.moving_reference import MovingReference, check_sync_engine
+from dpokit.losses.dispatch import REFERENCE_FREE_LOSSES, LossConfig
+from dpokit.losses.objective import DPOObjective, KTOObjective, SFTObjective
+from dpokit.train.reference import (CachedReference, ModelReference, PolicyReference, cached_reference_logps,
                               weights_digest)
-from dpokit.threads import apply_threads, model_width
-from dpokit.tokenize import TokenizeConfig, TokenizedExample, tokenize_examples
-from dpokit.rundir import claim_output
-from dpokit.trainer import Engine, config_dict, make_plan, prepare, schedule_warnings, train
-from dpokit.trainer import evaluate as evaluate_objective
+from dpokit.runtime.threads import apply_threads, model_width
+from dpokit.data.tokenize import TokenizeConfig, TokenizedExample, tokenize_examples
+from dpokit.train.rundir import claim_output
+from dpokit.train.loop import Engine, config_dict, make_plan, prepare, schedule_warnings, train
+from dpokit.train.loop import evaluate as evaluate_objective
 
 def _columns(config: TrainConfig) -> ColumnMap:
     return ColumnMap(
@@ -58,7 +59,7 @@ def tokenize_config(config: TrainConfig) -> TokenizeConfig:
 @dataclass
 class PreparedData:
     """Tokenised training and evaluation examples: lists, or with --streaming lazy sequences over the shards
-    on disk (dpokit.sharded.ShardedExamples)."""
+    on disk (dpokit.data.sharded.ShardedExamples)."""
 
     train: Sequence[TokenizedExample]
     eval: Sequence[TokenizedExample]
@@ -84,15 +85,15 @@ def prepare_data(config: TrainConfig, stage: str, tokenizer: PreTrainedTokenizer
     """Load, validate, split and tokenise the data of `config` for `stage` ("dpo", "sft", or "kto": unpaired data,
     whose labels come back with the examples and which is never cached), reporting counts.
 
-    The tokenised examples are cached on disk (see dpokit.datacache) under a key of the raw data, tokenizer and
+    The tokenised examples are cached on disk (see dpokit.data.cache) under a key of the raw data, tokenizer and
     every setting that decides the token ids: a later call with the same inputs reads them back instead of
     loading and tokenising again, and logs the same lines. `cache_dir` defaults to ``config.data_cache_dir``,
     else ``$DPOKIT_CACHE`` or ``~/.cache/dpokit/tokenized``; `use_cache` defaults to ``config.data_cache``.
     Only the process with LOCAL_RANK 0 writes entries. With ``config.streaming`` nothing is held in memory:
-    see dpokit.streaming.
+    see dpokit.data.streaming.
     """
-    from dpokit.datacache import open_cache
-    from dpokit.tokenize import plain_text_warning, release_freed_memory
+    from dpokit.data.cache import open_cache
+    from dpokit.data.tokenize import plain_text_warning, release_freed_memory
 
     settings = tokenize_config(config)
     if use_cache is None:
@@ -100,7 +101,7 @@ def prepare_data(config: TrainConfig, stage: str, tokenizer: PreTrainedTokenizer
     if cache_dir is None:
         cache_dir = config.data_cache_dir
     if config.streaming:
-        from dpokit.streaming import prepare_streamed
+        from dpokit.data.streaming import prepare_streamed
 
         return PreparedData(*prepare_streamed(config, stage, tokenizer, settings, _columns(config), log,
                                               cache_dir=cache_dir, use_cache=use_cache))
@@ -339,7 +340,7 @@ def train_sft(config: TrainConfig) -> dict[str, float]:
 
 
 def train_objective(config: TrainConfig, stage: str, objective) -> dict[str, float]:
-    """Train `config.model` on `config.data` with any reference-free `objective` (dpokit.objective): the loop,
+    """Train `config.model` on `config.data` with any reference-free `objective` (dpokit.losses.objective): the loop,
     data, checkpoints and final model of `dpokit sft` (`stage` "sft": completions or chosen responses) or of
     `dpokit dpo` (`stage` "dpo": preference pairs; `config.reference_free` must be set, since no reference is
     given to the objective). Returns the final evaluation metrics."""
@@ -406,10 +407,10 @@ def evaluate(
     """Preference loss, reward accuracy, margins and log-probs of `model` against `ref_model` on `data`.
 
     Nothing is trained. Without `ref_model` the evaluation is reference-free. With ``loss="kto"`` `data` is unpaired
-    (prompt, completion, label) and the metrics are KTO's (dpokit.objective.KTOObjective). `apply_chat_template` renders
+    (prompt, completion, label) and the metrics are KTO's (dpokit.losses.objective.KTOObjective). `apply_chat_template` renders
     plain-text data with the chat template, as in training (TrainConfig.apply_chat_template). `gguf_file` loads
     `model` from that GGUF file in its directory. The default `max_length` is lowered to the model's maximum
-    positions when it has fewer. `threads`: torch's CPU threads (default: dpokit.threads chooses). `attention`:
+    positions when it has fewer. `threads`: torch's CPU threads (default: dpokit.runtime.threads chooses). `attention`:
     the attention kernel, as TrainConfig.attention (``flex`` runs on CPU too here: evaluation needs no backward pass).
     """
     if ref_model is None and not reference_free and loss not in REFERENCE_FREE_LOSSES:

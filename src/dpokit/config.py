@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from dpokit.errors import ConfigError
-from dpokit.loss_config import LOSS_TYPES
+from dpokit.losses.config import LOSS_TYPES
 
 BOTH = ("dpo", "sft")
 DPO = ("dpo",)
@@ -116,7 +116,7 @@ class TrainConfig:
                                        "(less memory, same numbers, one more forward pass of compute)")
     return_freed_memory: bool = opt(False, "CPU training on glibc: serve every block of at least 128 KiB by mmap, so "
                                     "freed activations leave the process at once (lower peak RSS, slower steps: "
-                                    "see dpokit.cpu_memory)")
+                                    "see dpokit.runtime.memory)")
 
     batch_size: int = opt(8, "examples per process per micro-batch (global batch = this × grad_accum × processes)")
     eval_batch_size: int | None = opt(None, "examples per evaluation batch (default: --batch-size)")
@@ -196,7 +196,7 @@ class TrainConfig:
         self._check_sync_ref()
 
     def _check_loss(self) -> None:
-        from dpokit.loss_config import REFERENCE_FREE_LOSSES
+        from dpokit.losses.config import REFERENCE_FREE_LOSSES
 
         # the loss's own checks (β, ε and which losses take it), up front
         self.loss = self.loss_config().loss_type  # normalised: "sigmoid, bco_pair" -> "sigmoid,bco_pair"
@@ -231,7 +231,7 @@ class TrainConfig:
             raise ConfigError(f"--ref-mixup-alpha must be in (0, 1]; got {self.ref_mixup_alpha}")
         if not self.sync_ref_every:
             return
-        from dpokit.loss_config import REFERENCE_FREE_LOSSES
+        from dpokit.losses.config import REFERENCE_FREE_LOSSES
 
         why = ("--precompute-ref caches the reference log-probs once" if self.precompute_ref else
                f"loss {self.loss!r} is reference-free" if self.loss in REFERENCE_FREE_LOSSES else
@@ -243,8 +243,8 @@ class TrainConfig:
             raise ConfigError(f"--sync-ref-every needs a resident reference model that it can update, but {why}")
 
     def loss_config(self):
-        """The validated LossConfig of this run (dpokit.loss_config.LossConfig)."""
-        from dpokit.loss_config import LossConfig
+        """The validated LossConfig of this run (dpokit.losses.config.LossConfig)."""
+        from dpokit.losses.config import LossConfig
 
         return LossConfig(self.loss, self.beta, self.label_smoothing, self.reference_free, self.sft_weight,
                           simpo_gamma=self.simpo_gamma, loss_weights=parse_loss_weights(self.loss_weights),
@@ -293,8 +293,6 @@ class TrainConfig:
         return isinstance(getattr(self, name), Default)
 
     def _check_adapters(self) -> None:
-        from dpokit.lora import is_adapter_dir
-
         adapter_model = is_adapter_dir(self.model)
         if self.lora_r is not None and self.lora_r <= 0:
             raise ConfigError(f"--lora-r must be positive; got {self.lora_r}")
@@ -333,14 +331,17 @@ class TrainConfig:
     @property
     def uses_lora(self) -> bool:
         """Whether the policy is a LoRA adapter (fresh, or loaded from an adapter directory)."""
-        from dpokit.lora import is_adapter_dir
-
         return self.lora_r is not None or is_adapter_dir(self.model)
 
     @property
     def output_dir(self) -> Path:
         """The output directory as a Path."""
         return Path(self.output)
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """Whether `path` is a local PEFT adapter directory (it holds ``adapter_config.json``)."""
+    return (Path(path) / "adapter_config.json").is_file()
 
 
 def parse_loss_weights(text: str | None) -> tuple[float, ...] | None:

@@ -35,7 +35,7 @@ def glued_boundary_warning(records: Sequence[PreferencePair | Completion]) -> st
 
 def glued_boundary_message(count: int, total: int, first: PreferencePair | Completion | None) -> str | None:
     """:func:`glued_boundary_warning` from counts: `count` of `total` records are glued, `first` the first of
-    them (for records seen one at a time: dpokit.streaming)."""
+    them (for records seen one at a time: dpokit.data.streaming)."""
     if not count or first is None:
         return None
     response = glued_response(first)

@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from dpokit.errors import ConfigError, DataError
-from dpokit.inputs import check_data_spec, looks_like_path
+from dpokit.data.validation import SUPPORTED_EXTENSIONS, check_data_spec, looks_like_path
 
-SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
 # Keys under which a top-level JSON object may hold its rows (the split name is tried first).
 _JSON_LIST_KEYS = ("data", "rows", "examples")
 
@@ -67,7 +66,7 @@ def read_rows(spec: str | os.PathLike, split: str = "train", *, streaming: bool 
         # Never fall back to the Hub for something that is clearly meant as a local file: a typo in a
         # file name should not turn into a confusing network error.
         raise DataError(f"{text}: file not found")
-    try:  # a bare name (no owner/) goes to the Hub only when the local cache holds it (see dpokit.inputs)
+    try:  # a bare name (no owner/) goes to the Hub only when the local cache holds it (see dpokit.data.validation)
         check_data_spec("data", text)
     except ConfigError as error:
         raise DataError(str(error).removeprefix("data ")) from None

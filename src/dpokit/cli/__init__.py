@@ -1,0 +1,1 @@
+"""The `dpokit` command line: the parser, and one module per command."""

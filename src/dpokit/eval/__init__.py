@@ -1,0 +1,1 @@
+"""Scoring preference data with a trained model, and sampling from it."""

@@ -1,0 +1,1 @@
+"""Judges (text -> score, or a pair -> a preference) and the win rates they count."""

@@ -1,0 +1,1 @@
+"""Model loading, LoRA, fused kernels, attention layouts and per-token log-probs."""

@@ -1,0 +1,1 @@
+"""The process's CPU threads and memory allocator."""

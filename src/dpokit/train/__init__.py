@@ -1,0 +1,1 @@
+"""The training loop, engines, references, checkpoints, metrics and the run directory."""
