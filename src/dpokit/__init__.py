@@ -1,6 +1,6 @@
 """dpokit: Direct Preference Optimization (Rafailov et al. 2023) for Hugging Face causal language models."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from dpokit.config import TrainConfig  # noqa: E402
 from dpokit.errors import ConfigError, DataError, DpokitError  # noqa: E402
