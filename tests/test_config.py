@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from dpokit.config import Default, TrainConfig, load_yaml_mapping, read_yaml
+from dpokit.config import Default, TrainConfig
+from dpokit.config.options import load_yaml_mapping, read_yaml
 from dpokit.errors import ConfigError
 
 
@@ -68,11 +69,11 @@ def test_yaml_unknown_keys_get_the_closest_option(tmp_path):
     path.write_text("bta: 0.2\nmax-lenght: 3\n")
     with pytest.raises(ConfigError, match=r"run.yaml: unknown option\(s\) for `dpokit dpo`: bta \(did you mean "
                                           r"beta\?\), max-lenght \(did you mean max_length\?\)"):
-        read_yaml(path, "dpo")
+        read_yaml(path, TrainConfig, "dpo", "dpo")
     path.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="a config must be a mapping"):
         load_yaml_mapping(path, "eval", ["model"])
     with pytest.raises(ConfigError, match="a directory, not a YAML config file"):
         load_yaml_mapping(tmp_path, "eval", ["model"])
     path.write_text("warmup-ratio: 0.05\nmax_length: 64\n")
-    assert read_yaml(path, "sft") == {"warmup_ratio": 0.05, "max_length": 64}
+    assert read_yaml(path, TrainConfig, "sft", "sft") == {"warmup_ratio": 0.05, "max_length": 64}

@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dpokit.data.batching import LAYOUTS, collate
-from dpokit.config import read_yaml
+from dpokit.config import TrainConfig
+from dpokit.config.options import read_yaml
 from dpokit.data import load_preferences
 from dpokit.data.records import PreferencePair
 from dpokit.errors import ConfigError, DataError
@@ -109,7 +110,7 @@ def _yaml(tmp_path, text):
 ])
 def test_config_file_mistakes_name_the_key_and_the_file(tmp_path, text, words):
     with pytest.raises(ConfigError) as caught:
-        read_yaml(_yaml(tmp_path, text), "dpo")
+        read_yaml(_yaml(tmp_path, text), TrainConfig, "dpo", "dpo")
     for word in words:
         assert word in str(caught.value)
 

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from dpokit.cli.main import _train_config, build_parser, main
+from dpokit.cli.main import build_parser, main
+from dpokit.cli.options import config_from_args
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -49,11 +50,11 @@ def test_help_lists_every_option(command, expected, absent, capsys):
 
 def test_apply_chat_template_reaches_the_config_from_a_flag_or_yaml(tmp_path):
     base = ["dpo", "--model", "m", "--data", "d.jsonl", "--output", "o"]
-    assert _train_config("dpo", build_parser().parse_args(base)).apply_chat_template is False
-    assert _train_config("dpo", build_parser().parse_args(base + ["--apply-chat-template"])).apply_chat_template
+    assert config_from_args(build_parser().parse_args(base)).apply_chat_template is False
+    assert config_from_args(build_parser().parse_args(base + ["--apply-chat-template"])).apply_chat_template
     config = tmp_path / "run.yaml"
     config.write_text("apply_chat_template: true\n")
-    assert _train_config("sft", build_parser().parse_args(["sft", *base[1:], "--config", str(config)])) \
+    assert config_from_args(build_parser().parse_args(["sft", *base[1:], "--config", str(config)])) \
         .apply_chat_template
 
 
@@ -63,13 +64,13 @@ def test_yaml_gives_options_and_flags_override_them(tmp_path):
                       "max-length: 128\nbatch_size: 3\nresume: true\nschedule: cosine\n")
     args = build_parser().parse_args(["dpo", "--config", str(config), "--beta", "0.5", "--model", "from-flag",
                                       "--no-resume", "--grad-accum", "2"])
-    cfg = _train_config("dpo", args)
+    cfg = config_from_args(args)
     assert (cfg.model, cfg.data, cfg.output) == ("from-flag", "data.jsonl", "out")
     assert cfg.beta == 0.5 and cfg.lr == 2e-4 and cfg.loss == "ipo" and cfg.max_length == 128
     assert cfg.batch_size == 3 and cfg.grad_accum == 2 and cfg.schedule == "cosine" and cfg.resume is False
     assert cfg.optimizer == "rmsprop" and cfg.warmup_steps == 150  # untouched defaults
     # without a flag, the YAML value stands
-    cfg = _train_config("dpo", build_parser().parse_args(["dpo", "--config", str(config)]))
+    cfg = config_from_args(build_parser().parse_args(["dpo", "--config", str(config)]))
     assert cfg.beta == 0.3 and cfg.resume is True and cfg.model == "from-yaml"
 
 
@@ -386,8 +387,12 @@ def test_the_command_line_reexecutes_on_a_leaner_malloc_except_for_the_demo(comm
 
     calls = []
     monkeypatch.setattr(cli, "reexec_with_malloc", lambda: calls.append("reexec"))
-    for name in ("_cmd_dpo", "_cmd_eval", "_cmd_demo"):
-        monkeypatch.setattr(cli, name, lambda args: calls.append("ran"))
+    import dpokit.cli.demo
+    import dpokit.cli.eval
+    import dpokit.cli.train
+
+    for module in (dpokit.cli.train, dpokit.cli.eval, dpokit.cli.demo):
+        monkeypatch.setattr(module, "_run", lambda args: calls.append("ran"))
     args = {"dpo": ["--model", "m", "--data", "d.jsonl", "--output", "out"],
             "eval": ["--model", "m", "--data", "d.jsonl", "--reference-free"], "demo": []}[command]
     monkeypatch.setattr(sys, "argv", ["dpokit", command, *args])

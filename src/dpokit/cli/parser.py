@@ -12,7 +12,7 @@ import re
 import sys
 from typing import Any
 
-from dpokit.config import load_yaml_mapping
+from dpokit.config.options import load_yaml_mapping
 from dpokit.errors import ConfigError, DpokitError
 
 
@@ -101,13 +101,32 @@ def _unknown_flags(parser: argparse.ArgumentParser, args: list[str]) -> list[str
     return unknown
 
 
+# TRL's flags that have no one-to-one dpokit flag (those that do are aliases of it: --learning-rate is --lr) and
+# what to write instead; shown when one is typed out of habit.
+TRL_FLAGS = {
+    "--bf16": "--dtype bfloat16",
+    "--fp16": "--dtype bfloat16 (dpokit trains in float32 or bfloat16)",
+    "--use-peft": "--lora-r 16 (a LoRA rank turns LoRA on)",
+    "--model-name-or-path": "--model",
+    "--dataset-name": "--data",
+    "--lora-target-modules-all": "--lora-target-modules (default: every linear layer)",
+    "--per-device-batch-size": "--batch-size",
+    "--num-epochs": "--epochs",
+    "--max-completion-length": "--max-length (prompt + response) with --max-prompt-length",
+    "--rpo-alpha": "--sft-weight",
+}
+
+
 def _unrecognized(parser: argparse.ArgumentParser, extras: list[str], what: str = "unrecognized arguments") -> str:
-    """argparse's message for unknown arguments, with the closest known flag for each mistyped one."""
+    """argparse's message for unknown arguments, with the dpokit flag for a TRL one, or else the closest known
+    flag, for each mistyped one."""
     flags = _flags(parser)
     hints = []
     for word in extras:
         flag = word.split("=", 1)[0]
-        if flag.startswith("--") and flag not in flags:
+        if flag in TRL_FLAGS and TRL_FLAGS[flag].split()[0] in flags:
+            hints.append((flag, TRL_FLAGS[flag]))
+        elif flag.startswith("--") and flag not in flags:
             close = difflib.get_close_matches(flag, flags, n=1, cutoff=0.6)
             hints += [(flag, close[0])] if close else []
     message = f"{what}: {' '.join(extras)}"

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from dpokit.losses import formulas as lf
-from dpokit.losses.config import (LOSS_TYPES, REFERENCE_FREE_LOSSES, UNPAIRED_LOSSES,  # noqa: F401  (re-exported)
+from dpokit.config.loss import (LOSS_TYPES, REFERENCE_FREE_LOSSES, UNPAIRED_LOSSES,  # noqa: F401  (re-exported)
                                 LossConfig)
 
 # loss_type -> formula of the margin h (summed or, for ipo/sigmoid_norm, length-averaged log-probs).

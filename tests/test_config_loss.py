@@ -1,11 +1,11 @@
-"""Tests for dpokit.losses.config: which loss takes which option, and the one-line errors otherwise."""
+"""Tests for dpokit.config.loss: which loss takes which option, and the one-line errors otherwise."""
 
 from __future__ import annotations
 
 import pytest
 
 from dpokit.errors import ConfigError
-from dpokit.losses.config import LOSS_TYPES, LossConfig
+from dpokit.config.loss import LOSS_TYPES, LossConfig
 
 
 @pytest.mark.parametrize(

@@ -1,14 +1,13 @@
-"""Which preference loss to use and its hyper-parameters: the checks of LossConfig, without torch.
-
-Kept apart from dpokit.losses.dispatch (which needs torch) so that a config is validated in a fraction of a second,
-before any model or tensor library is loaded; dpokit.losses.dispatch re-exports both names.
-"""
+"""Which preference loss to use and its hyper-parameters: the options (LossOptions) and the validated LossConfig
+the loss functions take, without torch, so that a config is checked before any model or tensor library is loaded."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
+from dpokit.config.options import DPO, defaults_of, options_of, opt
 from dpokit.errors import ConfigError
 
 # TRL's loss_type names, so that a TRL config carries over (dpop is not in TRL).
@@ -30,6 +29,43 @@ def _is_number(x: object) -> bool:
 
 def _finite(x: object) -> bool:
     return _is_number(x) and math.isfinite(x)
+
+
+@dataclass
+class LossOptions:
+    """The preference loss and its hyper-parameters as options (flags, YAML keys); `loss_config()` is the
+    LossConfig the loss functions take, whose checks (which loss takes which option, and the ranges) are the
+    options' checks."""
+
+    loss: str = opt("sigmoid", f"preference loss: one of {', '.join(LOSS_TYPES)}, or several comma-separated "
+                    "(weighted by --loss-weights); README: Losses", stages=DPO, aliases=("--loss-type",))
+    loss_weights: str | None = opt(None, "comma-separated weight of each loss given to --loss (default: 1 each)", stages=DPO)
+    beta: float = opt(0.1, "β: strength of the KL constraint to the reference (SimPO's paper uses 2-2.5; for orpo "
+                      "it is ORPO's λ, the odds-ratio weight, as in TRL)", stages=DPO)
+    label_smoothing: float = opt(0.0, "assumed label-noise rate ε (conservative DPO for sigmoid; robust)", stages=DPO)
+    sft_weight: float = opt(0.0, "weight of an NLL term on chosen responses added to the preference loss", stages=DPO)
+    reference_free: bool = opt(False, "drop the reference model (its log-probs are taken as 0); implied by the "
+                               "reference-free losses simpo and orpo", stages=DPO)
+    simpo_gamma: float | None = opt(None, "SimPO's target reward margin γ (--loss simpo only; default 0.5, TRL's)", stages=DPO)
+    dpop_lambda: float | None = opt(None, "DPO-Positive's penalty weight λ (--loss dpop only; default 50)", stages=DPO)
+    ld_alpha: float | None = opt(None, "LD-DPO length desensitisation α in [0, 1]: response tokens beyond the shorter "
+                                 "response of the pair count α times in policy and reference log-probs", stages=DPO)
+    use_weighting: bool = opt(False, "WPO: weight each pair's loss by the policy's probability weights of its two "
+                              "responses (one extra forward pass without gradients per batch)", stages=DPO)
+    desirable_weight: float | None = opt(None, "KTO: weight of the desirable examples' losses (--loss kto only; "
+                                         "default 1)", stages=DPO)
+    undesirable_weight: float | None = opt(None, "KTO: weight of the undesirable examples' losses (--loss kto "
+                                           "only; default 1)", stages=DPO)
+    average_logps: bool = opt(False, "average response log-probs over tokens instead of summing them", stages=DPO)
+
+    def loss_config(self) -> LossConfig:
+        """The validated LossConfig of these options (the fields both share, by name; --loss is its loss_type)."""
+        shared = {f.name for f in dataclasses.fields(LossConfig)} & {f.name for f in options_of(LossOptions)}
+        values = {name: getattr(self, name) for name in shared - {"loss_weights"}}
+        return LossConfig(loss_type=self.loss, loss_weights=parse_loss_weights(self.loss_weights), **values)
+
+
+_DEFAULTS = defaults_of(LossOptions)
 
 
 @dataclass(frozen=True)
@@ -56,18 +92,18 @@ class LossConfig:
     ``undesirable_weight`` (None: 1) weigh its desirable and undesirable examples' losses (``kto`` only).
     """
 
-    loss_type: str = "sigmoid"
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    reference_free: bool = False
-    sft_weight: float = 0.0
-    simpo_gamma: float | None = None
+    loss_type: str = _DEFAULTS["loss"]
+    beta: float = _DEFAULTS["beta"]
+    label_smoothing: float = _DEFAULTS["label_smoothing"]
+    reference_free: bool = _DEFAULTS["reference_free"]
+    sft_weight: float = _DEFAULTS["sft_weight"]
+    simpo_gamma: float | None = _DEFAULTS["simpo_gamma"]
     loss_weights: tuple[float, ...] | None = None
-    dpop_lambda: float | None = None
-    ld_alpha: float | None = None
-    use_weighting: bool = False
-    desirable_weight: float | None = None
-    undesirable_weight: float | None = None
+    dpop_lambda: float | None = _DEFAULTS["dpop_lambda"]
+    ld_alpha: float | None = _DEFAULTS["ld_alpha"]
+    use_weighting: bool = _DEFAULTS["use_weighting"]
+    desirable_weight: float | None = _DEFAULTS["desirable_weight"]
+    undesirable_weight: float | None = _DEFAULTS["undesirable_weight"]
 
     def __post_init__(self) -> None:
         names = self._check_names()
@@ -193,3 +229,13 @@ class LossConfig:
     def dpop_penalty(self) -> float:
         """DPO-Positive's lambda in effect (``dpop_lambda`` or its default)."""
         return DPOP_LAMBDA_DEFAULT if self.dpop_lambda is None else self.dpop_lambda
+
+
+def parse_loss_weights(text: str | None) -> tuple[float, ...] | None:
+    """``"0.8,0.2"`` -> ``(0.8, 0.2)``; a one-line ConfigError naming --loss-weights for anything else."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(part) for part in str(text).split(","))
+    except ValueError:
+        raise ConfigError(f"--loss-weights must be comma-separated numbers; got {text!r}") from None
