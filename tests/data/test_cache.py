@@ -16,7 +16,8 @@ from dpokit.config import TrainConfig
 from dpokit.data.cache import (MANIFEST, CacheWriter, DataCache, _shard_arrays, _shard_bytes, cache_inputs, cache_key,
                               read_entry)
 from dpokit.errors import DataError
-from dpokit.data.tokenize import FilterReport, TokenArrays, examples_from_arrays
+from dpokit.data.arrays import TokenArrays
+from dpokit.data.tokenize import FilterReport, examples_from_arrays
 from helpers import WORDS, make_tokenizer
 
 

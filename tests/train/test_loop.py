@@ -29,7 +29,8 @@ from dpokit.losses.objective import DPOObjective, SFTObjective
 from dpokit.train.reference import ModelReference
 from dpokit.data.tokenize import TokenizedExample
 from dpokit.train.engine import Scorer
-from dpokit.train.loop import Plan, evaluate, lr_factor, make_plan, prepare, step_indices, train
+from dpokit.train.loop import evaluate, prepare, train
+from dpokit.train.schedule import Plan, lr_factor, make_plan, step_indices
 from helpers import make_gpt2, make_llama
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -249,7 +250,7 @@ def test_lr_factor_warmup_then_cosine_or_constant():
 
 
 def test_warmup_ratio_is_a_fraction_of_the_run_rounded_up():
-    from dpokit.train.loop import warmup_steps
+    from dpokit.train.schedule import warmup_steps
 
     ratio = TrainConfig(model="m", data="d", output="o", warmup_ratio=0.25, schedule="cosine")
     assert warmup_steps(ratio, 14) == 4 and warmup_steps(ratio, 10) == 3 and warmup_steps(ratio, 1) == 1
@@ -282,7 +283,7 @@ def test_an_epoch_count_that_leaves_no_step_is_an_error():
     ({"warmup_steps": 0, "eval_every": 5, "save_every": 5, "log_every": 5}, 10, []),
 ])
 def test_schedule_warnings(options, eval_examples, expected):
-    from dpokit.train.loop import schedule_warnings
+    from dpokit.train.schedule import schedule_warnings
 
     cfg = TrainConfig(model="m", data="d", output="o", batch_size=2, max_steps=5, **options)
     lines = schedule_warnings(make_plan(20, cfg, 1), cfg, eval_examples)

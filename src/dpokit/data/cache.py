@@ -38,7 +38,8 @@ import numpy as np
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
-from dpokit.data.tokenize import RULES_VERSION, FilterReport, TokenArrays, TokenizedExample, examples_from_arrays
+from dpokit.data.arrays import TokenArrays
+from dpokit.data.tokenize import RULES_VERSION, FilterReport, TokenizedExample, examples_from_arrays
 
 CACHE_FORMAT = 1
 ENV = "DPOKIT_CACHE"

@@ -169,9 +169,7 @@ def stream_completions(
             raise DataError(f"{prov}: unpaired data (prompt, completion, label) is for --loss kto; to fine-tune on "
                             "every completion whatever its label, pass --format completion")
         if fmt == "completion":
-            prompt = _prompt(row, prov, c, conversational=None)
-            completion = _response(row, c.completion, prov, conversational=isinstance(prompt, list))
-            yield Completion(prompt, completion, prov)
+            yield Completion(*_prompt_completion(row, prov, c, fmt), prov)
         elif fmt == "ranked":
             prompt, responses, scores = _ranked(row, prov, c)
             best = max(range(len(scores)), key=lambda k: (scores[k], -k))
@@ -198,8 +196,7 @@ def load_unpaired(
         if fmt != "unpaired":
             raise DataError(f"{prov}: --loss kto needs unpaired data ({c.prompt!r}, {c.completion!r} and a "
                             f"true/false {c.label!r}); this is {fmt} data")
-        prompt = _prompt(row, prov, c, conversational=None, fmt=fmt)
-        completion = _response(row, c.completion, prov, conversational=isinstance(prompt, list), fmt=fmt)
+        prompt, completion = _prompt_completion(row, prov, c, fmt)
         label = _need(row, c.label, prov, fmt)
         if not isinstance(label, bool):
             raise DataError(f"{prov}: field {c.label!r} must be true or false, got {label!r}")
@@ -316,6 +313,13 @@ def _prompt(row: dict, prov: str, c: ColumnMap, *, conversational: bool | None, 
     if conversational or (conversational is None and isinstance(value, list)):
         return _messages(value, c.prompt, prov)
     return _string(value, c.prompt, prov, allow_empty=True)
+
+
+def _prompt_completion(row: dict, prov: str, c: ColumnMap, fmt: str) -> tuple[Any, Any]:
+    """The prompt and completion of a ``completion`` or ``unpaired`` row: strings, or a message list and the
+    assistant reply to it."""
+    prompt = _prompt(row, prov, c, conversational=None, fmt=fmt)
+    return prompt, _response(row, c.completion, prov, conversational=isinstance(prompt, list), fmt=fmt)
 
 
 def _prompt_chosen_rejected(row: dict, prov: str, fmt: str, c: ColumnMap) -> tuple[Any, Any, Any]:

@@ -27,7 +27,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from dpokit.data.cache import CACHE_FORMAT, MANIFEST, DamagedEntry
-from dpokit.data.tokenize import TokenArrays, TokenizedExample, examples_from_arrays
+from dpokit.data.arrays import TokenArrays
+from dpokit.data.tokenize import TokenizedExample, examples_from_arrays
 
 _BLOCK = 1 << 20  # tokens read at a time when digesting a shard
 

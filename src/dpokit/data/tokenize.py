@@ -23,17 +23,15 @@ The rules, which tests/data/test_tokenize.py pins down:
   counted by reason; ``on_filtered="skip"`` drops them and reports the counts, ``"error"`` fails the run.
 
 How (the rules above are the contract; this is only speed and memory): records are tokenised in chunks of
-``chunk_size`` with one batched call of the fast tokenizer per kind of text (plain prompts, chat prompts,
-responses; a text repeated inside a chunk, such as the prompt of a ranked row's pairs, is tokenised once). EOS
-appending, prompt truncation and filtering are numpy operations on the chunk's flat token array, and the kept
-examples of a chunk come out as a :class:`TokenArrays` (flat token ids + lengths: what the on-disk cache of
-dpokit.data.cache stores) before they become :class:`TokenizedExample` tuples. The tuples share one Python int
-object per token id, so an example costs 8 bytes per token in memory instead of ~40.
+``chunk_size`` by dpokit.data.arrays (one batched call of the fast tokenizer per kind of text, then numpy
+operations on the chunk's flat token array), and the kept examples of a chunk come out as a
+:class:`~dpokit.data.arrays.TokenArrays` (flat token ids + lengths: what the on-disk cache of dpokit.data.cache
+stores) before they become :class:`TokenizedExample` tuples. The tuples share one Python int object per token id,
+so an example costs 8 bytes per token in memory instead of ~40.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -41,8 +39,9 @@ import numpy as np
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from dpokit.data.chat import _special_ids, _start_token, assistant_turn, has_chat_template, render_chat, user_turn
-from dpokit.data.records import Completion, PreferencePair, Text
+from dpokit.data.arrays import ChunkContext, TokenArrays, tokenize_chunk
+from dpokit.data.chat import has_chat_template
+from dpokit.data.records import Completion, PreferencePair
 from dpokit.errors import ConfigError, DataError
 
 # Bump when a change of the rules changes the token ids of any record: cached tokenised data is keyed on it.
@@ -136,33 +135,6 @@ def plain_text_message(plain: int, total: int, tokenizer: PreTrainedTokenizerBas
             "--apply-chat-template to render each prompt as a user turn and each response as the assistant turn")
 
 
-@dataclass
-class TokenArrays:
-    """Kept examples as flat arrays: every example's prompt ids, then its responses' ids, one after another.
-
-    ``prompt_lengths[i]`` and ``response_counts[i]`` describe example i; ``response_lengths`` holds the length of
-    every response in order (``response_counts.sum()`` of them); ``sources`` the examples' provenance.
-    """
-
-    tokens: np.ndarray  # int32 (or uint16 on disk), flat
-    prompt_lengths: np.ndarray  # int32 [n]
-    response_counts: np.ndarray  # int32 [n]
-    response_lengths: np.ndarray  # int32 [sum(response_counts)]
-    sources: list[str]
-
-    def __len__(self) -> int:
-        return len(self.prompt_lengths)
-
-    @staticmethod
-    def concat(parts: Sequence[TokenArrays]) -> TokenArrays:
-        """One TokenArrays holding the examples of `parts` in order."""
-        return TokenArrays(np.concatenate([p.tokens for p in parts]).astype(np.int32, copy=False),
-                           np.concatenate([p.prompt_lengths for p in parts]).astype(np.int32, copy=False),
-                           np.concatenate([p.response_counts for p in parts]).astype(np.int32, copy=False),
-                           np.concatenate([p.response_lengths for p in parts]).astype(np.int32, copy=False),
-                           [s for p in parts for s in p.sources])
-
-
 # One shared Python int per token id: tuples built from it hold 8-byte references instead of a fresh 32-byte int
 # object per token (ids above 256 are not cached by CPython).
 _INTS = np.arange(0, dtype=object)
@@ -208,178 +180,16 @@ def examples_from_arrays(arrays: TokenArrays) -> list[TokenizedExample]:
     return out
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
-    """One batched tokenizer call; a text that occurs several times is tokenised once."""
-    if not texts:
-        return []
-    index: dict[str, int] = {}
-    order = [index.setdefault(t, len(index)) for t in texts]
-    options = dict(add_special_tokens=add_special_tokens, return_attention_mask=False, return_token_type_ids=False)
-    if len(index) == len(texts):
-        return tokenizer(texts, **options)["input_ids"]
-    ids = tokenizer(list(index), **options)["input_ids"]
-    return [ids[i] for i in order]
-
-
-def _flatten(lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """(flat int64 ids, int64 lengths) of a list of id lists."""
-    lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
-    flat = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=int(lengths.sum()))
-    return flat, lengths
-
-
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Indices of the concatenated ranges [start, start + length)."""
-    offsets = np.cumsum(lengths) - lengths
-    return np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(offsets - starts, lengths)
-
-
-def _insert_after(flat: np.ndarray, lengths: np.ndarray, where: np.ndarray,
-                  token: int) -> tuple[np.ndarray, np.ndarray]:
-    """Append `token` to each segment selected by the boolean mask `where`."""
-    ends = np.cumsum(lengths)
-    return np.insert(flat, ends[where], token), lengths + where
-
-
-class _Context:
-    """What every chunk needs from the tokenizer, looked up once."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, config: TokenizeConfig):
-        self.eos = tokenizer.eos_token_id
-        if self.eos is None:
-            raise ConfigError("the tokenizer has no EOS token; set tokenizer.eos_token before training")
-        self.specials = np.array(sorted(_special_ids(tokenizer)), dtype=np.int64)
-        self.bos = tokenizer.bos_token_id
-        self.start = _start_token(tokenizer)
-        self.tokenizer = tokenizer
-        self.config = config
-        if config.apply_chat_template and not has_chat_template(tokenizer):
-            raise ConfigError("--apply-chat-template needs a tokenizer with a chat template; this one has none")
-
-
-def _texts(records: Sequence[PreferencePair | Completion], tokenizer,
-           wrap_plain: bool = False) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
-    """Prompt texts (and whether each gets special tokens: plain text does, a rendered chat prompt does not),
-    the responses' texts in order and the number of responses of each record. `wrap_plain` renders plain-text
-    records as a user turn and an assistant turn (the apply_chat_template setting)."""
-    prompts, special, responses, counts = [], [], [], []
-    for record in records:
-        resps = (record.chosen, record.rejected) if isinstance(record, PreferencePair) else (record.completion,)
-        prompt: Text = record.prompt
-        if wrap_plain and isinstance(prompt, str):
-            prompt = user_turn(prompt)
-            resps = tuple(assistant_turn(r) if isinstance(r, str) else r for r in resps)
-        if isinstance(prompt, list):
-            prompt_text, texts = render_chat(tokenizer, prompt, resps, record.source)
-            prompts.append(prompt_text)
-            special.append(False)
-            responses.extend(texts)
-        else:
-            prompts.append(prompt)
-            special.append(True)
-            responses.extend(resps)
-        counts.append(len(resps))
-    return prompts, np.array(special, dtype=bool), responses, np.array(counts, dtype=np.int64)
-
-
-def _tokenize_chunk(records: Sequence[PreferencePair | Completion], ctx: _Context, report: FilterReport) -> TokenArrays:
-    """Tokenise one chunk of records under the module's rules; filtered ones are counted in `report`."""
-    config, eos = ctx.config, ctx.eos
-    n = len(records)
-    prompts, special, responses, counts = _texts(records, ctx.tokenizer, config.apply_chat_template)
-
-    # prompts: plain ones with the tokenizer's special tokens, rendered chat prompts without
-    prompt_ids: list = [None] * n
-    plain = np.flatnonzero(special).tolist()
-    chat = np.flatnonzero(~special).tolist()
-    for rows, add in ((plain, True), (chat, False)):
-        for i, ids in zip(rows, _encode(ctx.tokenizer, [prompts[i] for i in rows], add)):
-            prompt_ids[i] = ids
-    p_flat, p_len = _flatten(prompt_ids)
-    # a tokenizer that appends EOS to every encoding: a (plain, longer than one token) prompt must not end with it
-    p_ends = np.cumsum(p_len)
-    last = p_flat[np.maximum(p_ends - 1, 0)] if len(p_flat) else np.full(n, -1)
-    strip = special & (p_len > 1) & (last == eos)
-    if strip.any():
-        keep = np.ones(len(p_flat), dtype=bool)
-        keep[p_ends[strip] - 1] = False
-        p_flat, p_len = p_flat[keep], p_len - strip
-    # an empty prompt is the start token
-    p_flat, p_len = _insert_after(p_flat, p_len, p_len == 0, ctx.start)
-    p_starts = np.cumsum(p_len) - p_len
-
-    # responses, with EOS appended unless they end with a special token
-    r_flat, r_len = _flatten(_encode(ctx.tokenizer, responses, False))
-    r_ends = np.cumsum(r_len)
-    r_last = r_flat[np.maximum(r_ends - 1, 0)] if len(r_flat) else np.full(len(r_len), -1)
-    needs_eos = (r_len == 0) | ~np.isin(r_last, ctx.specials)
-    r_flat, r_len = _insert_after(r_flat, r_len, needs_eos, eos)
-    r_starts = np.cumsum(r_len) - r_len
-    first_response = np.cumsum(counts) - counts
-
-    # identical chosen and rejected (pairs only): same length and same ids
-    identical = np.zeros(n, dtype=bool)
-    pairs = np.flatnonzero(counts == 2)
-    a, b = first_response[pairs], first_response[pairs] + 1
-    same_length = r_len[a] == r_len[b]
-    cand, a, b = pairs[same_length], a[same_length], b[same_length]
-    if len(cand):
-        differs = r_flat[_ranges(r_starts[a], r_len[a])] != r_flat[_ranges(r_starts[b], r_len[b])]
-        owner = np.repeat(np.arange(len(cand)), r_len[a])
-        identical[cand] = np.bincount(owner, weights=differs, minlength=len(cand)) == 0
-
-    # prompt truncation, then filtering of what still does not fit
-    longest = np.maximum.reduceat(r_len, first_response)
-    truncated = ~identical & (p_len + longest > config.max_length) & (p_len > config.max_prompt_length)
-    head = np.zeros(n, dtype=np.int64)  # the kept leading BOS (0 or 1 token) of a truncated prompt
-    body_start, body_len = p_starts.copy(), p_len.copy()
-    if truncated.any():
-        if ctx.bos is not None:
-            head[truncated] = p_flat[p_starts[truncated]] == ctx.bos
-        room = config.max_prompt_length - head
-        rest = p_len - head  # the prompt after its kept BOS
-        if config.truncation == "keep_end":
-            # body[-room:], as a Python slice: room 0 keeps the whole body
-            take = np.where(room > 0, np.minimum(room, rest), rest)
-            skip = rest - take
-        else:
-            take, skip = np.minimum(room, rest), np.zeros(n, dtype=np.int64)
-        body_start = np.where(truncated, p_starts + head + skip, p_starts)
-        body_len = np.where(truncated, take, p_len)
-    new_len = head + body_len
-    too_long = ~identical & (new_len + longest > config.max_length)
-    report.prompts_truncated += int(truncated.sum())
-    too_long_reason = f"longer than max_length={config.max_length} after prompt truncation"
-    for i in np.flatnonzero(identical | too_long).tolist():
-        report.add("identical chosen and rejected" if identical[i] else too_long_reason, records[i].source)
-
-    # the kept examples' ids, in order: [prompt head, prompt body, responses...] per example
-    kept = np.flatnonzero(~identical & ~too_long)
-    k_counts = counts[kept]
-    resp = _ranges(first_response[kept], k_counts)  # indices of the kept examples' responses
-    n_seg = 2 + k_counts
-    base = np.cumsum(n_seg) - n_seg
-    starts = np.empty(int(n_seg.sum()), dtype=np.int64)
-    lengths = np.empty_like(starts)
-    starts[base], lengths[base] = p_starts[kept], head[kept]
-    starts[base + 1], lengths[base + 1] = body_start[kept], body_len[kept]
-    resp_slots = _ranges(base + 2, k_counts)
-    starts[resp_slots], lengths[resp_slots] = r_starts[resp] + len(p_flat), r_len[resp]
-    tokens = np.concatenate([p_flat, r_flat])[_ranges(starts, lengths)]
-    return TokenArrays(tokens.astype(np.int32), new_len[kept].astype(np.int32), k_counts.astype(np.int32),
-                       r_len[resp].astype(np.int32), [records[i].source for i in kept.tolist()])
-
-
 class ChunkTokenizer:
     """Tokenises one chunk of records at a time under the module's rules, for callers that see the records as a
     stream (dpokit.data.streaming): the same chunks give the same arrays as :func:`tokenize_arrays`."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, config: TokenizeConfig):
-        self._ctx = _Context(tokenizer, config)
+        self._ctx = ChunkContext(tokenizer, config)
 
     def __call__(self, records: Sequence[PreferencePair | Completion], report: FilterReport) -> TokenArrays:
         """The kept examples of `records`; filtered ones are counted in `report`."""
-        return _tokenize_chunk(records, self._ctx, report)
+        return tokenize_chunk(records, self._ctx, report)
 
 
 def tokenize_arrays(
@@ -396,11 +206,11 @@ def tokenize_arrays(
     Shows a progress bar (records) for 2000 records or more. Does not apply ``on_filtered``: see
     :func:`tokenize_examples`.
     """
-    ctx = _Context(tokenizer, config)
+    ctx = ChunkContext(tokenizer, config)
     with tqdm(total=len(records), desc=description, unit="ex", disable=len(records) < 2000) as bar:
         for lo in range(0, len(records), chunk_size):
             chunk = records[lo : lo + chunk_size]
-            yield _tokenize_chunk(chunk, ctx, report)
+            yield tokenize_chunk(chunk, ctx, report)
             bar.update(len(chunk))
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,73 +34,9 @@ from dpokit.train.moving_reference import MovingReference
 from dpokit.losses.objective import Objective
 from dpokit.runtime.threads import refresh_threads
 from dpokit.data.tokenize import TokenizedExample
-
-
-@dataclass
-class Plan:
-    """How many examples each step consumes and how many steps the run has."""
-
-    global_batch: int
-    steps_per_epoch: int
-    total_steps: int
-
-
-def make_plan(num_examples: int, config: TrainConfig, num_processes: int) -> Plan:
-    """Work out the global batch and step counts; too little data for one global batch, or an --epochs that
-    leaves no whole step, is an error."""
-    global_batch = config.batch_size * config.grad_accum * num_processes
-    steps_per_epoch = num_examples // global_batch
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"{num_examples} training examples are fewer than one global batch of {global_batch} "
-            f"(batch_size {config.batch_size} x grad_accum {config.grad_accum} x {num_processes} processes)"
-        )
-    total = config.max_steps or math.floor(config.epochs * steps_per_epoch)
-    if total == 0:
-        raise ConfigError(f"--epochs {config.epochs} of {steps_per_epoch} steps per epoch (global batch {global_batch}) "
-                          f"is less than one step; give at least --epochs {1 / steps_per_epoch:.3g}, or --max-steps")
-    return Plan(global_batch, steps_per_epoch, total)
-
-
-def warmup_steps(config: TrainConfig, total_steps: int) -> int:
-    """The warm-up length in steps: --warmup-ratio of the run (rounded up, as transformers does), else
-    --warmup-steps."""
-    if config.warmup_ratio is not None:
-        return math.ceil(config.warmup_ratio * total_steps)
-    return config.warmup_steps
-
-
-def schedule_warnings(plan: Plan, config: TrainConfig, eval_examples: int) -> list[str]:
-    """Warnings about a schedule that does not do what its options suggest, for the log before training starts:
-    a warm-up as long as the run, intervals past its end, evaluation asked for without evaluation data."""
-    total, warmup = plan.total_steps, warmup_steps(config, plan.total_steps)
-    lines = []
-    if warmup >= total and warmup > 0:
-        lines.append(f"warning: the warm-up ({warmup} steps) is not shorter than the run ({total} steps): the "
-                     f"learning rate rises to only {100 * total / warmup:.3g}% of --lr {config.lr:g} at the last step"
-                     + (" and the cosine decay never starts" if config.schedule == "cosine" else "")
-                     + "; lower --warmup-steps or give --warmup-ratio")
-    if config.eval_every and not eval_examples:
-        lines.append(f"warning: --eval-every {config.eval_every} but there is no evaluation data (--eval-data or "
-                     "--eval-fraction): nothing is evaluated")
-    elif config.eval_every > total:
-        lines.append(f"warning: --eval-every {config.eval_every} is past the end of the run ({total} steps): "
-                     "evaluation happens once, after the last step")
-    if config.save_every > total:
-        lines.append(f"warning: --save-every {config.save_every} is past the end of the run ({total} steps): "
-                     "only the final checkpoint (and those by --save-every-minutes) is written")
-    if config.log_every > total:
-        lines.append(f"warning: --log-every {config.log_every} is past the end of the run ({total} steps): only "
-                     "the last step is logged")
-    return lines
-
-
-def step_indices(step: int, plan: Plan, num_examples: int, seed: int) -> list[int]:
-    """The example indices of global step `step`: a seeded permutation per epoch, read in order."""
-    epoch, position = divmod(step, plan.steps_per_epoch)
-    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch))
-    start = position * plan.global_batch
-    return order[start : start + plan.global_batch].tolist()
+# make_plan and schedule_warnings stay importable from here: dpokit.api imports them from this module
+from dpokit.train.schedule import Plan, lr_factor, make_plan, schedule_warnings, step_indices  # noqa: F401
+from dpokit.train.stop import StopRequests
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -118,17 +52,6 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
         kind = bnb.optim.PagedAdamW8bit if config.optimizer.startswith("paged") else bnb.optim.AdamW8bit
         return kind(params, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-
-
-def lr_factor(step: int, config: TrainConfig, total_steps: int) -> float:
-    """Linear warm-up over :func:`warmup_steps`, then constant or cosine decay to zero."""
-    warmup = warmup_steps(config, total_steps)
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if config.schedule == "cosine":
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return 1.0
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -300,20 +223,13 @@ def train(
     `eval_objective` scores the evaluation set (default: `objective`); it differs when reference log-probs
     are precomputed, since the evaluation examples have their own table.
     """
-    accelerator, scorer, optimizer, scheduler, plan = (engine.accelerator, engine.scorer, engine.optimizer,
-                                                       engine.scheduler, engine.plan)
+    accelerator, plan = engine.accelerator, engine.plan
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     log = MetricsLogger(config.output_dir, enabled=accelerator.is_main_process)
-    log.print(
-        f"training {plan.total_steps} steps ({engine_name(accelerator)}): global batch {plan.global_batch} "
-        f"({config.batch_size} x {config.grad_accum} accumulation x {accelerator.num_processes} processes), "
-        f"{plan.steps_per_epoch} steps per epoch, {len(train_examples) % plan.global_batch} examples "
-        "left out of each epoch's order (a different few each epoch)"
-    )
+    log.print(_run_summary(engine, config, len(train_examples)))
     # Under FSDP2 and ZeRO-3 every forward pass is a collective: all processes must run the same number, so
     # each micro-batch is one pass there (forward groups would differ between processes).
     budget = 0 if shards_parameters(accelerator) else forward_tokens(config, accelerator.device)
-    max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
     step = engine.step
     eval_metrics: dict[str, float] = {}
     last_save = time.monotonic()
@@ -324,67 +240,25 @@ def train(
             refresh_threads(log.print)  # follows other processes' load (dpokit.runtime.threads); cheap, every ~15 s
             started = time.perf_counter()
             indices = step_indices(step, plan, len(train_examples), config.seed)
-            micro = [indices[(k * accelerator.num_processes + accelerator.process_index) * config.batch_size:]
-                     [: config.batch_size] for k in range(config.grad_accum)]
-            batches = [batch.to(accelerator.device) for ids in micro
-                       for batch in micro_batches(objective, train_examples, ids, config.layout, pad, budget)]
-            divisor = accelerator.reduce(torch.tensor(float(sum(objective.divisor(b) for b in batches)),
-                                                      dtype=torch.float64, device=accelerator.device), reduction="sum")
-            # The engines average gradients over processes: scale so that the update is d(global mean loss).
-            scale = accelerator.num_processes / divisor.float()
-            metric_sums: dict[str, torch.Tensor] = {}
-            metric_counts: dict[str, torch.Tensor] = {}
-            for i, batch in enumerate(batches):
-                with micro_step(accelerator, scorer, last=i == len(batches) - 1):
-                    with accelerator.autocast():
-                        result = objective(scorer, batch)
-                    accelerator.backward(result.loss_sum * scale)
-                for k, v in result.metric_sums.items():
-                    metric_sums[k] = metric_sums.get(k, 0) + v.double()
-                for k, v in result.metric_counts.items():
-                    metric_counts[k] = metric_counts.get(k, 0) + v.double()
-            # all parameters, read now (FSDP2 swaps sharded and unsharded ones); DeepSpeed clipped and stepped in backward
-            grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), max_norm)
-            grad_norm = torch.as_tensor(float("nan") if grad_norm is None else grad_norm, dtype=torch.float32)
-            if not torch.isfinite(grad_norm):  # one sync per step; an update with NaN/inf would ruin the weights
-                raise TrainingError(
-                    f"step {step + 1}: the gradient norm is {grad_norm.item()} (loss "
-                    f"{(metric_sums['loss'] / divisor).item():.4g} on this process); "
-                    + ("DeepSpeed has already applied this update. " if engine_name(accelerator).startswith("zero")
-                       else "nothing was updated. ")
-                    + "Lower --lr, or use --dtype float32 if this ran in bfloat16; checkpoints so far are intact"
-                )
-            lr = scheduler.get_last_lr()[0]  # the rate this step used (after scheduler.step() it is the next one's)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            batches = process_batches(engine, objective, train_examples, indices, config, pad, budget)
+            sums = train_step(engine, objective, batches, step, config.max_grad_norm)
             step += 1
             bar.update(1)
             if engine.moving_reference is not None:
                 engine.moving_reference.after_step(step)  # before this step's eval and checkpoint
 
             if step % config.log_every == 0 or step == plan.total_steps:
-                keys, own = sorted(metric_sums), sorted(metric_counts)
-                totals = accelerator.reduce(torch.stack([metric_sums[k] for k in keys] +
-                                                        [metric_counts[k] for k in own]), reduction="sum")
-                count = dict(zip(own, totals[len(keys):]))
-                seconds = time.perf_counter() - started
-                tokens = _sequence_tokens([train_examples[i] for i in indices])
-                row = {k: _mean(totals[i], count.get(k, divisor)) for i, k in enumerate(keys)}
-                row.update({"grad_norm": grad_norm.item(), "lr": lr,
-                            "tokens_per_second": tokens / seconds, "seconds_per_step": seconds,
-                            "epoch": step / plan.steps_per_epoch})
+                row = train_row(engine, sums, step, time.perf_counter() - started,
+                                [train_examples[i] for i in indices])
                 log.write("train", step, row)
                 bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "rewards/accuracies") if k in row})
             last = step == plan.total_steps
             if eval_examples and ((config.eval_every and step % config.eval_every == 0) or last):
-                eval_metrics = evaluate(scorer, eval_objective or objective, eval_examples, config, accelerator, pad)
+                eval_metrics = evaluate(engine.scorer, eval_objective or objective, eval_examples, config,
+                                        accelerator, pad)
                 log.write("eval", step, eval_metrics)
                 log.print(f"eval @ step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
-            # one collective: did any process get SIGINT/SIGTERM, is the time-based checkpoint due (main's clock)?
-            due = config.save_every_minutes > 0 and time.monotonic() - last_save >= 60 * config.save_every_minutes
-            stopping, due = (accelerator.reduce(torch.tensor([float(stop.signal is not None), float(due)],
-                                                             device=accelerator.device), reduction="sum") > 0).tolist()
+            stopping, due = _stop_or_save_due(accelerator, stop, config, last_save)
             if stopping or due or last or (config.save_every and step % config.save_every == 0):
                 path = save_checkpoint(config.output_dir, step, engine, tokenizer,
                                        {"config": config_dict(config), "metrics": eval_metrics,
@@ -401,31 +275,102 @@ def train(
     return eval_metrics
 
 
-class StopRequests:
-    """SIGINT/SIGTERM during training: the first asks the loop to finish its step, checkpoint and stop; a
-    second SIGINT stops at once. Handlers are installed only while the loop runs, in the main thread."""
+def _run_summary(engine: Engine, config: TrainConfig, num_examples: int) -> str:
+    """The log line that opens a run: steps, engine, the global batch and how it is made up, the epoch."""
+    accelerator, plan = engine.accelerator, engine.plan
+    return (f"training {plan.total_steps} steps ({engine_name(accelerator)}): global batch {plan.global_batch} "
+            f"({config.batch_size} x {config.grad_accum} accumulation x {accelerator.num_processes} processes), "
+            f"{plan.steps_per_epoch} steps per epoch, {num_examples % plan.global_batch} examples "
+            "left out of each epoch's order (a different few each epoch)")
 
-    def __init__(self, say=print) -> None:
-        self.signal: str | None = None
-        self.say = say
-        self._saved: dict = {}
 
-    def _handle(self, signum, frame) -> None:
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
-        self.say(f"{self.signal}: finishing this step, then writing a checkpoint and stopping "
-                 "(Ctrl-C again to stop at once, losing the step)")
+def process_batches(engine: Engine, objective: Objective, examples: Sequence[TokenizedExample],
+                    indices: Sequence[int], config: TrainConfig, pad_token_id: int, max_tokens: int) -> list[Batch]:
+    """This process's batches of the global batch `indices`, on its device: its `config.batch_size` examples of
+    each of the `config.grad_accum` micro-batches, as :func:`micro_batches` groups them."""
+    accelerator = engine.accelerator
+    micro = [indices[(k * accelerator.num_processes + accelerator.process_index) * config.batch_size:]
+             [: config.batch_size] for k in range(config.grad_accum)]
+    return [batch.to(accelerator.device) for ids in micro
+            for batch in micro_batches(objective, examples, ids, config.layout, pad_token_id, max_tokens)]
 
-    def __enter__(self) -> "StopRequests":
-        if threading.current_thread() is threading.main_thread():
-            for kind in (signal.SIGINT, signal.SIGTERM):
-                self._saved[kind] = signal.signal(kind, self._handle)
-        return self
 
-    def __exit__(self, *exc) -> None:
-        for kind, handler in self._saved.items():
-            signal.signal(kind, handler)
+@dataclass
+class StepSums:
+    """What one optimizer step measured on this process: metric sums and counts (not yet reduced across
+    processes), the divisor of the whole global batch, the gradient norm and the learning rate the step used."""
+
+    metric_sums: dict[str, torch.Tensor]
+    metric_counts: dict[str, torch.Tensor]
+    divisor: torch.Tensor
+    grad_norm: torch.Tensor
+    lr: float
+
+
+def train_step(engine: Engine, objective: Objective, batches: Sequence[Batch], step: int,
+               max_grad_norm: float) -> StepSums:
+    """One optimizer step of global step `step` (0-based) from this process's `batches`: forward and backward of
+    each, gradient clipping (0 = none), then the optimizer and the learning-rate schedule.
+
+    Raises TrainingError, before updating the weights, when the gradient norm is not finite.
+    """
+    accelerator, scorer = engine.accelerator, engine.scorer
+    divisor = accelerator.reduce(torch.tensor(float(sum(objective.divisor(b) for b in batches)),
+                                              dtype=torch.float64, device=accelerator.device), reduction="sum")
+    # The engines average gradients over processes: scale so that the update is d(global mean loss).
+    scale = accelerator.num_processes / divisor.float()
+    metric_sums: dict[str, torch.Tensor] = {}
+    metric_counts: dict[str, torch.Tensor] = {}
+    for i, batch in enumerate(batches):
+        with micro_step(accelerator, scorer, last=i == len(batches) - 1):
+            with accelerator.autocast():
+                result = objective(scorer, batch)
+            accelerator.backward(result.loss_sum * scale)
+        for k, v in result.metric_sums.items():
+            metric_sums[k] = metric_sums.get(k, 0) + v.double()
+        for k, v in result.metric_counts.items():
+            metric_counts[k] = metric_counts.get(k, 0) + v.double()
+    # all parameters, read now (FSDP2 swaps sharded and unsharded ones); DeepSpeed clipped and stepped in backward
+    max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
+    grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), max_norm)
+    grad_norm = torch.as_tensor(float("nan") if grad_norm is None else grad_norm, dtype=torch.float32)
+    if not torch.isfinite(grad_norm):  # one sync per step; an update with NaN/inf would ruin the weights
+        raise TrainingError(
+            f"step {step + 1}: the gradient norm is {grad_norm.item()} (loss "
+            f"{(metric_sums['loss'] / divisor).item():.4g} on this process); "
+            + ("DeepSpeed has already applied this update. " if engine_name(accelerator).startswith("zero")
+               else "nothing was updated. ")
+            + "Lower --lr, or use --dtype float32 if this ran in bfloat16; checkpoints so far are intact"
+        )
+    lr = engine.scheduler.get_last_lr()[0]  # the rate this step used (after scheduler.step() it is the next one's)
+    engine.optimizer.step()
+    engine.scheduler.step()
+    engine.optimizer.zero_grad(set_to_none=True)
+    return StepSums(metric_sums, metric_counts, divisor, grad_norm, lr)
+
+
+def train_row(engine: Engine, sums: StepSums, step: int, seconds: float,
+              examples: Sequence[TokenizedExample]) -> dict[str, float]:
+    """The metrics.jsonl row of step `step` (1-based; it took `seconds` on the global batch `examples`): the
+    metrics reduced across processes, then the gradient norm, learning rate, throughput and epoch."""
+    keys, own = sorted(sums.metric_sums), sorted(sums.metric_counts)
+    totals = engine.accelerator.reduce(torch.stack([sums.metric_sums[k] for k in keys] +
+                                                   [sums.metric_counts[k] for k in own]), reduction="sum")
+    count = dict(zip(own, totals[len(keys):]))
+    row = {k: _mean(totals[i], count.get(k, sums.divisor)) for i, k in enumerate(keys)}
+    row.update({"grad_norm": sums.grad_norm.item(), "lr": sums.lr,
+                "tokens_per_second": _sequence_tokens(examples) / seconds, "seconds_per_step": seconds,
+                "epoch": step / engine.plan.steps_per_epoch})
+    return row
+
+
+def _stop_or_save_due(accelerator: Accelerator, stop: StopRequests, config: TrainConfig,
+                      last_save: float) -> tuple[bool, bool]:
+    """One collective: did any process get SIGINT/SIGTERM, and is the time-based checkpoint due (main's clock)?"""
+    due = config.save_every_minutes > 0 and time.monotonic() - last_save >= 60 * config.save_every_minutes
+    flags = torch.tensor([float(stop.signal is not None), float(due)], device=accelerator.device)
+    stopping, due = (accelerator.reduce(flags, reduction="sum") > 0).tolist()
+    return stopping, due
 
 
 def config_dict(config: TrainConfig) -> dict:
