@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from dpokit.errors import ConfigError
+from dpokit.models.files import check_model_files, check_vocabulary
 from dpokit.models.lora import adapter_base, load_adapter
 from dpokit.config import is_adapter_dir
 
@@ -23,9 +24,12 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False, gguf_file: str
                    ) -> PreTrainedTokenizerBase:
     """Load a tokenizer (from an adapter directory, or its base model when it has none; from a GGUF file's
     metadata when its directory holds no tokenizer files); a missing pad token becomes the EOS token (pads are
-    masked out anyway). A failure names its cause: no tokenizer files, a missing package, or transformers' word."""
+    masked out anyway). A failure names its cause: damaged model files, no tokenizer files, a missing package, a
+    tokenizer larger than the model's vocabulary, or transformers' word."""
+    check_model_files(path, gguf_file=gguf_file)  # first thing every command loads: before any data work
+    model_dir = adapter_base(path) if is_adapter_dir(path) else path
     if is_adapter_dir(path) and not any((Path(path) / name).exists() for name in TOKENIZER_FILES):
-        path = adapter_base(path)
+        path = model_dir
     local = Path(path).is_dir()
     has_files = local and any((Path(path) / name).exists() for name in TOKENIZER_FILES)
     if local and not has_files and gguf_file is None:
@@ -42,6 +46,8 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False, gguf_file: str
                           f"{str(error).strip().splitlines()[0] if str(error).strip() else error!r}") from None
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"the tokenizer of {path!r} has no EOS token; dpokit appends EOS to responses")
+    if gguf_file is None:
+        check_vocabulary(len(tokenizer), model_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -84,6 +90,7 @@ def load_model(path: str, *, dtype: str = "float32", trust_remote_code: bool = F
     """Load a causal LM in `dtype`, in eval mode (dropout off): a model directory or hub name, or a PEFT adapter
     directory (its base model with the adapter). `bits` 4 or 8 quantizes the base with bitsandbytes. `gguf_file`
     loads the weights from that GGUF file in the `path` directory, dequantised (transformers + the gguf package)."""
+    check_model_files(path, gguf_file=gguf_file)
     if is_adapter_dir(path):
         base = load_model(adapter_base(path), dtype=dtype, trust_remote_code=trust_remote_code, bits=bits,
                           device=device)
