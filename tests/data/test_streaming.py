@@ -223,7 +223,7 @@ def test_no_list_of_the_records_or_examples_is_built(tmp_path, tokenizer, monkey
     data = _jsonl(tmp_path / "pairs.jsonl", _rows(n))
     monkeypatch.setattr(streaming, "CHUNK", chunk)
     alive = {"records": [], "examples": []}
-    tokenize_chunk = tokenize_module.tokenize_chunk
+    tokenize_chunk = tokenize_module._tokenize_chunk
 
     def counting(records, ctx, report):
         objects = gc.get_objects()
@@ -231,7 +231,7 @@ def test_no_list_of_the_records_or_examples_is_built(tmp_path, tokenizer, monkey
         alive["examples"].append(sum(type(o) is TokenizedExample for o in objects))
         return tokenize_chunk(records, ctx, report)
 
-    monkeypatch.setattr(tokenize_module, "tokenize_chunk", counting)
+    monkeypatch.setattr(tokenize_module, "_tokenize_chunk", counting)
     gc.collect()
     before = sum(type(o) is TokenizedExample for o in gc.get_objects())  # whatever earlier tests left
     streamed = prepare_data(_config(data, tmp_path, eval_fraction=0.1, streaming=True), "dpo", tokenizer,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
@@ -22,8 +22,14 @@ from dpokit.data.chat import _special_ids, _start_token, assistant_turn, has_cha
 from dpokit.data.records import Completion, PreferencePair, Text
 from dpokit.errors import ConfigError
 
-if TYPE_CHECKING:  # dpokit.data.tokenize imports this module: its types are only named here
-    from dpokit.data.tokenize import FilterReport, TokenizeConfig
+
+class ChunkSettings(Protocol):
+    """The settings the chunk tokeniser reads (those of a dpokit.data.tokenize.TokenizeConfig)."""
+
+    max_length: int
+    max_prompt_length: int
+    truncation: str
+    apply_chat_template: bool
 
 
 @dataclass
@@ -53,10 +59,20 @@ class TokenArrays:
                            [s for p in parts for s in p.sources])
 
 
+@dataclass
+class Chunk:
+    """One chunk's kept examples, what it filtered as (reason, source) in record order, and how many of its
+    prompts were truncated."""
+
+    arrays: TokenArrays
+    filtered: list[tuple[str, str]]
+    prompts_truncated: int
+
+
 class ChunkContext:
     """What every chunk needs from the tokenizer, looked up once."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, config: TokenizeConfig):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, config: ChunkSettings):
         self.eos = tokenizer.eos_token_id
         if self.eos is None:
             raise ConfigError("the tokenizer has no EOS token; set tokenizer.eos_token before training")
@@ -69,9 +85,8 @@ class ChunkContext:
             raise ConfigError("--apply-chat-template needs a tokenizer with a chat template; this one has none")
 
 
-def tokenize_chunk(records: Sequence[PreferencePair | Completion], ctx: ChunkContext,
-                   report: FilterReport) -> TokenArrays:
-    """Tokenise one chunk of records under dpokit.data.tokenize's rules; filtered ones are counted in `report`."""
+def tokenize_chunk(records: Sequence[PreferencePair | Completion], ctx: ChunkContext) -> Chunk:
+    """Tokenise one chunk of records under dpokit.data.tokenize's rules."""
     config = ctx.config
     n = len(records)
     prompts, special, responses, counts = _texts(records, ctx.tokenizer, config.apply_chat_template)
@@ -93,10 +108,9 @@ def tokenize_chunk(records: Sequence[PreferencePair | Completion], ctx: ChunkCon
         body_start, body_len = _truncated_bodies(truncated, head, p_starts, p_len, config)
     new_len = head + body_len
     too_long = ~identical & (new_len + longest > config.max_length)
-    report.prompts_truncated += int(truncated.sum())
     too_long_reason = f"longer than max_length={config.max_length} after prompt truncation"
-    for i in np.flatnonzero(identical | too_long).tolist():
-        report.add("identical chosen and rejected" if identical[i] else too_long_reason, records[i].source)
+    filtered = [("identical chosen and rejected" if identical[i] else too_long_reason, records[i].source)
+                for i in np.flatnonzero(identical | too_long).tolist()]
 
     # the kept examples' ids, in order: [prompt head, prompt body, responses...] per example
     kept = np.flatnonzero(~identical & ~too_long)
@@ -111,8 +125,9 @@ def tokenize_chunk(records: Sequence[PreferencePair | Completion], ctx: ChunkCon
     resp_slots = _ranges(base + 2, k_counts)
     starts[resp_slots], lengths[resp_slots] = r_starts[resp] + len(p_flat), r_len[resp]
     tokens = np.concatenate([p_flat, r_flat])[_ranges(starts, lengths)]
-    return TokenArrays(tokens.astype(np.int32), new_len[kept].astype(np.int32), k_counts.astype(np.int32),
-                       r_len[resp].astype(np.int32), [records[i].source for i in kept.tolist()])
+    arrays = TokenArrays(tokens.astype(np.int32), new_len[kept].astype(np.int32), k_counts.astype(np.int32),
+                         r_len[resp].astype(np.int32), [records[i].source for i in kept.tolist()])
+    return Chunk(arrays, filtered, int(truncated.sum()))
 
 
 def _texts(records: Sequence[PreferencePair | Completion], tokenizer,
@@ -186,7 +201,7 @@ def _identical_pairs(counts: np.ndarray, first_response: np.ndarray, r_flat: np.
 
 
 def _truncated_bodies(truncated: np.ndarray, head: np.ndarray, p_starts: np.ndarray, p_len: np.ndarray,
-                      config: TokenizeConfig) -> tuple[np.ndarray, np.ndarray]:
+                      config: ChunkSettings) -> tuple[np.ndarray, np.ndarray]:
     """(start, length) in the flat prompt ids of each prompt's body (the prompt after its kept leading BOS,
     `head`): cut to fit max_prompt_length from its end or its start where `truncated`, whole elsewhere."""
     room = config.max_prompt_length - head

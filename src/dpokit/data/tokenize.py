@@ -180,6 +180,16 @@ def examples_from_arrays(arrays: TokenArrays) -> list[TokenizedExample]:
     return out
 
 
+def _tokenize_chunk(records: Sequence[PreferencePair | Completion], ctx: ChunkContext,
+                    report: FilterReport) -> TokenArrays:
+    """The kept examples of one chunk of records; what it filtered and truncated is counted in `report`."""
+    chunk = tokenize_chunk(records, ctx)
+    report.prompts_truncated += chunk.prompts_truncated
+    for reason, source in chunk.filtered:
+        report.add(reason, source)
+    return chunk.arrays
+
+
 class ChunkTokenizer:
     """Tokenises one chunk of records at a time under the module's rules, for callers that see the records as a
     stream (dpokit.data.streaming): the same chunks give the same arrays as :func:`tokenize_arrays`."""
@@ -189,7 +199,7 @@ class ChunkTokenizer:
 
     def __call__(self, records: Sequence[PreferencePair | Completion], report: FilterReport) -> TokenArrays:
         """The kept examples of `records`; filtered ones are counted in `report`."""
-        return tokenize_chunk(records, self._ctx, report)
+        return _tokenize_chunk(records, self._ctx, report)
 
 
 def tokenize_arrays(
@@ -210,7 +220,7 @@ def tokenize_arrays(
     with tqdm(total=len(records), desc=description, unit="ex", disable=len(records) < 2000) as bar:
         for lo in range(0, len(records), chunk_size):
             chunk = records[lo : lo + chunk_size]
-            yield tokenize_chunk(chunk, ctx, report)
+            yield _tokenize_chunk(chunk, ctx, report)
             bar.update(len(chunk))
 
 
