@@ -1,12 +1,18 @@
-"""The child processes: one dpokit or TRL training run each, timed and with its memory measured."""
+"""The training runs of the child processes, shared by bench_vs_trl.py and bench_scale.py (``train_dpokit``,
+``train_trl``), and bench_vs_trl.py's systems: one dpokit or TRL training run each, timed and with its memory
+measured (the child's start, its environment and its memory readings: _setup.py)."""
 
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from pathlib import Path
+
+from _setup import peak_rss_mib, proc_status, reset_hwm, rss_mib, start_child
+
+# what a TRL child imports before its after-import mark (train_trl uses them): their memory counts as imports
+TRL_IMPORTS = ("datasets", "trl:DPOConfig", "trl:DPOTrainer", "transformers:AutoModelForCausalLM")
 
 # name -> (kind, options). Kind "dpokit" options are TrainConfig fields; kind "trl" options are DPOConfig fields.
 SYSTEMS = {
@@ -25,40 +31,6 @@ SYSTEMS = {
                                        "forward_tokens": 0}),
 }
 DEFAULT_SYSTEMS = list(SYSTEMS)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# memory helpers (Linux /proc; ru_maxrss as fallback)
-
-
-def _proc_status(field: str) -> float | None:
-    """A ``kB`` field of /proc/self/status, in MiB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def rss_mib() -> float | None:
-    """Current resident set size, MiB."""
-    return _proc_status("VmRSS")
-
-
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process over its lifetime, MiB (ru_maxrss is in KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def reset_hwm() -> bool:
-    """Reset the VmHWM high-water mark (Linux: write 5 to /proc/self/clear_refs); False where unsupported."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -112,19 +84,15 @@ def train_dpokit(spec: dict, marks: dict, **config) -> dict:
         "checkpoint_patched_in": patched,
         "rss_before_train_mib": marks.get("rss_before_train_mib"),
         "peak_rss_mib": marks.get("peak_before_checkpoint_mib", peak_rss_mib()),
-        "train_peak_rss_mib": _proc_status("VmHWM") if marks.get("hwm_reset") else None,
+        "train_peak_rss_mib": proc_status("VmHWM") if marks.get("hwm_reset") else None,
     }
 
 
 def child_dpokit(spec: dict) -> dict:
-    base_rss = rss_mib()
-    import torch
-
-    torch.set_num_threads(spec["threads"])
+    start = start_child(spec["threads"], "dpokit.api", "dpokit.train.loop")
     import dpokit.api as api
     import dpokit.train.loop as trainer
 
-    after_import_rss = rss_mib()
     shapes: list[dict] = []
     marks: dict = {}
     real_collate, real_step_indices = trainer.collate, trainer.step_indices
@@ -152,8 +120,7 @@ def child_dpokit(spec: dict) -> dict:
     opts = spec["options"]
     result = train_dpokit(spec, marks, lr=1e-6, layout=opts["layout"], logits=opts["logits"],
                           precompute_ref=opts["precompute_ref"], forward_tokens=opts["forward_tokens"])
-    return {**result, "shapes": shapes, "precompute_seconds": marks.get("precompute_seconds"),
-            "rss_start_mib": base_rss, "rss_after_import_mib": after_import_rss}
+    return {**result, "shapes": shapes, "precompute_seconds": marks.get("precompute_seconds"), **start}
 
 
 def step_timer():
@@ -232,24 +199,26 @@ def train_trl(spec: dict, model, ref_model, *, peft_config=None, **config) -> di
         "precompute_seconds": marks.get("precompute_seconds"),
         "rss_before_train_mib": rss_before,
         "peak_rss_mib": peak_rss_mib(),
-        "train_peak_rss_mib": _proc_status("VmHWM") if hwm_reset else None,
+        "train_peak_rss_mib": proc_status("VmHWM") if hwm_reset else None,
     }
 
 
-def child_trl(spec: dict) -> dict:
-    base_rss = rss_mib()
+def load_hf_model(spec: dict, **options):
+    """The spec's model, as transformers loads it, in float32 unless `options` say otherwise."""
     import torch
-
-    torch.set_num_threads(spec["threads"])
-    # imported before the after-import mark (train_trl uses them): their memory counts as imports
-    import datasets  # noqa: F401
-    from trl import DPOConfig, DPOTrainer  # noqa: F401
     from transformers import AutoModelForCausalLM
 
-    after_import_rss = rss_mib()
+    return AutoModelForCausalLM.from_pretrained(spec["model_dir"], **{"dtype": torch.float32, **options})
+
+
+def child_trl(spec: dict) -> dict:
+    start = start_child(spec["threads"], *TRL_IMPORTS)
     precompute = spec["options"]["precompute_ref_log_probs"]
-    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
-    ref_model = None if precompute else AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
+    model = load_hf_model(spec)
+    ref_model = None if precompute else load_hf_model(spec)
     result = train_trl(spec, model, ref_model, learning_rate=1e-6, gradient_checkpointing=False,
                        precompute_ref_log_probs=precompute)
-    return {**result, "rss_start_mib": base_rss, "rss_after_import_mib": after_import_rss}
+    return {**result, **start}
+
+
+CHILDREN = {"dpokit": child_dpokit, "trl": child_trl}

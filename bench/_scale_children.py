@@ -6,30 +6,25 @@ float32 and reports its per-step seconds, token counts, trainable parameter coun
 
 from __future__ import annotations
 
-import hashlib
-import subprocess
-from pathlib import Path
-
-from _children import rss_mib, train_dpokit, train_trl
+from _children import TRL_IMPORTS, load_hf_model, train_dpokit, train_trl
+from _setup import start_child
 
 LR = 1e-5
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
+LORA_FIELDS = {"lora_r": LORA["r"], "lora_alpha": LORA["alpha"], "lora_dropout": LORA["dropout"]}  # TrainConfig's
 
 # name -> (library, options). dpokit options are TrainConfig fields; TRL options are interpreted by child_trl.
 SYSTEMS = {
     "dpokit-full": ("dpokit", {}),
-    "dpokit-lora": ("dpokit", {"lora_r": LORA["r"], "lora_alpha": LORA["alpha"], "lora_dropout": LORA["dropout"]}),
-    "dpokit-qlora": ("dpokit", {"lora_r": LORA["r"], "lora_alpha": LORA["alpha"], "lora_dropout": LORA["dropout"],
-                                "load_in_4bit": True}),
+    "dpokit-lora": ("dpokit", dict(LORA_FIELDS)),
+    "dpokit-qlora": ("dpokit", dict(LORA_FIELDS, load_in_4bit=True)),
     # not in the default set: LoRA with gradient checkpointing (activations recomputed in the backward pass)
-    "dpokit-lora-gc": ("dpokit", {"lora_r": LORA["r"], "lora_alpha": LORA["alpha"], "lora_dropout": LORA["dropout"],
-                                  "gradient_checkpointing": True}),
+    "dpokit-lora-gc": ("dpokit", dict(LORA_FIELDS, gradient_checkpointing=True)),
     # not in the default set: dpokit's return_freed_memory (glibc serves blocks >= 128 KiB by mmap; dpokit.runtime.memory)
     "dpokit-full-mmap": ("dpokit", {"return_freed_memory": True}),
     # not in the default set: full fine-tuning with gradient checkpointing, the like-for-like base for dpokit-lora-gc
     "dpokit-full-gc": ("dpokit", {"gradient_checkpointing": True}),
-    "dpokit-lora-mmap": ("dpokit", {"lora_r": LORA["r"], "lora_alpha": LORA["alpha"], "lora_dropout": LORA["dropout"],
-                                    "return_freed_memory": True}),
+    "dpokit-lora-mmap": ("dpokit", dict(LORA_FIELDS, return_freed_memory=True)),
     "trl-full": ("trl", {"peft": False, "load_in_4bit": False}),
     "trl-lora": ("trl", {"peft": True, "load_in_4bit": False}),
     "trl-qlora": ("trl", {"peft": True, "load_in_4bit": True}),
@@ -50,20 +45,6 @@ def dpokit_lora_fields() -> list[str]:
     return sorted(f.name for f in dataclasses.fields(TrainConfig) if f.name in wanted)
 
 
-def tree_state(repo: Path) -> dict:
-    """Which dpokit was measured: HEAD and a digest of the uncommitted changes and untracked files under src/."""
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True).stdout
-
-    diff = git("diff", "HEAD", "--", "src")
-    untracked = sorted(git("ls-files", "--others", "--exclude-standard", "--", "src").split())
-    digest = hashlib.sha1(diff.encode())
-    for path in untracked:
-        digest.update(path.encode() + (repo / path).read_bytes())
-    return {"head": git("rev-parse", "HEAD").strip(), "src_uncommitted_diff_lines": diff.count("\n"),
-            "src_untracked": untracked, "src_state_sha1": digest.hexdigest()}
-
-
 def _count_adamw(counter: dict):
     """Replace torch.optim.AdamW by a subclass that records how many parameters it updates."""
     import torch
@@ -81,37 +62,24 @@ def _count_adamw(counter: dict):
 
 
 def child_dpokit(spec: dict) -> dict:
-    base_rss = rss_mib()
-    import torch
-
-    torch.set_num_threads(spec["threads"])
-    import dpokit.api  # noqa: F401  (its memory counts as imports)
-
-    after_import_rss = rss_mib()
+    start = start_child(spec["threads"], "dpokit.api")
     marks: dict = {}
     _count_adamw(marks)
     result = train_dpokit(spec, marks, lr=LR, schedule="constant", beta=0.1, **spec["options"])
-    return {**result, "trainable_params": marks.get("trainable_params"), "rss_start_mib": base_rss,
-            "rss_after_import_mib": after_import_rss}
+    return {**result, "trainable_params": marks.get("trainable_params"), **start}
 
 
 def child_trl(spec: dict) -> dict:
-    base_rss = rss_mib()
+    start = start_child(spec["threads"], *TRL_IMPORTS, "transformers:BitsAndBytesConfig")
     import torch
+    from transformers import BitsAndBytesConfig
 
-    torch.set_num_threads(spec["threads"])
-    # imported before the after-import mark (train_trl uses them): their memory counts as imports
-    import datasets  # noqa: F401
-    from trl import DPOConfig, DPOTrainer  # noqa: F401
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    after_import_rss = rss_mib()
     opts = spec["options"]
-    load = {"dtype": torch.float32}
+    load = {}
     if opts["load_in_4bit"]:
         load["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                          bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], **load)
+    model = load_hf_model(spec, **load)
     ref_model = peft_config = None
     if opts["peft"]:
         import peft
@@ -119,8 +87,11 @@ def child_trl(spec: dict) -> dict:
         peft_config = peft.LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                                       target_modules="all-linear", task_type="CAUSAL_LM")
     else:
-        ref_model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
+        ref_model = load_hf_model(spec)
     result = train_trl(spec, model, ref_model, peft_config=peft_config, learning_rate=LR, max_grad_norm=10.0,
                        gradient_checkpointing=opts.get("gradient_checkpointing", False),
                        precompute_ref_log_probs=False)
-    return {**result, "rss_start_mib": base_rss, "rss_after_import_mib": after_import_rss}
+    return {**result, **start}
+
+
+CHILDREN = {"dpokit": child_dpokit, "trl": child_trl}

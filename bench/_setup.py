@@ -1,13 +1,22 @@
-"""Building the benchmark's inputs: the byte-level BPE tokenizer, the random Llama model and the preference data,
-the command-line options of their shape that the benchmark scripts share, and the allocator each child runs on."""
+"""The setup every benchmark shares: its inputs (the byte-level BPE tokenizer, the random Llama model and the
+preference data, and the command-line options of their shape) and its child processes (their environment and
+allocator, starting one and reading its result, and inside it: threads, the import mark, memory measurement)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import random
+import resource
+import shutil
 import socket
 import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 EOT = "<|endoftext|>"
@@ -32,7 +41,9 @@ def _zipf_sampler(rng: random.Random, words: list[str]):
     return sample
 
 
-def build_tokenizer(sample, vocab_size: int, out: Path):
+def build_tokenizer(corpus, vocab_size: int, out: Path):
+    """A byte-level BPE tokenizer of `vocab_size` trained on the texts of `corpus`, `<|endoftext|>` as BOS, EOS and
+    padding, saved in `out`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -41,7 +52,6 @@ def build_tokenizer(sample, vocab_size: int, out: Path):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    corpus = [" ".join(sample(60)) for _ in range(8000)]
     tok.train_from_iterator(corpus, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT, pad_token=EOT,
                                    unk_token=None)
@@ -57,20 +67,33 @@ def text_of_tokens(tokenizer, sample, n: int, leading_space: bool) -> str:
     return text
 
 
-def add_shape_options(parser, *, prompt_len: int = 200, response_len: int = 120, hidden: int = 256, layers: int = 4,
-                      heads: int = 4, intermediate: int | None = None) -> None:
-    """The options of the model's and the data's shape that :func:`build_everything` reads (--prompt-len to
-    --intermediate; --max-length and --pairs stay with each script), with a script's defaults."""
+def add_length_options(parser, *, prompt_len: int = 200, response_len: int = 120, spread: float = 0.3,
+                       spread_help: str = "", eos: bool = True) -> None:
+    """--prompt-len, --response-len, --spread: the lengths of the generated pairs, with a script's defaults."""
     parser.add_argument("--prompt-len", type=int, default=prompt_len, help=f"mean prompt tokens (default {prompt_len})")
     parser.add_argument("--response-len", type=int, default=response_len,
-                        help=f"mean response tokens incl. EOS (default {response_len})")
-    parser.add_argument("--spread", type=float, default=0.3, help="lengths uniform in mean x (1 ± spread)")
-    parser.add_argument("--vocab", type=int, default=8192)
+                        help=f"mean response tokens{' incl. EOS' if eos else ''} (default {response_len})")
+    parser.add_argument("--spread", type=float, default=spread,
+                        help=f"lengths uniform in mean x (1 ± spread) (default {spread}{spread_help})")
+
+
+def add_model_options(parser, *, hidden: int = 256, layers: int = 4, heads: int = 4,
+                      intermediate: int | None = None) -> None:
+    """--hidden, --layers, --heads, --intermediate: the random Llama's shape, with a script's defaults."""
     parser.add_argument("--hidden", type=int, default=hidden)
     parser.add_argument("--layers", type=int, default=layers)
     parser.add_argument("--heads", type=int, default=heads)
     width = "4 x hidden" if intermediate is None else f"{intermediate} = {intermediate / hidden:g} x hidden"
     parser.add_argument("--intermediate", type=int, default=intermediate, help=f"MLP width (default {width})")
+
+
+def add_shape_options(parser, *, prompt_len: int = 200, response_len: int = 120, hidden: int = 256, layers: int = 4,
+                      heads: int = 4, intermediate: int | None = None) -> None:
+    """The options of the model's and the data's shape that :func:`build_everything` reads (--prompt-len to
+    --intermediate; --max-length and --pairs stay with each script), with a script's defaults."""
+    add_length_options(parser, prompt_len=prompt_len, response_len=response_len)
+    parser.add_argument("--vocab", type=int, default=8192)
+    add_model_options(parser, hidden=hidden, layers=layers, heads=heads, intermediate=intermediate)
     parser.add_argument("--sliding-window", type=int, default=None, metavar="N",
                         help="a Mistral of the same shape whose layers attend within N tokens (default: a Llama)")
 
@@ -99,7 +122,7 @@ def build_everything(args, work: Path) -> dict:
     rng = random.Random(args.seed)
     sample = _zipf_sampler(rng, _words(rng, 6000))
     model_dir = work / "model"
-    tokenizer = build_tokenizer(sample, args.vocab, model_dir)
+    tokenizer = build_tokenizer([" ".join(sample(60)) for _ in range(8000)], args.vocab, model_dir)
 
     model = random_llama(vocab=args.vocab, hidden=args.hidden, layers=args.layers, heads=args.heads,
                          intermediate=args.intermediate, max_positions=max(1024, args.max_length), seed=args.seed,
@@ -169,11 +192,69 @@ def build_everything(args, work: Path) -> dict:
     }
 
 
+def describe(setup: dict) -> str:
+    """One line on the model and the data :func:`build_everything` built."""
+    m = setup["model"]
+    return (f"model: {m['params_total'] / 1e6:.2f}M parameters ({m['params_decoder_layers'] / 1e6:.2f}M in decoder "
+            f"layers, {m['params_lm_head'] / 1e6:.2f}M LM head, {m['params_embedding'] / 1e6:.2f}M embedding; hidden "
+            f"{m['hidden']}, {m['layers']} layers, MLP {m['intermediate']}, vocab {m['vocab']}); "
+            f"data: {json.dumps(setup['data_stats'])}")
+
+
+def build_inputs(args, work: Path) -> dict:
+    """:func:`build_everything` in `work`, saying so and describing what it built."""
+    print(f"building tokenizer, model and data in {work} ...", flush=True)
+    setup = build_everything(args, work)
+    print(describe(setup), flush=True)
+    return setup
+
+
+@contextmanager
+def workdir(args, prefix: str):
+    """--workdir (created, kept) or a temporary directory (deleted at the end)."""
+    work = Path(args.workdir) if getattr(args, "workdir", None) else Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        yield work
+    finally:
+        if not getattr(args, "workdir", None):
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def child_spec(setup: dict, args, **fields) -> dict:
+    """What every training child reads: the model, the data (dpokit's and TRL's order), the batch and run shape."""
+    return {"model_dir": setup["model_dir"], "data": setup["data"], "data_trl": setup["data_trl"],
+            "batch_size": args.batch_size, "max_length": args.max_length,
+            "max_prompt_length": setup["max_prompt_length"], "steps": args.steps, "threads": args.threads,
+            "seed": args.seed, **fields}
+
+
 def free_port() -> int:
     """A TCP port that is free on this machine now (the rendezvous port of a multi-process launch)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# child processes: the parent's side
+
+
+QUIET = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "PYTHONWARNINGS": "ignore",
+         "TQDM_DISABLE": "1"}
+
+
+def quiet_environment(base=None, *, threads: int | None = None, drop=(), **extra) -> dict:
+    """A child's environment: `base` (default: this process's) with the offline hub and no progress bars or
+    advisory warnings, with `threads` OpenMP/MKL threads and the tokenizers' own threads off when given, without
+    the variables in `drop`, and with `extra`."""
+    env = dict(os.environ if base is None else base, **QUIET)
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    for name in drop:
+        env.pop(name, None)
+    env.update(extra)
+    return env
 
 
 def add_malloc_option(parser) -> None:
@@ -195,10 +276,136 @@ def child_environment(name: str, malloc: str, threads: int | None = None, work: 
     shipped = malloc_environment(os.environ) if malloc == "as-shipped" and name.startswith("dpokit") else None
     environment = shipped or dict(os.environ)
     if threads is not None and work is not None:
-        environment.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
-                           HF_DATASETS_CACHE=str(work / "hf_datasets_cache"), TQDM_DISABLE="1", HF_HUB_OFFLINE="1",
-                           TRANSFORMERS_NO_ADVISORY_WARNINGS="1", PYTHONWARNINGS="ignore")
+        environment = quiet_environment(environment, threads=threads, HF_DATASETS_CACHE=str(work / "hf_datasets_cache"))
     return environment
+
+
+def run_child(script: str, spec: dict, work: Path, tag: str, env: dict, *, failed: str = "raise",
+              output: bool = True, cwd: Path | None = None) -> dict:
+    """Run `script --child SPEC` in a process of its own with `env`: the spec (with `result` and, with `output`, an
+    `output` directory, deleted afterwards) in work/spec_TAG.json, its log in work/log_TAG.txt. Returns the result
+    the child wrote, with its wall seconds; for a child that failed, SystemExit with the log's tail
+    (``failed="raise"``) or a result {"failed": True, "returncode", "log_tail"} (``failed="record"``)."""
+    out_path, log = work / f"result_{tag}.json", work / f"log_{tag}.txt"
+    spec = dict(spec, result=str(out_path), **({"output": str(work / f"run_{tag}")} if output else {}))
+    if output:
+        shutil.rmtree(spec["output"], ignore_errors=True)  # left by an interrupted earlier run in the same workdir
+    spec_path = work / f"spec_{tag}.json"
+    spec_path.write_text(json.dumps(spec))
+    out_path.unlink(missing_ok=True)
+    started = time.perf_counter()
+    with log.open("w") as handle:
+        proc = subprocess.run([sys.executable, script, "--child", str(spec_path)], stdout=handle,
+                              stderr=subprocess.STDOUT, env=env, cwd=cwd)
+    seconds = time.perf_counter() - started
+    if output:
+        shutil.rmtree(spec["output"], ignore_errors=True)
+    if proc.returncode != 0 or not out_path.exists():
+        tail = log.read_text(errors="replace")[-6000:]
+        if failed == "raise":
+            raise SystemExit(f"{tag} failed with exit code {proc.returncode}; log tail:\n{tail[-4000:]}")
+        return {"failed": True, "returncode": proc.returncode, "log_tail": tail, "child_wall_seconds": seconds}
+    return dict(json.loads(out_path.read_text()), child_wall_seconds=seconds)
+
+
+def system_runner(script: str, systems: dict, base: dict, args, work: Path, failed: str = "raise"):
+    """run(name, round_) for the rounds of a script whose systems are name -> (kind, options): system `name`'s
+    child (:func:`run_child` of `script` with the spec `base` and its kind and options), in its environment."""
+    def run(name: str, round_: int) -> dict:
+        kind, options = systems[name]
+        return run_child(script, dict(base, kind=kind, options=options), work, f"{name}_{round_}",
+                         child_environment(name, args.malloc, args.threads, work), failed=failed)
+
+    return run
+
+
+def serve_child(spec_path: str, children, key: str = "kind") -> None:
+    """The child's side of :func:`run_child`: run ``children[spec[key]](spec)`` (or ``children(spec)``, a
+    function) and write its result."""
+    spec = json.loads(Path(spec_path).read_text())
+    child = children if callable(children) else children[spec[key]]
+    Path(spec["result"]).write_text(json.dumps(child(spec)))
+
+
+def start_busy(count: int, seconds: float) -> list[subprocess.Popen]:
+    """`count` processes that keep one CPU busy each for at most `seconds` (background load; :func:`stop` them)."""
+    code = f"import time\nend = time.time() + {seconds:.0f}\nwhile time.time() < end:\n    pass\n"
+    procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(count)]
+    if procs:
+        time.sleep(1.0)  # let them reach the CPU before the measured run starts
+    return procs
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    """Kill and reap the given processes."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+    for proc in procs:
+        proc.wait()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# child processes: inside one (memory from Linux /proc; ru_maxrss as fallback)
+
+
+def proc_status(field: str) -> float | None:
+    """A ``kB`` field of /proc/self/status, in MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def rss_mib() -> float | None:
+    """Current resident set size, MiB."""
+    return proc_status("VmRSS")
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process over its lifetime, MiB (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_hwm() -> bool:
+    """Reset the VmHWM high-water mark (Linux: write 5 to /proc/self/clear_refs); False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process so far, user and system, all threads."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def loadavg() -> float:
+    """The machine's 1-minute load average."""
+    return os.getloadavg()[0]
+
+
+def start_child(threads: int | None, *imports: str) -> dict:
+    """The start of a measuring child: the RSS it started with, torch with `threads` threads, the modules in
+    `imports` imported (``"module"`` or ``"module:attribute"``: their memory counts as imports), and the RSS after
+    them. Call it first thing; returns {"rss_start_mib", "rss_after_import_mib"}."""
+    marks = {"rss_start_mib": rss_mib()}
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    for name in imports:
+        module, _, attribute = name.partition(":")
+        loaded = importlib.import_module(module)
+        if attribute:
+            getattr(loaded, attribute)
+    marks["rss_after_import_mib"] = rss_mib()
+    return marks
 
 
 def _allocator(environment) -> str:

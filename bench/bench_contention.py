@@ -42,30 +42,11 @@ import threading
 import time
 from pathlib import Path
 
+from _harness import harness_parser, interleave, write_result
+from _setup import build_everything, loadavg, quiet_environment, start_busy, stop
+
 HERE = Path(__file__).resolve().parent
 STAGES = ("start-up", "SFT", "sampling", "DPO", "evaluation")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# background load
-
-
-def start_busy(count: int, seconds: float) -> list[subprocess.Popen]:
-    """`count` processes that keep one CPU busy each for at most `seconds`."""
-    code = f"import time\nend = time.time() + {seconds:.0f}\nwhile time.time() < end:\n    pass\n"
-    procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(count)]
-    if procs:
-        time.sleep(1.0)  # let them reach the CPU before the measured run starts
-    return procs
-
-
-def stop(procs: list[subprocess.Popen]) -> None:
-    """Kill and reap the given processes."""
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-    for proc in procs:
-        proc.wait()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -75,9 +56,7 @@ def stop(procs: list[subprocess.Popen]) -> None:
 def child_env() -> dict:
     """The user's environment without thread settings, so the child makes its own choice; unbuffered output
     so that the demo's stage lines arrive when they are printed."""
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TQDM_DISABLE="1", PYTHONWARNINGS="ignore")
-    return env
+    return quiet_environment(drop=("OMP_NUM_THREADS", "MKL_NUM_THREADS"), PYTHONUNBUFFERED="1")
 
 
 def run_timed(command: list[str], timeout: float, log_path: Path) -> dict:
@@ -137,9 +116,6 @@ def child_step(spec: dict) -> None:
 
 def build_step_inputs(work: Path, pairs: int) -> dict:
     """The benchmark's tokenizer, model and data (bench_vs_trl.py's default shape)."""
-    sys.path.insert(0, str(HERE))
-    from _setup import build_everything
-
     shape = argparse.Namespace(seed=0, vocab=8192, hidden=256, layers=4, heads=4, intermediate=None,
                                max_length=512, pairs=pairs, prompt_len=200, response_len=120, spread=0.3)
     return build_everything(shape, work)
@@ -169,7 +145,7 @@ def one_run(workload: str, setting: str, load: int, args, work: Path, setup: dic
         command = [sys.executable, __file__, "--child-step", str(spec_path)]
     busy = start_busy(load, args.timeout + 60)
     try:
-        loadavg = os.getloadavg()[0]
+        load = loadavg()
         result = run_timed(command, args.timeout, work / f"log-{index}.txt")
     finally:
         stop(busy)
@@ -180,7 +156,7 @@ def one_run(workload: str, setting: str, load: int, args, work: Path, setup: dic
         # a stopped run counts by the steps it finished; with none, it has no step time (shown as "stopped")
         result["seconds"] = statistics.median(timed) if timed else None
     shutil.rmtree(out, ignore_errors=True)
-    return dict(result, workload=workload, setting=setting, load=load, loadavg_before=loadavg)
+    return dict(result, workload=workload, setting=setting, load=load, loadavg_before=load)
 
 
 def step_seconds(output: Path, log: Path) -> list[float]:
@@ -259,50 +235,57 @@ def stage_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--child-step", help=argparse.SUPPRESS)
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default 2)")
+def parse_args():
+    parser = harness_parser(__doc__, rounds=2, steps=3, warmup=1, child="--child-step", seed=False, workdir=False,
+                            quick="a small demo, 2 steps, 1 round, loads 0,1")
     parser.add_argument("--loads", default="0,1,2", help="busy background processes per run (default 0,1,2)")
     parser.add_argument("--workloads", default="demo,step", help="demo, step or both (default both)")
     parser.add_argument("--settings", default="before,after", help="before, after or both (default both)")
-    parser.add_argument("--steps", type=int, default=3, help="timed benchmark-shape steps per run (default 3)")
-    parser.add_argument("--warmup", type=int, default=1, help="leading steps discarded (default 1)")
     parser.add_argument("--timeout", type=float, default=240, help="seconds before a run is stopped (default 240)")
     parser.add_argument("--demo-args", default="", help="extra `dpokit demo` flags, one string")
-    parser.add_argument("--out", default=str(HERE / "results"), help="directory for the JSON result")
-    parser.add_argument("--quick", action="store_true", help="a small demo, 2 steps, 1 round, loads 0,1")
     args = parser.parse_args()
-    if args.child_step:
-        child_step(json.loads(Path(args.child_step).read_text()))
-        return
     if args.quick:
         args.rounds, args.loads, args.steps, args.timeout = 1, "0,1", 1, min(args.timeout, 120)
         args.demo_args = args.demo_args or ("--sft-reviews 200 --sft-steps 5 --prompts 16 --dpo-steps 5 "
                                             "--eval-prompts 8 --max-new-tokens 8")
     args.demo_args = args.demo_args.split()
+    return args
+
+
+def measure(args, work: Path) -> list[dict]:
+    """Every (load, workload, setting) once per round, the order of the settings alternating between rounds."""
     loads = [int(x) for x in args.loads.split(",")]
     workloads, settings = args.workloads.split(","), args.settings.split(",")
-    started = time.strftime("%Y%m%d-%H%M%S")
+    setup = None
+    if "step" in workloads:
+        described = build_step_inputs(work / "inputs", pairs=8 * (args.steps + args.warmup))
+        setup = {k: described[k] for k in ("model_dir", "data", "max_prompt_length")}
     runs: list[dict] = []
+
+    def order(round_):
+        return [(load, workload, setting) for load in loads for workload in workloads
+                for setting in (settings if round_ % 2 == 0 else settings[::-1])]
+
+    def run(key, round_):
+        load, workload, setting = key
+        return dict(one_run(workload, setting, load, args, work, setup, len(runs)), round=round_)
+
+    def report(key, round_, result):
+        runs.append(result)
+        print(json.dumps({k: v for k, v in result.items() if k != "seconds_per_step"}), flush=True)
+
+    interleave(args.rounds, order, run, report)
+    return runs
+
+
+def main() -> None:
+    args = parse_args()
+    if args.child_step:
+        child_step(json.loads(Path(args.child_step).read_text()))
+        return
+    started = time.strftime("%Y%m%d-%H%M%S")
     with tempfile.TemporaryDirectory(prefix="dpokit-contention-") as tmp:
-        work = Path(tmp)
-        setup = None
-        if "step" in workloads:
-            described = build_step_inputs(work / "inputs", pairs=8 * (args.steps + args.warmup))
-            setup = {k: described[k] for k in ("model_dir", "data", "max_prompt_length")}
-        index = 0
-        for round_ in range(args.rounds):
-            order = settings if round_ % 2 == 0 else settings[::-1]
-            for load in loads:
-                for workload in workloads:
-                    for setting in order:
-                        run = one_run(workload, setting, load, args, work, setup, index)
-                        run["round"] = round_
-                        runs.append(run)
-                        index += 1
-                        print(json.dumps({k: v for k, v in run.items() if k != "seconds_per_step"}), flush=True)
+        runs = measure(args, Path(tmp))
     rows = summarise(runs)
     for row in rows:
         row["timeout"] = args.timeout
@@ -311,15 +294,12 @@ def main() -> None:
     print(f"\n{os.cpu_count()} CPUs, {cpus_available()} available; load average before the runs: "
           f"min {min(r['loadavg_before'] for r in runs):.2f}, max {max(r['loadavg_before'] for r in runs):.2f}\n")
     print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"contention-{started}{'-quick' if args.quick else ''}.json"
     import torch
 
-    path.write_text(json.dumps({"args": vars(args), "cpus": os.cpu_count(), "cpus_available": cpus_available(),
-                                "platform": platform.platform(), "python": platform.python_version(),
-                                "torch": torch.__version__, "summary": rows, "runs": runs, "table": text},
-                               indent=1))
+    path = write_result(args, "contention-", {"cpus": os.cpu_count(), "cpus_available": cpus_available(),
+                                              "platform": platform.platform(), "python": platform.python_version(),
+                                              "torch": torch.__version__, "summary": rows, "runs": runs, "table": text},
+                        stamp=started)
     print(f"\nwritten to {path}")
 
 

@@ -35,24 +35,22 @@ floor under any first run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import random
-import resource
 import shutil
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from _harness import harness_parser, spread, write_result
+from _setup import (add_length_options, build_tokenizer, cpu_seconds, loadavg, peak_rss_mib, quiet_environment,
+                    rss_mib, run_child, serve_child, workdir)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 LEGACY_COMMIT = "7a49e62"
-EOT = "<|endoftext|>"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -63,7 +61,6 @@ def _zipf_text(seed: int, words: int) -> tuple[str, list[int]]:
     """One long text of `words` Zipf-distributed words, and the character offset where each word starts."""
     import numpy as np
 
-    sys.path.insert(0, str(HERE))
     from _setup import _words
 
     rng = random.Random(seed)
@@ -75,23 +72,6 @@ def _zipf_text(seed: int, words: int) -> tuple[str, list[int]]:
     text = " ".join(chosen)
     starts = np.concatenate(([0], np.cumsum([len(w) + 1 for w in chosen])[:-1])).tolist()
     return text, starts
-
-
-def build_tokenizer(text: str, vocab_size: int, out: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    lines = text.split(" ")
-    tok.train_from_iterator((" ".join(lines[i : i + 60]) for i in range(0, min(len(lines), 480_000), 60)),
-                            trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT, pad_token=EOT, unk_token=None)
-    fast.save_pretrained(out)
-    return fast
 
 
 def write_pairs(path: Path, n: int, text: str, starts: list[int], tokens_per_word: float, args) -> dict:
@@ -114,7 +94,9 @@ def write_pairs(path: Path, n: int, text: str, starts: list[int], tokens_per_wor
 def build_inputs(args, work: Path) -> dict:
     started = time.perf_counter()
     text, starts = _zipf_text(args.seed, 3_000_000)
-    tokenizer = build_tokenizer(text, args.vocab, work / "tokenizer")
+    lines = text.split(" ")
+    corpus = (" ".join(lines[i : i + 60]) for i in range(0, min(len(lines), 480_000), 60))
+    tokenizer = build_tokenizer(corpus, args.vocab, work / "tokenizer")
     sample = [text[starts[i] : starts[i + 200] - 1] for i in range(0, 200 * 300, 200)]
     ids = tokenizer(sample, add_special_tokens=False)["input_ids"]
     tokens_per_word = sum(map(len, ids)) / (200 * len(sample))
@@ -130,24 +112,8 @@ def build_inputs(args, work: Path) -> dict:
 # children
 
 
-def _rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def _loadavg() -> float:
-    return float(Path("/proc/loadavg").read_text().split()[0])
-
-
 def child(spec: dict) -> dict:
-    rss_start = _rss_mib()
+    rss_start = rss_mib()
     from transformers import AutoTokenizer
 
     from dpokit.api import prepare_data
@@ -166,12 +132,12 @@ def child(spec: dict) -> dict:
         legacy = importlib.util.module_from_spec(module)
         sys.modules["legacy_tokenize"] = legacy  # dataclasses look their module up
         module.loader.exec_module(legacy)
-    rss_import = _rss_mib()
+    rss_import = rss_mib()
     config = TrainConfig(model=spec["tokenizer"], data=spec["data"], output=spec["output"],
                          streaming=spec.get("streaming", False))
     marks: list[tuple[float, str]] = []
-    load_before = _loadavg()
-    cpu, start = _cpu_seconds(), time.perf_counter()
+    load_before = loadavg()
+    cpu, start = cpu_seconds(), time.perf_counter()
 
     def log(line: str) -> None:
         marks.append((round(time.perf_counter() - start, 3), line))
@@ -189,11 +155,11 @@ def child(spec: dict) -> dict:
         log(f"tokenised training data: {report.summary()}")
     seconds = time.perf_counter() - start
     return {
-        "seconds": seconds, "cpu_seconds": _cpu_seconds() - cpu, "examples": len(examples),
+        "seconds": seconds, "cpu_seconds": cpu_seconds() - cpu, "examples": len(examples),
         "tokens": sum(e.length for e in examples), "marks": marks,
-        "rss_start_mib": rss_start, "rss_after_import_mib": rss_import, "rss_after_mib": _rss_mib(),
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "loadavg_before": load_before, "loadavg_after": _loadavg(),
+        "rss_start_mib": rss_start, "rss_after_import_mib": rss_import, "rss_after_mib": rss_mib(),
+        "peak_rss_mib": peak_rss_mib(),
+        "loadavg_before": load_before, "loadavg_after": loadavg(),
     }
 
 
@@ -204,33 +170,22 @@ def child_tokenizer(spec: dict, tokenizer) -> dict:
         for _, line in zip(range(spec["sample"]), f):
             rows.append(json.loads(line))
     texts = [r[k] for r in rows for k in ("prompt", "chosen", "rejected")]
-    load_before = _loadavg()
-    cpu, start = _cpu_seconds(), time.perf_counter()
+    load_before = loadavg()
+    cpu, start = cpu_seconds(), time.perf_counter()
     ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     seconds = time.perf_counter() - start
     tokens = sum(map(len, ids))
-    return {"seconds": seconds, "cpu_seconds": _cpu_seconds() - cpu, "tokens": tokens, "texts": len(texts),
-            "tokens_per_second": tokens / seconds, "loadavg_before": load_before, "loadavg_after": _loadavg(),
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds() - cpu, "tokens": tokens, "texts": len(texts),
+            "tokens_per_second": tokens / seconds, "loadavg_before": load_before, "loadavg_after": loadavg(),
             "rayon_threads": os.environ.get("RAYON_NUM_THREADS")}
 
 
-def run_child(spec: dict, work: Path, name: str, env_extra: dict | None = None) -> dict:
-    spec_path, out_path = work / f"spec-{name}.json", work / f"result-{name}.json"
-    spec = dict(spec, result=str(out_path), output=str(work / "out"))
-    spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1", PYTHONWARNINGS="ignore",
-               **(env_extra or {}))
-    env.pop("TOKENIZERS_PARALLELISM", None)
-    started = time.perf_counter()
-    with (work / f"log-{name}.txt").open("w") as handle:
-        proc = subprocess.run([sys.executable, __file__, "--child", str(spec_path)], stdout=handle,
-                              stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    if proc.returncode != 0 or not out_path.exists():
-        tail = (work / f"log-{name}.txt").read_text()[-4000:]
-        print(f"  {name}: FAILED (exit {proc.returncode})\n{tail}", flush=True)
-        return {"failed": True, "returncode": proc.returncode, "log_tail": tail}
-    result = json.loads(out_path.read_text())
-    result["child_wall_seconds"] = time.perf_counter() - started
+def run(spec: dict, work: Path, name: str, rayon: str | None = None) -> dict:
+    """One measurement in a child process (tokenizers on every core unless `rayon` threads are given)."""
+    env = quiet_environment(drop=("TOKENIZERS_PARALLELISM",), **({"RAYON_NUM_THREADS": rayon} if rayon else {}))
+    result = run_child(__file__, spec, work, name, env, failed="record", cwd=ROOT)
+    if result.get("failed"):
+        print(f"  {name}: FAILED (exit {result['returncode']})\n{result['log_tail'][-4000:]}", flush=True)
     return result
 
 
@@ -238,17 +193,12 @@ def run_child(spec: dict, work: Path, name: str, env_extra: dict | None = None) 
 # report
 
 
-def _spread(xs, fmt="{:.1f}") -> str:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "–"
-    if len(xs) == 1:
-        return fmt.format(xs[0])
-    return f"{fmt.format(statistics.median(xs))} ({fmt.format(min(xs))}–{fmt.format(max(xs))})"
-
-
 def _mark(result: dict, prefix: str) -> float | None:
     return next((t for t, line in result.get("marks", []) if line.startswith(prefix)), None)
+
+
+def _spread(xs) -> str:
+    return spread(xs, "{:.1f}")
 
 
 def table(results: dict, sizes: list[int], legacy_sizes: list[int]) -> str:
@@ -268,119 +218,123 @@ def table(results: dict, sizes: list[int], legacy_sizes: list[int]) -> str:
                 phases = f"{_spread(load)} / {_spread(tok)} / {_spread(write) if write else '–'}"
             lines.append(
                 f"| {n:,} | {run} | {_spread([r['seconds'] for r in rs])} | {_spread([r['cpu_seconds'] for r in rs])} "
-                f"| {phases} | {_spread([r['peak_rss_mib'] for r in rs], '{:.0f}')} "
-                f"| {_spread([r['rss_after_mib'] - r['rss_after_import_mib'] for r in rs], '{:.0f}')} "
+                f"| {phases} | {spread([r['peak_rss_mib'] for r in rs], '{:.0f}')} "
+                f"| {spread([r['rss_after_mib'] - r['rss_after_import_mib'] for r in rs], '{:.0f}')} "
                 f"| {rs[0]['examples']:,} | {rs[0]['tokens'] / 1e6:.1f}M "
                 f"| {_spread([max(r['loadavg_before'], r['loadavg_after']) for r in rs])} |")
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+def parse_args():
+    parser = harness_parser(__doc__, rounds=2, rounds_help="rounds; each runs every measurement once (default 2)",
+                            workdir=False, quick="2k and 5k pairs, 1 round, pre-cache at 2k")
     parser.add_argument("--sizes", default="10000,50000,200000", help="pairs per data set (default 10k, 50k, 200k)")
     parser.add_argument("--legacy-sizes", default="10000,50000",
                         help="sizes also run with the pre-cache code (commit 7a49e62); '' for none. It keeps every "
                              "encoding in memory (~4.4 GB at 50k), so 200k is left out by default")
     parser.add_argument("--streaming-sizes", default="200000",
                         help="sizes (of --sizes) also run with --streaming, first and cached; '' for none")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds; each runs every measurement once (default 2)")
     parser.add_argument("--cached-repeats", type=int, default=1,
                         help="cached runs per first run in each round, the in-memory and --streaming ones taking "
                              "turns (default 1): more samples of the cheap runs without paying for more first runs "
                              "(~4 min each at 200k on 2 idle cores)")
-    parser.add_argument("--prompt-len", type=int, default=150, help="mean prompt tokens (default 150)")
-    parser.add_argument("--response-len", type=int, default=250, help="mean response tokens (default 250)")
-    parser.add_argument("--spread", type=float, default=0.2,
-                        help="lengths uniform in mean x (1 ± spread) (default 0.2: nothing exceeds max_length 512)")
+    add_length_options(parser, prompt_len=150, response_len=250, spread=0.2, eos=False,
+                       spread_help=": nothing exceeds max_length 512")
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--tokenizer-sample", type=int, default=3000, help="pairs in the tokenizer-alone timing")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", help="keep the data, cache and logs here (default: a temporary directory)")
-    parser.add_argument("--out", default=str(HERE / "results"), help="directory for the JSON result")
-    parser.add_argument("--quick", action="store_true", help="2k and 5k pairs, 1 round, pre-cache at 2k")
     args = parser.parse_args()
-
     if args.child:
-        spec = json.loads(Path(args.child).read_text())
-        Path(spec["result"]).write_text(json.dumps(child(spec)))
-        return
-
+        return args
     if args.quick:
         args.sizes, args.legacy_sizes, args.streaming_sizes, args.rounds = "2000,5000", "2000", "5000", 1
     args.sizes = [int(s) for s in args.sizes.split(",") if s]
     args.legacy_sizes = [int(s) for s in args.legacy_sizes.split(",") if s]
     args.streaming_sizes = [int(s) for s in args.streaming_sizes.split(",") if s and int(s) in args.sizes]
-    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="dpokit-bench-data-"))
-    work.mkdir(parents=True, exist_ok=True)
-    began = time.perf_counter()
-    print(f"building the tokenizer and {', '.join(map(str, sorted(set(args.sizes) | set(args.legacy_sizes))))} "
-          f"pairs in {work} ...", flush=True)
-    setup = build_inputs(args, work)
-    print(f"  built in {setup['build_seconds']} s ({setup['tokens_per_word']} tokens per word)", flush=True)
-    legacy_module = None
-    if args.legacy_sizes:
-        legacy_module = work / "legacy_tokenize.py"
-        shown = subprocess.run(["git", "show", f"{LEGACY_COMMIT}:src/dpokit/tokenize.py"], capture_output=True,
-                               text=True, cwd=ROOT)
-        if shown.returncode != 0:
-            print(f"  no commit {LEGACY_COMMIT} here: the pre-cache runs are skipped", flush=True)
-            args.legacy_sizes, legacy_module = [], None
-        else:
-            legacy_module.write_text(shown.stdout)
+    return args
 
-    results: dict[str, list] = {}
+
+def legacy_module(args, work: Path) -> Path | None:
+    """The pre-cache tokenisation code (LEGACY_COMMIT) as a file in `work`; None (and no pre-cache runs) without it."""
+    if not args.legacy_sizes:
+        return None
+    shown = subprocess.run(["git", "show", f"{LEGACY_COMMIT}:src/dpokit/tokenize.py"], capture_output=True, text=True,
+                           cwd=ROOT)
+    if shown.returncode != 0:
+        print(f"  no commit {LEGACY_COMMIT} here: the pre-cache runs are skipped", flush=True)
+        args.legacy_sizes = []
+        return None
+    (work / "legacy_tokenize.py").write_text(shown.stdout)
+    return work / "legacy_tokenize.py"
+
+
+def _print_run(round_: int, n: int, run_name: str, r: dict) -> None:
+    if not r.get("failed"):
+        print(f"  round {round_ + 1}: {n:>7,} pairs, {run_name:15}: {r['seconds']:6.1f} s, peak RSS "
+              f"{r['peak_rss_mib']:6.0f} MiB (load avg {r['loadavg_before']:.1f}–{r['loadavg_after']:.1f})", flush=True)
+
+
+def measure_round(args, setup: dict, work: Path, legacy: Path | None, round_: int, results: dict) -> None:
+    """Every size's first and cached runs (in memory and, where asked, streamed), then the pre-cache runs."""
     base = {"tokenizer": setup["tokenizer"]}
+    for n in args.sizes:
+        modes = (False, True) if n in args.streaming_sizes else (False,)
+        caches = {streaming: work / f"cache-{n}-{round_}{'-streamed' if streaming else ''}" for streaming in modes}
+        runs = [("first", streaming, "") for streaming in modes]
+        # the cached runs of both modes take turns, so that they share the machine's load as it changes
+        runs += [("cached", streaming, f"-{k}" if k else "") for k in range(args.cached_repeats) for streaming in modes]
+        for cache in caches.values():
+            shutil.rmtree(cache, ignore_errors=True)
+        for kind, streaming, repeat in runs:
+            kind = f"streamed {kind}" if streaming else kind
+            spec = dict(base, system="dpokit", data=setup["files"][n]["path"], cache_dir=str(caches[streaming]),
+                        streaming=streaming)
+            r = run(spec, work, f"{kind.replace(' ', '-')}-{n}-{round_}{repeat}")
+            results.setdefault(f"{kind}-{n}", []).append(r)
+            _print_run(round_, n, kind, r)
+        for cache in caches.values():
+            shutil.rmtree(cache, ignore_errors=True)
+    for n in args.legacy_sizes:
+        r = run(dict(base, system="pre-cache", data=setup["files"][n]["path"], legacy_module=str(legacy)), work,
+                f"pre-cache-{n}-{round_}")
+        results.setdefault(f"pre-cache-{n}", []).append(r)
+        _print_run(round_, n, "pre-cache", r)
+
+
+def tokenizer_alone(args, setup: dict, work: Path, results: dict) -> list[str]:
+    """The tokenizer alone on 1 and 2 threads (results under tokenizer-N-thread); the lines that report it."""
     largest = setup["files"][max(args.sizes)]["path"]
+    lines = []
     for rayon in ("1", "2"):
         name = f"tokenizer-{rayon}-thread"
-        r = run_child(dict(base, system="tokenizer", data=largest, sample=args.tokenizer_sample), work, name,
-                      {"RAYON_NUM_THREADS": rayon})
-        results.setdefault(name, []).append(r)
+        r = run({"tokenizer": setup["tokenizer"], "system": "tokenizer", "data": largest,
+                 "sample": args.tokenizer_sample}, work, name, rayon)
+        results[name] = [r]
         if not r.get("failed"):
             print(f"  tokenizer alone, {rayon} thread(s): {r['tokens'] / 1e6:.2f}M tokens in {r['seconds']:.1f} s "
                   f"({r['tokens_per_second'] / 1e6:.3f} M tokens/s, {r['cpu_seconds']:.1f} CPU s)", flush=True)
-    for round_ in range(args.rounds):
-        for n in args.sizes:
-            modes = (False, True) if n in args.streaming_sizes else (False,)
-            caches = {streaming: work / f"cache-{n}-{round_}{'-streamed' if streaming else ''}"
-                      for streaming in modes}
-            runs = [("first", streaming, "") for streaming in modes]
-            # the cached runs of both modes take turns, so that they share the machine's load as it changes
-            runs += [("cached", streaming, f"-{k}" if k else "") for k in range(args.cached_repeats)
-                     for streaming in modes]
-            for cache in caches.values():
-                shutil.rmtree(cache, ignore_errors=True)
-            for run, streaming, repeat in runs:
-                run = f"streamed {run}" if streaming else run
-                spec = dict(base, system="dpokit", data=setup["files"][n]["path"], cache_dir=str(caches[streaming]),
-                            streaming=streaming)
-                r = run_child(spec, work, f"{run.replace(' ', '-')}-{n}-{round_}{repeat}")
-                results.setdefault(f"{run}-{n}", []).append(r)
-                if not r.get("failed"):
-                    print(f"  round {round_ + 1}: {n:>7,} pairs, {run:15}: {r['seconds']:6.1f} s, "
-                          f"peak RSS {r['peak_rss_mib']:6.0f} MiB (load avg {r['loadavg_before']:.1f}–"
-                          f"{r['loadavg_after']:.1f})", flush=True)
-            for cache in caches.values():
-                shutil.rmtree(cache, ignore_errors=True)
-        for n in args.legacy_sizes:
-            r = run_child(dict(base, system="pre-cache", data=setup["files"][n]["path"],
-                               legacy_module=str(legacy_module)), work, f"pre-cache-{n}-{round_}")
-            results.setdefault(f"pre-cache-{n}", []).append(r)
-            if not r.get("failed"):
-                print(f"  round {round_ + 1}: {n:>7,} pairs, pre-cache: {r['seconds']:6.1f} s, "
-                      f"peak RSS {r['peak_rss_mib']:6.0f} MiB (load avg {r['loadavg_before']:.1f}–"
-                      f"{r['loadavg_after']:.1f})", flush=True)
+            lines.append(f"tokenizer alone ({args.tokenizer_sample} pairs, one batched call, {rayon} thread(s)): "
+                         f"{r['tokens_per_second'] / 1e6:.3f} M tokens/s, "
+                         f"{r['tokens'] / r['cpu_seconds'] / 1e6:.3f} M tokens per CPU second")
+    return lines
 
+
+def main() -> None:
+    args = parse_args()
+    if args.child:
+        return serve_child(args.child, child)
+    began = time.perf_counter()
+    with workdir(args, "dpokit-bench-data-") as work:
+        print(f"building the tokenizer and {', '.join(map(str, sorted(set(args.sizes) | set(args.legacy_sizes))))} "
+              f"pairs in {work} ...", flush=True)
+        setup = build_inputs(args, work)
+        print(f"  built in {setup['build_seconds']} s ({setup['tokens_per_word']} tokens per word)", flush=True)
+        legacy = legacy_module(args, work)
+        results: dict[str, list] = {}
+        tok_lines = tokenizer_alone(args, setup, work, results)
+        for round_ in range(args.rounds):
+            measure_round(args, setup, work, legacy, round_, results)
     markdown = table(results, args.sizes, args.legacy_sizes)
-    tok_lines = []
-    for rayon in ("1", "2"):
-        r = results.get(f"tokenizer-{rayon}-thread", [{}])[0]
-        if r and not r.get("failed"):
-            tok_lines.append(f"tokenizer alone ({args.tokenizer_sample} pairs, one batched call, {rayon} thread(s)): "
-                             f"{r['tokens_per_second'] / 1e6:.3f} M tokens/s, "
-                             f"{r['tokens'] / r['cpu_seconds'] / 1e6:.3f} M tokens per CPU second")
     import tokenizers
     import transformers
 
@@ -390,18 +344,9 @@ def main() -> None:
               f"{os.cpu_count()} CPUs, transformers "
               f"{transformers.__version__}, tokenizers {tokenizers.__version__}")
     print("\n" + header + "\n" + markdown + "\n\n" + "\n".join(tok_lines))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = out / f"data-{stamp}{'-quick' if args.quick else ''}.json"
-    path.write_text(json.dumps({
-        "args": vars(args), "setup": setup, "results": results, "table_markdown": markdown, "header": header,
-        "tokenizer_alone": tok_lines, "wall_seconds": time.perf_counter() - began,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-    }, indent=1))
+    path = write_result(args, "data-", {"setup": setup, "results": results, "table_markdown": markdown,
+                                        "header": header, "tokenizer_alone": tok_lines}, began)
     print(f"\nresults: {path}")
-    if not args.workdir:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -20,31 +20,25 @@ The per-step losses of the two versions are compared too (same data, same update
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
-from _report import _med, _spread
-from _scale_children import tree_state
-from _setup import add_shape_options, build_everything, free_port
+from _harness import (alternating, apply_quick, harness_parser, interleave, markdown, median, round_tag, spread,
+                      tree_state, write_result)
+from _setup import add_shape_options, build_inputs, free_port, quiet_environment, workdir
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
 
 def _env(src: Path, threads: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=str(src), HF_HUB_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1",
-               PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
-    env.pop("ACCELERATE_USE_CPU", None)
-    return env
+    return quiet_environment(threads=threads, drop=("ACCELERATE_USE_CPU",), PYTHONPATH=str(src))
 
 
 def _imported_from(src: Path, threads: int) -> str:
@@ -82,95 +76,81 @@ def run_launch(version: str, src: Path, setup: dict, args, work: Path, round_: i
             "two_processes_confirmed": f"x {args.processes} processes" in text, "command": cmd}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args():
+    parser = harness_parser(__doc__, rounds=3, steps=10, warmup=2, batch_size=4, max_length=256, threads=1,
+                            batch_help="pairs per process per step (default 4)",
+                            threads_help="OMP_NUM_THREADS per process (default 1)", child=None,
+                            quick="1 round, 3 steps, hidden 64, 2 layers")
     parser.add_argument("--old", default="a932e1e", help="commit of the hand-written all-reduce loop (default a932e1e)")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per run (default 10)")
-    parser.add_argument("--warmup", type=int, default=2, help="leading steps discarded per run (default 2)")
     parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS per process (default 1)")
-    parser.add_argument("--batch-size", type=int, default=4, help="pairs per process per step (default 4)")
-    parser.add_argument("--max-length", type=int, default=256)
     add_shape_options(parser, prompt_len=64, response_len=48)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=int, default=900, help="seconds allowed per launch")
-    parser.add_argument("--workdir", help="keep the model, data and logs here (default: a temporary directory)")
-    parser.add_argument("--out", default=str(HERE / "results"), help="directory for the JSON result")
-    parser.add_argument("--quick", action="store_true", help="1 round, 3 steps, hidden 64, 2 layers")
     args = parser.parse_args()
-    if args.quick:
-        args.rounds, args.steps, args.warmup = 1, 3, 1
-        args.hidden, args.layers, args.heads, args.max_length = 64, 2, 2, 128
-        args.prompt_len, args.response_len = 32, 16
+    apply_quick(args, rounds=1, steps=3, warmup=1, hidden=64, layers=2, heads=2, max_length=128, prompt_len=32,
+                response_len=16)
     args.pairs = args.batch_size * args.processes * args.steps
+    return args
 
-    t0 = time.perf_counter()
-    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="dpokit_engines_"))
-    work.mkdir(parents=True, exist_ok=True)
-    old_tree = Path(tempfile.mkdtemp(prefix="dpokit_old_")) / "tree"
-    subprocess.run(["git", "worktree", "add", "--detach", str(old_tree), args.old], cwd=REPO, check=True,
+
+@contextmanager
+def old_tree(commit: str):
+    """The source trees of the two versions, the old one checked out in a temporary worktree (removed after)."""
+    tree = Path(tempfile.mkdtemp(prefix="dpokit_old_")) / "tree"
+    subprocess.run(["git", "worktree", "add", "--detach", str(tree), commit], cwd=REPO, check=True,
                    capture_output=True)
     try:
-        sources = {"new": REPO / "src", "old": old_tree / "src"}
+        yield {"new": REPO / "src", "old": tree / "src"}
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, capture_output=True)
+        shutil.rmtree(tree.parent, ignore_errors=True)
+
+
+def summarise(args, results: dict) -> tuple[dict, str]:
+    """Per-round medians and new / old ratios, and their table."""
+    w = args.warmup
+    per_round = {v: [median(r["seconds_per_step"][w:]) for r in rs] for v, rs in results.items()}
+    walls = {v: [r["launch_wall_seconds"] for r in rs] for v, rs in results.items()}
+    ratios = [a / b for a, b in zip(per_round["new"], per_round["old"])]
+    wall_ratios = [a / b for a, b in zip(walls["new"], walls["old"])]
+    loss_diff = max(abs(a - b) for rn, ro in zip(results["new"], results["old"])
+                    for a, b in zip(rn["loss"], ro["loss"]))
+    text = "\n".join([
+        markdown(["version", "s/step", "launch wall s"],
+                 [["new: engine DDP (working tree)", spread(per_round["new"]), spread(walls["new"], "{:.1f}")],
+                  [f"old: hand-written all-reduce ({args.old})", spread(per_round["old"]), spread(walls["old"], "{:.1f}")]]),
+        "", markdown(["ratio new / old (per round)", "median (min–max)"],
+                     [["s/step", spread(ratios)], ["launch wall time", spread(wall_ratios)]])])
+    return {"seconds_per_step": per_round, "launch_wall_seconds": walls, "ratio_new_over_old": ratios,
+            "wall_ratio_new_over_old": wall_ratios, "max_abs_loss_difference": loss_diff}, text
+
+
+def main() -> None:
+    args = parse_args()
+    t0 = time.perf_counter()
+    with workdir(args, "dpokit_engines_") as work, old_tree(args.old) as sources:
         where = {v: _imported_from(s, args.threads) for v, s in sources.items()}
         for v, s in sources.items():
             if not Path(where[v]).resolve().is_relative_to(s.resolve()):
                 raise SystemExit(f"{v}: dpokit imported from {where[v]}, not from {s}")
         print(f"new: {where['new']}\nold: {where['old']} (commit {args.old})", flush=True)
         tree = tree_state(REPO)
-        print(f"building tokenizer, model and data in {work} ...", flush=True)
-        setup = build_everything(args, work)
-        m = setup["model"]
-        print(f"model: {m['params_total'] / 1e6:.2f}M parameters (hidden {m['hidden']}, {m['layers']} layers); "
-              f"data: {json.dumps(setup['data_stats'])}", flush=True)
-        results: dict[str, list] = {"new": [], "old": []}
-        for round_ in range(args.rounds):
-            order = ["new", "old"] if round_ % 2 == 0 else ["old", "new"]  # ABBA: drift hits both alike
-            for version in order:
-                r = run_launch(version, sources[version], setup, args, work, round_)
-                results[version].append(r)
-                print(f"round {round_ + 1}/{args.rounds} {version}: {_med(r['seconds_per_step'][args.warmup:]):.3f} "
-                      f"s/step (launch {r['launch_wall_seconds']:.0f} s)", flush=True)
-    finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(old_tree)], cwd=REPO, capture_output=True)
-        shutil.rmtree(old_tree.parent, ignore_errors=True)
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
-
-    w = args.warmup
-    per_round = {v: [_med(r["seconds_per_step"][w:]) for r in rs] for v, rs in results.items()}
-    walls = {v: [r["launch_wall_seconds"] for r in rs] for v, rs in results.items()}
-    ratios = [a / b for a, b in zip(per_round["new"], per_round["old"])]
-    wall_ratios = [a / b for a, b in zip(walls["new"], walls["old"])]
-    loss_diff = max(abs(a - b) for rn, ro in zip(results["new"], results["old"])
-                    for a, b in zip(rn["loss"], ro["loss"]))
-    lines = ["| version | s/step | launch wall s |", "|---|---|---|",
-             f"| new: engine DDP (working tree) | {_spread(per_round['new'])} | {_spread(walls['new'], '{:.1f}')} |",
-             f"| old: hand-written all-reduce ({args.old}) | {_spread(per_round['old'])} | "
-             f"{_spread(walls['old'], '{:.1f}')} |",
-             "", "| ratio new / old (per round) | median (min–max) |", "|---|---|",
-             f"| s/step | {_spread(ratios)} |", f"| launch wall time | {_spread(wall_ratios)} |"]
-    text = "\n".join(lines)
+        setup = build_inputs(args, work)
+        results = interleave(args.rounds, alternating(["new", "old"]),  # ABBA: drift hits both alike
+                             lambda v, round_: run_launch(v, sources[v], setup, args, work, round_),
+                             lambda v, round_, r: print(
+                                 f"{round_tag(round_, args.rounds)} {v}: {median(r['seconds_per_step'][args.warmup:]):.3f} "
+                                 f"s/step (launch {r['launch_wall_seconds']:.0f} s)", flush=True))
+    summary, text = summarise(args, results)
+    m = setup["model"]
     print()
     print(f"DDP, {args.processes} CPU processes x {args.threads} thread(s), batch {args.batch_size} pairs per process, "
-          f"{args.steps} steps per run ({w} warm-up discarded), {args.rounds} round(s), model "
+          f"{args.steps} steps per run ({args.warmup} warm-up discarded), {args.rounds} round(s), model "
           f"{m['params_total'] / 1e6:.2f}M params (hidden {m['hidden']}, {m['layers']} layers)")
     print("values: median (min–max over rounds)")
     print(text)
-    print(f"\nper-step training loss, new vs old: max |difference| {loss_diff:.2e}")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"engines-{stamp}{'-quick' if args.quick else ''}.json"
-    payload = {"args": vars(args), "setup": setup, "imported_from": where, "working_tree": tree,
-               "summary": {"seconds_per_step": per_round, "launch_wall_seconds": walls, "ratio_new_over_old": ratios,
-                           "wall_ratio_new_over_old": wall_ratios, "max_abs_loss_difference": loss_diff},
-               "raw": results, "table_markdown": text, "wall_seconds": time.perf_counter() - t0,
-               "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                           "cpus": os.cpu_count()}}
-    path.write_text(json.dumps(payload, indent=1, default=str))
+    print(f"\nper-step training loss, new vs old: max |difference| {summary['max_abs_loss_difference']:.2e}")
+    path = write_result(args, "engines-", {"setup": setup, "imported_from": where, "working_tree": tree,
+                                           "summary": summary, "raw": results, "table_markdown": text}, t0)
     print(f"\nwrote {path} ({time.perf_counter() - t0:.0f} s)")
 
 

@@ -27,8 +27,8 @@ from dpokit.data.batching import collate
 from dpokit.models.gated_mlp import keep_less_in_gated_mlps
 from dpokit.models.logprobs import sequence_logprobs
 from dpokit.models.lora import LoraOptions, add_adapter
-from _report import on_off, speedup
-from _setup import random_llama
+from _harness import on_off, speedup
+from _setup import add_model_options, random_llama
 from bench_last_layer import pairs
 
 
@@ -109,10 +109,7 @@ def model(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--intermediate", type=int, default=2304)
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--layers", type=int, default=12)
+    add_model_options(parser, hidden=768, layers=12, heads=12, intermediate=2304)
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=1760, help="tokens of the per-layer runs (4 pairs of ~440)")
     parser.add_argument("--pairs", type=int, default=2, help="pairs per batch of the model runs")

@@ -24,8 +24,8 @@ from dpokit.models.gated_mlp import keep_less_in_gated_mlps
 from dpokit.models.logprobs import sequence_logprobs
 from dpokit.models.lora import LoraOptions, add_adapter
 from dpokit.data.tokenize import TokenizedExample
-from _report import on_off, speedup
-from _setup import random_llama
+from _harness import on_off, speedup
+from _setup import add_model_options, random_llama
 
 
 def pairs(count: int, vocab: int, seed: int) -> list[TokenizedExample]:
@@ -37,9 +37,7 @@ def pairs(count: int, vocab: int, seed: int) -> list[TokenizedExample]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--layers", type=int, default=4)
+    add_model_options(parser)
     parser.add_argument("--lora-r", type=int, default=0, help="a LoRA adapter of this rank on every linear layer")
     parser.add_argument("--pairs", type=int, default=4, help="pairs per batch")
     parser.add_argument("--threads", type=int, default=1)
@@ -47,7 +45,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     batches = [collate(pairs(args.pairs, 8192, s), list(range(args.pairs)), layout="packed", pad_token_id=0)
                for s in range(8)]
-    model = random_llama(vocab=8192, hidden=args.hidden, heads=args.heads, layers=args.layers, max_positions=2048)
+    model = random_llama(vocab=8192, hidden=args.hidden, heads=args.heads, layers=args.layers, max_positions=2048,
+                         intermediate=args.intermediate)
     keep_less_in_gated_mlps(model)
     if args.lora_r:
         model = add_adapter(model, LoraOptions(r=args.lora_r, alpha=2 * args.lora_r))

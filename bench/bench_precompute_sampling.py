@@ -26,41 +26,30 @@ stored: on a shared machine read the ratios, not the absolute rates.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import statistics
-import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from _harness import (alternating, apply_quick, fmt_summary, harness_parser, interleave, markdown, round_tag, summary,
+                      write_result)
+from _setup import add_shape_options, build_inputs, quiet_environment, workdir
 
 
-def _args() -> argparse.Namespace:
-    from _setup import add_shape_options
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3, help="measured rounds (default 3; one warm-up round more)")
+def _args():
+    parser = harness_parser(__doc__, rounds=3, rounds_help="measured rounds (default 3; one warm-up round more)",
+                            batch_size=8, max_length=512, threads=1, child=None,
+                            threads_help="torch threads for every system (default 1: on a busy machine 2 threads of "
+                                         "a small model wait on each other at every op, 10-45x slower)",
+                            quick="1 round of a tiny shape (hidden 64, 2 layers)")
     parser.add_argument("--pairs", type=int, default=64, help="preference pairs to precompute (default 64)")
-    parser.add_argument("--batch-size", type=int, default=8, help="pairs per precompute batch, sequences per "
-                        "sampling batch (default 8)")
     parser.add_argument("--prompts", type=int, default=16, help="prompts to sample from (default 16)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--max-length", type=int, default=512)
     add_shape_options(parser)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads for every system (default 1: on a busy "
-                        "machine 2 threads of a small model wait on each other at every op, 10-45x slower)")
     parser.add_argument("--only", choices=("precompute", "sampling"), help="measure only these systems")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", help="keep the model and data here (default: a temporary directory)")
-    parser.add_argument("--out", default=str(HERE / "results"), help="directory for the JSON result")
-    parser.add_argument("--quick", action="store_true", help="1 round of a tiny shape (hidden 64, 2 layers)")
     args = parser.parse_args()
-    if args.quick:
-        args.rounds, args.pairs, args.prompts, args.max_new_tokens = 1, 16, 8, 8
-        args.prompt_len, args.response_len, args.hidden, args.layers, args.heads = 40, 24, 64, 2, 2
-        args.max_length, args.vocab = 128, 2048
+    apply_quick(args, rounds=1, pairs=16, prompts=8, max_new_tokens=8, prompt_len=40, response_len=24, hidden=64,
+                layers=2, heads=2, max_length=128, vocab=2048)
     return args
 
 
@@ -145,43 +134,19 @@ def hf_sampling(model, tokenizer, prompts: list[str], args, batch_size: int) -> 
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _summary(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
-def _fmt(s: dict, digits: int = 0) -> str:
-    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
-
-
-def main() -> None:
-    args = _args()
-    os.environ.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-                      TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
-    import torch
-
-    torch.set_num_threads(args.threads)
-    import datasets
-
-    from _setup import build_everything
+def systems(args, setup: dict, work: Path) -> dict:
+    """name -> a function that runs it once and returns (seconds, tokens)."""
     from dpokit.api import prepare_data
     from dpokit.config import TrainConfig
     from dpokit.models.loading import load_model, load_tokenizer
 
-    datasets.disable_progress_bars()
-    datasets.disable_caching()  # TRL must compute its table every round, never reuse a cached one
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="dpokit_bench_ps_"))
-    work.mkdir(parents=True, exist_ok=True)
-    load = [os.getloadavg()]
-    print(f"building tokenizer, model and data in {work} (load average {load[0][0]:.1f}) ...", flush=True)
-    setup = build_everything(args, work)
     tokenizer = load_tokenizer(setup["model_dir"])
     config = TrainConfig(model=setup["model_dir"], data=setup["data"], output=str(work / "probe"),
                          max_length=args.max_length, max_prompt_length=setup["max_prompt_length"])
     examples = prepare_data(config, "dpo", tokenizer, log=lambda *_: None, use_cache=False).train
     model = load_model(setup["model_dir"])
     prompts = [json.loads(line)["prompt"] for line in Path(setup["data"]).read_text().splitlines()][: args.prompts]
-
-    systems = {
+    found = {
         "dpokit precompute": lambda: dpokit_precompute(setup, examples, tokenizer, args),
         "TRL precompute": lambda: trl_precompute(setup, examples, tokenizer, args),
         "dpokit sampling": lambda: dpokit_sampling(model, tokenizer, prompts, args),
@@ -189,36 +154,64 @@ def main() -> None:
         "generate, one prompt at a time": lambda: hf_sampling(model, tokenizer, prompts, args, 1),
     }
     if args.only:
-        systems = {name: run for name, run in systems.items() if ("precompute" in name) == (args.only == "precompute")}
-    raw: dict[str, list[dict]] = {name: [] for name in systems}
-    for round_ in range(-1, args.rounds):  # round -1: warm-up, discarded
-        names = list(systems) if round_ % 2 == 0 else list(reversed(systems))
-        for name in names:
-            seconds, tokens = systems[name]()
-            if torch.get_num_threads() != args.threads:
-                raise SystemExit(f"{name} changed the thread count to {torch.get_num_threads()}")
-            tag = "warm-up" if round_ < 0 else f"round {round_ + 1}/{args.rounds}"
-            print(f"{tag:12s} {name:32s} {seconds:7.2f} s  {tokens:6d} tokens  {tokens / seconds:8.0f} tokens/s",
-                  flush=True)
-            if round_ >= 0:
-                raw[name].append({"seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds})
-    load.append(os.getloadavg())
+        found = {name: run for name, run in found.items() if ("precompute" in name) == (args.only == "precompute")}
+    return found
 
+
+def measure(args, work: Path) -> tuple[dict, dict]:
+    """Build the inputs and run every system once per round, after a warm-up round; return the setup and runs."""
+    import torch
+
+    setup = build_inputs(args, work)
+    runs = systems(args, setup, work)
+
+    def run(name, round_):
+        seconds, tokens = runs[name]()
+        if torch.get_num_threads() != args.threads:
+            raise SystemExit(f"{name} changed the thread count to {torch.get_num_threads()}")
+        return {"seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds}
+
+    def report(name, round_, r):
+        print(f"{round_tag(round_, args.rounds):12s} {name:32s} {r['seconds']:7.2f} s  {r['tokens']:6d} tokens  "
+              f"{r['tokens_per_second']:8.0f} tokens/s", flush=True)
+
+    return setup, interleave(args.rounds, alternating(list(runs)), run, report, warmup_rounds=1)
+
+
+def summarise(raw: dict) -> tuple[dict, list, str]:
+    """Per-round ratios, whether both precomputes scored the same tokens, and the table."""
     rates = {name: [r["tokens_per_second"] for r in runs] for name, runs in raw.items()}
     pairs = {"precompute: dpokit / TRL": ("dpokit precompute", "TRL precompute"),
              "sampling: dpokit / generate, batched": ("dpokit sampling", "generate, batched"),
              "sampling: dpokit / generate, one at a time": ("dpokit sampling", "generate, one prompt at a time")}
-    ratios = {label: _summary([a / b for a, b in zip(rates[x], rates[y])]) for label, (x, y) in pairs.items()
+    ratios = {label: summary([a / b for a, b in zip(rates[x], rates[y])]) for label, (x, y) in pairs.items()
               if x in rates and y in rates}
     same_tokens = [a["tokens"] == b["tokens"]
                    for a, b in zip(raw.get("dpokit precompute", []), raw.get("TRL precompute", []))]
-    lines = ["| system | seconds | tokens | tokens/s |", "|---|---|---|---|"]
-    for name, runs in raw.items():
-        lines.append(f"| {name} | {_fmt(_summary([r['seconds'] for r in runs]), 2)} | {runs[0]['tokens']} | "
-                     f"{_fmt(_summary(rates[name]))} |")
-    lines += ["", "| ratio (tokens/s) | median (min–max) |", "|---|---|"]
-    lines += [f"| {label} | {_fmt(s, 2)} |" for label, s in ratios.items()]
-    text = "\n".join(lines)
+    text = "\n".join([
+        markdown(["system", "seconds", "tokens", "tokens/s"],
+                 [[name, fmt_summary(summary([r["seconds"] for r in runs]), 2), runs[0]["tokens"],
+                   fmt_summary(summary(rates[name]), 0)] for name, runs in raw.items()]),
+        "", markdown(["ratio (tokens/s)", "median (min–max)"], [[label, fmt_summary(s, 2)] for label, s in ratios.items()])])
+    return ratios, same_tokens, text
+
+
+def main() -> None:
+    args = _args()
+    os.environ.update(quiet_environment(threads=args.threads))
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.disable_caching()  # TRL must compute its table every round, never reuse a cached one
+    load = [os.getloadavg()]
+    print(f"load average {load[0][0]:.1f}", flush=True)
+    with workdir(args, "dpokit_bench_ps_") as work:
+        setup, raw = measure(args, work)
+    load.append(os.getloadavg())
+    ratios, same_tokens, text = summarise(raw)
     m, stats = setup["model"], setup["data_stats"]
     print(f"\n{args.pairs} pairs (prompt {stats['prompt_tokens']}, responses {stats['response_tokens_incl_eos']} "
           f"tokens), {args.prompts} prompts x {args.max_new_tokens} new tokens, batch {args.batch_size}; model "
@@ -228,13 +221,10 @@ def main() -> None:
                                        if same_tokens else ""))
     print("values: median (min–max over rounds)")
     print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"precompute-sampling-{time.strftime('%Y%m%d-%H%M%S')}{'-quick' if args.quick else ''}.json"
-    path.write_text(json.dumps({"args": vars(args), "setup": setup, "raw": raw, "ratios": ratios,
-                                "same_precompute_tokens": same_tokens, "load_average": load,
-                                "versions": {mod: __import__(mod).__version__ for mod in ("torch", "transformers", "trl")},
-                                "table_markdown": text}, indent=1, default=str))
+    path = write_result(args, "precompute-sampling-", {
+        "setup": setup, "raw": raw, "ratios": ratios, "same_precompute_tokens": same_tokens, "load_average": load,
+        "versions": {mod: __import__(mod).__version__ for mod in ("torch", "transformers", "trl")},
+        "table_markdown": text})
     print(f"\nwrote {path}")
 
 

@@ -35,23 +35,14 @@ from the cmeel-mimalloc wheel, or jemalloc: dpokit.runtime.memory), TRL's on the
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-from _report import _med, _spread
-from _scale_children import (DEFAULT_SYSTEMS, LORA, LR, SYSTEMS, child_dpokit, child_trl, dpokit_lora_fields,
-                             tree_state)
-from _setup import add_malloc_option, add_shape_options, allocators, build_everything, child_environment
-
-HERE = Path(__file__).resolve().parent
+from _harness import (apply_quick, chosen_systems, harness_parser, interleave, median, per_round, run_line, spread,
+                      step_rates, tree_state, write_result)
+from _scale_children import CHILDREN, DEFAULT_SYSTEMS, LORA, LR, SYSTEMS, dpokit_lora_fields
+from _setup import (add_malloc_option, add_shape_options, allocators, build_inputs, child_spec, serve_child,
+                    system_runner, workdir)
 
 # (numerator, denominator, kind, target): kind "mem" = peak RSS ratio, "speed" = throughput ratio (num / den)
 RATIOS = [
@@ -76,67 +67,44 @@ RATIOS = [
 ]
 
 
-def run_child(spec: dict, work: Path, name: str, round_: int, malloc: str) -> dict:
-    spec_path = work / f"spec_{name}_{round_}.json"
-    out_path = work / f"result_{name}_{round_}.json"
-    spec = dict(spec, result=str(out_path), output=str(work / f"run_{name}_{round_}"))
-    shutil.rmtree(spec["output"], ignore_errors=True)  # left by an interrupted earlier run in the same --workdir
-    spec_path.write_text(json.dumps(spec))
-    env = child_environment(name, malloc, spec["threads"], work)
-    log = work / f"log_{name}_{round_}.txt"
-    started = time.perf_counter()
-    with log.open("w") as handle:
-        proc = subprocess.run([sys.executable, __file__, "--child", str(spec_path)], stdout=handle,
-                              stderr=subprocess.STDOUT, env=env)
-    shutil.rmtree(spec["output"], ignore_errors=True)
-    if proc.returncode != 0 or not out_path.exists():
-        return {"failed": True, "returncode": proc.returncode, "log_tail": log.read_text()[-6000:],
-                "child_wall_seconds": time.perf_counter() - started}
-    result = json.loads(out_path.read_text())
-    result["child_wall_seconds"] = time.perf_counter() - started
-    return result
+def _ratio(entry: dict, a: list, b: list, warmup: int) -> list[float]:
+    """Per round (the two runs of the same round, both finished): peak RSS or throughput, num / den."""
+    if entry["kind"] == "mem":
+        return per_round(a, b, lambda x, y: x["peak_rss_mib"] / y["peak_rss_mib"], skip_failed=True)
+    return per_round(a, b, lambda x, y: step_rates(x, warmup)[1] / step_rates(y, warmup)[1], skip_failed=True)
+
+
+def _target(entry: dict, target) -> None:
+    """Whether the median and every round meet `target` (op, bound)."""
+    op, bound = target
+    values = entry["values"]
+    entry["target"] = f"{op} {bound}"
+    worst = max(values) if op == "<=" else min(values)
+    med = median(values)
+    entry["met_median"] = med <= bound if op == "<=" else med >= bound
+    entry["met_every_round"] = worst <= bound if op == "<=" else worst >= bound
 
 
 def summarise(results: dict, warmup: int) -> dict:
     systems = {}
     for name, runs in results.items():
         ok = [r for r in runs if not r.get("failed")]
-        per_round = []
-        for r in ok:
-            sec = r["seconds_per_step"][warmup:]
-            tok = r["tokens_per_step"][warmup:]
-            per_round.append({"seconds_per_step": _med(sec), "tokens_per_second": sum(tok) / sum(sec),
-                              "tokens_per_step": tok, "peak_rss_mib": r["peak_rss_mib"],
-                              "peak_minus_import_mib": r["peak_rss_mib"] - r["rss_after_import_mib"],
-                              "trainable_params": r.get("trainable_params")})
-        systems[name] = {"per_round": per_round, "failed_rounds": len(runs) - len(ok)}
+        rounds = [{"seconds_per_step": step_rates(r, warmup)[0], "tokens_per_second": step_rates(r, warmup)[1],
+                   "tokens_per_step": r["tokens_per_step"][warmup:], "peak_rss_mib": r["peak_rss_mib"],
+                   "peak_minus_import_mib": r["peak_rss_mib"] - r["rss_after_import_mib"],
+                   "trainable_params": r.get("trainable_params")} for r in ok]
+        systems[name] = {"per_round": rounds, "failed_rounds": len(runs) - len(ok)}
     ratios = []
     for num, den, kind, target in RATIOS:
         if num not in systems or den not in systems:
             continue
         a, b = results[num], results[den]
-        values = []
-        for ra, rb in zip(a, b):  # per round: the two runs of the same round
-            if ra.get("failed") or rb.get("failed"):
-                continue
-            if kind == "mem":
-                values.append(ra["peak_rss_mib"] / rb["peak_rss_mib"])
-            else:
-                ta = sum(ra["tokens_per_step"][warmup:]) / sum(ra["seconds_per_step"][warmup:])
-                tb = sum(rb["tokens_per_step"][warmup:]) / sum(rb["seconds_per_step"][warmup:])
-                values.append(ta / tb)
-        same = None
-        if kind == "speed":
-            same = all(ra["tokens_per_step"] == rb["tokens_per_step"] for ra, rb in zip(a, b)
-                       if not ra.get("failed") and not rb.get("failed"))
-        entry = {"num": num, "den": den, "kind": kind, "values": values, "same_batches": same}
-        if target and values:
-            op, bound = target
-            entry["target"] = f"{op} {bound}"
-            worst = max(values) if op == "<=" else min(values)
-            med = _med(values)
-            entry["met_median"] = med <= bound if op == "<=" else med >= bound
-            entry["met_every_round"] = worst <= bound if op == "<=" else worst >= bound
+        entry = {"num": num, "den": den, "kind": kind}
+        entry["values"] = _ratio(entry, a, b, warmup)
+        entry["same_batches"] = None if kind != "speed" else all(per_round(
+            a, b, lambda x, y: x["tokens_per_step"] == y["tokens_per_step"], skip_failed=True))
+        if target and entry["values"]:
+            _target(entry, target)
         ratios.append(entry)
     return {"systems": systems, "ratios": ratios}
 
@@ -150,10 +118,10 @@ def table(summary: dict) -> str:
         trainable = pr[0]["trainable_params"] if pr and pr[0]["trainable_params"] else None
         lines.append(
             f"| {name} | {f'{trainable / 1e6:.2f}M' if trainable else '–'} "
-            f"| {_spread([r['seconds_per_step'] for r in pr])} "
-            f"| {_spread([r['tokens_per_second'] for r in pr], '{:.0f}')} "
-            f"| {_spread([r['peak_rss_mib'] for r in pr], '{:.0f}')} "
-            f"| {_spread([r['peak_minus_import_mib'] for r in pr], '{:.0f}')} | {len(pr)}/{n} |")
+            f"| {spread([r['seconds_per_step'] for r in pr])} "
+            f"| {spread([r['tokens_per_second'] for r in pr], '{:.0f}')} "
+            f"| {spread([r['peak_rss_mib'] for r in pr], '{:.0f}')} "
+            f"| {spread([r['peak_minus_import_mib'] for r in pr], '{:.0f}')} | {len(pr)}/{n} |")
     lines += ["", "| ratio | median (min–max over rounds) | target | met (median / every round) |", "|---|---|---|---|"]
     for r in summary["ratios"]:
         what = "peak RSS" if r["kind"] == "mem" else "throughput"
@@ -163,45 +131,22 @@ def table(summary: dict) -> str:
         met = "–"
         if "met_median" in r:
             met = f"{'yes' if r['met_median'] else 'NO'} / {'yes' if r['met_every_round'] else 'NO'}"
-        lines.append(f"| {label} | {_spread(r['values'], '{:.2f}')} | {r.get('target', '–')} | {met} |")
+        lines.append(f"| {label} | {spread(r['values'], '{:.2f}')} | {r.get('target', '–')} | {met} |")
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    parser.add_argument("--steps", type=int, default=4, help="training steps per run (default 4)")
-    parser.add_argument("--warmup", type=int, default=1, help="steps discarded at the start of each run (default 1)")
-    parser.add_argument("--batch-size", type=int, default=4, help="preference pairs per step (default 4)")
-    parser.add_argument("--max-length", type=int, default=256)
+def parse_args():
+    parser = harness_parser(__doc__, rounds=3, steps=4, warmup=1, batch_size=4, max_length=256, threads=2,
+                            systems=SYSTEMS, default_systems=DEFAULT_SYSTEMS,
+                            quick="tiny check of the harness: 1 round, 3 steps, hidden 64, 2 layers")
     add_shape_options(parser, prompt_len=64, response_len=48, hidden=768, layers=12, heads=12, intermediate=2304)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads in every run (default 2)")
-    parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
-                        help=f"comma-separated subset of: {', '.join(SYSTEMS)} (default: all)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", help="keep the model, data and logs here (default: a temporary directory)")
-    parser.add_argument("--out", default=str(HERE / "results"), help="directory for the JSON result")
     add_malloc_option(parser)
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny check of the harness: 1 round, 3 steps, hidden 64, 2 layers")
     args = parser.parse_args()
-
     if args.child:
-        spec = json.loads(Path(args.child).read_text())
-        result = (child_dpokit if spec["kind"] == "dpokit" else child_trl)(spec)
-        Path(spec["result"]).write_text(json.dumps(result))
-        return
-
-    if args.quick:
-        args.rounds, args.steps, args.warmup = 1, 3, 1
-        args.hidden, args.layers, args.heads, args.intermediate = 64, 2, 2, 128
-        args.prompt_len, args.response_len, args.max_length = 32, 16, 128
-    names = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = [n for n in names if n not in SYSTEMS]
-    if unknown:
-        parser.error(f"unknown systems {unknown}; choose from {list(SYSTEMS)}")
+        return args, None, None
+    apply_quick(args, rounds=1, steps=3, warmup=1, hidden=64, layers=2, heads=2, intermediate=128, prompt_len=32,
+                response_len=16, max_length=128)
+    names = chosen_systems(parser, args, SYSTEMS)
     fields = dpokit_lora_fields()
     skipped = {}
     for n in names:
@@ -209,43 +154,14 @@ def main() -> None:
         missing = [k for k in opts if kind == "dpokit" and k not in fields]
         if missing:
             skipped[n] = f"dpokit.TrainConfig has no field(s) {missing}"
-    if skipped:
-        for n, why in skipped.items():
-            print(f"skipping {n}: {why}", flush=True)
-        names = [n for n in names if n not in skipped]
+            print(f"skipping {n}: {skipped[n]}", flush=True)
     args.pairs = args.batch_size * args.steps  # one epoch covers the run: every step sees new pairs
+    return args, [n for n in names if n not in skipped], skipped
 
-    tree_before = tree_state(HERE.parent)
-    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="dpokit_scale_"))
-    work.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    print(f"building tokenizer, model and data in {work} ...", flush=True)
-    setup = build_everything(args, work)
+
+def report(args, names: list[str], setup: dict, summary: dict, tree: dict, skipped: dict, failed: dict) -> str:
+    """Print the table and what did not run or changed; return the table."""
     m = setup["model"]
-    print(f"model: {m['params_total'] / 1e6:.2f}M parameters (hidden {m['hidden']}, {m['layers']} layers, "
-          f"MLP {m['intermediate']}, vocab {m['vocab']}); data: {json.dumps(setup['data_stats'])}", flush=True)
-
-    spec_base = {"model_dir": setup["model_dir"], "data": setup["data"], "data_trl": setup["data_trl"],
-                 "batch_size": args.batch_size, "max_length": args.max_length,
-                 "max_prompt_length": setup["max_prompt_length"], "steps": args.steps, "threads": args.threads,
-                 "seed": args.seed}
-    results: dict[str, list] = {n: [] for n in names}
-    for round_ in range(args.rounds):
-        for name in names:
-            kind, options = SYSTEMS[name]
-            r = run_child(dict(spec_base, kind=kind, options=options), work, name, round_, args.malloc)
-            results[name].append(r)
-            if r.get("failed"):
-                print(f"round {round_ + 1}/{args.rounds} {name:13s} FAILED (exit {r['returncode']}); log tail:\n"
-                      f"{r['log_tail'][-3000:]}", flush=True)
-                continue
-            sec = r["seconds_per_step"][args.warmup:]
-            print(f"round {round_ + 1}/{args.rounds} {name:13s} {_med(sec):7.3f} s/step  "
-                  f"{sum(r['tokens_per_step'][args.warmup:]) / sum(sec):7.0f} tokens/s  "
-                  f"peak RSS {r['peak_rss_mib']:6.0f} MiB  (child {r['child_wall_seconds']:.0f} s)", flush=True)
-
-    tree_after = tree_state(HERE.parent)
-    summary = summarise(results, args.warmup)
     text = table(summary)
     print()
     print(f"DPO at scale: model {m['params_total'] / 1e6:.1f}M params (hidden {m['hidden']}, {m['layers']} layers, "
@@ -258,40 +174,35 @@ def main() -> None:
     print(text)
     if skipped:
         print("\nnot run: " + "; ".join(f"{n} ({why})" for n, why in skipped.items()))
-    if tree_before != tree_after:
+    if tree["before"] != tree["after"]:
         print("\nWARNING: src/ changed while the benchmark ran (different runs may have measured different code): "
-              f"{tree_before['src_state_sha1'][:10]} -> {tree_after['src_state_sha1'][:10]}")
-    failed = {n: sum(1 for r in rs if r.get("failed")) for n, rs in results.items()}
-    failed = {n: k for n, k in failed.items() if k}
+              f"{tree['before']['src_state_sha1'][:10]} -> {tree['after']['src_state_sha1'][:10]}")
     if failed:
         print("\nfailed runs: " + ", ".join(f"{n} x{k}" for n, k in failed.items()) + " (log tails in the JSON)")
+    return text
 
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"scale-{stamp}{'-quick' if args.quick else ''}.json"
-    payload = {"args": vars(args), "setup": setup, "summary": summary, "skipped": skipped, "raw": results,
-               "dpokit_tree": {"before": tree_before, "after": tree_after},
-               "table_markdown": text, "wall_seconds": time.perf_counter() - t0,
-               "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                           "cpus": os.cpu_count(), "versions": _versions(),
-                           "allocators": allocators(names, args.malloc)}}
-    path.write_text(json.dumps(payload, indent=1, default=str))
+
+def main() -> None:
+    args, names, skipped = parse_args()
+    if args.child:
+        return serve_child(args.child, CHILDREN)
+    tree = {"before": tree_state()}
+    t0 = time.perf_counter()
+    with workdir(args, "dpokit_scale_") as work:
+        setup = build_inputs(args, work)
+        run = system_runner(__file__, SYSTEMS, child_spec(setup, args), args, work, failed="record")
+        results = interleave(args.rounds, names, run, lambda name, round_, r: print(
+            run_line(round_, args.rounds, name, r, args.warmup, 13), flush=True))
+    tree["after"] = tree_state()
+    summary = summarise(results, args.warmup)
+    failed = {n: k for n, k in ((n, sum(1 for r in rs if r.get("failed"))) for n, rs in results.items()) if k}
+    text = report(args, names, setup, summary, tree, skipped, failed)
+    path = write_result(args, "scale-", {"setup": setup, "summary": summary, "skipped": skipped, "raw": results,
+                                         "dpokit_tree": tree, "table_markdown": text}, t0,
+                        {"allocators": allocators(names, args.malloc)})
     print(f"\nwrote {path} ({time.perf_counter() - t0:.0f} s)")
-    if not args.workdir:
-        shutil.rmtree(work, ignore_errors=True)
     if failed:
         sys.exit(1)
-
-
-def _versions() -> dict:
-    out = {}
-    for mod in ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "dpokit"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001
-            out[mod] = None
-    return out
 
 
 if __name__ == "__main__":

@@ -18,14 +18,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from _setup import random_llama
+from _setup import random_llama, start_busy, stop
 
 HERE = Path(__file__).resolve().parent
 
@@ -82,8 +80,7 @@ def main() -> None:
     parser.add_argument("--busy", type=int, default=0, help="busy background processes during the measurement")
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args()
-    code = "import time\nend = time.time() + 900\nwhile time.time() < end:\n    pass\n"
-    busy = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(args.busy)]
+    busy = start_busy(args.busy, 900)
     rows = []
     print("| kernel | 1 thread (ms) | 2 threads (ms) | 2 threads / 1 thread | load avg. |\n|---|---|---|---|---|")
     try:
@@ -102,9 +99,7 @@ def main() -> None:
             print(f"| {name} | {one * 1000:.0f} | {two * 1000:.0f} | {two / one:.2f} | {os.getloadavg()[0]:.1f} |",
                   flush=True)
     finally:
-        for proc in busy:
-            proc.kill()
-            proc.wait()
+        stop(busy)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"threads-{time.strftime('%Y%m%d-%H%M%S')}-busy{args.busy}.json"

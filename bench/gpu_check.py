@@ -265,7 +265,7 @@ def build(mode: str, work: Path) -> dict:
 
 def run(name: str, library: str, launcher: str | None, options: dict, mode: str, setup: dict, work: Path,
         processes: int, checkpoint: bool) -> dict:
-    from _setup import free_port  # on sys.path since build()
+    from _setup import free_port, quiet_environment  # on sys.path since build()
 
     s = SHAPES[mode]
     out = work / f"run_{name}"
@@ -277,9 +277,8 @@ def run(name: str, library: str, launcher: str | None, options: dict, mode: str,
             "no_deepspeed_shm_op": mode == "dry" and launcher is not None and launcher.startswith("zero")}
     spec_path = work / f"spec_{name}.json"
     spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1",
-               TQDM_DISABLE="1", PYTHONWARNINGS="ignore", HF_DATASETS_CACHE=str(work / "hf_datasets_cache"))
-    env.pop("ACCELERATE_USE_CPU", None)
+    env = quiet_environment(drop=("ACCELERATE_USE_CPU",), TOKENIZERS_PARALLELISM="false",
+                            HF_DATASETS_CACHE=str(work / "hf_datasets_cache"))
     if launcher:
         if mode == "dry":
             env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
@@ -337,7 +336,9 @@ def run_exactness(mode: str, setup: dict, work: Path) -> dict:
             "result": str(work / "result_exactness.json")}
     spec_path = work / "spec_exactness.json"
     spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    from _setup import quiet_environment
+
+    env = quiet_environment(TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run([sys.executable, __file__, "--child", str(spec_path)], env=env, capture_output=True,
                           text=True, cwd=work, timeout=s["timeout"])
     if proc.returncode != 0 or not Path(spec["result"]).exists():
@@ -361,7 +362,7 @@ def main() -> int:
                         help="keep dpokit's end-of-run checkpoint (skipped by default: it is not what is timed)")
     parser.add_argument("--workdir", help="keep the model, data and logs here (default: a temporary directory)")
     args = parser.parse_args()
-    from _report import _med
+    from _harness import median as _med
 
     if args.child:
         spec = json.loads(Path(args.child).read_text())

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _report import matmul_gflops
+from _harness import matmul_gflops
 from _setup import add_shape_options, build_everything
 
 HERE = Path(__file__).resolve().parent
