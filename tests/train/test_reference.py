@@ -54,6 +54,21 @@ def test_cache_is_reused_only_when_nothing_changed(tokenizer, tmp_path):
     assert len(list(tmp_path.glob("*.safetensors"))) == 5
 
 
+def test_cache_key_covers_how_log_probs_are_computed(tokenizer, tmp_path):
+    """`chunked` (the chunked log-softmax of dpokit.models.logprobs, or the full one) is part of the key: a table
+    computed one way is never reused for the other, whose float sums may differ in the last bits."""
+    model, examples = make_llama(), _examples(tokenizer)
+    runs = {}
+    for chunked in (True, False):
+        runs[chunked] = cached_reference_logps(ModelReference(model, chunked=chunked), weights_digest(model), tokenizer,
+                                               examples, tmp_path, batch_size=4, layout="packed", chunked=chunked,
+                                               log=lambda *_: None)
+    assert not runs[True][2] and not runs[False][2]
+    assert runs[True][1] != runs[False][1] and len(list(tmp_path.glob("*.safetensors"))) == 2
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-5, atol=1e-5)
+    assert _cache(model, tokenizer, examples, tmp_path)[1:] == (runs[True][1], True)  # each way's own table reused
+
+
 def test_reference_model_is_frozen(tokenizer):
     model = make_llama().train()
     reference = ModelReference(model)
