@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import pytest
@@ -51,17 +53,19 @@ def test_warmup_ratio_alone_is_accepted_and_a_small_max_length_lowers_the_defaul
 
 def test_max_length_fits_the_model():
     cfg = config()
-    note = cfg.fit_max_length(256, "tiny")
-    assert cfg.max_length == 256 and cfg.max_prompt_length == 128
+    max_length, max_prompt_length, note = cfg.fit_lengths(256, "tiny")
+    assert max_length == 256 and max_prompt_length == 128
     assert note == "note: --max-length 256, not the default 512: tiny has 256 positions; --max-prompt-length 128"
-    assert cfg.fit_max_length(256, "tiny") is None  # nothing left to change
-    assert config().fit_max_length(1024, "big") is None and config().fit_max_length(None, "unknown") is None
+    assert cfg.max_length == 512 and cfg.is_default("max_length")  # the options stay as given
+    fitted = dataclasses.replace(cfg, max_length=max_length, max_prompt_length=max_prompt_length)
+    assert fitted.fit_lengths(256, "tiny")[2] is None  # nothing left to change
+    assert config().fit_lengths(1024, "big")[2] is None and config().fit_lengths(None, "unknown")[2] is None
     with pytest.raises(ConfigError, match="--max-length 512 is more than the 256 positions of tiny"):
-        config(max_length=512).fit_max_length(256, "tiny")
+        config(max_length=512).fit_lengths(256, "tiny")
     with pytest.raises(ConfigError, match="--max-prompt-length 300 must be less than the 256 positions"):
-        config(max_prompt_length=300).fit_max_length(256, "tiny")
-    kept = config(max_prompt_length=100)
-    assert "prompt" not in kept.fit_max_length(256, "tiny") and kept.max_prompt_length == 100
+        config(max_prompt_length=300).fit_lengths(256, "tiny")
+    _, kept_prompt, note = config(max_prompt_length=100).fit_lengths(256, "tiny")
+    assert "prompt" not in note and kept_prompt == 100
 
 
 def test_yaml_unknown_keys_get_the_closest_option(tmp_path):
@@ -77,3 +81,17 @@ def test_yaml_unknown_keys_get_the_closest_option(tmp_path):
         load_yaml_mapping(tmp_path, "eval", ["model"])
     path.write_text("warmup-ratio: 0.05\nmax_length: 64\n")
     assert read_yaml(path, TrainConfig, "sft", "sft") == {"warmup_ratio": 0.05, "max_length": 64}
+
+
+def test_yaml_numbers_written_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 (PyYAML) reads `1e-6` as a string; a float option takes it as the number it is written as, and
+    anything else that is not a number is still an error."""
+    from dpokit.config.options import read_yaml
+
+    path = tmp_path / "run.yaml"
+    path.write_text("lr: 1e-6\nbeta: 5E-1\nweight_decay: -0\n")
+    assert read_yaml(path, TrainConfig, "dpo", "dpo") == {"lr": 1e-6, "beta": 0.5, "weight_decay": 0}
+    for text in ("lr: fast\n", "lr: 1e-6x\n", "batch_size: 1e2\n"):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match="must be"):
+            read_yaml(path, TrainConfig, "dpo", "dpo")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,12 +72,26 @@ FINITE = Range()
 
 def opt(default: Any, help: str, *, stages: tuple[str, ...] | None = None, choices: tuple | None = None,
         range: Range | None = None, required: bool = False, metavar: str | None = None,
-        aliases: tuple[str, ...] = ()) -> Any:
+        aliases: tuple[str, ...] = (), exclusive: str | None = None) -> Any:
     """Declare an option: a dataclass field with its help text, its allowed values (`choices`, or a numeric
     `range`; numbers are always checked finite), whether the command line requires it, the commands of a shared
-    config that take it (`stages`: None for all) and other flag spellings (`aliases`, e.g. TRL's names)."""
+    config that take it (`stages`: None for all), other flag spellings (`aliases`, e.g. TRL's names) and the
+    group of options it excludes (`exclusive`: the options of one group name exclude each other; with
+    `required`, one of the group is required)."""
     return field(default=default, metadata={"help": help, "stages": stages, "choices": choices, "range": range,
-                                            "required": required, "metavar": metavar, "aliases": aliases})
+                                            "required": required, "metavar": metavar, "aliases": aliases,
+                                            "exclusive": exclusive})
+
+
+def same_as(cls: type, name: str, **changes: Any) -> Any:
+    """Option `name` of config class `cls`, declared again for another config that takes the same option: its
+    default and rules are the one declaration's; `changes` replace parts of its metadata (e.g. a help text that
+    words it for another command)."""
+    original = {f.name: f for f in dataclasses.fields(cls)}[name]
+    unknown = set(changes) - set(original.metadata)
+    if unknown:
+        raise TypeError(f"same_as({cls.__name__}, {name!r}): no such metadata: {', '.join(sorted(unknown))}")
+    return field(default=original.default, metadata={**original.metadata, **changes})
 
 
 def flag(name: str) -> str:
@@ -100,10 +115,11 @@ def value_kind(f: dataclasses.Field) -> type:
 
 
 def check_options(config: Any) -> None:
-    """Check every option of `config` against its declaration: required, choices, finite and in range."""
+    """Check every option of `config` against its declaration: required, exclusive, choices, finite and in range."""
+    _check_exclusive(config)
     for f in options_of(type(config)):
         value = getattr(config, f.name)
-        if f.metadata["required"] and not value:
+        if f.metadata["required"] and not value and not f.metadata.get("exclusive"):
             raise ConfigError(f"{flag(f.name)} is required")
         choices = f.metadata["choices"]
         if choices and value is not None and value not in choices:
@@ -115,6 +131,20 @@ def check_options(config: Any) -> None:
             raise ConfigError(f"{flag(f.name)} must be a number; got {value!r}")
         if not rule.holds(value):
             raise ConfigError(f"{flag(f.name)} must {rule}; got {value!r}")
+
+
+def _check_exclusive(config: Any) -> None:
+    """Options of one `exclusive` group: at most one given, and one when the group is required."""
+    groups: dict[str, list[dataclasses.Field]] = {}
+    for f in options_of(type(config)):
+        if f.metadata.get("exclusive"):
+            groups.setdefault(f.metadata["exclusive"], []).append(f)
+    for members in groups.values():
+        given = [flag(f.name) for f in members if getattr(config, f.name) not in (None, False)]
+        if len(given) > 1:
+            raise ConfigError(f"{' and '.join(given)} exclude each other; give one")
+        if not given and any(f.metadata["required"] for f in members):
+            raise ConfigError(f"one of {', '.join(flag(f.name) for f in members)} is required")
 
 
 def defaults_of(cls: type) -> dict[str, Any]:
@@ -144,6 +174,9 @@ def load_yaml_mapping(path: str | Path, command: str, known: Iterable[str]) -> d
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def read_yaml(path: str | Path, cls: type, command: str, stage: str | None = None) -> dict[str, Any]:
     """Read a YAML config for `dpokit command` (options of `cls` that `stage` takes), each value type-checked."""
     fields = {f.name: f for f in options_of(cls, stage)}
@@ -153,6 +186,8 @@ def read_yaml(path: str | Path, cls: type, command: str, stage: str | None = Non
         if value is None and "None" in str(f.type):
             continue
         kind = value_kind(f)
+        if kind is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            value = values[key] = float(value)  # YAML 1.1 reads 1e-6 (no dot) as a string; everyone writes it
         expected = (int, float) if kind is float else kind
         if not isinstance(value, expected) or (kind is not bool and isinstance(value, bool)):
             name = {bool: "true or false (a YAML bool)", float: "a number", int: "an integer", str: "a string"}[kind]

@@ -3,7 +3,8 @@
 Provenance strings (used in every later error message):
 
 * ``.jsonl`` and ``.csv``: ``"path:LINE"``, the 1-based physical line where the record starts
-  (for CSV the header is line 1, so the first data row is usually line 2);
+  (for CSV the header is line 1, so the first data row is usually line 2); for a compressed file
+  (``.jsonl.gz``, ``.csv.zst``, ...) the line of the decompressed text;
 * ``.json`` holding a list, ``.parquet``, ``save_to_disk`` directories: ``"path row N"``, N 0-based,
   i.e. the index you would use in ``dataset[N]``; a split of a DatasetDict is ``"path[split] row N"``;
 * Hub datasets: ``"name[split] row N"`` (or ``"name:config[split] row N"``), N 0-based.
@@ -12,6 +13,7 @@ Provenance strings (used in every later error message):
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import sys
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dpokit.errors import ConfigError, DataError
-from dpokit.data.validation import SUPPORTED_EXTENSIONS, check_data_spec, looks_like_path
+from dpokit.data.validation import check_data_spec, data_format, looks_like_path, unsupported_file_type
 
 # Keys under which a top-level JSON object may hold its rows (the split name is tried first).
 _JSON_LIST_KEYS = ("data", "rows", "examples")
@@ -49,19 +51,14 @@ def read_rows(spec: str | os.PathLike, split: str = "train", *, streaming: bool 
     if path.is_dir():
         return _read_saved(path, text, split)
     if path.exists():
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            return _read_jsonl(path, text)
-        if suffix == ".json":
-            return _read_json(path, text, split)
+        problem = unsupported_file_type(path)
+        if problem:
+            raise DataError(f"{text}: {problem}")
+        suffix, compression = data_format(path)
         if suffix == ".parquet":
             return _read_parquet(path, text)
-        if suffix == ".csv":
-            return _read_csv(path, text)
-        raise DataError(
-            f"{text}: unsupported file type {path.suffix or '(no extension)'!r}; supported: "
-            f"{', '.join(SUPPORTED_EXTENSIONS)}, or a directory written by save_to_disk"
-        )
+        reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}[suffix]
+        return _decompressed(reader(path, text, split, compression), text)
     if looks_like_path(text):
         # Never fall back to the Hub for something that is clearly meant as a local file: a typo in a
         # file name should not turn into a confusing network error.
@@ -73,9 +70,40 @@ def read_rows(spec: str | os.PathLike, split: str = "train", *, streaming: bool 
     return _read_hub(text, split, streaming)
 
 
-def _read_jsonl(path: Path, label: str) -> Iterator[tuple[Row, str]]:
+def open_binary(path: Path, compression: str | None):
+    """`path` opened for reading bytes, decompressed on the fly when `compression` (see
+    dpokit.data.validation.COMPRESSIONS) is set: the standard library's codecs, and zstandard's for zstd."""
+    if compression is None:
+        return open(path, "rb")
+    if compression == "zstd":
+        try:
+            import zstandard
+        except ImportError:
+            raise DataError(f"{path}: reading zstd-compressed files needs the zstandard package: "
+                            "pip install zstandard") from None
+        return io.BufferedReader(zstandard.open(path, "rb"))  # its reader reads, but has no lines
+    import bz2
+    import gzip
+    import lzma
+
+    return {"gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open}[compression](path, "rb")
+
+
+def _decompressed(rows: Iterator[tuple[Row, str]], label: str) -> Iterator[tuple[Row, str]]:
+    """`rows`, with a damaged compressed stream reported as a one-line DataError naming the file."""
+    import zlib
+
+    try:
+        yield from rows
+    except (OSError, EOFError, zlib.error) as error:  # each codec's word for a truncated or damaged stream
+        raise DataError(f"{label}: cannot decompress ({error or type(error).__name__}); the file is damaged or "
+                        "incomplete") from None
+
+
+def _read_jsonl(path: Path, label: str, split: str = "train", compression: str | None = None
+                ) -> Iterator[tuple[Row, str]]:
     # Read bytes and decode per line so that a bad byte is reported with its line number.
-    with open(path, "rb") as f:
+    with open_binary(path, compression) as f:
         for lineno, raw in enumerate(f, start=1):
             prov = f"{label}:{lineno}"
             try:
@@ -104,9 +132,10 @@ def _json_type(value: Any) -> str:
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
-def _read_json(path: Path, label: str, split: str) -> Iterator[tuple[Row, str]]:
+def _read_json(path: Path, label: str, split: str, compression: str | None = None) -> Iterator[tuple[Row, str]]:
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        with open_binary(path, compression) as f:
+            text = f.read().decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"{label}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
     try:
@@ -114,7 +143,7 @@ def _read_json(path: Path, label: str, split: str) -> Iterator[tuple[Row, str]]:
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":
             # Many published ".json" files are really JSON Lines; read them as such (with line numbers).
-            yield from _read_jsonl(path, label)
+            yield from _read_jsonl(path, label, split, compression)
             return
         raise DataError(f"{label}: invalid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
     if isinstance(data, dict):
@@ -149,11 +178,12 @@ def _read_parquet(path: Path, label: str) -> Iterator[tuple[Row, str]]:
             i += 1
 
 
-def _read_csv(path: Path, label: str) -> Iterator[tuple[Row, str]]:
+def _read_csv(path: Path, label: str, split: str = "train", compression: str | None = None
+              ) -> Iterator[tuple[Row, str]]:
     # The stdlib reader keeps every cell a string (no "42" -> int or "" -> NaN surprises) and
     # gives exact line numbers even for quoted multi-line cells.
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with io.TextIOWrapper(open_binary(path, compression), newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         try:
             header = next(reader, None)

@@ -24,9 +24,32 @@ from dpokit.errors import ConfigError
 
 SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
 """The data files dpokit reads (and directories written by `save_to_disk`)."""
-DATA_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".tsv", ".arrow", ".gz", ".zip")
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
+"""The compressed forms of the text formats (``pairs.jsonl.gz``), by last suffix: fsspec's codec names."""
+TEXT_EXTENSIONS = (".jsonl", ".json", ".csv")  # those that can come compressed (Parquet compresses inside)
+DATA_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".tsv", ".arrow", ".gz", ".zip", ".bz2", ".xz",
+                   ".zst")
 WEIGHT_EXTENSIONS = (".gguf", ".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def data_format(path: str | Path) -> tuple[str, str | None]:
+    """A data file's format suffix and its compression: ``pairs.jsonl.gz`` -> ``(".jsonl", "gzip")``,
+    ``pairs.csv`` -> ``(".csv", None)``."""
+    suffixes = [suffix.lower() for suffix in Path(path).suffixes]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        return (suffixes[-2] if len(suffixes) > 1 else ""), COMPRESSIONS[suffixes[-1]]
+    return (suffixes[-1] if suffixes else ""), None
+
+
+def unsupported_file_type(path: str | Path) -> str | None:
+    """Why dpokit cannot read data file `path` (its type), or None when it can."""
+    suffix, compression = data_format(path)
+    if suffix in (TEXT_EXTENSIONS if compression else SUPPORTED_EXTENSIONS):
+        return None
+    name = "".join(Path(path).suffixes[-2:] if compression else Path(path).suffixes[-1:]) or "(no extension)"
+    return (f"unsupported file type {name!r}; supported: {', '.join(SUPPORTED_EXTENSIONS)}, the first three "
+            f"compressed ({', '.join(COMPRESSIONS)}), or a directory written by save_to_disk")
 
 
 def looks_like_path(text: str, extensions: tuple[str, ...] = DATA_EXTENSIONS + WEIGHT_EXTENSIONS) -> bool:
@@ -89,9 +112,9 @@ def check_data_spec(flag: str, spec: str) -> None:
     file of a type dpokit does not read. What an existing file holds is checked when it is read."""
     path = Path(spec).expanduser()
     if path.is_file():
-        if path.suffix.lower() not in SUPPORTED_EXTENSIONS:
-            raise ConfigError(f"{flag} {spec}: unsupported file type {path.suffix or '(no extension)'!r}; "
-                              f"supported: {', '.join(SUPPORTED_EXTENSIONS)}, or a directory written by save_to_disk")
+        problem = unsupported_file_type(path)
+        if problem:
+            raise ConfigError(f"{flag} {spec}: {problem}")
         return
     if path.exists():
         return
@@ -114,3 +137,12 @@ def check_train_inputs(config) -> None:
     check_data_spec("--data", config.data)
     if config.eval_data:
         check_data_spec("--eval-data", config.eval_data)
+
+
+def check_eval_inputs(config) -> None:
+    """Check the model, reference and data arguments of an EvalConfig, ScoreConfig or RankConfig; nothing is
+    loaded."""
+    check_model_spec("--model", config.model, gguf_file=getattr(config, "gguf_file", None))
+    if config.ref_model is not None:
+        check_model_spec("--ref-model", config.ref_model)
+    check_data_spec("--data", config.data)
