@@ -109,3 +109,24 @@ def test_micro_sweep_writes_the_frontier(tiny_model_dir, tmp_path):
     assert verdict(saved["points"], saved["skipped"]) in report
     assert not list((tmp_path / "out" / "dpo").glob("*/checkpoint-*"))  # measured, then deleted; final/ stays
     assert (tmp_path / "out" / "dpo" / "beta-0.5" / "final").is_dir()
+
+
+def test_reproduce_options_are_one_config_checked_at_parse_time(tmp_path, capsys):
+    from dpokit.cli.main import build_parser, main
+    from dpokit.cli.options import config_from_args
+    from dpokit.config.experiments import SWEEPS, ReproduceConfig
+    from dpokit.experiments.paper.frontier import SIZES
+
+    assert tuple(SIZES) == SWEEPS  # --sizes offers every sweep there is
+    run = tmp_path / "run.yaml"
+    run.write_text("experiment: sentiment\noutput: out\nsizes: tiny\nmethods: dpo,ppo\n")
+    config = config_from_args(build_parser().parse_args(["reproduce", "--config", str(run), "--seed", "3"]))
+    assert config == ReproduceConfig(experiment="sentiment", output="out", sizes="tiny", methods="dpo,ppo", seed=3)
+    assert (config.sweep(), config.method_list()) == ("tiny", ("dpo", "ppo"))
+    for flags, message in ((["--threads", "0"], "--threads must be at least 1; got 0"),
+                           (["--quick", "--sizes", "tiny"], "--quick and --sizes tiny contradict each other"),
+                           (["--methods", ","], "--methods: unknown (none given)")):
+        assert main(["reproduce", "sentiment", "--output", str(tmp_path / "o"), *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "o").exists()

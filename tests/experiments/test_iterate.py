@@ -14,7 +14,7 @@ from dpokit.cli.main import main
 from dpokit.errors import ConfigError, DpokitError
 from dpokit.experiments.iterate import judge_scores, sample_and_label
 from helpers import make_mistral
-from dpokit.experiments.iterate_config import IterateConfig, round_seed
+from dpokit.config.experiments import IterateConfig, round_seed
 from dpokit.experiments.iterate_run import MARKER, run_iterate
 from dpokit.judges.loader import load_judge
 from dpokit.data.prompts import read_prompts
@@ -194,7 +194,7 @@ def eval_rows(run_dir, number):
 
 @pytest.mark.slow
 def test_the_held_out_pairs_are_evaluated_along_each_rounds_training(runs):
-    from dpokit.api import evaluate
+    from dpokit.api import EvalConfig, evaluate
 
     run_dir, summary = runs["previous"]
     for number in (1, 2):
@@ -206,9 +206,8 @@ def test_the_held_out_pairs_are_evaluated_along_each_rounds_training(runs):
         # the round reports its training run's last evaluation; a standalone evaluation of the trained model
         # against the round's reference on the same pairs gives the same figures
         assert reported["held_out_reward_accuracy"] == rows[-1]["rewards/accuracies"]
-        again = evaluate(str(run_dir / f"round-{number:03d}" / "model" / "final"), str(held_out),
-                         ref_model=reported["reference"], beta=0.1, max_length=64, max_prompt_length=32,
-                         log=lambda *_: None)
+        again = evaluate(EvalConfig(model=str(run_dir / f"round-{number:03d}" / "model" / "final"),
+                                    data=str(held_out), ref_model=reported["reference"], beta=0.1, max_length=64, max_prompt_length=32), log=lambda *_: None)
         assert again["rewards/accuracies"] == pytest.approx(reported["held_out_reward_accuracy"], abs=1e-6)
         assert again["loss"] == pytest.approx(reported["held_out_metrics"]["loss"], abs=1e-5)
 
@@ -229,17 +228,60 @@ def test_evaluating_along_the_way_leaves_the_training_unchanged(runs, tiny_model
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_every_iterate_setting_is_a_flag_and_the_round_settings_are_shared():
+def test_every_iterate_setting_is_a_flag_and_the_round_settings_are_shared(capsys):
     import dataclasses
 
-    from dpokit.cli.iterate import HELP
-    from dpokit.experiments.iterate_config import RoundSettings
+    from dpokit.cli.main import build_parser
+    from dpokit.config.experiments import DemoConfig, RoundOptions, RoundSettings
+    from dpokit.config.options import flag, options_of
 
     names = {field.name for field in dataclasses.fields(IterateConfig)}
-    assert set(HELP) == names  # a field without help would be left out of `dpokit iterate`
+    assert {f.name for f in options_of(IterateConfig)} == names  # a field without help would be left out
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["iterate", "--help"])
+    text = capsys.readouterr().out
+    assert all(flag(name) in text for name in names) and text.count("(default: 0.1)") == 3  # gap, β, fraction
     settings = IterateConfig(prompts="p.txt", steps=7, labeling="bradley-terry").round_settings()
     assert type(settings) is RoundSettings and settings.steps == 7 and settings.labeling == "bradley-terry"
     assert settings == RoundSettings(steps=7, labeling="bradley-terry")  # the same defaults
+    shared = {f.name for f in dataclasses.fields(RoundOptions)}  # declared once, for the demo and iterate
+    assert shared <= {f.name for f in dataclasses.fields(DemoConfig)} and shared <= names
+    demo = DemoConfig(beta=0.3).round_settings()
+    assert (demo.beta, demo.samples_per_prompt, demo.steps) == (0.3, DemoConfig.completions, DemoConfig.dpo_steps)
+
+
+@pytest.mark.parametrize("flags, message", [
+    ([], "the following arguments are required: --prompts"),
+    (["--prompts", "p.txt", "--temperature", "0"], "--temperature must be positive (pairs need samples"),
+    (["--prompts", "p.txt", "--beta", "nan"], "--beta must be positive; got nan"),
+    (["--prompts", "p.txt", "--lr", "inf"], "--lr must be positive; got inf"),
+    (["--prompts", "p.txt", "--rounds", "0"], "--rounds must be at least 1; got 0"),
+    (["--prompts", "p.txt", "--samples-per-prompt", "1"], "--samples-per-prompt must be at least 2 to form pairs"),
+    (["--prompts", "p.txt", "--eval-fraction", "1"], "--eval-fraction must be in (0, 1); got 1.0"),
+    (["--prompts", "p.txt", "--threads", "-1"], "--threads must be at least 1 (0: automatic); got -1"),
+    (["--prompts", "p.txt", "--min-score-gap", "-0.5"], "--min-score-gap must not be negative"),
+    (["--prompts", "p.txt", "--resume", "--overwrite"], "--resume continues the run in --output and --overwrite"),
+    (["--prompts", "p.txt", "--reference", "last"], "argument --reference: invalid choice: 'last'"),
+])
+def test_iterate_options_are_checked_before_anything_runs(flags, message, tmp_path, capsys):
+    try:
+        code = main(["iterate", "--output", str(tmp_path / "out"), *flags])
+    except SystemExit as exit_info:
+        code = exit_info.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("dpokit iterate: error: ") and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_iterate_reads_its_options_from_yaml(tmp_path):
+    from dpokit.cli.main import build_parser
+    from dpokit.cli.options import config_from_args
+
+    run = tmp_path / "run.yaml"
+    run.write_text("prompts: p.txt\nrounds: 2\nreference: previous\nbt-scale: 3\noverwrite: true\n")
+    config = config_from_args(build_parser().parse_args(["iterate", "--config", str(run), "--rounds", "5"]))
+    assert (config.prompts, config.rounds, config.reference, config.bt_scale, config.overwrite) == \
+        ("p.txt", 5, "previous", 3, True)
 
 
 def test_kl_per_sequence_respects_a_sliding_window():

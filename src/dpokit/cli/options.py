@@ -26,12 +26,16 @@ def add_options(parser: argparse.ArgumentParser, cls: type, command: str, stage:
 
     Flags have no argparse default (an option not given stays out of the namespace), so the config's own
     defaults apply, including :class:`dpokit.config.options.Default` markers that tell a default from a value
-    given. Booleans are ``--x``/``--no-x``."""
+    given. Booleans are ``--x``/``--no-x``; an option whose metadata says ``positional`` is an argument, not a flag."""
     fields = options_of(cls, stage)
     for f in sorted(fields, key=lambda f: not f.metadata["required"]):  # the usage line starts with them
         meta = f.metadata
         names = [flag(f.name), *meta["aliases"]]
         help_text = meta["help"] + _default_text(f.default)
+        if meta.get("positional"):  # an argument, not a flag: `dpokit reproduce sentiment`
+            parser.add_argument(f.name, type=value_kind(f), choices=meta["choices"], metavar=meta["metavar"],
+                                help=help_text)
+            continue
         if value_kind(f) is bool:
             parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from dpokit.api import load_model, load_tokenizer, train_sft
 from dpokit.config import TrainConfig
-from dpokit.experiments.demo_config import DemoConfig  # noqa: F401  (re-exported: dpokit.experiments.demo.DemoConfig)
+from dpokit.config.experiments import DemoConfig  # noqa: F401  (re-exported: dpokit.experiments.demo.DemoConfig)
 from dpokit.experiments.iterate import START_EVAL_SEED, held_out_samples, label_pairs, run_round, score_summary  # noqa: F401
 from dpokit.judges.loader import load_judge
 from dpokit.experiments.report import plot_report

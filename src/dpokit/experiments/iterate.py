@@ -39,7 +39,7 @@ from dpokit.config import TrainConfig
 from dpokit.data.records import PreferencePair
 from dpokit.errors import DpokitError
 from dpokit.eval.generation import Sample, sample_ids, uses_chat_template
-from dpokit.experiments.iterate_config import RoundSettings
+from dpokit.config.experiments import RoundSettings
 from dpokit.judges.pointwise import POSITIVE_THRESHOLD, Judge, judge_continuations
 from dpokit.models.logprobs import sequence_logprobs
 from dpokit.data.prompts import Prompt

@@ -27,7 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dpokit.errors import ConfigError
-from dpokit.experiments.iterate_config import IterateConfig, round_seed
+from dpokit.config.experiments import IterateConfig, round_seed
 from dpokit.judges.pointwise import Judge
 from dpokit.judges.loader import load_judge
 from dpokit.data.prompts import Prompt, read_prompts

@@ -27,10 +27,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from dpokit.experiments.demo_config import DemoConfig
+from dpokit.config.experiments import METHODS, SWEEPS, DemoConfig  # METHODS: re-exported
 from dpokit.errors import ConfigError
-
-METHODS = ("dpo", "ppo", "ppo-gt", "preferred-ft", "unlikelihood", "best-of-n")
 
 
 @dataclass(frozen=True)
