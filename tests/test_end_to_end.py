@@ -105,13 +105,13 @@ def test_reference_free_losses_train_without_a_reference(loss, beta, tiny_model_
                                                          capsys, monkeypatch):
     """`dpokit dpo --loss simpo|orpo` trains with no reference model at all (building one would fail here), the
     held-out loss falls, and `dpokit eval` without --ref-model reproduces the run's last evaluation."""
-    import dpokit.api
+    import dpokit.train.run
 
     def no_reference(*args, **kwargs):
         raise AssertionError("a reference-free loss built a reference")
 
-    monkeypatch.setattr(dpokit.api, "_references", no_reference)
-    monkeypatch.setattr(dpokit.api, "_reference_model", no_reference)
+    monkeypatch.setattr(dpokit.train.run, "_references", no_reference)
+    monkeypatch.setattr(dpokit.train.run, "_reference_model", no_reference)
     out = tmp_path / loss
     assert main(["dpo", "--model", tiny_model_dir, "--data", sentiment_data["train"], "--eval-data",
                  sentiment_data["eval"], "--output", str(out), "--loss", loss, "--beta", str(beta), "--max-steps", "12",

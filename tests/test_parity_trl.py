@@ -32,7 +32,7 @@ from datasets import Dataset  # noqa: E402  (a dependency of dpokit and TRL)
 from transformers import AutoModelForCausalLM  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
-from dpokit.api import evaluate  # noqa: E402
+from dpokit.api import EvalConfig, evaluate  # noqa: E402
 from dpokit.cli.main import main  # noqa: E402
 from dpokit.data.records import PreferencePair  # noqa: E402
 from dpokit.data.tokenize import TokenizeConfig, tokenize_examples  # noqa: E402
@@ -157,8 +157,8 @@ def test_data_tokenises_identically(setup, trl_run):
 @pytest.mark.parametrize(("loss", "label_smoothing"), LOSSES)
 def test_api_evaluate_matches_trl(setup, trl_run, loss, label_smoothing):
     trl, _ = trl_run(loss, label_smoothing)
-    ours = evaluate(setup["policy"], setup["data"], ref_model=setup["reference"], beta=0.1, loss=loss,
-                    label_smoothing=label_smoothing, batch_size=7, log=lambda *_: None)
+    ours = evaluate(EvalConfig(model=setup["policy"], data=setup["data"], ref_model=setup["reference"], beta=0.1,
+                               loss=loss, label_smoothing=label_smoothing, batch_size=7), log=lambda *_: None)
     assert ours["examples"] == N_PAIRS
     _assert_close(ours, trl, f"dpokit.api.evaluate, loss={loss}")
     # a sanity check that the comparison is not vacuous: the models differ, and not every pair is won or lost
@@ -167,8 +167,9 @@ def test_api_evaluate_matches_trl(setup, trl_run, loss, label_smoothing):
 
 def test_a_mixture_of_losses_matches_trl(setup, trl_run):
     trl, _ = trl_run("sigmoid,bco_pair", 0.0, (0.8, 0.2))
-    ours = evaluate(setup["policy"], setup["data"], ref_model=setup["reference"], beta=0.1, loss="sigmoid,bco_pair",
-                    loss_weights="0.8,0.2", batch_size=7, log=lambda *_: None)
+    ours = evaluate(EvalConfig(model=setup["policy"], data=setup["data"], ref_model=setup["reference"], beta=0.1,
+                               loss="sigmoid,bco_pair",
+                               loss_weights="0.8,0.2", batch_size=7), log=lambda *_: None)
     _assert_close(ours, trl, "dpokit.api.evaluate, loss=sigmoid,bco_pair (0.8, 0.2)")
     single, _ = trl_run("sigmoid")
     assert abs(trl["loss"] - single["loss"]) > 0.05  # the second loss and its weight count
@@ -178,8 +179,8 @@ def test_a_mixture_of_losses_matches_trl(setup, trl_run):
 def test_length_desensitised_dpo_matches_trl(setup, trl_run, layout):
     """LD-DPO (`--ld-alpha`, TRL's `ld_alpha`): the token weights reach policy and reference in every layout."""
     trl, _ = trl_run("sigmoid", 0.0, None, 0.3)
-    ours = evaluate(setup["policy"], setup["data"], ref_model=setup["reference"], beta=0.1, ld_alpha=0.3,
-                    layout=layout, batch_size=7, log=lambda *_: None)
+    ours = evaluate(EvalConfig(model=setup["policy"], data=setup["data"], ref_model=setup["reference"], beta=0.1,
+                               ld_alpha=0.3, layout=layout, batch_size=7), log=lambda *_: None)
     _assert_close(ours, trl, f"dpokit.api.evaluate, ld_alpha=0.3, layout={layout}")
     plain, _ = trl_run("sigmoid")
     assert abs(trl["logps/chosen"] - plain["logps/chosen"]) > 1.0  # the weights change the log-probs
@@ -189,8 +190,8 @@ def test_length_desensitised_dpo_matches_trl(setup, trl_run, layout):
 def test_wpo_weighting_matches_trl(setup, trl_run, loss):
     """WPO (`--use-weighting`, TRL's `use_weighting`): each pair's loss times the policy's weights of its responses."""
     trl, _ = trl_run(loss, 0.0, None, None, True)
-    ours = evaluate(setup["policy"], setup["data"], ref_model=setup["reference"], beta=0.1, loss=loss,
-                    use_weighting=True, batch_size=7, log=lambda *_: None)
+    ours = evaluate(EvalConfig(model=setup["policy"], data=setup["data"], ref_model=setup["reference"], beta=0.1,
+                               loss=loss, use_weighting=True, batch_size=7), log=lambda *_: None)
     _assert_close(ours, trl, f"dpokit.api.evaluate, use_weighting, loss={loss}")
     assert ours["loss"] == pytest.approx(trl["loss"], rel=1e-3)  # the weighted losses are small: relative too
     unweighted, _ = trl_run(loss)
@@ -304,8 +305,8 @@ def test_multi_turn_data_tokenises_identically_and_eval_matches_trl(multi_turn):
         assert [list(r) for r in ours.responses] == [theirs["chosen_ids"], theirs["rejected_ids"]]
         assert ours.responses[0][-1] == ours.responses[1][-1] == eot
     assert any(len(r["prompt"]) == 4 for r in rows) and any(len(r["chosen"]) == 2 for r in rows)
-    ours = evaluate(multi_turn["policy"], multi_turn["data"], ref_model=multi_turn["reference"], beta=0.1,
-                    batch_size=7, log=lambda *_: None)
+    ours = evaluate(EvalConfig(model=multi_turn["policy"], data=multi_turn["data"],
+                               ref_model=multi_turn["reference"], beta=0.1, batch_size=7), log=lambda *_: None)
     assert ours["examples"] == N_PAIRS
     _assert_close(ours, multi_turn["trl"], "multi-turn conversational data")
     assert abs(multi_turn["trl"]["rewards/margins"]) > 0.05 and 0 < multi_turn["trl"]["rewards/accuracies"] < 1

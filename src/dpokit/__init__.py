@@ -3,28 +3,29 @@
 __version__ = "0.2.0"
 
 from dpokit.config import TrainConfig  # noqa: E402
+from dpokit.config.eval import EvalConfig  # noqa: E402
 from dpokit.errors import ConfigError, DataError, DpokitError  # noqa: E402
 
 
 def train_dpo(config: TrainConfig) -> dict[str, float]:
     """Fine-tune with DPO (see dpokit.api.train_dpo)."""
-    from dpokit.api import train_dpo as run
+    from dpokit.train.run import train_dpo as run
 
     return run(config)
 
 
 def train_sft(config: TrainConfig) -> dict[str, float]:
     """Supervised fine-tuning (see dpokit.api.train_sft)."""
-    from dpokit.api import train_sft as run
+    from dpokit.train.run import train_sft as run
 
     return run(config)
 
 
-def evaluate(model: str, data: str, **kwargs) -> dict[str, float]:
-    """Evaluate a policy against a reference without training (see dpokit.api.evaluate)."""
-    from dpokit.api import evaluate as run
+def evaluate(config: EvalConfig, **kwargs) -> dict[str, float]:
+    """Evaluate a policy against a reference without training (see dpokit.eval.evaluate.evaluate)."""
+    from dpokit.eval.evaluate import evaluate as run
 
-    return run(model, data, **kwargs)
+    return run(config, **kwargs)
 
 
 def generate(model: str, prompts: list, **kwargs) -> list[list[str]]:
@@ -42,4 +43,4 @@ def merge(adapter: str, output: str, **kwargs):
     return run(adapter, output, **kwargs)
 
 
-__all__ = ["TrainConfig", "train_dpo", "train_sft", "evaluate", "generate", "merge", "ConfigError", "DataError", "DpokitError"]
+__all__ = ["TrainConfig", "EvalConfig", "train_dpo", "train_sft", "evaluate", "generate", "merge", "ConfigError", "DataError", "DpokitError"]

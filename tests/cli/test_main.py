@@ -311,9 +311,9 @@ def _stderr_error(result: subprocess.CompletedProcess, command: str, *words: str
 
 
 def test_checks_that_need_no_model_come_before_any_model_is_loaded(tiny_model_dir, tmp_path, capsys, monkeypatch):
-    import dpokit.api
+    import dpokit.train.run
 
-    monkeypatch.setattr(dpokit.api, "load_policy", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(dpokit.train.run, "load_policy", lambda *a, **k: pytest.fail("a model was loaded"))
     few = tmp_path / "few.jsonl"
     few.write_text('{"prompt": "the film", "chosen": " great", "rejected": " awful"}\n' * 3)
     result = _in_process(["dpo", "--model", tiny_model_dir, "--data", str(few), "--output", str(tmp_path / "o"),

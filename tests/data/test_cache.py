@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import dpokit.api as api
-from dpokit.api import _columns, prepare_data, tokenize_config
+import dpokit.train.prepare as api
+from dpokit.train.prepare import _columns, prepare_data, tokenize_config
 from dpokit.config import TrainConfig
 from dpokit.data.cache import (MANIFEST, CacheWriter, DataCache, _shard_arrays, _shard_bytes, cache_inputs, cache_key,
                               read_entry)

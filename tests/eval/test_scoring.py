@@ -13,7 +13,7 @@ import random
 import pytest
 import torch
 
-from dpokit.api import evaluate
+from dpokit.api import EvalConfig, evaluate
 from dpokit.data.batching import collate
 from dpokit.cli.main import main
 from dpokit.data import load_preferences
@@ -107,7 +107,7 @@ def test_score_ranks_held_out_pairs_with_the_accuracy_eval_reports(scored, held_
     rejected = [row["reward"] for row in scored[1::2]]
     accuracy = sum(c > r for c, r in zip(chosen, rejected)) / len(chosen)
 
-    report = evaluate(dpo_model, held_out_file, ref_model=tiny_model_dir, beta=0.1, log=QUIET)
+    report = evaluate(EvalConfig(model=dpo_model, data=held_out_file, ref_model=tiny_model_dir, beta=0.1), log=QUIET)
     assert report["examples"] == len(held_out) == 60
     assert accuracy == report["rewards/accuracies"]
     assert 0.5 < accuracy < 1  # a few steps: it learnt something, and not every pair is easy
@@ -250,7 +250,7 @@ def test_conversational_rows_score_the_tokens_eval_scores(chat_tokenizer, tmp_pa
     prompt = [{"role": "system", "content": "be nice"}, {"role": "user", "content": "the film"}]
     pair = {"prompt": prompt, "chosen": "was great", "rejected": [{"role": "assistant", "content": "was awful"}]}
     pairs = write_jsonl(tmp_path / "pair.jsonl", [pair])
-    report = evaluate(str(model_dir), pairs, ref_model=str(ref_dir), beta=0.1, log=QUIET)
+    report = evaluate(EvalConfig(model=str(model_dir), data=pairs, ref_model=str(ref_dir), beta=0.1), log=QUIET)
     data = write_jsonl(tmp_path / "r.jsonl", [{"prompt": prompt, "response": pair["chosen"]},
                                               {"prompt": prompt, "response": pair["rejected"]}])
     assert main(["score", "--model", str(model_dir), "--ref-model", str(ref_dir), "--data", data,

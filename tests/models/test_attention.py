@@ -5,7 +5,7 @@ block layouts, an error for training with FlexAttention on a CPU)."""
 import pytest
 import torch
 
-from dpokit.api import evaluate
+from dpokit.api import EvalConfig, evaluate
 import dpokit.models.attention as attention
 from dpokit.models.attention import SEGMENTS, block_mask, choose_attention, model_mask, set_attention, uses_attention
 from dpokit.data.batching import collate
@@ -68,9 +68,10 @@ def test_flex_attention_gives_the_plain_layouts_logprobs(layout, family, eager_f
 
 
 def test_dpokit_eval_with_flex_attention_matches_sdpa(tiny_model_dir, sentiment_data, eager_flex):
-    common = dict(ref_model=tiny_model_dir, batch_size=16, log=lambda *_: None, threads=1)
-    sdpa = evaluate(tiny_model_dir, sentiment_data["eval"], attention="sdpa", **common)
-    flex = evaluate(tiny_model_dir, sentiment_data["eval"], attention="flex", **common)
+    common = dict(ref_model=tiny_model_dir, batch_size=16, threads=1)
+    quiet = lambda *_: None  # noqa: E731
+    sdpa = evaluate(EvalConfig(model=tiny_model_dir, data=sentiment_data["eval"], attention="sdpa", **common), quiet)
+    flex = evaluate(EvalConfig(model=tiny_model_dir, data=sentiment_data["eval"], attention="flex", **common), quiet)
     for key in ("loss", "logps/chosen", "logps/rejected"):
         assert flex[key] == pytest.approx(sdpa[key], abs=1e-5)
 

@@ -132,17 +132,18 @@ def test_max_positions_come_from_the_config(tiny_model_dir, tmp_path):
 def test_eval_fits_the_default_max_length_to_the_model_and_refuses_a_larger_one(tmp_path, sentiment_data):
     from helpers import make_tokenizer
 
-    from dpokit.api import evaluate
+    from dpokit.api import EvalConfig, evaluate
 
     small = tmp_path / "small"
     make_llama(vocab_size=len(make_tokenizer()), max_position_embeddings=48).save_pretrained(small)
     make_tokenizer().save_pretrained(small)
     lines = []
-    metrics = evaluate(str(small), sentiment_data["eval"], reference_free=True, log=lines.append)
+    metrics = evaluate(EvalConfig(model=str(small), data=sentiment_data["eval"], reference_free=True), log=lines.append)
     assert metrics["examples"] == 60
     assert f"note: --max-length 48, not the default 512: {small} has 48 positions; --max-prompt-length 24" in lines
     with pytest.raises(ConfigError, match="--max-length 64 is more than the 48 positions"):
-        evaluate(str(small), sentiment_data["eval"], reference_free=True, max_length=64, log=lines.append)
+        evaluate(EvalConfig(model=str(small), data=sentiment_data["eval"], reference_free=True, max_length=64),
+                            log=lines.append)
 
 
 def test_generate_samples_from_a_gguf_checkpoint(gguf_dir, tokenizer, tmp_path, capsys):

@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from dpokit.api import evaluate, generate, prepare_data
+from dpokit.api import EvalConfig, evaluate, generate, prepare_data
 from dpokit.models.loading import load_model, load_tokenizer
 from dpokit.train.policy import load_policy, merge
 from dpokit.data.batching import collate
@@ -114,7 +114,8 @@ def test_eval_and_generate_take_an_adapter_directory(lora_run, tiny_model_dir, s
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["examples"] == 60 and metrics["rewards/margins"] != 0
     # against itself the rewards are exactly zero: the adapter is applied on both sides
-    same = evaluate(str(final), sentiment_data["eval"], ref_model=str(final), log=lambda *_: None)
+    same = evaluate(EvalConfig(model=str(final), data=sentiment_data["eval"], ref_model=str(final)),
+                               log=lambda *_: None)
     assert same["rewards/margins"] == 0 and same["loss"] == pytest.approx(0.6931, abs=1e-4)
     texts = generate(str(final), ["the film"], max_new_tokens=4, num_samples=2)
     assert len(texts) == 1 and len(texts[0]) == 2

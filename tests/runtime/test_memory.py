@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import dpokit.api as api
+import dpokit.train.run as api
 from dpokit.config import TrainConfig
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")

@@ -39,7 +39,7 @@ from dpokit.losses.objective import DPOObjective
 from dpokit.train.reference import ModelReference
 from dpokit.data.tokenize import TokenizedExample
 from dpokit.train.loop import prepare, train
-from dpokit.api import make_accelerator
+from dpokit.train.run import make_accelerator
 from helpers import make_llama
 
 pytestmark = pytest.mark.usefixtures("single_thread")

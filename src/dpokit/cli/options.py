@@ -28,6 +28,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, command: str, stage:
     defaults apply, including :class:`dpokit.config.options.Default` markers that tell a default from a value
     given. Booleans are ``--x``/``--no-x``; an option whose metadata says ``positional`` is an argument, not a flag."""
     fields = options_of(cls, stage)
+    groups: dict[str, Any] = {}  # exclusive group name -> argparse's group
     for f in sorted(fields, key=lambda f: not f.metadata["required"]):  # the usage line starts with them
         meta = f.metadata
         names = [flag(f.name), *meta["aliases"]]
@@ -36,12 +37,18 @@ def add_options(parser: argparse.ArgumentParser, cls: type, command: str, stage:
             parser.add_argument(f.name, type=value_kind(f), choices=meta["choices"], metavar=meta["metavar"],
                                 help=help_text)
             continue
+        target = parser
+        if meta.get("exclusive"):  # argparse checks the group too, so that its usage line shows ( a | b )
+            target = groups.get(meta["exclusive"])
+            if target is None:
+                required = any(g.metadata["required"] for g in fields if g.metadata.get("exclusive") == meta["exclusive"])
+                target = groups[meta["exclusive"]] = parser.add_mutually_exclusive_group(required=required)
         if value_kind(f) is bool:
-            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
+            target.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
             continue
-        parser.add_argument(*names, dest=f.name, type=value_kind(f), choices=meta["choices"],
-                            default=argparse.SUPPRESS, required=meta["required"],
+        target.add_argument(*names, dest=f.name, type=value_kind(f), choices=meta["choices"],
+                            default=argparse.SUPPRESS, required=meta["required"] and target is parser,
                             metavar=meta["metavar"] or (None if meta["choices"] else f.name.upper()), help=help_text)
     parser.add_argument("--config", metavar="FILE.yaml", help=CONFIG_HELP)
     parser.read_config = lambda path: read_yaml(path, cls, command, stage)

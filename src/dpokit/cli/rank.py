@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-from dpokit.cli.score import add_scoring_options, run_scoring
+from dpokit.cli.options import add_options
+from dpokit.cli.score import run_scoring
+from dpokit.config.eval import RankConfig
 
 
 def ranked_row(index: int, row, results) -> dict:
@@ -42,14 +44,11 @@ def _run(args: argparse.Namespace) -> None:
 def add_command(commands) -> None:
     """Add `dpokit rank` to the subcommands of the dpokit parser."""
     parser = commands.add_parser(
-        "rank", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "rank",
         help="best-of-N with the implicit reward: each prompt's responses ordered by β·log π(y|x)/π_ref(y|x)",
         epilog="Writes one JSON line per input row, in order: index, prompt, best (the response with the highest "
                "implicit reward), best_index, best_reward, and ranking: every response, best first, with its "
                "response_index, reward, logp_policy, logp_reference, response_tokens and prompt_truncated (a "
                "response too long to score comes last, with reward null and 'skipped' saying why).")
-    parser.add_argument("--data", required=True,
-                        help='rows {"prompt", "responses": [...]}: strings, or a chat prompt (a list of messages) '
-                             "and its candidate replies; .jsonl, .json, .parquet, .csv, a saved data set or a Hub name")
-    add_scoring_options(parser)
+    add_options(parser, RankConfig, "rank")
     parser.set_defaults(func=_run)

@@ -24,7 +24,7 @@ def _run(args: argparse.Namespace) -> None:
 
     config = config_from_args(args)
     check_train_inputs(config)
-    from dpokit.api import train_dpo, train_sft
+    from dpokit.train.run import train_dpo, train_sft
 
     print_metrics((train_dpo if args.stage == "dpo" else train_sft)(config))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dpokit.config.options import Default, FRACTION, POSITIVE, opt
+from dpokit.errors import ConfigError
 
 
 @dataclass
@@ -47,3 +48,34 @@ class TokenizeOptions:
     apply_chat_template: bool = opt(False, "render plain-text (standard-format) data with the tokenizer's chat "
                                     "template: each prompt as a user turn, each response as the assistant turn, "
                                     "tokenised exactly like conversational data")
+
+    def is_default(self, name: str) -> bool:
+        """Whether option `name` holds its default because nobody gave it (see :class:`Default`)."""
+        return isinstance(getattr(self, name), Default)
+
+    def check_lengths(self) -> None:
+        """--max-prompt-length below --max-length: a given one must be, the default is lowered to half of it."""
+        if self.max_prompt_length >= self.max_length and not self.is_default("max_prompt_length"):
+            raise ConfigError(f"--max-prompt-length ({self.max_prompt_length}) must be less than --max-length "
+                              f"({self.max_length}): a too-long example keeps its prompt cut to this length")
+        if self.is_default("max_prompt_length") and self.max_prompt_length >= self.max_length:
+            self.max_prompt_length = Default(self.max_length // 2)
+
+    def fit_lengths(self, positions: int | None, model: str) -> tuple[int, int, str | None]:
+        """The (max_length, max_prompt_length) a model with `positions` maximum positions takes, and a note when
+        they are not the options' (None otherwise). A default is lowered; a larger value the user gave is an
+        error. The options themselves are left as given: a run keeps what it derived apart (dpokit.train.run)."""
+        max_length, max_prompt_length = self.max_length, self.max_prompt_length
+        if positions is None or max_length <= positions:
+            return max_length, max_prompt_length, None
+        if not self.is_default("max_length"):
+            raise ConfigError(f"--max-length {max_length} is more than the {positions} positions of {model} "
+                              f"(max_position_embeddings); give at most {positions}")
+        note = f"note: --max-length {positions}, not the default {int(max_length)}: {model} has {positions} positions"
+        if max_prompt_length >= positions:
+            if not self.is_default("max_prompt_length"):
+                raise ConfigError(f"--max-prompt-length {max_prompt_length} must be less than the {positions} "
+                                  f"positions of {model}")
+            max_prompt_length = Default(positions // 2)
+            note += f"; --max-prompt-length {max_prompt_length}"
+        return positions, max_prompt_length, note

@@ -151,34 +151,7 @@ class TrainConfig(RunOptions, RuntimeOptions, OptimOptions, LoraOptions, Referen
     def _check_schedule(self) -> None:
         if self.warmup_ratio is not None and not self.is_default("warmup_steps"):
             raise ConfigError("--warmup-ratio and --warmup-steps exclude each other; give one")
-        if self.max_prompt_length >= self.max_length and not self.is_default("max_prompt_length"):
-            raise ConfigError(f"--max-prompt-length ({self.max_prompt_length}) must be less than --max-length "
-                              f"({self.max_length}): a too-long example keeps its prompt cut to this length")
-        if self.is_default("max_prompt_length") and self.max_prompt_length >= self.max_length:
-            self.max_prompt_length = Default(self.max_length // 2)
-
-    def fit_max_length(self, positions: int | None, model: str) -> str | None:
-        """Fit --max-length to a model with `positions` maximum positions: the default is lowered (the returned
-        note says so), a larger value the user gave is an error. None when nothing changes."""
-        if positions is None or self.max_length <= positions:
-            return None
-        if not self.is_default("max_length"):
-            raise ConfigError(f"--max-length {self.max_length} is more than the {positions} positions of {model} "
-                              f"(max_position_embeddings); give at most {positions}")
-        default = int(self.max_length)
-        self.max_length = positions
-        note = f"note: --max-length {positions}, not the default {default}: {model} has {positions} positions"
-        if self.max_prompt_length >= positions:
-            if not self.is_default("max_prompt_length"):
-                raise ConfigError(f"--max-prompt-length {self.max_prompt_length} must be less than the {positions} "
-                                  f"positions of {model}")
-            self.max_prompt_length = Default(positions // 2)
-            note += f"; --max-prompt-length {self.max_prompt_length}"
-        return note
-
-    def is_default(self, name: str) -> bool:
-        """Whether option `name` holds its default because nobody gave it (see :class:`Default`)."""
-        return isinstance(getattr(self, name), Default)
+        self.check_lengths()
 
     def _check_adapters(self) -> None:
         adapter_model = is_adapter_dir(self.model)

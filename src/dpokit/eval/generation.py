@@ -28,6 +28,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from dpokit.config.eval import GenerateConfig
+from dpokit.config.options import defaults_of
 from dpokit.errors import ConfigError
 from dpokit.runtime.threads import apply_threads, model_width
 from dpokit.data.prompts import Prompt
@@ -97,11 +99,15 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, policy: PreTrainedModel |
     return stops
 
 
-def _check_options(*, temperature: float = 1.0, top_p: float = 1.0, num_samples: int = 1, max_new_tokens: int = 64,
-                   batch_size: int = 16, **_) -> None:
-    if temperature < 0 or not 0 < top_p <= 1 or num_samples < 1 or max_new_tokens < 1 or batch_size < 1:
-        raise ConfigError("need temperature >= 0, 0 < top_p <= 1, and num_samples, max_new_tokens and batch_size "
-                          ">= 1")
+# the sampling options' defaults: GenerateConfig's declarations (the ones `dpokit generate` shows)
+_D = defaults_of(GenerateConfig)
+
+
+def _check_options(**options) -> None:
+    """The sampling options checked against their declarations (GenerateConfig): ranges and types."""
+    known = {name: options[name] for name in ("max_new_tokens", "temperature", "top_p", "num_samples", "batch_size")
+             if name in options}
+    GenerateConfig(model="-", prompt="-", **known)  # its construction checks them
 
 
 def _cut(tokens: list[int], stops: set[int]) -> list[int]:
@@ -114,8 +120,10 @@ def _cut(tokens: list[int], stops: set[int]) -> list[int]:
 
 @torch.no_grad()
 def sample_ids(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt], *,
-               max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, num_samples: int = 1,
-               seed: int = 0, batch_size: int = 16, chat_template: bool | None = None, system: str | None = None,
+               max_new_tokens: int = _D["max_new_tokens"], temperature: float = _D["temperature"],
+               top_p: float = _D["top_p"], num_samples: int = _D["num_samples"], seed: int = _D["seed"],
+               batch_size: int = _D["batch_size"], chat_template: bool | None = _D["chat_template"],
+               system: str | None = _D["system"],
                progress: bool | None = None) -> list[list[Sample]]:
     """`num_samples` continuations of each prompt from an in-memory model, with their token ids (see the module
     docstring for templating, stopping, batching and seeding).
@@ -186,9 +194,10 @@ def generate_samples(model: str, prompts: Sequence[Prompt], *, gguf_file: str | 
     return sample_ids(load_model(model, gguf_file=gguf_file), tokenizer, prompts, **options)
 
 
-def generate(model: str, prompts: Sequence[Prompt], *, max_new_tokens: int = 64, temperature: float = 1.0,
-             top_p: float = 1.0, num_samples: int = 1, seed: int = 0, batch_size: int = 16,
-             chat_template: bool | None = None, system: str | None = None,
+def generate(model: str, prompts: Sequence[Prompt], *, max_new_tokens: int = _D["max_new_tokens"],
+             temperature: float = _D["temperature"], top_p: float = _D["top_p"], num_samples: int = _D["num_samples"],
+             seed: int = _D["seed"], batch_size: int = _D["batch_size"], chat_template: bool | None = _D["chat_template"],
+             system: str | None = _D["system"],
              progress: bool | None = None, gguf_file: str | None = None) -> list[list[str]]:
     """Sample `num_samples` continuations (replies, for a chat model) of each prompt; greedy when temperature is 0.
 

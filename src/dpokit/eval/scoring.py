@@ -21,7 +21,10 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from dpokit.data.batching import collate
-from dpokit.config import Default, TrainConfig
+from dpokit.config import Default
+from dpokit.config.data import TokenizeOptions
+from dpokit.config.loss import LossOptions
+from dpokit.config.options import check_options, defaults_of
 from dpokit.data.records import Completion, Text
 from dpokit.train.engine import Scorer
 from dpokit.errors import ConfigError, DataError
@@ -29,6 +32,8 @@ from dpokit.models.logprobs import check_layout
 from dpokit.data.chat import prompt_token_ids, user_turn
 from dpokit.data.tokenize import FilterReport, TokenizeConfig, TokenizedExample, examples_from_arrays, tokenize_arrays
 
+
+BETA = defaults_of(LossOptions)["beta"]  # the training β: the reward of a policy trained with the defaults
 
 @dataclass(frozen=True)
 class ImplicitReward:
@@ -129,7 +134,7 @@ def _score_batches(policy: Scorer, reference: Scorer, examples: Sequence[Tokeniz
 
 @torch.no_grad()
 def implicit_rewards(policy: nn.Module, reference: nn.Module, tokenizer: PreTrainedTokenizerBase,
-                     prompts: Sequence[Text], responses: Sequence[Text], beta: float = 0.1, *,
+                     prompts: Sequence[Text], responses: Sequence[Text], beta: float = BETA, *,
                      settings: TokenizeConfig | None = None, batch_size: int = 16, layout: str = "packed",
                      verify_layout: bool = True, sources: Sequence[str] | None = None,
                      progress: bool = False) -> list[ImplicitReward]:
@@ -186,22 +191,21 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def fit_settings(model: str, *, max_length: int = Default(512), max_prompt_length: int = Default(256),
-                 truncation: str = "keep_end", on_filtered: str = "skip", apply_chat_template: bool = False,
-                 log=print) -> TokenizeConfig:
-    """Tokenisation settings for scoring with `model`, with dpokit eval's defaults and checks: max_length 512
-    lowered to the model's maximum positions and max_prompt_length 256 lowered to half of max_length when they
-    are not given (:class:`dpokit.config.Default`); a given value the model cannot take is a ConfigError."""
+def fit_settings(model: str, options: TokenizeOptions | None = None, *, log=print) -> TokenizeConfig:
+    """Tokenisation settings for scoring with `model`, from `options` (default: TokenizeOptions' defaults; a
+    ScoreConfig or EvalConfig is one), with dpokit eval's checks: a default max_length is lowered to the model's
+    maximum positions and a default max_prompt_length to half of max_length (:class:`dpokit.config.Default`); a
+    given value the model cannot take is a ConfigError."""
     from dpokit.models.loading import model_max_positions
 
-    config = TrainConfig(model=model, data="-", output="-", max_length=max_length,
-                         max_prompt_length=max_prompt_length, truncation=truncation, on_filtered=on_filtered,
-                         apply_chat_template=apply_chat_template)
-    note = config.fit_max_length(model_max_positions(model), model)
+    options = options or TokenizeOptions()
+    check_options(options)
+    options.check_lengths()
+    max_length, max_prompt_length, note = options.fit_lengths(model_max_positions(model), model)
     if note:
         log(note)
-    return TokenizeConfig(int(config.max_length), int(config.max_prompt_length), config.truncation,
-                          config.on_filtered, config.apply_chat_template)
+    return TokenizeConfig(int(max_length), int(max_prompt_length), options.truncation, options.on_filtered,
+                          options.apply_chat_template)
 
 
 def load_pair(model: str, ref_model: str, *, dtype: str = "float32", device: torch.device | str | None = None,
@@ -261,7 +265,7 @@ class ImplicitJudge:
         return [r.reward for r in scored]
 
 
-def implicit_judge(model: str, ref_model: str, beta: float = 0.1, *, dtype: str = "float32",
+def implicit_judge(model: str, ref_model: str, beta: float = BETA, *, dtype: str = "float32",
                    device: torch.device | str | None = None, batch_size: int = 16) -> ImplicitJudge:
     """An :class:`ImplicitJudge` for the policy `model` against `ref_model` (directories or hub names): texts up
     to the model's maximum positions (512 tokens when its config does not say), prompts cut to half of that."""
@@ -273,7 +277,7 @@ def implicit_judge(model: str, ref_model: str, beta: float = 0.1, *, dtype: str 
     check_model_spec("implicit judge: policy", model)
     check_model_spec("implicit judge: reference", ref_model)
     policy, reference, tokenizer = load_pair(model, ref_model, dtype=dtype, device=device)
-    positions = model_max_positions(model) or 512
-    settings = fit_settings(model, max_length=Default(positions), max_prompt_length=Default(positions // 2),
-                            log=lambda *_: None)
+    positions = model_max_positions(model) or defaults_of(TokenizeOptions)["max_length"]
+    lengths = TokenizeOptions(max_length=Default(positions), max_prompt_length=Default(positions // 2))
+    settings = fit_settings(model, lengths, log=lambda *_: None)
     return ImplicitJudge(policy, reference, tokenizer, beta, settings, batch_size, name=f"implicit:{model}")
