@@ -63,9 +63,15 @@ def truncate_metrics(output_dir: str | Path, step: int) -> int:
             kept.append(line + "\n")
         else:
             dropped += 1
+    # A resume killed (or out of disk) during the rewrite must not lose the rows: the new rows go to a temporary
+    # file that replaces the old one only once written whole.
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return dropped
 
 
