@@ -86,7 +86,8 @@ def test_tokenisation_keeps_or_counts_every_example_and_ends_responses_with_eos(
     try:
         kept, report = tokenize_examples(records, tokenizer, settings_)
     except DataError as error:  # all filtered: an error that says why, with the counts
-        assert "no usable examples left" in str(error) and "identical" in str(error) or "max_length" in str(error)
+        message = str(error)
+        assert "no usable examples left" in message and ("identical" in message or "max_length" in message), message
         return
     assert report.kept == len(kept) and report.kept + report.filtered == len(records)
     for example in kept:
