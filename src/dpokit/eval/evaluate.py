@@ -61,11 +61,11 @@ def _train_view(config: EvalConfig):
     split and cache options keep their defaults: `dpokit eval` has no flags for them). Private: the public
     entry point takes an EvalConfig."""
     from dpokit.config import TrainConfig
+    from dpokit.config.data import TokenizeOptions
+    from dpokit.config.loss import LossOptions
+    from dpokit.config.options import options_of
 
+    shared = {f.name: getattr(config, f.name) for piece in (LossOptions, TokenizeOptions) for f in options_of(piece)}
     return TrainConfig(model=config.model, data=config.data, output="-", format=config.format,
                        batch_size=config.batch_size, layout=config.layout, attention=config.attention,
-                       max_length=config.max_length, max_prompt_length=config.max_prompt_length,
-                       truncation=config.truncation, on_filtered=config.on_filtered,
-                       apply_chat_template=config.apply_chat_template, loss=config.loss, dtype=config.dtype,
-                       reference_free=config.reference_free, average_logps=config.average_logps,
-                       gguf_file=config.gguf_file)
+                       dtype=config.dtype, gguf_file=config.gguf_file, **shared)
