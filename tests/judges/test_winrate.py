@@ -125,3 +125,27 @@ def test_templates_are_filled_in_one_pass_and_checked(tmp_path):
         load_pairwise_judge("llm:")
     with pytest.raises(ConfigError, match="--judge llm:.*no such"):
         load_pairwise_judge(f"llm:{tmp_path}/no/such/judge")
+
+
+def test_winrate_options_are_one_config_checked_at_parse_time(tmp_path, capsys):
+    from dpokit.cli.main import build_parser, main
+    from dpokit.cli.options import config_from_args
+    from dpokit.config.winrate import WinrateConfig
+
+    base = ["winrate", "--model", "a", "--baseline", "b", "--prompts", "p.txt", "--judge", "vader"]
+    config = config_from_args(build_parser().parse_args(base))
+    assert config.temperature_list() == [1.0] and (config.both_orders, config.chat_template) == (True, None)
+    assert WinrateConfig(model="a", baseline="b", prompts="p", judge="j", temperatures="0.5,1",
+                         output="o").temperature_list() == [0.5, 1.0]
+    for flags, message in ((["--confidence", "1"], "--confidence must be in (0, 1); got 1.0"),
+                           (["--resamples", "0"], "--resamples must be at least 1; got 0"),
+                           (["--temperature", "-1"], "--temperature must not be negative; got -1.0"),
+                           (["--top-p", "nan"], "--top-p must be in (0, 1]; got nan"),
+                           (["--temperatures", "1,inf", "--output", "o"], "--temperatures needs distinct numbers"),
+                           (["--temperatures", "0.5,1"], "--temperatures draws a plot: give --output DIR")):
+        assert main([*base, *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("dpokit winrate: error: ") and message in err[0], err
+    with pytest.raises(SystemExit):
+        main([*base, "--temperature", "0.5", "--temperatures", "0.5,1"])
+    assert "not allowed with argument --temperature" in capsys.readouterr().err

@@ -122,7 +122,7 @@ def test_bad_input_is_one_line_naming_the_cause(models, tmp_path, capsys, monkey
     code, err = error("--temperatures", "0.5,1")
     assert code == 2 and "--temperatures draws a plot: give --output DIR" in err
     code, err = error("--top-p", "0")
-    assert code == 2 and "0 < --top-p <= 1" in err
+    assert code == 2 and "--top-p must be in (0, 1]; got 0.0" in err
     code, err = error("--judge-template", str(prompts))
     assert code == 2 and "missing placeholder {prompt}, {response_a}, {response_b}" in err
 

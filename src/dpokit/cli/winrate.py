@@ -1,5 +1,6 @@
 """`dpokit winrate`: how often a model's responses beat a baseline's, by a pairwise judge, with a bootstrap
-confidence interval; over several temperatures, with a plot."""
+confidence interval; over several temperatures, with a plot. Its flags derive from the fields of one WinrateConfig
+(dpokit.config.winrate)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,12 @@ import json
 import sys
 from pathlib import Path
 
-from dpokit.errors import ConfigError, DataError
+from dpokit.cli.options import add_options, config_from_args
+from dpokit.config.winrate import WinrateConfig, parse_temperatures  # noqa: F401  (parse_temperatures: re-exported)
 from dpokit.data.validation import check_model_spec
+from dpokit.errors import DataError
 from dpokit.judges.pairwise import DEFAULT_TEMPLATE
 
-JUDGE_HELP = ("pairwise judge: llm:PATH (a local instruction-tuned LM asked which response is better, read from "
-              "its next-token probabilities of 'A' and 'B'), or a pointwise judge made pairwise (higher score wins, "
-              "equal scores tie): vader, module.path:function, classifier:PATH:LABEL, reward:PATH, "
-              "implicit:POLICY:REF[:BETA]")
 EPILOG = f"""\
 Each prompt's two responses are shown to the judge in an order drawn from --seed; a win counts 1, a tie 1/2.
 Pointwise judges score the prompt followed by the response. Blank lines of --prompts are skipped (and counted);
@@ -26,21 +25,6 @@ are filled in, and it is sent as one user turn through the judge's chat template
 
 {DEFAULT_TEMPLATE}
 """
-
-
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in the option help, and the epilog (the template) as written."""
-
-
-def parse_temperatures(text: str) -> list[float]:
-    """``0.25,0.5,1`` as a list of temperatures (each >= 0, no repeats)."""
-    try:
-        values = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ConfigError(f"--temperatures must be comma-separated numbers, got {text!r}") from None
-    if not values or any(v < 0 for v in values) or len(set(values)) != len(values):
-        raise ConfigError(f"--temperatures needs distinct numbers >= 0, got {text!r}")
-    return values
 
 
 def read_winrate_prompts(path: str) -> tuple[list, list[str], int]:
@@ -69,86 +53,46 @@ def _print_table(results: list[dict]) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    check_model_spec("--model", args.model)
-    check_model_spec("--baseline", args.baseline)
-    temperatures = parse_temperatures(args.temperatures) if args.temperatures else [args.temperature]
-    if args.temperatures and not args.output:
-        raise ConfigError("--temperatures draws a plot: give --output DIR")
-    if (args.temperature < 0 or not 0 < args.top_p <= 1 or min(args.max_new_tokens, args.batch_size,
-                                                                 args.judge_batch_size, args.resamples) < 1
-            or not 0 < args.confidence < 1):
-        raise ConfigError("need --temperature >= 0, 0 < --top-p <= 1, 0 < --confidence < 1, and --max-new-tokens, "
-                          "--batch-size, --judge-batch-size and --resamples >= 1")
+    config: WinrateConfig = config_from_args(args)
+    check_model_spec("--model", config.model)
+    check_model_spec("--baseline", config.baseline)
     from dpokit.judges.pairwise import read_template
 
-    template = read_template(args.judge_template) if args.judge_template else None
-    prompts, names, blank = read_winrate_prompts(args.prompts)
-    log = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    template = read_template(config.judge_template) if config.judge_template else None
+    prompts, names, blank = read_winrate_prompts(config.prompts)
+    log = (lambda line: print(line, file=sys.stderr)) if config.json else print
     if blank:
-        log(f"skipped {blank} blank line{'s' * (blank > 1)} of {args.prompts}")
-    if args.threads is not None:
+        log(f"skipped {blank} blank line{'s' * (blank > 1)} of {config.prompts}")
+    if config.threads is not None:
         from dpokit.runtime.threads import apply_threads
 
-        apply_threads(args.threads, log=lambda line: print(line, file=sys.stderr))
+        apply_threads(config.threads, log=lambda line: print(line, file=sys.stderr))
     from dpokit.judges.loader import load_pairwise_judge
     from dpokit.judges.winrate_run import check_inputs, run_winrate
 
-    check_inputs(args.model, args.baseline, prompts, chat_template=args.chat_template, system=args.system)
-    judge = load_pairwise_judge(args.judge, template=template, both_orders=args.both_orders,
-                                batch_size=args.judge_batch_size)
-    results = run_winrate(args.model, args.baseline, prompts, judge, args.judge, temperatures=temperatures,
-                          names=names, output=args.output, on_judge_error=args.on_judge_error, seed=args.seed,
-                          resamples=args.resamples, confidence=args.confidence, max_new_tokens=args.max_new_tokens,
-                          top_p=args.top_p, batch_size=args.batch_size, chat_template=args.chat_template,
-                          system=args.system, plot=bool(args.temperatures), log=log)
+    check_inputs(config.model, config.baseline, prompts, chat_template=config.chat_template, system=config.system)
+    judge = load_pairwise_judge(config.judge, template=template, both_orders=config.both_orders,
+                                batch_size=config.judge_batch_size)
+    several = bool(config.temperatures)
+    results = run_winrate(config.model, config.baseline, prompts, judge, config.judge,
+                          temperatures=config.temperature_list(), names=names, output=config.output,
+                          on_judge_error=config.on_judge_error, seed=config.seed, resamples=config.resamples,
+                          confidence=config.confidence, max_new_tokens=config.max_new_tokens, top_p=config.top_p,
+                          batch_size=config.batch_size, chat_template=config.chat_template, system=config.system,
+                          plot=several, log=log)
     for r in results:
         r["blank_lines_skipped"] = blank
-    if args.json:
-        print(json.dumps(results if args.temperatures else results[0]))
+    if config.json:
+        print(json.dumps(results if several else results[0]))
     else:
         _print_table(results)
-        if args.output:
-            print(f"per-prompt records: {Path(args.output) / 'winrate.jsonl'}")
+        if config.output:
+            print(f"per-prompt records: {Path(config.output) / 'winrate.jsonl'}")
 
 
 def add_command(commands) -> None:
     """Add `dpokit winrate` to the subcommands of the dpokit parser."""
-    parser = commands.add_parser("winrate", formatter_class=_Formatter, epilog=EPILOG,
+    parser = commands.add_parser("winrate", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
                                  help="win rate of a model's responses against a baseline's, by a pairwise judge")
-    parser.add_argument("--model", required=True, help="the model compared: model or LoRA adapter directory, or hub "
-                                                       "name")
-    parser.add_argument("--baseline", required=True, help="the model it is compared with (same tokenizer)")
-    parser.add_argument("--prompts", required=True, metavar="FILE",
-                        help="prompts, as dpokit generate reads them (FILE.jsonl: JSON strings, message lists or "
-                             "{\"prompt\"|\"messages\": ...} objects; any other file: one plain-text prompt per line)")
-    parser.add_argument("--judge", required=True, help=JUDGE_HELP)
-    temperature = parser.add_mutually_exclusive_group()
-    temperature.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
-    temperature.add_argument("--temperatures", metavar="T1,T2,...",
-                             help="several temperatures (e.g. 0.25,0.5,0.75,1.0): a win rate at each, and a plot "
-                                  "winrate.png in --output")
-    parser.add_argument("--json", action="store_true",
-                        help="print one JSON object (a list of them with --temperatures) and nothing else on stdout")
-    parser.add_argument("--output", metavar="DIR", help="write winrate.jsonl (per-prompt records) and winrate.png here")
-    parser.add_argument("--judge-template", metavar="FILE",
-                        help="the llm: judge's question, with {prompt}, {response_a}, {response_b} (default below)")
-    parser.add_argument("--both-orders", action=argparse.BooleanOptionalAction, default=True,
-                        help="ask the llm: judge with the responses in both orders and average (cancels a "
-                             "judge's position bias; twice the judge's work)")
-    parser.add_argument("--on-judge-error", default="stop", choices=("stop", "skip"),
-                        help="a prompt the judge fails on (error or NaN): stop, naming the prompts, or leave it out "
-                             "(counted as skipped)")
-    parser.add_argument("--system", help="a system message put before each prompt that has none (chat models)")
-    parser.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
-                        help="render prompts with the models' chat template (default: when they have one)")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens per response")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
-    parser.add_argument("--batch-size", type=int, default=16, help="prompts sampled together")
-    parser.add_argument("--judge-batch-size", type=int, default=8, help="pairs the llm: judge reads together")
-    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the confidence interval")
-    parser.add_argument("--confidence", type=float, default=0.95, help="confidence level of the interval")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the sampling (the baseline's: seed + 1), the order shown and the bootstrap")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: chosen from the model's width and "
-                                                    "the free CPUs)")
+    add_options(parser, WinrateConfig, "winrate")
     parser.set_defaults(func=_run)
