@@ -49,7 +49,7 @@ def train_dpokit(spec: dict, marks: dict, **config) -> dict:
     """Train with ``dpokit.api.train_dpo`` on the spec's model and data, with `config` as further TrainConfig
     fields and the end-of-run checkpoint skipped (the peak is read where it would start); return per-step seconds
     and tokens, losses and the memory marks. `marks` also collects what the caller's own patches record."""
-    import dpokit.api as api
+    import dpokit.train.run as api
     from dpokit.config import TrainConfig
     from dpokit.train.metrics import read_metrics
 
@@ -90,7 +90,7 @@ def train_dpokit(spec: dict, marks: dict, **config) -> dict:
 
 def child_dpokit(spec: dict) -> dict:
     start = start_child(spec["threads"], "dpokit.api", "dpokit.train.loop")
-    import dpokit.api as api
+    import dpokit.train.run as api
     import dpokit.train.loop as trainer
 
     shapes: list[dict] = []

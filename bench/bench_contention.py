@@ -145,7 +145,7 @@ def one_run(workload: str, setting: str, load: int, args, work: Path, setup: dic
         command = [sys.executable, __file__, "--child-step", str(spec_path)]
     busy = start_busy(load, args.timeout + 60)
     try:
-        load = loadavg()
+        load_before = loadavg()
         result = run_timed(command, args.timeout, work / f"log-{index}.txt")
     finally:
         stop(busy)
@@ -156,7 +156,7 @@ def one_run(workload: str, setting: str, load: int, args, work: Path, setup: dic
         # a stopped run counts by the steps it finished; with none, it has no step time (shown as "stopped")
         result["seconds"] = statistics.median(timed) if timed else None
     shutil.rmtree(out, ignore_errors=True)
-    return dict(result, workload=workload, setting=setting, load=load, loadavg_before=load)
+    return dict(result, workload=workload, setting=setting, load=load, loadavg_before=load_before)
 
 
 def step_seconds(output: Path, log: Path) -> list[float]:

@@ -47,12 +47,17 @@ def _imported_from(src: Path, threads: int) -> str:
     return out.stdout.strip()
 
 
+def _cli_module(src: Path) -> str:
+    """The command line's module in that tree: dpokit.cli.main since the subpackages, dpokit.cli before (a932e1e)."""
+    return "dpokit.cli" if (src / "dpokit" / "cli.py").exists() else "dpokit.cli.main"
+
+
 def run_launch(version: str, src: Path, setup: dict, args, work: Path, round_: int) -> dict:
     output = work / f"run_{version}_{round_}"
     shutil.rmtree(output, ignore_errors=True)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(args.processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), "-m", "dpokit.cli.main",
+           "--main_process_port", str(free_port()), "-m", _cli_module(src),
            "dpo", "--model", setup["model_dir"], "--data", setup["data"], "--output", str(output),
            "--batch-size", str(args.batch_size), "--max-steps", str(args.steps), "--lr", "1e-5",
            "--warmup-steps", "0", "--optimizer", "adamw", "--max-length", str(args.max_length),

@@ -91,7 +91,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    import dpokit.api as api
+    import dpokit.train.run as api
     from dpokit.losses import objective
     from dpokit.config import TrainConfig
     from dpokit.losses.dispatch import preference_loss, preference_metrics

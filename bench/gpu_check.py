@@ -351,6 +351,42 @@ def run_exactness(mode: str, setup: dict, work: Path) -> dict:
     return result
 
 
+def print_exactness(exactness: dict) -> None:
+    """The exactness stage's lines (its log's tail when it failed)."""
+    for prefix, what in (("", ""), ("window_", f" as a Mistral with a {exactness.get('sliding_window')}-token window "
+                                              f"({exactness.get('pairs_past_window')} of "
+                                              f"{exactness.get('pairs')} pairs past it)")):
+        grads = (f", gradients {exactness[prefix + 'grad_max_rel_diff']:.1e}"
+                 if prefix + "grad_max_rel_diff" in exactness else " (forward only on CPU)")
+        print(f"exactness     {exactness['status']:6s} packed+FlexAttention vs plain+SDPA{what}, float32: log-probs "
+              f"{exactness.get(prefix + 'logp_max_rel_diff', float('nan')):.1e}{grads} (relative)", flush=True)
+    if exactness["status"] != "ok":
+        print(f"--- exactness:\n{exactness.get('log_tail', exactness)}\n---", flush=True)
+
+
+def summary_table(results: list[dict], mode: str) -> str:
+    """The markdown table of the runs."""
+    from _harness import median as _med
+
+    memory = "peak CUDA GiB" if mode == "gpu" else "peak RSS MiB (CPU)"
+    lines = [f"| run | status | engine | processes | s/step | {memory} | loss first → last | wall s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        sec = r.get("seconds_per_step") or []
+        loss = r.get("loss") or []
+        if mode == "gpu" and r.get("peak_cuda_bytes") is not None:
+            mem = f"{r['peak_cuda_bytes'] / 2**30:.2f}"
+        elif r.get("peak_rss_mib") is not None:
+            mem = f"{r['peak_rss_mib']:.0f}"
+        else:
+            mem = "–"
+        lines.append(f"| {r['name']} | {r['status']} | {r['engine'] or '–'} | {r['processes']} | "
+                     f"{_med(sec[1:] or sec):.3f} | {mem} | "
+                     f"{f'{loss[0]:.4f} → {loss[-1]:.4f}' if loss else '–'} | {r['wall_seconds']:.0f} |")
+    table = "\n".join(lines)
+    return table
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -398,16 +434,7 @@ def main() -> int:
           f"built in {time.perf_counter() - t0:.0f} s", flush=True)
 
     exactness = run_exactness(mode, setup, work)
-    for prefix, what in (("", ""), ("window_", f" as a Mistral with a {exactness.get('sliding_window')}-token window "
-                                              f"({exactness.get('pairs_past_window')} of "
-                                              f"{exactness.get('pairs')} pairs past it)")):
-        grads = (f", gradients {exactness[prefix + 'grad_max_rel_diff']:.1e}"
-                 if prefix + "grad_max_rel_diff" in exactness else " (forward only on CPU)")
-        print(f"exactness     {exactness['status']:6s} packed+FlexAttention vs plain+SDPA{what}, float32: log-probs "
-              f"{exactness.get(prefix + 'logp_max_rel_diff', float('nan')):.1e}{grads} (relative)", flush=True)
-    if exactness["status"] != "ok":
-        print(f"--- exactness:\n{exactness.get('log_tail', exactness)}\n---", flush=True)
-
+    print_exactness(exactness)
     results = []
     for name, library, launcher, options, _ in RUNS:
         if name not in wanted or (mode == "dry" and name in GPU_ONLY):
@@ -422,22 +449,7 @@ def main() -> int:
         if r["status"] != "ok":
             print(f"--- {name}: {r['command']}\n--- log tail:\n{r['log_tail']}\n---", flush=True)
 
-    memory = "peak CUDA GiB" if mode == "gpu" else "peak RSS MiB (CPU)"
-    lines = [f"| run | status | engine | processes | s/step | {memory} | loss first → last | wall s |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        sec = r.get("seconds_per_step") or []
-        loss = r.get("loss") or []
-        if mode == "gpu" and r.get("peak_cuda_bytes") is not None:
-            mem = f"{r['peak_cuda_bytes'] / 2**30:.2f}"
-        elif r.get("peak_rss_mib") is not None:
-            mem = f"{r['peak_rss_mib']:.0f}"
-        else:
-            mem = "–"
-        lines.append(f"| {r['name']} | {r['status']} | {r['engine'] or '–'} | {r['processes']} | "
-                     f"{_med(sec[1:] or sec):.3f} | {mem} | "
-                     f"{f'{loss[0]:.4f} → {loss[-1]:.4f}' if loss else '–'} | {r['wall_seconds']:.0f} |")
-    table = "\n".join(lines)
+    table = summary_table(results, mode)
     print(f"\ngpu_check summary ({mode}; {device}; model {m['params_total'] / 1e6:.1f}M params; s/step: median over "
           f"the steps after the first; {time.perf_counter() - t0:.0f} s in all)")
     print(table)
