@@ -13,7 +13,7 @@ import shlex
 import sys
 
 from dpokit.cli.commands import MODULES as COMMAND_MODULES
-from dpokit.cli.parser import Parser, option_yaml_reader
+from dpokit.cli.parser import Parser
 from dpokit.errors import EXIT_INTERRUPTED, ConfigError, DpokitError, Interrupted
 from dpokit.runtime.memory import reexec_with_malloc
 
@@ -80,12 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     for module in COMMAND_MODULES:  # one module per command (dpokit/cli/)
         importlib.import_module(f"dpokit.cli.{module}").add_command(commands)
-
-    for name, command in commands.choices.items():  # --config for every command
-        if command.read_config is None:
-            command.add_argument("--config", metavar="FILE.yaml",
-                                 help="read options from a YAML file (keys are the option names); flags override it")
-            command.read_config = option_yaml_reader(command, name)
     return parser
 
 

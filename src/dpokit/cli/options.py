@@ -11,8 +11,6 @@ from typing import Any
 
 from dpokit.config.options import flag, make, options_of, read_yaml, value_kind
 
-THREADS_HELP = ("torch CPU threads (default: chosen from the model's width and the free CPUs; OMP_NUM_THREADS is "
-                "respected)")
 CONFIG_HELP = ("read options from a YAML file (keys are the option names, with _ or -); flags given on the command "
                "line override it")
 

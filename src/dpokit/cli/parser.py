@@ -12,8 +12,7 @@ import re
 import sys
 from typing import Any
 
-from dpokit.config.options import load_yaml_mapping
-from dpokit.errors import ConfigError, DpokitError
+from dpokit.errors import DpokitError
 
 
 class Parser(argparse.ArgumentParser):
@@ -133,29 +132,3 @@ def _unrecognized(parser: argparse.ArgumentParser, extras: list[str], what: str 
     if len(hints) == 1:
         return f"{message} (did you mean {hints[0][1]}?)"
     return message + (" (did you mean " + ", ".join(f"{good} for {bad}" for bad, good in hints) + "?)" if hints else "")
-
-
-def option_yaml_reader(parser: argparse.ArgumentParser, command: str):
-    """A YAML reader for a command whose options are plain argparse ones: keys are its option names, values are
-    checked against each option's type and choices."""
-    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
-
-    def read(path: str) -> dict[str, Any]:
-        values = load_yaml_mapping(path, command, actions)
-        for key, value in values.items():
-            action = actions[key]
-            if action.nargs == 0:  # store_true / --x/--no-x
-                ok, kind = isinstance(value, bool), "true or false"
-            elif action.type in (int, float):
-                ok = isinstance(value, (int, float) if action.type is float else int) and not isinstance(value, bool)
-                kind = "a number" if action.type is float else "an integer"
-            else:
-                ok, kind = isinstance(value, str) or (value is None and action.default is None), "a string"
-            if not ok:
-                raise ConfigError(f"{path}: option '{key}' must be {kind}, got {value!r}")
-            if action.choices and value not in action.choices:
-                raise ConfigError(f"{path}: option '{key}' must be one of {', '.join(map(str, action.choices))}; "
-                                  f"got {value!r}")
-        return values
-
-    return read

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from dpokit.cli.options import add_options, config_from_args
-from dpokit.config.winrate import WinrateConfig, parse_temperatures  # noqa: F401  (parse_temperatures: re-exported)
+from dpokit.config.winrate import WinrateConfig
 from dpokit.data.validation import check_model_spec
 from dpokit.errors import DataError
 from dpokit.judges.pairwise import DEFAULT_TEMPLATE
