@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from dpokit.config.options import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Range, check_options, opt
+from dpokit.config.options import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Range, check_options, opt, positional
 from dpokit.errors import ConfigError
 
 # Round r (1-based) seeds its sampling, labelling and training with seed + ROUND_SEED_STRIDE·(r − 1): round 1 uses
@@ -28,12 +28,6 @@ PAIRS = Range(2, words="be at least 2 to form pairs")
 AUTO_THREADS = Range(0, words="be at least 1 (0: automatic)")
 SAMPLED = Range(0, low_open=True, words="be positive (pairs need samples, not greedy decoding)")
 OPEN_FRACTION = Range(0, 1, low_open=True, high_open=True)  # (0, 1)
-
-
-def positional(declared: dataclasses.Field) -> dataclasses.Field:
-    """An option declared with :func:`opt` that the command line takes as a positional argument, not a flag (its
-    help, default and choices still come from the declaration; dpokit.cli.options.add_options)."""
-    return dataclasses.field(default=declared.default, metadata={**declared.metadata, "positional": True})
 
 
 def round_seed(seed: int, round_number: int) -> int:

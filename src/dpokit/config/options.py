@@ -94,6 +94,12 @@ def same_as(cls: type, name: str, **changes: Any) -> Any:
     return field(default=original.default, metadata={**original.metadata, **changes})
 
 
+def positional(declared: dataclasses.Field) -> dataclasses.Field:
+    """An option declared with :func:`opt` that the command line takes as a positional argument, not a flag (its
+    help, default and choices still come from the declaration; dpokit.cli.options.add_options)."""
+    return dataclasses.field(default=declared.default, metadata={**declared.metadata, "positional": True})
+
+
 def flag(name: str) -> str:
     """The command-line flag of field `name`: ``max_length`` -> ``--max-length``."""
     return "--" + name.replace("_", "-")
