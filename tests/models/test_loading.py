@@ -91,8 +91,8 @@ def test_tokenizer_errors_name_the_cause(tiny_model_dir, tmp_path):
         load_tokenizer(str(bare))
     broken = tmp_path / "broken"
     broken.mkdir()
-    for name in ("config.json", "tokenizer_config.json"):
-        (broken / name).write_text((Path(tiny_model_dir) / name).read_text())
+    for name in ("config.json", "tokenizer_config.json", "model.safetensors"):  # a whole model, but its tokenizer
+        (broken / name).write_bytes((Path(tiny_model_dir) / name).read_bytes())
     (broken / "tokenizer.json").write_text('{"version": "1.0", "model": ')
     with pytest.raises(ConfigError, match="cannot load the tokenizer of .*broken.*: [A-Za-z]+Error: "):
         load_tokenizer(str(broken))
