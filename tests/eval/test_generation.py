@@ -218,3 +218,16 @@ def test_cli_generate_errors_are_one_line(args, message, chat_model_dir, tmp_pat
     assert main(["generate", "--model", chat_model_dir, *args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and err.startswith("dpokit generate: error:")
+
+
+def test_a_prompt_no_model_could_hold_is_refused_before_tokenising(tiny_model_dir):
+    """A prompt of more characters than the model's positions could hold in tokens is a one-line DataError
+    naming it, before the tokenizer sees it (one huge line would otherwise take its memory)."""
+    from dpokit.errors import DataError
+    from dpokit.models.loading import load_model, load_tokenizer
+
+    model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    huge = "the film " * (model.config.max_position_embeddings * 200)
+    with pytest.raises(DataError, match=r"prompt 2: [\d,]+ characters, more than the model's \d+ positions"):
+        sample_ids(model, tokenizer, ["hello", huge], max_new_tokens=2)
+    assert len(sample_ids(model, tokenizer, ["hello"], max_new_tokens=2)[0]) == 1

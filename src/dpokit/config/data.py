@@ -48,6 +48,10 @@ class TokenizeOptions:
     apply_chat_template: bool = opt(False, "render plain-text (standard-format) data with the tokenizer's chat "
                                     "template: each prompt as a user turn, each response as the assistant turn, "
                                     "tokenised exactly like conversational data")
+    on_long_rows: str = opt("cut", "a text longer than --max-length tokens could ever need (more characters than "
+                            "max-length times the tokenizer's longest token): cut it to that before tokenising, "
+                            "counted and named in the filtering report (the tokens kept are the same), or fail "
+                            "naming its row; bounds the memory a huge row takes", choices=("cut", "error"))
 
     def is_default(self, name: str) -> bool:
         """Whether option `name` holds its default because nobody gave it (see :class:`Default`)."""

@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from dpokit.data.chat import _special_ids, _start_token, assistant_turn, has_chat_template, render_chat, user_turn
 from dpokit.data.records import Completion, PreferencePair, Text
-from dpokit.errors import ConfigError
+from dpokit.errors import ConfigError, DataError
 
 
 class ChunkSettings(Protocol):
@@ -30,6 +30,7 @@ class ChunkSettings(Protocol):
     max_prompt_length: int
     truncation: str
     apply_chat_template: bool
+    on_long_rows: str
 
 
 @dataclass
@@ -61,12 +62,13 @@ class TokenArrays:
 
 @dataclass
 class Chunk:
-    """One chunk's kept examples, what it filtered as (reason, source) in record order, and how many of its
-    prompts were truncated."""
+    """One chunk's kept examples, what it filtered as (reason, source) in record order, how many of its prompts
+    were truncated, and which records had a text too long for any use cut before tokenising."""
 
     arrays: TokenArrays
     filtered: list[tuple[str, str]]
     prompts_truncated: int
+    cut: list[str]  # the sources of the records with a text cut to ChunkContext.text_bound before tokenising
 
 
 class ChunkContext:
@@ -81,8 +83,17 @@ class ChunkContext:
         self.start = _start_token(tokenizer)
         self.tokenizer = tokenizer
         self.config = config
+        self.text_bound = text_bound(tokenizer, config.max_length)
         if config.apply_chat_template and not has_chat_template(tokenizer):
             raise ConfigError("--apply-chat-template needs a tokenizer with a chat template; this one has none")
+
+
+def text_bound(tokenizer: PreTrainedTokenizerBase, tokens: int) -> int:
+    """A number of characters that no text of at most `tokens` tokens reaches: each token spans at most as many
+    characters as the tokenizer's longest token, so a longer text has more tokens; twice that keeps a cut far
+    from the tokens that truncation keeps."""
+    longest = max(map(len, itertools.chain(tokenizer.get_vocab(), tokenizer.all_special_tokens)), default=1)
+    return 2 * (tokens + 16) * max(longest, 1)
 
 
 def tokenize_chunk(records: Sequence[PreferencePair | Completion], ctx: ChunkContext) -> Chunk:
@@ -90,6 +101,7 @@ def tokenize_chunk(records: Sequence[PreferencePair | Completion], ctx: ChunkCon
     config = ctx.config
     n = len(records)
     prompts, special, responses, counts = _texts(records, ctx.tokenizer, config.apply_chat_template)
+    cut = _cut_long_texts(records, prompts, responses, counts, ctx)
     p_flat, p_len = _prompt_tokens(prompts, special, ctx)
     p_starts = np.cumsum(p_len) - p_len
     r_flat, r_len = _response_tokens(responses, ctx)
@@ -127,7 +139,7 @@ def tokenize_chunk(records: Sequence[PreferencePair | Completion], ctx: ChunkCon
     tokens = np.concatenate([p_flat, r_flat])[_ranges(starts, lengths)]
     arrays = TokenArrays(tokens.astype(np.int32), new_len[kept].astype(np.int32), k_counts.astype(np.int32),
                          r_len[resp].astype(np.int32), [records[i].source for i in kept.tolist()])
-    return Chunk(arrays, filtered, int(truncated.sum()))
+    return Chunk(arrays, filtered, int(truncated.sum()), cut)
 
 
 def _texts(records: Sequence[PreferencePair | Completion], tokenizer,
@@ -153,6 +165,34 @@ def _texts(records: Sequence[PreferencePair | Completion], tokenizer,
             responses.extend(resps)
         counts.append(len(resps))
     return prompts, np.array(special, dtype=bool), responses, np.array(counts, dtype=np.int64)
+
+
+def _cut_long_texts(records: Sequence[PreferencePair | Completion], prompts: list[str], responses: list[str],
+                    counts: np.ndarray, ctx: ChunkContext) -> list[str]:
+    """Cut, in place, every text longer than ``ctx.text_bound`` characters to that bound before it is tokenised
+    (a prompt keeps the end truncation keeps; a response its start, and stays too long to fit), so that one huge
+    row cannot take the tokenizer's memory; returns the sources of the records cut. With
+    ``on_long_rows="error"`` such a row is a DataError naming it instead."""
+    bound, cut = ctx.text_bound, []
+    keep_end = ctx.config.truncation == "keep_end"
+    first = 0
+    for i, record in enumerate(records):
+        n = int(counts[i])
+        long_prompt = len(prompts[i]) > bound
+        long_responses = [j for j in range(first, first + n) if len(responses[j]) > bound]
+        if long_prompt or long_responses:
+            if ctx.config.on_long_rows == "error":
+                size = max([len(prompts[i])] + [len(responses[j]) for j in long_responses])
+                raise DataError(f"{record.source}: a text of {size:,} characters, more than --max-length "
+                                f"{ctx.config.max_length} tokens could ever use ({bound:,}); shorten the row, "
+                                "or --on-long-rows cut")
+            if long_prompt:
+                prompts[i] = prompts[i][-bound:] if keep_end else prompts[i][:bound]
+            for j in long_responses:
+                responses[j] = responses[j][:bound]
+            cut.append(record.source)
+        first += n
+    return cut
 
 
 def _prompt_tokens(prompts: list[str], special: np.ndarray, ctx: ChunkContext) -> tuple[np.ndarray, np.ndarray]:

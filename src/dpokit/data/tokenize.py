@@ -41,30 +41,37 @@ from transformers import PreTrainedTokenizerBase
 
 from dpokit.data.arrays import ChunkContext, TokenArrays, tokenize_chunk
 from dpokit.data.chat import has_chat_template
+from dpokit.config.data import TokenizeOptions
+from dpokit.config.options import options_of
 from dpokit.data.records import Completion, PreferencePair
 from dpokit.errors import ConfigError, DataError
 
 # Bump when a change of the rules changes the token ids of any record: cached tokenised data is keyed on it.
 RULES_VERSION = 2  # 2: tokens added as special outside the named slots count as special (no EOS after them)
-TRUNCATION_MODES = ("keep_end", "keep_start")
-FILTER_POLICIES = ("skip", "error")
+_OPTIONS = {f.name: f for f in options_of(TokenizeOptions)}
+TRUNCATION_MODES = _OPTIONS["truncation"].metadata["choices"]
+FILTER_POLICIES = _OPTIONS["on_filtered"].metadata["choices"]
+LONG_ROW_POLICIES = _OPTIONS["on_long_rows"].metadata["choices"]
 
 
 @dataclass(frozen=True)
 class TokenizeConfig:
     """How records become token ids (see the module docstring for the rules)."""
 
-    max_length: int = 512
-    max_prompt_length: int = 256
-    truncation: str = "keep_end"
-    on_filtered: str = "skip"
-    apply_chat_template: bool = False  # wrap plain-text records as a user turn and an assistant turn
+    max_length: int = int(_OPTIONS["max_length"].default)  # the defaults are the options' (dpokit.config.data)
+    max_prompt_length: int = int(_OPTIONS["max_prompt_length"].default)
+    truncation: str = _OPTIONS["truncation"].default
+    on_filtered: str = _OPTIONS["on_filtered"].default
+    apply_chat_template: bool = _OPTIONS["apply_chat_template"].default  # plain text as a user and an assistant turn
+    on_long_rows: str = _OPTIONS["on_long_rows"].default  # a text no max_length could use: cut it, or fail
 
     def __post_init__(self) -> None:
         if self.truncation not in TRUNCATION_MODES:
             raise ConfigError(f"truncation must be one of {TRUNCATION_MODES}, got {self.truncation!r}")
         if self.on_filtered not in FILTER_POLICIES:
             raise ConfigError(f"on_filtered must be one of {FILTER_POLICIES}, got {self.on_filtered!r}")
+        if self.on_long_rows not in LONG_ROW_POLICIES:
+            raise ConfigError(f"on_long_rows must be one of {LONG_ROW_POLICIES}, got {self.on_long_rows!r}")
         if not 0 < self.max_prompt_length < self.max_length:
             raise ConfigError(
                 f"need 0 < max_prompt_length < max_length, got {self.max_prompt_length} and {self.max_length}"
@@ -93,6 +100,8 @@ class FilterReport:
     counts: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
     prompts_truncated: int = 0
+    rows_cut: int = 0  # texts longer than max_length could use, cut before tokenising (on_long_rows="cut")
+    rows_cut_examples: list[str] = field(default_factory=list)
 
     def add(self, reason: str, source: str) -> None:
         """Count one filtered example under `reason`."""
@@ -111,6 +120,9 @@ class FilterReport:
         parts = [f"kept {self.kept}"]
         if self.prompts_truncated:
             parts.append(f"prompt truncated in {self.prompts_truncated}")
+        if self.rows_cut:
+            parts.append(f"cut {self.rows_cut} row(s) longer than max_length could use before tokenising "
+                         f"(e.g. {', '.join(self.rows_cut_examples)})")
         for reason, n in sorted(self.counts.items()):
             parts.append(f"filtered {n} ({reason}; e.g. {', '.join(self.examples[reason])})")
         return "; ".join(parts)
@@ -185,6 +197,8 @@ def _tokenize_chunk(records: Sequence[PreferencePair | Completion], ctx: ChunkCo
     """The kept examples of one chunk of records; what it filtered and truncated is counted in `report`."""
     chunk = tokenize_chunk(records, ctx)
     report.prompts_truncated += chunk.prompts_truncated
+    report.rows_cut += len(chunk.cut)
+    report.rows_cut_examples += chunk.cut[: 3 - len(report.rows_cut_examples)]
     for reason, source in chunk.filtered:
         report.add(reason, source)
     return chunk.arrays

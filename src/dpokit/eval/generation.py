@@ -30,10 +30,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dpokit.config.eval import GenerateConfig
 from dpokit.config.options import defaults_of
-from dpokit.errors import ConfigError
+from dpokit.errors import ConfigError, DataError
 from dpokit.runtime.threads import apply_threads, model_width
 from dpokit.data.prompts import Prompt
 from dpokit.data.chat import end_of_turn_id, has_chat_template, prompt_token_ids, user_turn
+from dpokit.data.arrays import text_bound
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,20 @@ def _cut(tokens: list[int], stops: set[int]) -> list[int]:
     return tokens
 
 
+def _check_prompt_sizes(prompts: Sequence[Prompt], tokenizer: PreTrainedTokenizerBase, policy: PreTrainedModel) -> None:
+    """Refuse, before tokenising, a prompt of more characters than the model's maximum positions could ever
+    hold in tokens (dpokit.data.arrays.text_bound): one huge line would otherwise take the tokenizer's memory."""
+    positions = getattr(getattr(policy, "config", None), "max_position_embeddings", None)
+    if not isinstance(positions, int):
+        return
+    bound = text_bound(tokenizer, positions)
+    for i, prompt in enumerate(prompts):
+        size = len(prompt) if isinstance(prompt, str) else sum(len(str(m.get("content", ""))) for m in prompt)
+        if size > bound:
+            raise DataError(f"prompt {i + 1}: {size:,} characters, more than the model's {positions} positions "
+                            f"could hold ({bound:,}); shorten it")
+
+
 @torch.no_grad()
 def sample_ids(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt], *,
                max_new_tokens: int = _D["max_new_tokens"], temperature: float = _D["temperature"],
@@ -134,6 +149,7 @@ def sample_ids(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prom
     """
     _check_options(temperature=temperature, top_p=top_p, num_samples=num_samples, max_new_tokens=max_new_tokens,
                    batch_size=batch_size)
+    _check_prompt_sizes(prompts, tokenizer, policy)
     encoded, messages = render_prompts(tokenizer, prompts, chat_template=chat_template, system=system)
     if not prompts:
         return []

@@ -205,7 +205,7 @@ def fit_settings(model: str, options: TokenizeOptions | None = None, *, log=prin
     if note:
         log(note)
     return TokenizeConfig(int(max_length), int(max_prompt_length), options.truncation, options.on_filtered,
-                          options.apply_chat_template)
+                          options.apply_chat_template, options.on_long_rows)
 
 
 def load_pair(model: str, ref_model: str, *, dtype: str = "float32", device: torch.device | str | None = None,

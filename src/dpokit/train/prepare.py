@@ -25,7 +25,7 @@ def _columns(config: TrainConfig) -> ColumnMap:
 def tokenize_config(config: TrainConfig) -> TokenizeConfig:
     """The tokenisation settings of a training config."""
     return TokenizeConfig(config.max_length, config.max_prompt_length, config.truncation, config.on_filtered,
-                          config.apply_chat_template)
+                          config.apply_chat_template, config.on_long_rows)
 
 
 @dataclass
