@@ -5,7 +5,8 @@ reference resident (also offloaded), DPO with reference log-probs precomputed by
 and DPO interrupted after checkpoint 2 and resumed, each at batch 2 x accumulation 2 x 2 processes; the same runs
 in this process at batch 8 x 1 must give the same weights after 3 steps (float32, 1e-5) and the same train and
 eval metrics. Under DDP also DPO with --streaming (shards written by the first process only, into a fresh cache
-entry or a temporary one, and resumed from the cache), which must equal the in-memory run of both launches.
+entry or a temporary one, and resumed from the cache), which must equal the in-memory run of both launches; and
+DPO launched as two nodes of one process each (--num_machines 2, rendezvous on 127.0.0.1), as on a cluster.
 """
 
 from __future__ import annotations
@@ -41,19 +42,49 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_engine(engine: str, output: Path, model: str, data: dict, runs: list[str]) -> str:
-    """`accelerate launch` the runs with configs/accelerate/ENGINE.yaml on 2 CPU processes; return the log."""
+def _launch_env() -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu",
            # the tests' helpers, and whatever dpokit this process imports (a worktree's src/ on PYTHONPATH)
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))}
     env.pop("ACCELERATE_USE_CPU", None)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "configs" / "accelerate" / f"{engine}.yaml"), "--num_processes", "2",
-               "--main_process_port", str(_free_port()), str(ROOT / "tests" / "engine_runs.py"),
-               str(output), model, data["train"], data["eval"], *runs]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    return env
+
+
+def _launch_command(engine: str, launcher: list[str], output: Path, model: str, data: dict, runs: list[str]):
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(ROOT / "configs" / "accelerate" / f"{engine}.yaml"), *launcher, str(ROOT / "tests" / "engine_runs.py"),
+            str(output), model, data["train"], data["eval"], *runs]
+
+
+def launch_engine(engine: str, output: Path, model: str, data: dict, runs: list[str]) -> str:
+    """`accelerate launch` the runs with configs/accelerate/ENGINE.yaml on 2 CPU processes; return the log."""
+    launcher = ["--num_processes", "2", "--main_process_port", str(_free_port())]
+    result = subprocess.run(_launch_command(engine, launcher, output, model, data, runs), env=_launch_env(),
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result.stdout + result.stderr
+
+
+def launch_two_nodes(output: Path, model: str, data: dict, runs: list[str]) -> list[str]:
+    """Two `accelerate launch` commands, as on two nodes of one process each (--num_machines 2, --machine_rank
+    0 and 1, rendezvous at 127.0.0.1 on a free port) with configs/accelerate/ddp.yaml; return their logs."""
+    port = str(_free_port())
+    launches = []
+    for rank in (0, 1):
+        launcher = ["--num_machines", "2", "--machine_rank", str(rank), "--num_processes", "2",
+                    "--main_process_ip", "127.0.0.1", "--main_process_port", port]
+        launches.append(subprocess.Popen(_launch_command("ddp", launcher, output, model, data, runs),
+                                         env=_launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                         text=True))
+    try:
+        logs = [launch.communicate(timeout=300)[0] for launch in launches]
+    finally:
+        for launch in launches:
+            if launch.poll() is None:
+                launch.kill()
+    for rank, (launch, log) in enumerate(zip(launches, logs)):
+        assert launch.returncode == 0, f"node {rank}: " + log[-4000:]
+    return logs
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +155,21 @@ def test_two_processes_under_the_engine_equal_one_process(engine, tiny_model_dir
     if engine == "ddp":  # the first process wrote the shards of each streamed run (the resume reused them)
         writers = [int((tmp_path / f"writers-rank{rank}.txt").read_text()) for rank in (0, 1)]
         assert writers == [len(STREAMED), 0]
+
+
+def test_two_nodes_of_one_process_equal_one_process(tiny_model_dir, data, one_process, tmp_path):
+    """Multi-node for real on one machine: two launches (--num_machines 2, --machine_rank 0/1, rendezvous on
+    127.0.0.1) of one process each, batch 2 x accumulation 2 x 2 nodes, give one process's weights at batch 8."""
+    logs = launch_two_nodes(tmp_path, tiny_model_dir, data, ["dpo"])
+    assert "2 x 2 accumulation x 2 processes" in logs[0]
+    a, b = _final_weights(one_process("dpo")), _final_weights(tmp_path / "dpo")
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    print(f"two nodes vs one process: max weight difference {worst:.3g}")
+    assert worst <= 1e-5, f"two nodes: weights differ by {worst}"
+    rows_a, rows_b = read_metrics(one_process("dpo") / "metrics.jsonl"), read_metrics(tmp_path / "dpo" / "metrics.jsonl")
+    assert [(r["split"], r["step"]) for r in rows_a] == [(r["split"], r["step"]) for r in rows_b]
+    assert [r["loss"] for r in rows_b] == pytest.approx([r["loss"] for r in rows_a], abs=1e-5)
 
 
 def test_accelerate_launch_cpu_with_several_processes_is_a_clear_error(tiny_model_dir, data, tmp_path):
