@@ -35,6 +35,18 @@ LLAMA3_TEMPLATE = (
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
 LLAMA3_TOKENS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+# Qwen2.5's template in essence: given `tools`, a system turn lists each schema as JSON inside <tools>; an assistant
+# turn's tool calls follow its text as <tool_call>{"name": ..., "arguments": ...}</tool_call>; tool turns are
+# ordinary turns of role "tool"
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n"
+    "{% endif %}# Tools\n<tools>\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}</tools><|im_end|>\n"
+    "{% elif messages[0]['role'] == 'system' %}<|im_start|>system\n{{ messages[0]['content'] }}<|im_end|>\n"
+    "{% endif %}{% for m in messages %}{% if not (loop.first and m['role'] == 'system') %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{% for c in m.get('tool_calls', []) %}"
+    "<tool_call>{{ c['function'] | tojson }}</tool_call>{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def make_tokenizer(vocab_size: int = 320, chat_template: bool | str = False) -> PreTrainedTokenizerFast:
@@ -43,7 +55,8 @@ def make_tokenizer(vocab_size: int = 320, chat_template: bool | str = False) -> 
     `chat_template`: True or "chatml" adds a ChatML template (<|im_start|>/<|im_end|> turns, ids 1 and 2);
     "llama3" makes a Llama-3-style tokenizer: BOS <|begin_of_text|> added to plain text by the tokenizer and put
     first by the template, turns ending in <|eot_id|> (an added special token, not the EOS), ids 320-323 above
-    the shared vocabulary, which is the same as the other variants'."""
+    the shared vocabulary, which is the same as the other variants'; "tools" is ChatML whose template renders
+    `tools` and tool calls (TOOLS_TEMPLATE)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -63,7 +76,7 @@ def make_tokenizer(vocab_size: int = 320, chat_template: bool | str = False) -> 
         fast.chat_template = LLAMA3_TEMPLATE
     elif chat_template:
         fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-        fast.chat_template = CHATML_TEMPLATE
+        fast.chat_template = TOOLS_TEMPLATE if chat_template == "tools" else CHATML_TEMPLATE
     return fast
 
 

@@ -28,8 +28,9 @@ def _run(args: argparse.Namespace) -> None:
     outputs = generate_samples(config.model, prompts, gguf_file=config.gguf_file, **config.sampling())
     for prompt, samples in zip(prompts, outputs):
         for sample in samples:
-            if sample.messages is not None:  # templated: the conversation sent and the reply
-                print(json.dumps({"prompt": sample.messages, "completion": sample.text}, ensure_ascii=False))
+            if sample.messages is not None:  # templated: the conversation sent (its tools too) and the reply
+                tools = {"tools": sample.messages.tools} if getattr(sample.messages, "tools", None) else {}
+                print(json.dumps({"prompt": sample.messages, "completion": sample.text, **tools}, ensure_ascii=False))
             elif config.jsonl:
                 print(json.dumps({"prompt": prompt, "completion": sample.text}, ensure_ascii=False))
             else:

@@ -146,7 +146,8 @@ def _texts(records: Sequence[PreferencePair | Completion], tokenizer,
            wrap_plain: bool = False) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
     """Prompt texts (and whether each gets special tokens: plain text does, a rendered chat prompt does not),
     the responses' texts in order and the number of responses of each record. `wrap_plain` renders plain-text
-    records as a user turn and an assistant turn (the apply_chat_template setting)."""
+    records as a user turn and an assistant turn (the apply_chat_template setting). A record's tools go to the
+    chat template with its conversation."""
     prompts, special, responses, counts = [], [], [], []
     for record in records:
         resps = (record.chosen, record.rejected) if isinstance(record, PreferencePair) else (record.completion,)
@@ -154,8 +155,11 @@ def _texts(records: Sequence[PreferencePair | Completion], tokenizer,
         if wrap_plain and isinstance(prompt, str):
             prompt = user_turn(prompt)
             resps = tuple(assistant_turn(r) if isinstance(r, str) else r for r in resps)
+        if record.tools and not isinstance(prompt, list):
+            raise DataError(f"{record.source}: field 'tools' needs a conversational prompt (a list of messages), "
+                            "or --apply-chat-template: the chat template renders the tools")
         if isinstance(prompt, list):
-            prompt_text, texts = render_chat(tokenizer, prompt, resps, record.source)
+            prompt_text, texts = render_chat(tokenizer, prompt, resps, record.source, record.tools)
             prompts.append(prompt_text)
             special.append(False)
             responses.extend(texts)

@@ -44,21 +44,46 @@ def assistant_turn(response: str) -> list[dict]:
     return [{"role": "assistant", "content": response}]
 
 
-def render_chat(tokenizer: PreTrainedTokenizerBase, prompt: list[dict], responses: Sequence[list[dict]], source: str) -> tuple[str, list[str]]:
-    """Render a conversational prompt and responses with the chat template.
+_RENDERS_TOOLS: dict[str, bool] = {}  # chat template -> whether it renders the tools it is given
+_PROBE_TOOL = {"type": "function", "function": {"name": "dpokit_probe_tool", "description": "probe",
+                                                "parameters": {"type": "object", "properties": {}}}}
+
+
+def _check_renders_tools(tokenizer: PreTrainedTokenizerBase, source: str) -> None:
+    """A chat template that ignores `tools` would train (or sample) without them, silently: an error."""
+    template = str(tokenizer.chat_template)
+    if template not in _RENDERS_TOOLS:
+        try:
+            text = tokenizer.apply_chat_template(user_turn("hi"), tools=[_PROBE_TOOL], tokenize=False,
+                                                 add_generation_prompt=True)
+        except TemplateError:
+            text = ""
+        _RENDERS_TOOLS[template] = "dpokit_probe_tool" in text
+    if not _RENDERS_TOOLS[template]:
+        raise DataError(f"{source}: field 'tools' is given but the tokenizer's chat template does not render "
+                        "tools; use a model whose template does, or drop the tools column")
+
+
+def render_chat(tokenizer: PreTrainedTokenizerBase, prompt: list[dict], responses: Sequence[list[dict]], source: str,
+                tools: list[dict] | None = None) -> tuple[str, list[str]]:
+    """Render a conversational prompt and responses with the chat template (given `tools`, the tool schemas,
+    when not None).
 
     Returns the prompt text (with the generation prompt) and, for each response, the text that the full
     conversation adds after the prompt. A template that does not render the prompt as a prefix of the full
-    conversation cannot say which tokens are the response, and is an error.
+    conversation cannot say which tokens are the response, and is an error; so is one that ignores `tools`.
     """
     if getattr(tokenizer, "chat_template", None) is None:
         raise ConfigError(
             f"{source}: conversational data needs a tokenizer with a chat template; this one has none "
             "(set tokenizer.chat_template, or give the data as plain prompt/chosen/rejected strings)"
         )
+    if tools:
+        _check_renders_tools(tokenizer, source)
+    extra = {"tools": tools} if tools else {}
     try:
-        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        fulls = [tokenizer.apply_chat_template(list(prompt) + list(r), tokenize=False) for r in responses]
+        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, **extra)
+        fulls = [tokenizer.apply_chat_template(list(prompt) + list(r), tokenize=False, **extra) for r in responses]
     except TemplateError as error:  # a template's own check (roles must alternate, ...): name the record
         raise DataError(f"{source}: the chat template refused the conversation: {error}") from None
     texts = []
@@ -72,13 +97,17 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, prompt: list[dict], response
     return prompt_text, texts
 
 
-def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: Text, source: str = "prompt") -> list[int]:
+def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: Text, source: str = "prompt",
+                     tools: list[dict] | None = None) -> list[int]:
     """The ids of one prompt exactly as tokenisation gives them (before any truncation): a message list rendered
-    with the chat template and its generation prompt, without added special tokens; plain text with the
-    tokenizer's special tokens, less a trailing EOS; an empty prompt as the start token. Generation uses this,
+    with the chat template (and `tools`) and its generation prompt, without added special tokens; plain text with
+    the tokenizer's special tokens, less a trailing EOS; an empty prompt as the start token. Generation uses this,
     so that a model is sampled from the context it was trained on."""
+    if tools and not isinstance(prompt, list):
+        raise DataError(f"{source}: tools need a conversational prompt (a list of messages) rendered with the chat "
+                        "template; this prompt is plain text")
     if isinstance(prompt, list):
-        text, _ = render_chat(tokenizer, prompt, [], source)
+        text, _ = render_chat(tokenizer, prompt, [], source, tools)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
         ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]

@@ -23,12 +23,12 @@ from typing import Any, Callable, TypeVar
 
 from tqdm.auto import tqdm
 
+from dpokit.data.messages import _message, _messages, _string, _type_name, has_text, read_tools
 from dpokit.data.records import Completion, PreferencePair
 from dpokit.data.sources import read_rows
 from dpokit.errors import ConfigError, DataError
 
 FORMATS = ("standard", "conversational", "implicit", "ranked", "completion", "unpaired")
-ROLES = ("system", "user", "assistant", "tool")
 HH_MARKER = "\n\nAssistant:"
 TIE_REASON = "ties in ranked responses"
 
@@ -46,6 +46,7 @@ class ColumnMap:
     scores: str = "scores"
     completion: str = "completion"
     label: str = "label"
+    tools: str = "tools"  # optional: the tool schemas the chat template is given (see dpokit.data.messages)
 
 
 @dataclass
@@ -143,9 +144,10 @@ def stream_preferences(
                         report.counts[TIE_REASON] = report.counts.get(TIE_REASON, 0) + 1
                         continue
                     hi, lo = (i, j) if scores[i] > scores[j] else (j, i)
-                    yield PreferencePair(prompt, responses[hi], responses[lo], f"{prov} pair ({i},{j})")
+                    yield PreferencePair(prompt, responses[hi], responses[lo], f"{prov} pair ({i},{j})",
+                                         _tools(row, prov, c))
             return
-        yield PreferencePair(*_prompt_chosen_rejected(row, prov, fmt, c), source=prov)
+        yield PreferencePair(*_prompt_chosen_rejected(row, prov, fmt, c), source=prov, tools=_tools(row, prov, c))
 
     def none_left(report: LoadReport) -> None:
         raise DataError(f"{report.source}: no preference pairs ({report.rows} rows, dropped: {report.counts})")
@@ -169,14 +171,14 @@ def stream_completions(
             raise DataError(f"{prov}: unpaired data (prompt, completion, label) is for --loss kto; to fine-tune on "
                             "every completion whatever its label, pass --format completion")
         if fmt == "completion":
-            yield Completion(*_prompt_completion(row, prov, c, fmt), prov)
+            yield Completion(*_prompt_completion(row, prov, c, fmt), prov, tools=_tools(row, prov, c))
         elif fmt == "ranked":
             prompt, responses, scores = _ranked(row, prov, c)
             best = max(range(len(scores)), key=lambda k: (scores[k], -k))
-            yield Completion(prompt, responses[best], prov)
+            yield Completion(prompt, responses[best], prov, tools=_tools(row, prov, c))
         else:
             prompt, chosen, _ = _prompt_chosen_rejected(row, prov, fmt, c)
-            yield Completion(prompt, chosen, prov)
+            yield Completion(prompt, chosen, prov, tools=_tools(row, prov, c))
 
     return _stream(spec, format, c, split, streaming, convert, None)
 
@@ -200,7 +202,7 @@ def load_unpaired(
         label = _need(row, c.label, prov, fmt)
         if not isinstance(label, bool):
             raise DataError(f"{prov}: field {c.label!r} must be true or false, got {label!r}")
-        yield Completion(prompt, completion, prov, label)
+        yield Completion(prompt, completion, prov, label, _tools(row, prov, c))
 
     items, report = _stream(spec, format, c, split, False, convert, None)
     return list(items), report
@@ -254,39 +256,9 @@ def _need(row: dict, name: str, prov: str, fmt: str) -> Any:
     return row[name]
 
 
-def _type_name(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _string(value: Any, name: str, prov: str, *, allow_empty: bool = False) -> str:
-    if not isinstance(value, str):
-        raise DataError(f"{prov}: field {name!r} must be a string, got {_type_name(value)}")
-    if not allow_empty and (not value or value.isspace()):  # as `not value.strip()`, without copying the text
-        raise DataError(f"{prov}: field {name!r} is empty")
-    return value
-
-
-def _message(value: Any, name: str, prov: str) -> dict:
-    if not isinstance(value, dict):
-        raise DataError(f"{prov}: field {name!r} must be a message object with 'role' and 'content', "
-                        f"got {_type_name(value)}")
-    for key in ("role", "content"):
-        if key not in value or (key == "role" and value[key] is None):
-            raise DataError(f"{prov}: missing field '{name}.{key}'")
-    role = value["role"]
-    if role not in ROLES:
-        raise DataError(f"{prov}: field '{name}.role' must be one of {', '.join(ROLES)}, got {role!r}")
-    _string(value["content"], f"{name}.content", prov, allow_empty=True)
-    # Parquet/Arrow give every message every key of the schema, None where absent: drop those.
-    return {k: v for k, v in value.items() if v is not None}
-
-
-def _messages(value: Any, name: str, prov: str) -> list[dict]:
-    if not isinstance(value, list):
-        raise DataError(f"{prov}: field {name!r} must be a list of messages, got {_type_name(value)}")
-    if not value:
-        raise DataError(f"{prov}: field {name!r} is empty")
-    return [_message(m, f"{name}[{i}]", prov) for i, m in enumerate(value)]
+def _tools(row: dict, prov: str, c: ColumnMap) -> list | None:
+    """The row's tool schemas (its optional tools column), or None."""
+    return read_tools(row.get(c.tools), c.tools, prov)
 
 
 def _response(row: dict, name: str, prov: str, *, conversational: bool, fmt: str = "completion") -> Any:
@@ -302,7 +274,7 @@ def _response(row: dict, name: str, prov: str, *, conversational: bool, fmt: str
             where = name if isinstance(value, dict) else f"{name}[{i}]"
             raise DataError(f"{prov}: field '{where}.role' is {m['role']!r}: a response holds only assistant "
                             "messages (its tokens are the ones scored); earlier turns belong in the prompt")
-    if all(not m["content"] or m["content"].isspace() for m in messages):
+    if not has_text(messages):
         raise DataError(f"{prov}: field {name!r} is empty")
     return messages
 

@@ -4,7 +4,9 @@
 A ``--prompts`` file ending in ``.jsonl`` holds one JSON value per non-blank line: a string (plain text), a list
 of messages, or an object with a ``prompt`` (string or messages) or ``messages`` field, so that the output of
 `dpokit generate` can be read back; any other file holds one plain-text prompt per non-blank line. Messages are
-checked like conversational data (roles, string contents), and errors name the file and line.
+checked like conversational data (roles, string contents), and errors name the file and line. An object may carry
+``tools`` (tool schemas, as a data set's tools column): its prompt becomes a :class:`ToolPrompt` (a plain-text
+prompt as one user turn), rendered with the tools by the chat template.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import json
 from pathlib import Path
 from typing import Union
 
+from dpokit.data.chat import user_turn
+from dpokit.data.messages import read_tools
+from dpokit.data.records import ToolPrompt
 from dpokit.errors import ConfigError, DataError
 
 Prompt = Union[str, list[dict]]  # plain text, or chat messages
@@ -41,10 +46,14 @@ def _prompt_of_line(value, where: str) -> Prompt:
     if isinstance(value, list):
         return _messages(value, where)
     if isinstance(value, dict):
+        prompt = None
         if "messages" in value:
-            return _messages(value["messages"], where)
-        if isinstance(value.get("prompt"), (str, list)):
-            return _prompt_of_line(value["prompt"], where)
+            prompt = _messages(value["messages"], where)
+        elif isinstance(value.get("prompt"), (str, list)):
+            prompt = _prompt_of_line(value["prompt"], where)
+        tools = read_tools(value.get("tools"), "tools", where)
+        if prompt is not None:
+            return ToolPrompt(user_turn(prompt) if isinstance(prompt, str) else prompt, tools) if tools else prompt
     raise DataError(f"{where}: expected a JSON string, a list of messages, or an object with a 'prompt' or "
                     f"'messages' field; got {json.dumps(value)[:60]}")
 
@@ -54,7 +63,7 @@ def read_prompts(path: str | Path) -> list[Prompt]:
 
     ``.jsonl``: one JSON value per non-blank line: a string (plain text), a list of messages, or an object with
     a ``prompt`` (string or messages) or ``messages`` field (so `dpokit generate --jsonl` output can be read
-    back). Any other file: one plain-text prompt per non-blank line. Errors name the file and line.
+    back), and optionally ``tools``. Any other file: one plain-text prompt per non-blank line. Errors name the file and line.
     """
     path = Path(path)
     if not path.is_file():

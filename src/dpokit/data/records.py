@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Union
 
-Message = dict  # {"role": str, "content": str}
+Message = dict  # {"role": str, "content": str}, an assistant's may carry "tool_calls"
 Text = Union[str, list[Message]]  # plain text, or chat messages rendered later with the chat template
 
 
@@ -15,22 +15,41 @@ class PreferencePair:
 
     `prompt` is a string, or a list of chat messages; `chosen` and `rejected` are strings, or lists of
     assistant messages when the prompt is conversational. `source` says where the record came from
-    ("data.jsonl:12" or "dataset[train] row 11") so that later errors can name it.
+    ("data.jsonl:12" or "dataset[train] row 11") so that later errors can name it. `tools`: the tool schemas
+    the chat template is given with the conversation (the row's ``tools`` column), or None.
     """
 
     prompt: Text
     chosen: Text
     rejected: Text
     source: str = ""
+    tools: list[dict] | None = None
 
 
 @dataclass(frozen=True)
 class Completion:
     """One supervised example for SFT: `completion` continues `prompt` (same typing rules as PreferencePair).
 
-    `label` is None for SFT data; in unpaired data (KTO) it says whether the completion is desirable."""
+    `label` is None for SFT data; in unpaired data (KTO) it says whether the completion is desirable. `tools`
+    as in PreferencePair."""
 
     prompt: Text
     completion: Text
     source: str = ""
     label: bool | None = None
+    tools: list[dict] | None = None
+
+
+class ToolPrompt(list):
+    """Chat messages offered tools: a list of messages (used wherever one is) whose `tools` are the tool schemas
+    the chat template renders with them. `dpokit generate`, `iterate` and `winrate` read one from a prompt file's
+    JSON object with a ``tools`` field."""
+
+    def __init__(self, messages, tools: list[dict] | None):
+        super().__init__(messages)
+        self.tools = tools
+
+
+def tools_of(prompt) -> list[dict] | None:
+    """The tools a prompt is offered (a ToolPrompt's), or None."""
+    return getattr(prompt, "tools", None)

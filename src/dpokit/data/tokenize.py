@@ -47,7 +47,8 @@ from dpokit.data.records import Completion, PreferencePair
 from dpokit.errors import ConfigError, DataError
 
 # Bump when a change of the rules changes the token ids of any record: cached tokenised data is keyed on it.
-RULES_VERSION = 2  # 2: tokens added as special outside the named slots count as special (no EOS after them)
+RULES_VERSION = 3  # 2: tokens added as special outside the named slots count as special (no EOS after them)
+# 3: a row's tools column goes to the chat template
 _OPTIONS = {f.name: f for f in options_of(TokenizeOptions)}
 TRUNCATION_MODES = _OPTIONS["truncation"].metadata["choices"]
 FILTER_POLICIES = _OPTIONS["on_filtered"].metadata["choices"]

@@ -35,6 +35,7 @@ from dpokit.runtime.threads import apply_threads, model_width
 from dpokit.data.prompts import Prompt
 from dpokit.data.chat import end_of_turn_id, has_chat_template, prompt_token_ids, user_turn
 from dpokit.data.arrays import text_bound
+from dpokit.data.records import ToolPrompt, tools_of
 
 
 @dataclass(frozen=True)
@@ -59,11 +60,12 @@ def uses_chat_template(tokenizer: PreTrainedTokenizerBase, chat_template: bool |
 
 
 def conversation(prompt: Prompt, system: str | None = None) -> list[dict]:
-    """`prompt` as messages: a string as one user turn; `system` first unless the messages start with one."""
+    """`prompt` as messages: a string as one user turn; `system` first unless the messages start with one; a
+    ToolPrompt's tools kept."""
     messages = user_turn(prompt) if isinstance(prompt, str) else [dict(m) for m in prompt]
     if system is not None and not (messages and messages[0].get("role") == "system"):
         messages.insert(0, {"role": "system", "content": system})
-    return messages
+    return ToolPrompt(messages, tools_of(prompt)) if tools_of(prompt) else messages
 
 
 def render_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt], *, chat_template: bool | None = None,
@@ -79,7 +81,7 @@ def render_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt]
                                   "tokenizer has none, or --no-chat-template was given)")
         return [prompt_token_ids(tokenizer, p) for p in prompts], [None] * len(prompts)
     messages = [conversation(p, system) for p in prompts]
-    return [prompt_token_ids(tokenizer, m, f"prompt {i + 1}") for i, m in enumerate(messages)], messages
+    return [prompt_token_ids(tokenizer, m, f"prompt {i + 1}", tools_of(m)) for i, m in enumerate(messages)], messages
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, policy: PreTrainedModel | None = None,

@@ -87,7 +87,7 @@ def _truncated(example: TokenizedExample, record: Completion, tokenizer: PreTrai
         return False
     prompt = user_turn(record.prompt) if settings.apply_chat_template and isinstance(record.prompt, str) \
         else record.prompt
-    return len(prompt_token_ids(tokenizer, prompt, record.source)) > settings.max_prompt_length
+    return len(prompt_token_ids(tokenizer, prompt, record.source, record.tools)) > settings.max_prompt_length
 
 
 def tokenize_responses(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Text], responses: Sequence[Text],

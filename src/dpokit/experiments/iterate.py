@@ -36,7 +36,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from dpokit.api import train_dpo
 from dpokit.data.batching import collate
 from dpokit.config import TrainConfig
-from dpokit.data.records import PreferencePair
+from dpokit.data.records import PreferencePair, tools_of
 from dpokit.errors import DpokitError
 from dpokit.eval.generation import Sample, sample_ids, uses_chat_template
 from dpokit.config.experiments import RoundSettings
@@ -117,7 +117,7 @@ def label_pairs(prompt: Prompt, texts: list[str], scores: list[float], settings,
             else:
                 first = rng.random() < 1 / (1 + math.exp(-settings.bt_scale * (scores[i] - scores[j])))
             chosen, rejected = (texts[i], texts[j]) if first else (texts[j], texts[i])
-            pairs.append(PreferencePair(prompt, chosen, rejected, f"{source} pair ({i},{j})"))
+            pairs.append(PreferencePair(prompt, chosen, rejected, f"{source} pair ({i},{j})", tools_of(prompt)))
     return pairs, ties
 
 
@@ -155,14 +155,14 @@ def _response(pair_prompt: Prompt, text: str):
 
 def typed_pairs(pairs: list[PreferencePair]) -> list[PreferencePair]:
     """`pairs` with the responses of chat prompts as assistant messages, as dpokit's data loader types them."""
-    return [PreferencePair(p.prompt, _response(p.prompt, p.chosen), _response(p.prompt, p.rejected), p.source)
-            for p in pairs]
+    return [PreferencePair(p.prompt, _response(p.prompt, p.chosen), _response(p.prompt, p.rejected), p.source,
+                           p.tools) for p in pairs]
 
 
 def write_pairs(path: str | Path, pairs: list[PreferencePair]) -> None:
-    """The pairs as prompt/chosen/rejected JSON lines (what `dpokit dpo` reads)."""
-    Path(path).write_text("".join(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected})
-                                  + "\n" for p in pairs))
+    """The pairs as prompt/chosen/rejected JSON lines (what `dpokit dpo` reads), with the prompt's tools."""
+    Path(path).write_text("".join(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected,
+                                              **({"tools": p.tools} if p.tools else {})}) + "\n" for p in pairs))
 
 
 def train_round(policy: str, reference: str | None, pairs_path: str | Path, output: str | Path,

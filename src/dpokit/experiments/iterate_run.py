@@ -90,7 +90,8 @@ def _check_same_run(output: Path, config: IterateConfig) -> None:
 
 
 def _write_eval_samples(path: Path, prompts, samples, scores) -> None:
-    path.write_text("".join(json.dumps({"prompt": p, "completions": [x.text for x in group], "scores": s},
+    path.write_text("".join(json.dumps({"prompt": p, "completions": [x.text for x in group], "scores": s,
+                                        **({"tools": p.tools} if getattr(p, "tools", None) else {})},
                                        ensure_ascii=False) + "\n" for p, group, s in zip(prompts, samples, scores)))
 
 
