@@ -185,9 +185,16 @@ def versions(modules=("torch", "transformers", "trl", "datasets", "tokenizers", 
 
 
 def machine(**extra) -> dict:
-    """Where the benchmark ran: platform, Python, CPUs, package versions, load average now, and `extra`."""
+    """Where the benchmark ran: platform, Python, CPUs, package versions, the dpokit it imported (a PYTHONPATH
+    may name another tree than the editable install), load average now, and `extra`."""
+    try:
+        import dpokit
+
+        dpokit_from = str(Path(dpokit.__file__).resolve().parent)
+    except ImportError:
+        dpokit_from = None
     return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "versions": versions(), "load_average": os.getloadavg(), **extra}
+            "versions": versions(), "dpokit_from": dpokit_from, "load_average": os.getloadavg(), **extra}
 
 
 def tree_state(repo: Path = HERE.parent) -> dict:
