@@ -18,7 +18,7 @@ PARSER = build_parser()
 COMMANDS = {name: sub for action in PARSER._actions if isinstance(action, argparse._SubParsersAction)
             for name, sub in action.choices.items()}
 # The options besides the required ones that a valid config of the command needs.
-EXTRA = {"eval": {"ref_model": "ref"}}
+EXTRA = {"eval": {"ref_model": "ref"}, "score": {"ref_model": "ref"}, "rank": {"ref_model": "ref"}}
 
 
 def _config_of(command: str) -> tuple[type, str | None]:
@@ -40,7 +40,7 @@ def _base(command: str) -> dict:
 
 def test_every_command_declares_its_options_in_a_config():
     assert sorted(COMMANDS) == sorted(["dpo", "sft", "eval", "demo", "generate", "merge", "score", "rank", "winrate",
-                                       "iterate", "reproduce"])
+                                       "iterate", "reproduce", "reward"])
     for command in COMMANDS:
         cls, _ = _config_of(command)
         assert cls is not None, f"dpokit {command} has no config class"

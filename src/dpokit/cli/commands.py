@@ -5,5 +5,5 @@ arguments. Like dpokit.cli.main, a command module imports torch and transformers
 ``--help`` and option errors answer at once.
 """
 
-MODULES = ("train", "eval", "demo", "generate", "merge", "score", "rank", "winrate", "iterate", "reproduce")
+MODULES = ("train", "eval", "demo", "generate", "merge", "score", "rank", "winrate", "iterate", "reproduce", "reward")
 """dpokit.cli.<name> modules, in the order their commands are listed by ``dpokit --help``."""

@@ -1,5 +1,6 @@
-"""`dpokit score`: the implicit reward β·(log π(y|x) − log π_ref(y|x)) of every (prompt, response) of a file. Its
-flags are the fields of ScoreConfig (dpokit.config.eval).
+"""`dpokit score`: the implicit reward β·(log π(y|x) − log π_ref(y|x)) of every (prompt, response) of a file, or
+with a reward model as --model (`dpokit reward`'s output) its score r(x, y). Its flags are the fields of ScoreConfig
+(dpokit.config.eval).
 
 Also the options, scoring and output writing that `dpokit rank` shares (dpokit.cli.rank).
 """
@@ -34,12 +35,15 @@ def logger(config: ScoringOptions):
 
 
 def score_rows(config: ScoringOptions, rows, log) -> list:
-    """The ImplicitReward of every response of `rows` (dpokit.data.responses.ResponseRow), flattened in order."""
+    """The ImplicitReward of every response of `rows` (dpokit.data.responses.ResponseRow), flattened in order; the
+    ModelReward (dpokit.eval.reward_scoring) when --model is a reward model."""
     from dpokit.eval.scoring import default_device, fit_settings, implicit_rewards, load_pair
     from dpokit.runtime.threads import apply_threads, model_width
 
     settings = fit_settings(config.model, config, log=log)
     device = default_device()
+    if config.reward_model:
+        return _reward_model_rows(config, rows, settings, device, log)
     policy, reference, tokenizer = load_pair(config.model, config.ref_model, dtype=config.dtype, device=device,
                                              attention=config.attention)
     apply_threads(config.threads, width=model_width(policy), device=device, log=log)
@@ -54,6 +58,23 @@ def score_rows(config: ScoringOptions, rows, log) -> list:
         + (f"; prompt truncated in {truncated}" if truncated else "")
         + (f"; skipped {len(skipped)}, written with reward null ({settings.max_length} tokens are not enough even "
            f"after prompt truncation; e.g. {', '.join(skipped[:3])})" if skipped else ""))
+    return results
+
+
+def _reward_model_rows(config: ScoringOptions, rows, settings, device, log) -> list:
+    """The ModelReward of every response of `rows` under the reward model --model (no reference, no β)."""
+    from dpokit.eval.reward_scoring import load_reward_scorer, model_rewards
+    from dpokit.runtime.threads import apply_threads, model_width
+
+    model, tokenizer = load_reward_scorer(config.model, dtype=config.dtype, device=device, attention=config.attention)
+    apply_threads(config.threads, width=model_width(model), device=device, log=log)
+    sources = [s for row in rows for s in row.response_sources()]
+    results = model_rewards(model, tokenizer, [row.prompt for row in rows for _ in row.responses],
+                            [r for row in rows for r in row.responses], settings=settings,
+                            batch_size=config.batch_size, sources=sources, progress=True)
+    skipped = [s for s, r in zip(sources, results) if r.skipped is not None]
+    log(f"scored {len(results) - len(skipped)} of {len(results)} responses with the reward model {config.model}"
+        + (f"; skipped {len(skipped)}, written with reward null (e.g. {', '.join(skipped[:3])})" if skipped else ""))
     return results
 
 
@@ -105,9 +126,11 @@ def add_command(commands) -> None:
     """Add `dpokit score` to the subcommands of the dpokit parser."""
     parser = commands.add_parser(
         "score",
-        help="the implicit reward β·log π(y|x)/π_ref(y|x) of responses: a DPO policy as a reward model",
+        help="the implicit reward β·log π(y|x)/π_ref(y|x) of responses (a DPO policy as a reward model), or a "
+             "reward model's score",
         epilog="Writes one JSON line per input row, in order: index, prompt, response, reward, logp_policy, "
                "logp_reference (summed over the response tokens, EOS included), response_tokens, prompt_truncated; "
-               "a row too long to score has reward null and 'skipped' saying why.")
+               "a row too long to score has reward null and 'skipped' saying why. With a reward model as --model "
+               "(no --ref-model): index, prompt, response, reward, response_tokens, prompt_truncated.")
     add_options(parser, ScoreConfig, "score")
     parser.set_defaults(func=_run)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from dpokit.config.data import DataOptions, TokenizeOptions
 from dpokit.config.loss import REFERENCE_FREE_LOSSES, LossOptions
 from dpokit.config.model import ModelOptions
+from dpokit.config.reward import is_reward_model_dir
 from dpokit.config.options import (AT_LEAST_ONE, NON_NEGATIVE, OPEN_UNIT, POSITIVE, check_options, defaults_of, opt,
                                    same_as)
 from dpokit.config.train import RuntimeOptions
@@ -98,11 +99,14 @@ class ScoringOptions(TokenizeOptions):
     """What `dpokit score` and `dpokit rank` share: the policy, its reference, β, the output and the tokenisation
     (TokenizeOptions: a too-long response is skipped, written with reward null and the reason, or an error)."""
 
-    model: str = opt(None, "the DPO policy π: model directory, LoRA adapter directory or hub name", required=True)
-    ref_model: str = opt(None, "its reference π_ref (the model DPO started from)", required=True)
+    model: str = opt(None, "the DPO policy π: model directory, LoRA adapter directory or hub name; or a reward model "
+                     "(a one-output sequence classifier such as `dpokit reward`'s output), whose score is the reward",
+                     required=True)
+    ref_model: str | None = opt(None, "the policy's reference π_ref (the model DPO started from); required unless "
+                                "--model is a reward model")
     output: str = opt(None, "JSONL file to write ('-': standard output)", required=True)
-    beta: float = opt(defaults_of(LossOptions)["beta"], "β of the implicit reward (the policy's training β)",
-                      range=POSITIVE)
+    beta: float = opt(defaults_of(LossOptions)["beta"], "β of the implicit reward (the policy's training β; not "
+                      "used with a reward model)", range=POSITIVE)
     batch_size: int = opt(16, "responses per forward pass (shortest first)", range=AT_LEAST_ONE)
     split: str = same_as(DataOptions, "split", help="split of a Hub data set or saved DatasetDict")
     dtype: str = opt("float32", "model dtype", choices=LOAD_DTYPES)
@@ -113,6 +117,17 @@ class ScoringOptions(TokenizeOptions):
     def __post_init__(self) -> None:
         check_options(self)
         self.check_lengths()
+        if self.ref_model is None and not self.reward_model:
+            raise ConfigError("--ref-model is required: the implicit reward of a DPO policy compares it with its "
+                              "reference (not so for a reward model, a one-output sequence classifier, as --model)")
+        if self.ref_model is not None and self.reward_model:
+            raise ConfigError(f"--ref-model: --model {self.model} is a reward model, whose score is the reward; it "
+                              "takes no reference")
+
+    @property
+    def reward_model(self) -> bool:
+        """Whether --model is a reward model (its score is the reward; dpokit.config.reward.is_reward_model_dir)."""
+        return is_reward_model_dir(self.model)
 
 
 @dataclass

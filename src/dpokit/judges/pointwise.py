@@ -21,6 +21,7 @@ continuation apart use :func:`judge_continuations`, which gives every judge what
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 from dpokit.errors import ConfigError
@@ -143,14 +144,40 @@ def classifier_judge(model_path: str, label: str, device: str = "cpu", batch_siz
     return judge
 
 
-def reward_judge(model_path: str, device: str = "cpu", batch_size: int = 32, *, append_eos: bool = False) -> Judge:
+def _dpokit_reward_model(model_path: str, device: str, batch_size: int):
+    """`dpokit reward`'s model (its output directory, final/, or a LoRA adapter of it), loaded as it trains it
+    (dpokit.models.loading.load_reward_model), with its tokenizer and the longest input it takes."""
+    from dpokit.models.loading import load_reward_model, load_tokenizer, model_max_positions
+
+    if batch_size < 1:
+        raise ConfigError(f"reward judge: batch_size must be >= 1, got {batch_size}")
+    tokenizer = load_tokenizer(model_path)
+    model = load_reward_model(model_path, tokenizer.pad_token_id).to(device)
+    return tokenizer, model, model_max_positions(model_path) or 512
+
+
+def reward_judge(model_path: str, device: str = "cpu", batch_size: int = 32, *, append_eos: bool | None = None
+                 ) -> Judge:
     """A judge returning the raw score (the one logit) of a local reward model: an
     ``AutoModelForSequenceClassification`` with ``num_labels == 1`` and its tokenizer, as TRL's reward trainer
     saves it. The text is scored as it is (no chat template); with `append_eos`, as dpokit trains a reward model
     (dpokit.judges.reward_rows: the text tokenised as a prompt, then EOS, right-padded; its last tokens kept when it is
     too long), the tokenisation of dpokit.experiments.paper.reward_model's reward models. A model with more than one output
-    is refused: use ``classifier:PATH:LABEL`` for it."""
-    tokenizer, model, max_len = _load_sequence_classifier(model_path, "reward judge", device, batch_size)
+    is refused: use ``classifier:PATH:LABEL`` for it.
+
+    A `dpokit reward` output directory (or its final/, or a LoRA adapter of a reward model) is loaded as dpokit
+    trains it, and by default scored as it was trained on (`append_eos`; `dpokit_metrics.json` in the model
+    directory tells it); any other model by default as it is."""
+    from dpokit.config.model import is_adapter_dir
+    from dpokit.config.reward import reward_model_dir
+
+    path = reward_model_dir(model_path)
+    if append_eos is None:
+        append_eos = (path / "dpokit_metrics.json").is_file()
+    if path != Path(model_path) or is_adapter_dir(path):
+        tokenizer, model, max_len = _dpokit_reward_model(str(path), device, batch_size)
+    else:
+        tokenizer, model, max_len = _load_sequence_classifier(model_path, "reward judge", device, batch_size)
     if int(model.config.num_labels) != 1:
         raise ConfigError(f"reward judge: {model_path!r} has {model.config.num_labels} outputs, a reward model has "
                           "one (for a classifier use classifier:PATH:LABEL)")

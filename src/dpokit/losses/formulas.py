@@ -161,3 +161,17 @@ def unlikelihood_token_loss(token_logps: Tensor, min_complement: float = 1e-5) -
     ``1 - p`` floored at `min_complement` (as the authors' code clamps it) so that a token the model is sure of
     gives a large but finite loss."""
     return -log1mexp(token_logps.clamp(max=math.log1p(-min_complement)))
+
+
+def bradley_terry_loss(chosen_reward: Tensor, rejected_reward: Tensor, margin: Tensor | None = None,
+                       center_coefficient: float | None = None) -> Tensor:
+    """A reward model's Bradley–Terry loss per pair (Ouyang et al. 2022; TRL's RewardTrainer):
+    ``-logsigmoid(r_w - r_l - m)`` with an optional per-pair `margin` m, plus ``c * (r_w + r_l)**2`` with the
+    `center_coefficient` c (Eisenstein et al. 2023), whose mean over pairs is TRL's ``c * mean((r_w + r_l)**2)``."""
+    difference = chosen_reward - rejected_reward
+    if margin is not None:
+        difference = difference - margin
+    loss = -F.logsigmoid(difference)
+    if center_coefficient:
+        loss = loss + center_coefficient * (chosen_reward + rejected_reward) ** 2
+    return loss

@@ -1,5 +1,6 @@
-"""What one training step computes: DPO (policy and reference log-probs -> preference loss), SFT (NLL), KTO, or the
-paper's Unlikelihood baseline (token log-probs of both responses).
+"""What one training step computes: DPO (policy and reference log-probs -> preference loss), SFT (NLL), KTO, the
+paper's Unlikelihood baseline (token log-probs of both responses), or a reward model's Bradley–Terry loss (rewards of
+both responses).
 
 An objective returns the *sum* of its per-item losses over a micro-batch and says what that sum is to be
 divided by (pairs for DPO, tokens for SFT). The trainer adds the divisors of every micro-batch of a step,
@@ -21,6 +22,7 @@ from dpokit.data.batching import Batch, shared_length_weights
 from dpokit.losses.dispatch import (LossConfig, preference_loss, preference_metrics, unlikelihood_loss,
                            unpaired_loss)
 from dpokit.data.tokenize import TokenizedExample
+from dpokit.losses.formulas import bradley_terry_loss
 
 Reference = Callable[[Batch, nn.Module], Tensor]  # (batch, the engine-wrapped policy) -> log-probs
 
@@ -192,3 +194,35 @@ class UnlikelihoodObjective:
         loss = unlikelihood_loss(logps[chosen], logps[~chosen], self.alpha)
         return StepResult(loss, {"loss": loss.detach(), "loss/chosen_nll": nll.detach(),
                                  "loss/rejected_unlikelihood": (loss - nll).detach()})
+
+
+class RewardObjective:
+    """A reward model's Bradley–Terry loss on (chosen, rejected) pairs (dpokit.losses.formulas.bradley_terry_loss):
+    `scorer(batch)` gives the reward of every sequence (a reward model's Scorer: dpokit.models.rewards). `margins`
+    (``[examples]`` float, by example id in the data set the batches come from) are TRL's per-pair margin column;
+    `center_coefficient` TRL's ``center_rewards_coefficient``. The loss is a mean over pairs; ``accuracy`` is the
+    share of pairs whose chosen response gets the higher reward, ``margin`` the mean of r_w − r_l."""
+
+    num_responses = 2
+    metric_names = ("loss", "accuracy", "margin", "rewards/chosen", "rewards/rejected")
+
+    def __init__(self, margins: Tensor | None = None, center_coefficient: float | None = None) -> None:
+        self.margins = margins
+        self.center_coefficient = center_coefficient
+
+    def divisor(self, batch: Batch) -> int:
+        """Pairs in the batch: the loss is a mean over pairs."""
+        return batch.num_sequences // 2
+
+    def __call__(self, scorer: nn.Module, batch: Batch) -> StepResult:
+        """Loss and metric sums on `batch` of the reward model whose rewards `scorer(batch)` returns."""
+        rewards = scorer(batch).float()
+        chosen, rejected = rewards[0::2], rewards[1::2]
+        margin = None
+        if self.margins is not None:
+            margin = self.margins.index_select(0, batch.example_ids.to(self.margins.device)).to(rewards.device)
+        losses = bradley_terry_loss(chosen, rejected, margin, self.center_coefficient)
+        c, r = chosen.detach(), rejected.detach()
+        metrics = {"loss": losses.detach().sum(), "accuracy": (c > r).float().sum(), "margin": (c - r).sum(),
+                   "rewards/chosen": c.sum(), "rewards/rejected": r.sum()}
+        return StepResult(losses.sum(), metrics)

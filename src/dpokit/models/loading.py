@@ -4,10 +4,12 @@ dpokit.train.policy."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 
 from dpokit.errors import ConfigError
 from dpokit.models.files import check_model_files, check_vocabulary
@@ -95,20 +97,52 @@ def load_model(path: str, *, dtype: str = "float32", trust_remote_code: bool = F
         base = load_model(adapter_base(path), dtype=dtype, trust_remote_code=trust_remote_code, bits=bits,
                           device=device)
         return load_adapter(base, path, trainable=trainable_adapter).eval()
-    kwargs = {}
+    return _from_pretrained(AutoModelForCausalLM, "a causal language model", path, dtype=dtype,
+                            trust_remote_code=trust_remote_code, bits=bits, device=device, gguf_file=gguf_file)
+
+
+def load_reward_model(path: str, pad_token_id: int, *, dtype: str = "float32", trust_remote_code: bool = False,
+                      bits: int | None = None, device: torch.device | str | None = None,
+                      trainable_adapter: bool = False, gguf_file: str | None = None) -> PreTrainedModel:
+    """Load a reward model in `dtype`, in eval mode: ``AutoModelForSequenceClassification`` with one output, from a
+    reward model directory (`dpokit reward`'s final/), a LoRA adapter directory of one, or a causal LM directory,
+    whose trunk it starts from under a fresh score head (transformers initialises it). ``config.pad_token_id`` is
+    set to `pad_token_id` (the tokenizer's), so that each sequence is read at its last token that is not padding.
+    The same checks and options as :func:`load_model`."""
+    check_model_files(path, gguf_file=gguf_file)
+    if is_adapter_dir(path):
+        base = load_reward_model(adapter_base(path), pad_token_id, dtype=dtype, trust_remote_code=trust_remote_code,
+                                 bits=bits, device=device)
+        model = load_adapter(base, path, trainable=trainable_adapter).eval()
+    else:
+        model = _from_pretrained(AutoModelForSequenceClassification, "a reward model (sequence classifier)", path,
+                                 dtype=dtype, trust_remote_code=trust_remote_code, bits=bits, device=device,
+                                 gguf_file=gguf_file, num_labels=1)
+    if model.config.num_labels != 1:
+        raise ConfigError(f"{path}: a classifier with {model.config.num_labels} outputs; a reward model has one")
+    model.config.pad_token_id = pad_token_id
+    return model
+
+
+def _from_pretrained(auto_class, kind: str, path: str, *, dtype: str, trust_remote_code: bool, bits: int | None,
+                     device: torch.device | str | None, gguf_file: str | None, **extra) -> PreTrainedModel:
+    """`auto_class`.from_pretrained of a model directory or hub name, quantized or from a GGUF file, its failures
+    as one-line ConfigErrors naming `kind`."""
+    kwargs = dict(extra)
     if bits is not None:
-        kwargs = {"quantization_config": _quantization(bits, dtype), "device_map": {"": str(device or "cpu")}}
+        kwargs.update(quantization_config=_quantization(bits, dtype), device_map={"": str(device or "cpu")})
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
-                                                     **kwargs)
+        with _quiet_load_report() if auto_class is AutoModelForSequenceClassification else contextlib.nullcontext():
+            model = auto_class.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                                               **kwargs)
     except ImportError as error:
         hint = " (pip install 'dpokit[gguf]')" if gguf_file is not None else ""
         raise ConfigError(f"cannot load {path!r}: a package is missing{hint}: {error}") from None
     except (OSError, ValueError) as error:
         where = f"{path!r}" + (f" (GGUF file {gguf_file})" if gguf_file else "")
-        raise ConfigError(f"cannot load a causal language model from {where}: {error}") from None
+        raise ConfigError(f"cannot load {kind} from {where}: {error}") from None
     if bits == 4:
         _plain_cpu_4bit(model)
     if gguf_file is not None:
@@ -118,6 +152,20 @@ def load_model(path: str, *, dtype: str = "float32", trust_remote_code: bool = F
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     return model.eval()
+
+
+@contextlib.contextmanager
+def _quiet_load_report():
+    """transformers' warnings while loading (a causal LM's head unused and a fresh score head, when a reward model
+    starts from one, are expected) kept to errors."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
 
 
 def _plain_cpu_4bit(model: torch.nn.Module) -> None:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from dpokit.data.batching import Batch
 from dpokit.errors import ConfigError
 from dpokit.models.logprobs import sequence_alignment_logprobs, sequence_logprobs, token_logprobs
+from dpokit.models.rewards import is_reward_model, sequence_rewards
 
 ReferenceState = Callable[[nn.Module], contextlib.AbstractContextManager]
 
@@ -36,7 +37,8 @@ def _no_change(model: nn.Module) -> contextlib.AbstractContextManager:
 
 
 class Scorer(nn.Module):
-    """A causal LM whose forward is ``batch -> per-sequence response log-probs`` (float32).
+    """A causal LM whose forward is ``batch -> per-sequence response log-probs`` (float32); for a reward model (a
+    sequence classifier), ``batch -> per-sequence rewards`` (dpokit.models.rewards.sequence_rewards).
 
     ``forward(batch, reference=True)`` scores the batch as the reference policy, without gradients, when the
     reference lives inside the same weights: the base model with its LoRA adapter disabled, or a frozen
@@ -49,6 +51,7 @@ class Scorer(nn.Module):
         self.model = model
         self.chunked = chunked
         self.reference_state = reference_state
+        self.rewards = is_reward_model(model)  # forward gives rewards, not log-probs
         # accelerate's FSDP2 wrapping reads these to shard per decoder layer and to group embedding and head
         self._no_split_modules = getattr(model, "_no_split_modules", None)
         self.base_model_prefix = "model"
@@ -66,6 +69,8 @@ class Scorer(nn.Module):
         `alignment`, WPO's weight exponents instead (logprobs.sequence_alignment_logprobs, no gradients); with
         `tokens`, the policy's log-prob of every response token (``batch.target_ids`` order: token-level losses
         such as unlikelihood)."""
+        if self.rewards:  # a reward model: its score of each sequence (dpokit.models.rewards)
+            return sequence_rewards(self.model, batch)
         if tokens:
             return token_logprobs(self.model, batch, chunked=self.chunked)
         if alignment:
