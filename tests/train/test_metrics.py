@@ -1,5 +1,5 @@
-"""Metrics: metrics.jsonl rows, their truncation on resume (atomic), and TensorBoard events when tensorboard is
-installed (it is in the test extra)."""
+"""Metrics: metrics.jsonl rows, their truncation on resume (atomic), and the same rows sent to the experiment
+trackers (dpokit.train.tracking)."""
 
 import builtins
 import errno
@@ -21,18 +21,20 @@ def test_rows_are_appended_as_json_lines(tmp_path):
                                                         {"split": "eval", "step": 1, "loss": 0.25}]
 
 
-def test_tensorboard_events_are_written(tmp_path):
-    pytest.importorskip("tensorboard")
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+def test_rows_go_to_the_trackers_at_their_steps(tmp_path):
+    """The experiment trackers get every row metrics.jsonl gets (tests/train/test_tracking.py reads them back)."""
 
-    log = MetricsLogger(tmp_path)
-    for step, loss in ((1, 0.7), (2, 0.6)):
-        log.write("train", step, {"loss": loss, "rewards/accuracies": 0.5})
-    log.close()
-    events = EventAccumulator(str(tmp_path / "tensorboard"))
-    events.Reload()
-    assert [(e.step, round(e.value, 6)) for e in events.Scalars("train/loss")] == [(1, 0.7), (2, 0.6)]
-    assert "train/rewards/accuracies" in events.Tags()["scalars"]
+    class Tracking:
+        rows = []
+
+        def log(self, split, step, values):
+            self.rows.append((split, step, values))
+
+    log = MetricsLogger(tmp_path, tracking=Tracking())
+    log.write("train", 1, {"loss": 0.7})
+    log.write("eval", 1, {"loss": 0.6})
+    assert Tracking.rows == [("train", 1, {"loss": 0.7}), ("eval", 1, {"loss": 0.6})]
+    assert len(read_metrics(tmp_path / "metrics.jsonl")) == 2
 
 
 def test_other_processes_write_nothing(tmp_path):

@@ -37,6 +37,7 @@ from dpokit.data.tokenize import TokenizedExample
 # make_plan and schedule_warnings stay importable from here: dpokit.api imports them from this module
 from dpokit.train.schedule import Plan, lr_factor, make_plan, schedule_warnings, step_indices  # noqa: F401
 from dpokit.train.stop import StopRequests
+from dpokit.train.tracking import Tracking
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -217,15 +218,17 @@ def train(
     eval_examples: Sequence[TokenizedExample] | None,
     config: TrainConfig,
     eval_objective: Objective | None = None,
+    tracking: Tracking | None = None,
 ) -> dict[str, float]:
     """Run the training loop described in the module docstring; return the last evaluation's metrics.
 
     `eval_objective` scores the evaluation set (default: `objective`); it differs when reference log-probs
-    are precomputed, since the evaluation examples have their own table.
+    are precomputed, since the evaluation examples have their own table. `tracking` gets every metrics row and,
+    after each evaluation, logs its samples table.
     """
     accelerator, plan = engine.accelerator, engine.plan
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    log = MetricsLogger(config.output_dir, enabled=accelerator.is_main_process)
+    log = MetricsLogger(config.output_dir, enabled=accelerator.is_main_process, tracking=tracking)
     log.print(_run_summary(engine, config, len(train_examples)))
     # Under FSDP2 and ZeRO-3 every forward pass is a collective: all processes must run the same number, so
     # each micro-batch is one pass there (forward groups would differ between processes).
@@ -257,6 +260,8 @@ def train(
                 eval_metrics = evaluate(engine.scorer, eval_objective or objective, eval_examples, config,
                                         accelerator, pad)
                 log.write("eval", step, eval_metrics)
+                if tracking is not None:
+                    tracking.log_samples(step)
                 log.print(f"eval @ step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
             stopping, due = _stop_or_save_due(accelerator, stop, config, last_save)
             if stopping or due or last or (config.save_every and step % config.save_every == 0):

@@ -1,4 +1,5 @@
-"""Where metrics go: metrics.jsonl in the output directory, TensorBoard when it is installed, and the console."""
+"""Where metrics go: metrics.jsonl in the output directory, the experiment trackers (dpokit.train.tracking), and
+the console."""
 
 from __future__ import annotations
 
@@ -10,20 +11,15 @@ from tqdm.auto import tqdm
 
 
 class MetricsLogger:
-    """Appends one JSON object per logged step to OUTPUT/metrics.jsonl (and TensorBoard, if installed)."""
+    """Appends one JSON object per logged step to OUTPUT/metrics.jsonl, and sends it to the run's experiment
+    trackers (TensorBoard, W&B, MLflow, ...: dpokit.train.tracking), at the same step."""
 
-    def __init__(self, output_dir: str | Path, *, enabled: bool = True) -> None:
+    def __init__(self, output_dir: str | Path, *, enabled: bool = True, tracking=None) -> None:
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
-        self.board = None
+        self.tracking = tracking  # a dpokit.train.tracking.Tracking, or None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.board = SummaryWriter(str(Path(output_dir) / "tensorboard"))
-            except ImportError:  # TensorBoard is optional
-                self.board = None
 
     def write(self, split: str, step: int, values: dict[str, float]) -> None:
         """Record `values` of `split` ("train" or "eval") at `step`."""
@@ -31,9 +27,8 @@ class MetricsLogger:
             return
         with self.path.open("a") as handle:
             handle.write(json.dumps({"split": split, "step": step, **values}) + "\n")
-        if self.board is not None:
-            for key, value in values.items():
-                self.board.add_scalar(f"{split}/{key}", value, step)
+        if self.tracking is not None:
+            self.tracking.log(split, step, values)
 
     def print(self, message: str) -> None:
         """Print a line without breaking the progress bar."""
@@ -41,9 +36,7 @@ class MetricsLogger:
             tqdm.write(message)
 
     def close(self) -> None:
-        """Flush TensorBoard."""
-        if self.board is not None:
-            self.board.close()
+        """Nothing to flush: each row is written whole (the trackers are finished by the run: train/run.py)."""
 
 
 def truncate_metrics(output_dir: str | Path, step: int) -> int:

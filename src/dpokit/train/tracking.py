@@ -1,0 +1,165 @@
+"""Experiment trackers through accelerate's tracking API (TensorBoard, Weights & Biases, MLflow, trackio, Comet).
+
+The Accelerator is created with the trackers `--report-to` names (:func:`accelerator_options`); a run starts them
+with its resolved config as hyperparameters (``init_trackers``), every metrics.jsonl row goes to them as well, at
+the same step, keys ``train/NAME`` and ``eval/NAME`` (dpokit.train.metrics.MetricsLogger calls :meth:`Tracking.log`),
+and each evaluation logs a table of a few held-out prompts with the policy's samples to the trackers that have
+tables (wandb, mlflow, trackio).
+
+The samples are greedy (no random numbers are drawn, so a run samples and resumes to the same weights as without
+them) continuations of the evaluation set's own prompt token ids, exactly as training tokenised them (chat
+template included), a handful at a time and a few dozen tokens long. They are sampled here with transformers'
+``generate`` rather than dpokit.eval.generation, which renders prompt text and may not be imported by train/.
+Under FSDP2 and ZeRO-3 (the weights sharded over the processes) no table is logged: sampling would be a collective.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from dpokit.config import TrainConfig
+from dpokit.config.tracking import TABLE_TRACKERS
+from dpokit.data.chat import end_of_turn_id
+from dpokit.data.tokenize import TokenizedExample
+
+SAMPLES = "samples"  # the table's name
+COLUMNS = ["step", "prompt", "sample"]
+
+
+def accelerator_options(config) -> dict:
+    """The Accelerator arguments that set up `config`'s trackers: none for a config without tracking options
+    (dpokit eval's) or with no tracker. TensorBoard writes under OUTPUT/tensorboard/PROJECT."""
+    trackers = config.trackers() if isinstance(config, TrainConfig) else ()
+    if not trackers:
+        return {}
+    output = Path(config.output)
+    return {"log_with": list(trackers),
+            "project_config": ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "tensorboard"))}
+
+
+def run_name(config: TrainConfig) -> str:
+    """--run-name, or the name of the --output directory."""
+    return config.run_name or Path(config.output).resolve().name
+
+
+class Tracking:
+    """A run's trackers (those of `accelerator`, from :func:`accelerator_options`) and what it samples for them."""
+
+    def __init__(self, accelerator: Accelerator, config: TrainConfig, model: torch.nn.Module | None = None,
+                 tokenizer: PreTrainedTokenizerBase | None = None, prompts: Sequence[Sequence[int]] = ()) -> None:
+        self.accelerator = accelerator
+        self.config = config
+        self.model, self.tokenizer, self.prompts = model, tokenizer, list(prompts)
+        self.started = False
+
+    def start(self, hyperparameters: dict) -> None:
+        """Start the trackers (main process), the run's resolved options as their hyperparameters."""
+        if not getattr(self.accelerator, "log_with", None):
+            return
+        name = run_name(self.config)
+        kwargs = {"wandb": {"name": name, "dir": str(self.config.output_dir)}, "trackio": {"name": name},
+                  "mlflow": {"run_name": name}}
+        self.accelerator.init_trackers(self.config.project, config=hyperparameters, init_kwargs=kwargs)
+        self.started = True
+        if self.accelerator.is_main_process and "comet_ml" in self._names():
+            self.accelerator.get_tracker("comet_ml", unwrap=True).set_name(name)
+
+    def _names(self) -> list[str]:
+        return [tracker.name for tracker in self.accelerator.trackers] if self.started else []
+
+    def log(self, split: str, step: int, values: dict[str, float]) -> None:
+        """One metrics.jsonl row, to every tracker: keys ``SPLIT/NAME``, at `step`."""
+        if self.started:
+            self.accelerator.log({f"{split}/{key}": value for key, value in values.items()}, step=step)
+
+    def log_samples(self, step: int) -> None:
+        """The policy's greedy samples of the held-out prompts, as a table, to the trackers that have tables."""
+        tables = [name for name in self._names() if name in TABLE_TRACKERS]
+        if not tables or not self.prompts or not self.accelerator.is_main_process:
+            return
+        texts = greedy_samples(self.model, self.tokenizer, self.prompts, self.config.log_sample_tokens,
+                               self.accelerator)
+        rows = [[step, self.tokenizer.decode(p, skip_special_tokens=True), text]
+                for p, text in zip(self.prompts, texts)]
+        for name in tables:
+            _log_table(self.accelerator.get_tracker(name), name, rows, step)
+
+    def finish(self) -> None:
+        """End the trackers' runs (main process); nothing collective."""
+        if self.started and self.accelerator.is_main_process:
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+        self.started = False
+
+
+def _log_table(tracker, name: str, rows: list[list], step: int) -> None:
+    """`rows` (COLUMNS) as a table of `tracker`: accelerate's log_table for W&B; MLflow and trackio have no table
+    call in accelerate, so their own (the run accelerate started is the active one)."""
+    if name == "wandb":
+        tracker.log_table(SAMPLES, columns=COLUMNS, data=rows, step=step)
+    elif name == "mlflow":
+        import mlflow
+
+        mlflow.log_table({c: [row[i] for row in rows] for i, c in enumerate(COLUMNS)},
+                         artifact_file=f"{SAMPLES}/step_{step:06d}.json")
+    elif name == "trackio":
+        import trackio
+
+        tracker.log({SAMPLES: trackio.Table(columns=COLUMNS, data=rows)}, step=step)
+
+
+def sample_prompts(examples: Sequence[TokenizedExample], count: int) -> list[tuple[int, ...]]:
+    """The prompt ids of the first `count` distinct prompts of `examples` (looking at no more than 10 × count)."""
+    found: dict[tuple[int, ...], None] = {}
+    for i in range(min(len(examples), 10 * count)):
+        if len(found) == count:
+            break
+        found.setdefault(tuple(examples[i].prompt_ids))
+    return list(found)
+
+
+@torch.no_grad()
+def greedy_samples(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Sequence[int]],
+                   max_new_tokens: int, accelerator: Accelerator) -> list[str]:
+    """Greedy continuations of `prompts` (token ids), in one left-padded batch, stopped at EOS or the chat
+    template's end of turn; the texts without special tokens. The model's train/eval mode is restored."""
+    stops = [t for t in (tokenizer.eos_token_id, end_of_turn_id(tokenizer)) if t is not None]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=accelerator.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=accelerator.device)
+    settings = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=pad)
+    was_training = model.training
+    model.eval()
+    try:
+        with accelerator.autocast():
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=settings)
+    finally:
+        model.train(was_training)
+    texts = []
+    for row in out[:, width:].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+        texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
+    return texts
+
+
+def start_tracking(accelerator: Accelerator, config: TrainConfig, hyperparameters: dict, model: torch.nn.Module,
+                   tokenizer: PreTrainedTokenizerBase, eval_examples: Sequence[TokenizedExample], *, sharded: bool,
+                   log=print) -> Tracking:
+    """The run's trackers, started with `hyperparameters`; with a table tracker, an evaluation set and
+    --log-samples, the prompts its samples table shows (none when the weights are `sharded` over processes)."""
+    prompts: list[tuple[int, ...]] = []
+    if config.log_samples and eval_examples and any(t in TABLE_TRACKERS for t in config.trackers()):
+        if sharded:
+            log("--log-samples: no samples table under FSDP2 or ZeRO-3 (sampling sharded weights is a collective)")
+        else:
+            prompts = sample_prompts(eval_examples, config.log_samples)
+    tracking = Tracking(accelerator, config, model, tokenizer, prompts)
+    tracking.start(hyperparameters)
+    return tracking
