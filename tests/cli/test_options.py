@@ -40,7 +40,7 @@ def _base(command: str) -> dict:
 
 def test_every_command_declares_its_options_in_a_config():
     assert sorted(COMMANDS) == sorted(["dpo", "sft", "eval", "demo", "generate", "merge", "score", "rank", "winrate",
-                                       "iterate", "reproduce", "reward"])
+                                       "iterate", "reproduce", "push", "reward"])
     for command in COMMANDS:
         cls, _ = _config_of(command)
         assert cls is not None, f"dpokit {command} has no config class"

@@ -151,3 +151,40 @@ def test_zero3_partitions_and_quantized_bases_run_peft(monkeypatch):
     quantized = peft.get_base_model()
     quantized.proj.base_layer = bnb.nn.Linear4bit(24, 40, bias=False)
     assert fuse_lora_linears(quantized) == 0
+
+
+def test_dora_layers_run_peft_and_give_its_log_probs_and_gradients(monkeypatch):
+    """A DoRA adapter (a magnitude per output feature beside the LoRA direction) is a peft variant the fused
+    function does not compute: every layer hands it back to peft's forward, so the numbers are peft's exactly."""
+    options = LoraOptions(4, 8, use_dora=True, use_rslora=True)
+    peft = _trained(add_adapter(make_llama(vocab_size=64, hidden_size=48, num_hidden_layers=2), options))
+    layer = peft.get_base_model().model.layers[0].self_attn.q_proj
+    assert "default" in layer.lora_variant and "default" in layer.lora_magnitude_vector
+    assert layer.scaling["default"] == 8 / 2  # rank-stabilised: α/√r
+    for name, param in peft.named_parameters():  # a trained magnitude, not the base's own column norms
+        if "lora_magnitude_vector" in name:
+            param.data.mul_(torch.linspace(0.5, 1.5, param.shape[-1]))
+    fused = copy.deepcopy(peft)
+    assert fuse_lora_linears(fused) == 2 * 7
+    calls = _calls(monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    ids = lambda n: tuple(torch.randint(1, 64, (n,), generator=g).tolist())  # noqa: E731
+    batch = collate([TokenizedExample(ids(9), (ids(5), ids(7))), TokenizedExample(ids(4), (ids(6), ids(3)))],
+                    [0, 1], layout="shared", pad_token_id=0)
+    results = []
+    for model in (peft, fused):
+        model.zero_grad(set_to_none=True)
+        logps = sequence_logprobs(model, batch)
+        logps.sum().backward()
+        results.append((logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    assert not calls  # no DoRA layer went through the fused function
+    (logps_a, grads_a), (logps_b, grads_b) = results
+    torch.testing.assert_close(logps_b, logps_a, rtol=0, atol=0)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) == 3 * 2 * 7  # A, B and the magnitude of each layer
+    assert sum("lora_magnitude_vector" in n for n in grads_a) == 2 * 7
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=0, atol=0)
+    with torch.no_grad():  # and peft's DoRA is really in effect: the adapter changes the numbers
+        with fused.disable_adapter():
+            base = sequence_logprobs(fused, batch)
+        assert not torch.allclose(base, logps_a)

@@ -211,6 +211,10 @@ def test_an_8bit_optimizer_keeps_8bit_states_and_trains(tiny_model_dir, sentimen
     (["--lora-r", "4", "--load-in-4bit", "--load-in-8bit"], "exclude each other"),
     (["--ref-adapter", "somewhere"], "applies when --model is a LoRA adapter"),
     (["--lora-alpha", "8"], "needs --lora-r"),
+    (["--use-dora"], "--use-dora needs --lora-r"),
+    (["--use-rslora"], "--use-rslora needs --lora-r"),
+    (["--lora-modules-to-save", "lm_head"], "--lora-modules-to-save needs --lora-r"),
+    (["--lora-r", "4", "--lora-modules-to-save", "lm_head,nope"], "--lora-modules-to-save: LlamaForCausalLM has no module named nope"),
     (["--lora-r", "4", "--ref-offload"], "this run has none"),
 ])
 def test_bad_lora_options_are_one_line_errors(flags, message, tiny_model_dir, sentiment_data, tmp_path, capsys):

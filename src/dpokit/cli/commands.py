@@ -5,5 +5,6 @@ arguments. Like dpokit.cli.main, a command module imports torch and transformers
 ``--help`` and option errors answer at once.
 """
 
-MODULES = ("train", "eval", "demo", "generate", "merge", "score", "rank", "winrate", "iterate", "reproduce", "reward")
+MODULES = ("train", "eval", "demo", "generate", "merge", "score", "rank", "winrate", "iterate", "reproduce", "reward",
+           "push")
 """dpokit.cli.<name> modules, in the order their commands are listed by ``dpokit --help``."""

@@ -24,6 +24,7 @@ def _run(args: argparse.Namespace) -> None:
 
     config = config_from_args(args)
     check_train_inputs(config)
+    config.check_hub()  # a push that cannot work, refused before torch is imported
     from dpokit.train.run import train_dpo, train_sft
 
     print_metrics((train_dpo if args.stage == "dpo" else train_sft)(config))

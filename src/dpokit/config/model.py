@@ -29,6 +29,12 @@ class LoraOptions:
     lora_dropout: float = opt(0.0, "dropout on the LoRA adapter's input (the reference never sees it)", range=FRACTION)
     lora_target_modules: str | None = opt(None, "comma-separated module names to adapt (default: every linear "
                                           "layer of the decoder)")
+    lora_modules_to_save: str | None = opt(None, "comma-separated module names trained in full and saved with the "
+                                           "adapter (e.g. lm_head,embed_tokens when new tokens were added)")
+    use_dora: bool = opt(False, "DoRA: a weight-decomposed adapter (a trained magnitude per output feature beside "
+                         "the LoRA direction); needs --lora-r or an adapter --model")
+    use_rslora: bool = opt(False, "rank-stabilised LoRA: scale the adapter by α/√r instead of α/r; needs --lora-r or "
+                           "an adapter --model")
     load_in_4bit: bool = opt(False, "QLoRA: load the frozen base in 4-bit NF4 (bitsandbytes); needs --lora-r or an "
                              "adapter --model")
     load_in_8bit: bool = opt(False, "load the frozen base in 8-bit (bitsandbytes); needs --lora-r or an adapter --model")

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpokit.config.data import DataOptions, TokenizeOptions
+from dpokit.config.hub import HubOptions
 from dpokit.config.loss import REFERENCE_FREE_LOSSES, LossOptions
 from dpokit.config.model import LoraOptions, ModelOptions, is_adapter_dir
-from dpokit.config.tracking import TrackingOptions
 from dpokit.config.options import (AT_LEAST_ONE, DPO, FRACTION, NON_NEGATIVE, OPEN_UNIT, POSITIVE, Default,
                                    check_options, opt)
 from dpokit.errors import ConfigError
@@ -99,7 +99,7 @@ class RuntimeOptions:
 
 
 @dataclass
-class TrainConfig(TrackingOptions, RunOptions, RuntimeOptions, OptimOptions, LoraOptions, ReferenceOptions,
+class TrainConfig(HubOptions, RunOptions, RuntimeOptions, OptimOptions, LoraOptions, ReferenceOptions,
                   LossOptions, TokenizeOptions, DataOptions, ModelOptions):
     """Everything `dpokit dpo` and `dpokit sft` take. Field names are YAML keys and (with dashes) flags."""
 
@@ -109,7 +109,6 @@ class TrainConfig(TrackingOptions, RunOptions, RuntimeOptions, OptimOptions, Lor
         self._check_loss()
         self._check_adapters()
         self._check_sync_ref()
-        self.check_tracking()  # a tracker asked for but not installed: before anything loads
 
     def _check_loss(self) -> None:
         # the loss's own checks (β, ε and which losses take it), up front
@@ -161,8 +160,8 @@ class TrainConfig(TrackingOptions, RunOptions, RuntimeOptions, OptimOptions, Lor
             raise ConfigError(f"--model {self.model} is already a LoRA adapter, which is trained further; "
                               "--lora-r adds a fresh adapter to a full model")
         if self.lora_r is None and not adapter_model:
-            for flag in ("lora_alpha", "lora_target_modules"):
-                if getattr(self, flag) is not None:
+            for flag in ("lora_alpha", "lora_target_modules", "lora_modules_to_save", "use_dora", "use_rslora"):
+                if getattr(self, flag) not in (None, False):
                     raise ConfigError(f"--{flag.replace('_', '-')} needs --lora-r (or an adapter directory as --model)")
         if self.load_in_4bit and self.load_in_8bit:
             raise ConfigError("--load-in-4bit and --load-in-8bit exclude each other")

@@ -38,12 +38,16 @@ def adapter_base(path: str | Path) -> str:
 
 @dataclass
 class LoraOptions:
-    """A fresh adapter's shape: rank, scaling numerator, dropout and the modules it adapts."""
+    """A fresh adapter's shape: rank, scaling numerator, dropout, the modules it adapts and those it trains in
+    full, and its variant (DoRA, rank-stabilised scaling)."""
 
     r: int
     alpha: float
     dropout: float = 0.0
     target_modules: list[str] | None = None  # None: every linear layer of the decoder
+    modules_to_save: list[str] | None = None  # trained in full and saved with the adapter
+    use_dora: bool = False
+    use_rslora: bool = False
 
 
 def _linear_names(model: nn.Module) -> list[str]:
@@ -60,15 +64,16 @@ def add_adapter(model: nn.Module, options: LoraOptions) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     targets = options.target_modules or "all-linear"
-    if options.target_modules:
-        available = _linear_names(model)
-        suffixes = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-        missing = [t for t in options.target_modules if t not in suffixes]
+    suffixes = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    for flag, names in (("--lora-target-modules", options.target_modules),
+                        ("--lora-modules-to-save", options.modules_to_save)):
+        missing = [t for t in names or () if t not in suffixes]
         if missing:
-            raise ConfigError(f"--lora-target-modules: {type(model).__name__} has no module named "
-                              f"{', '.join(missing)} (its linear layers: {', '.join(available)})")
+            raise ConfigError(f"{flag}: {type(model).__name__} has no module named {', '.join(missing)} (its linear "
+                              f"layers: {', '.join(_linear_names(model))})")
     config = LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
-                        target_modules=targets, task_type="CAUSAL_LM")
+                        target_modules=targets, modules_to_save=options.modules_to_save, use_dora=options.use_dora,
+                        use_rslora=options.use_rslora, task_type="CAUSAL_LM")
     try:
         return get_peft_model(model, config)
     except ValueError as error:

@@ -20,6 +20,11 @@ from dpokit.train.checkpoint import save_model_dir
 from dpokit.train.engine import ReferenceState
 
 
+def _names(text: str | None) -> list[str] | None:
+    """A comma-separated list of module names (None when not given)."""
+    return [name.strip() for name in text.split(",") if name.strip()] if text else None
+
+
 def load_policy(config: TrainConfig, device: torch.device | str, *, with_reference: bool = True
                 ) -> tuple[PreTrainedModel, ReferenceState | None]:
     """The model to train: full, with a fresh LoRA adapter, or an adapter directory trained further (base
@@ -47,8 +52,9 @@ def load_policy(config: TrainConfig, device: torch.device | str, *, with_referen
     reference_state = None
     if config.lora_r is not None:
         alpha = config.lora_alpha if config.lora_alpha is not None else 2 * config.lora_r
-        targets = [t.strip() for t in config.lora_target_modules.split(",")] if config.lora_target_modules else None
-        model = add_adapter(model, LoraOptions(config.lora_r, alpha, config.lora_dropout, targets))
+        model = add_adapter(model, LoraOptions(config.lora_r, alpha, config.lora_dropout,
+                                               _names(config.lora_target_modules), _names(config.lora_modules_to_save),
+                                               use_dora=config.use_dora, use_rslora=config.use_rslora))
         reference_state = adapter_disabled if with_reference else None
     elif is_adapter_dir(config.model) and with_reference:
         add_reference_adapter(model, config.ref_adapter or config.model)

@@ -31,17 +31,18 @@ from dpokit.models.logprobs import check_layout
 from dpokit.models.lora import trained_adapter_weight
 from dpokit.runtime.memory import malloc_note, return_freed_blocks
 from dpokit.runtime.threads import apply_threads, model_width
+from dpokit.train.card import write_model_card
 from dpokit.train.checkpoint import run_identity, save_final
 from dpokit.train.engine import (ReferenceState, Scorer, check_engine, engine_name, engine_on_cpu, place_reference,
                                  shards_parameters)
 from dpokit.train.loop import Engine, config_dict, make_plan, prepare, schedule_warnings, train
+from dpokit.train.hub import push_folder
 from dpokit.train.moving_reference import MovingReference, check_sync_engine
 from dpokit.train.policy import load_policy
 from dpokit.train.prepare import PreparedData, prepare_data
 from dpokit.train.reference import (CachedReference, ModelReference, PolicyReference, cached_reference_logps,
                                     weights_digest)
 from dpokit.train.rundir import claim_output
-from dpokit.train.tracking import accelerator_options, start_tracking
 
 RUN_CONFIG = "run_config.yaml"  # in --output: the options as given and, under `resolved:`, what the run derived
 
@@ -62,8 +63,7 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     AcceleratorState._reset_state(reset_partial_state=False)
     if cpu_only and PartialState._shared_state:  # undo engine_on_cpu of an earlier run in this process
         PartialState._shared_state["distributed_type"] = DistributedType.MULTI_CPU
-    accelerator = Accelerator(mixed_precision="bf16" if config.dtype == "bfloat16" else "no", cpu=cpu_only,
-                              **accelerator_options(config))  # --report-to's trackers
+    accelerator = Accelerator(mixed_precision="bf16" if config.dtype == "bfloat16" else "no", cpu=cpu_only)
     if cpu_only:
         engine_on_cpu(accelerator)
     return accelerator
@@ -92,6 +92,7 @@ class _Run:
     reference_state: ReferenceState | None
     config: TrainConfig
     resolved: Resolved
+    stage: str = "dpo"  # dpo, kto or sft: what the model card says
 
 
 def _start(given: TrainConfig, stage: str) -> _Run:
@@ -122,7 +123,7 @@ def _start(given: TrainConfig, stage: str) -> _Run:
     model, reference_state = load_policy(config, accelerator.device, with_reference=with_reference)
     set_attention(model, choose_attention(config.attention, accelerator.device, config.layout))
     apply_threads(config.threads, width=model_width(model), device=accelerator.device, log=log)
-    return _Run(accelerator, log, tokenizer, data, model, reference_state, config, resolved)
+    return _Run(accelerator, log, tokenizer, data, model, reference_state, config, resolved, stage)
 
 
 def _reference_model(config: TrainConfig, run: _Run, chunked: bool) -> tuple[Scorer, str]:
@@ -185,6 +186,7 @@ def _claim(config: TrainConfig):
 def train_dpo(config: TrainConfig) -> dict[str, float]:
     """Fine-tune `config.model` with DPO on `config.data`; returns the final evaluation metrics."""
     check_train_inputs(config)
+    config.check_hub()
     with _claim(config):
         return _train_dpo(config)
 
@@ -228,6 +230,7 @@ def train_objective(config: TrainConfig, stage: str, objective) -> dict[str, flo
     if stage == "dpo" and not config.reference_free:
         raise ConfigError("train_objective: set reference_free (no reference model is set up for the objective)")
     check_train_inputs(config)
+    config.check_hub()
     with _claim(config):
         run = _start(config, stage)
         engine = _prepare(run, config, config.logits == "chunked")
@@ -261,16 +264,25 @@ def write_run_config(config: TrainConfig, resolved: Resolved) -> None:
 
 def _run(run: _Run, engine: Engine, objective, eval_objective) -> dict[str, float]:
     config = run.config
-    tracking = start_tracking(run.accelerator, config, config_dict(config), engine.model, run.tokenizer,
-                              run.data.eval, sharded=shards_parameters(run.accelerator), log=run.log)
-    try:
-        metrics = train(engine, run.tokenizer, objective, run.data.train, run.data.eval, config,
-                        eval_objective=eval_objective, tracking=tracking)
-    finally:
-        tracking.finish()
+    metrics = train(engine, run.tokenizer, objective, run.data.train, run.data.eval, config,
+                    eval_objective=eval_objective)
     if config.save_final:
-        final = save_final(config.output_dir / "final", engine, run.tokenizer,
-                           lambda tmp: (tmp / "dpokit_metrics.json").write_text(json.dumps(metrics, indent=1)))
+        final = save_final(config.output_dir / "final", engine, run.tokenizer, _final_files(run, engine, metrics))
         run.log(f"saved the trained {'adapter' if config.uses_lora else 'model'} to {final}")
     run.accelerator.wait_for_everyone()
+    if config.push_to_hub and run.accelerator.is_main_process:  # after the barrier: a failed push stops no peer
+        final = config.output_dir / "final"
+        url = push_folder(final, config.push_to_hub, private=config.hub_private, revision=config.hub_revision,
+                          message=f"dpokit {run.stage}: {engine.plan.total_steps} steps")
+        run.log(f"pushed {final} to the Hub: {url}")
     return metrics
+
+
+def _final_files(run: _Run, engine: Engine, metrics: dict[str, float]) -> Callable:
+    """What final/ holds besides the model and tokenizer, written into its temporary directory so that the
+    directory appears whole: the final metrics and the model card (README.md)."""
+    def write(tmp) -> None:
+        (tmp / "dpokit_metrics.json").write_text(json.dumps(metrics, indent=1))
+        write_model_card(tmp, run.config, run.stage, steps=engine.plan.total_steps,
+                         processes=run.accelerator.num_processes, eval_metrics=metrics)
+    return write
