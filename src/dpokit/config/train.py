@@ -13,6 +13,7 @@ from dpokit.config.data import DataOptions, TokenizeOptions
 from dpokit.config.hub import HubOptions
 from dpokit.config.loss import REFERENCE_FREE_LOSSES, LossOptions
 from dpokit.config.model import LoraOptions, ModelOptions, is_adapter_dir
+from dpokit.config.tracking import TrackingOptions
 from dpokit.config.options import (AT_LEAST_ONE, DPO, FRACTION, NON_NEGATIVE, OPEN_UNIT, POSITIVE, Default,
                                    check_options, opt)
 from dpokit.errors import ConfigError
@@ -99,8 +100,8 @@ class RuntimeOptions:
 
 
 @dataclass
-class TrainConfig(HubOptions, RunOptions, RuntimeOptions, OptimOptions, LoraOptions, ReferenceOptions,
-                  LossOptions, TokenizeOptions, DataOptions, ModelOptions):
+class TrainConfig(HubOptions, TrackingOptions, RunOptions, RuntimeOptions, OptimOptions, LoraOptions,
+                  ReferenceOptions, LossOptions, TokenizeOptions, DataOptions, ModelOptions):
     """Everything `dpokit dpo` and `dpokit sft` take. Field names are YAML keys and (with dashes) flags."""
 
     def __post_init__(self) -> None:
@@ -109,6 +110,7 @@ class TrainConfig(HubOptions, RunOptions, RuntimeOptions, OptimOptions, LoraOpti
         self._check_loss()
         self._check_adapters()
         self._check_sync_ref()
+        self.check_tracking()  # a tracker asked for but not installed: before anything loads
 
     def _check_loss(self) -> None:
         # the loss's own checks (β, ε and which losses take it), up front

@@ -43,6 +43,7 @@ from dpokit.train.prepare import PreparedData, prepare_data
 from dpokit.train.reference import (CachedReference, ModelReference, PolicyReference, cached_reference_logps,
                                     weights_digest)
 from dpokit.train.rundir import claim_output
+from dpokit.train.tracking import accelerator_options, start_tracking
 
 RUN_CONFIG = "run_config.yaml"  # in --output: the options as given and, under `resolved:`, what the run derived
 
@@ -63,7 +64,8 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     AcceleratorState._reset_state(reset_partial_state=False)
     if cpu_only and PartialState._shared_state:  # undo engine_on_cpu of an earlier run in this process
         PartialState._shared_state["distributed_type"] = DistributedType.MULTI_CPU
-    accelerator = Accelerator(mixed_precision="bf16" if config.dtype == "bfloat16" else "no", cpu=cpu_only)
+    accelerator = Accelerator(mixed_precision="bf16" if config.dtype == "bfloat16" else "no", cpu=cpu_only,
+                              **accelerator_options(config))  # --report-to's trackers
     if cpu_only:
         engine_on_cpu(accelerator)
     return accelerator
@@ -264,8 +266,13 @@ def write_run_config(config: TrainConfig, resolved: Resolved) -> None:
 
 def _run(run: _Run, engine: Engine, objective, eval_objective) -> dict[str, float]:
     config = run.config
-    metrics = train(engine, run.tokenizer, objective, run.data.train, run.data.eval, config,
-                    eval_objective=eval_objective)
+    tracking = start_tracking(run.accelerator, config, config_dict(config), engine.model, run.tokenizer,
+                              run.data.eval, sharded=shards_parameters(run.accelerator), log=run.log)
+    try:
+        metrics = train(engine, run.tokenizer, objective, run.data.train, run.data.eval, config,
+                        eval_objective=eval_objective, tracking=tracking)
+    finally:
+        tracking.finish()
     if config.save_final:
         final = save_final(config.output_dir / "final", engine, run.tokenizer, _final_files(run, engine, metrics))
         run.log(f"saved the trained {'adapter' if config.uses_lora else 'model'} to {final}")
