@@ -80,7 +80,45 @@ def count_streamed_writers(output: str) -> None:
     atexit.register(lambda: Path(f"{output}/writers-rank{rank}.txt").write_text(f"{len(started)}\n"))
 
 
+# engine_runs.py --cli ARGS...: the dpokit command line, `dpokit ARGS...` (tests/train/test_exits.py), with FAIL's hook
+CLI = "--cli"
+# ENGINE_RUNS_FAIL_AT=RANK:STEP: process RANK raises a TrainingError in training step STEP, after writing the time
+# to failed-at in the working directory (the test measures how soon the other processes stop after it)
+FAIL = "ENGINE_RUNS_FAIL_AT"
+
+
+def fail_at(spec: str) -> None:
+    """Install FAIL's hook (`spec` is its value) in this process, if it is the one to fail."""
+    import os
+    import time
+    from pathlib import Path
+
+    import dpokit.train.loop as loop
+    from dpokit.errors import TrainingError
+
+    rank, step = (int(part) for part in spec.split(":"))
+    if int(os.environ.get("RANK", "0")) != rank:
+        return
+    train_step = loop.train_step
+
+    def failing(engine, objective, batches, done, *args, **kwargs):
+        if done + 1 == step:
+            Path("failed-at").write_text(repr(time.time()))
+            raise TrainingError(f"the test's failure in step {step} of process {rank}")
+        return train_step(engine, objective, batches, done, *args, **kwargs)
+
+    loop.train_step = failing
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == CLI:
+        import os
+
+        from dpokit.cli.main import main
+
+        if os.environ.get(FAIL):
+            fail_at(os.environ[FAIL])
+        sys.exit(main(sys.argv[2:]))
     output, model, train, eval_data, *runs = sys.argv[1:]
     count_streamed_writers(output)
     for name in runs:

@@ -83,8 +83,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _another_process_failed(error: BaseException) -> bool:
+    """Whether `error` is this process's side of another process's failure in a multi-process launch: a collective
+    whose peer went away (gloo: "Connection closed by peer"), or any error of torch.distributed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and isinstance(error, getattr(distributed, "DistError", ())):
+        return True
+    return any(text in str(error) for text in ("Connection closed by peer", "Connection reset by peer",
+                                                "remote worker crashing"))
+
+
+def _end_processes() -> None:
+    """Destroy the process group of a multi-process launch, if this command started one (dpokit.train.run)."""
+    if "torch.distributed" in sys.modules:
+        from dpokit.train.run import end_processes
+
+        end_processes()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `dpokit` command."""
+    try:
+        return _main(argv)
+    finally:
+        _end_processes()  # every rank, after an error too: the others' collectives fail at once and they stop
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_progress_bars()
     _quiet_library_noise()
@@ -113,6 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"dpokit {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        if not _another_process_failed(error):
+            raise
+        # the failing process printed its own error: one line here, not a second traceback
+        print(f"dpokit {args.command}: process {os.environ.get('RANK', '?')} stopped: another process of the "
+              "launch failed (its error is above)", file=sys.stderr)
+        return 2
     return 0
 
 

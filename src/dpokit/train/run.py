@@ -8,6 +8,7 @@ reads those values from it, and recorded beside the options in OUTPUT/run_config
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 from collections.abc import Callable
@@ -68,7 +69,21 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
                               **accelerator_options(config))  # --report-to's trackers
     if cpu_only:
         engine_on_cpu(accelerator)
+    atexit.unregister(end_processes)  # once per process, however many runs it starts
+    atexit.register(end_processes)
     return accelerator
+
+
+def end_processes() -> None:
+    """Leave a multi-process launch cleanly: destroy the process group (accelerate's
+    ``PartialState().destroy_process_group()``) while the interpreter is whole. Left to the interpreter's exit,
+    the group's threads and DeepSpeed's were torn down in no set order, and one rank of a ZeRO-3 run could abort
+    ("terminate called without an active exception", SIGABRT) after a run that had finished. Nothing to do
+    without a process group. The command line calls it when a command ends (after an error too: the other
+    processes then see this one's connections close and stop at once); a run started from Python (``train_dpo``
+    under ``accelerate launch``) has it called at exit, so that several runs can share one launch."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        PartialState().destroy_process_group()
 
 
 def fit_lengths(config, log: Callable[[str], None]) -> Resolved:
