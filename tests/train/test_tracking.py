@@ -1,6 +1,6 @@
 """Experiment trackers through accelerate (--report-to): one tiny DPO run (3 steps, evaluated at steps 2 and 3)
 reports to every tracker installed of TensorBoard, W&B (offline), MLflow (a local file store) and trackio (its
-local store, in a temporary directory); each is read back with its own reader: the loss of every step equals
+local store, in a temporary directory) and Comet (an offline archive); each is read back with its own reader: the loss of every step equals
 metrics.jsonl's, the config is logged as hyperparameters, and the trackers with tables have the samples table.
 Nothing touches the network. A tracker not installed skips its test (pip install 'dpokit[wandb]' etc.)."""
 
@@ -20,7 +20,7 @@ from dpokit.train.metrics import read_metrics
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 PROJECT = "dpokit-test"
-TRACKERS = [t for t in ("tensorboard", "wandb", "mlflow", "trackio") if importlib.util.find_spec(t)]
+TRACKERS = [t for t in ("tensorboard", "wandb", "mlflow", "trackio", "comet_ml") if importlib.util.find_spec(t)]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,8 @@ def tracked(tmp_path_factory, tiny_model_dir, sentiment_data):
     root = tmp_path_factory.mktemp("tracking")
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true",
            "MLFLOW_TRACKING_URI": f"file:{root / 'mlruns'}",
-           "MLFLOW_ALLOW_FILE_STORE": "true", "TRACKIO_DIR": str(root / "trackio")}
+           "MLFLOW_ALLOW_FILE_STORE": "true", "TRACKIO_DIR": str(root / "trackio"),
+           "COMET_START_ONLINE": "false", "COMET_OFFLINE_DIRECTORY": str(root / "comet")}
     with pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():
             patch.setenv(key, value)
@@ -133,6 +134,23 @@ def test_trackio_store_holds_the_loss_the_config_and_the_samples_table(tracked):
     assert SQLiteStorage.get_run_config(PROJECT, "tiny")["lr"] == 0.001
     tables = [entry["samples"] for entry in logs if "samples" in entry]
     assert len(tables) == 2 and tables[0]["_type"] == "trackio.table" and len(tables[0]["_value"]) == 2
+
+
+def test_comet_offline_archive_holds_the_loss_and_the_config(tracked):
+    pytest.importorskip("comet_ml")
+    import zipfile
+
+    root, rows = tracked
+    (archive,) = glob.glob(str(root / "comet" / "*.zip"))
+    messages = [json.loads(line) for line in zipfile.ZipFile(archive).read("messages.json").decode().splitlines()]
+    payloads = {kind: [m["payload"] for m in messages if m["type"] == kind]
+                for kind in ("metric_msg", "parameter_msg", "log_other")}
+    for split in ("train", "eval"):
+        logged = {p["metric"]["step"]: p["metric"]["metricValue"] for p in payloads["metric_msg"]
+                  if p["metric"]["metricName"] == f"{split}/loss"}
+        assert logged == pytest.approx(_losses(rows, split), abs=1e-6)
+    assert {p["param"]["paramName"]: p["param"]["paramValue"] for p in payloads["parameter_msg"]}["lr"] == 0.001
+    assert {"key": "Name", "value": "tiny"} in [{k: p[k] for k in ("key", "value")} for p in payloads["log_other"]]
 
 
 # --- the options -------------------------------------------------------------------------------------------
