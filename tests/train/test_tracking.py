@@ -1,8 +1,8 @@
 """Experiment trackers through accelerate (--report-to): one tiny DPO run (3 steps, evaluated at steps 2 and 3)
-reports to every tracker installed of TensorBoard, W&B (offline), MLflow (a local file store) and trackio (its
-local store, in a temporary directory) and Comet (an offline archive); each is read back with its own reader: the loss of every step equals
-metrics.jsonl's, the config is logged as hyperparameters, and the trackers with tables have the samples table.
-Nothing touches the network. A tracker not installed skips its test (pip install 'dpokit[wandb]' etc.)."""
+reports to every tracker installed of TensorBoard, W&B (offline), MLflow (a local file store), trackio (its local
+store, in a temporary directory) and Comet (an offline archive); each is read back with its own reader: the loss of
+every step equals metrics.jsonl's, the config is logged as hyperparameters, and the trackers with tables have the
+samples table. Nothing touches the network. A tracker not installed skips its test (pip install 'dpokit[wandb]')."""
 
 from __future__ import annotations
 

@@ -28,9 +28,9 @@ def installed(tracker: str) -> bool:
 class TrackingOptions:
     """Experiment trackers (TensorBoard, Weights & Biases, MLflow, trackio, Comet) through accelerate."""
 
-    report_to: str | None = opt(None, "experiment trackers the metrics go to besides OUTPUT/metrics.jsonl: tensorboard, "
-                                "wandb, mlflow, trackio, comet_ml, a comma-separated list of them, all (those "
-                                "installed) or none (default: tensorboard when it is installed)")
+    report_to: str | None = opt(None, "experiment trackers the metrics go to besides OUTPUT/metrics.jsonl: "
+                                "tensorboard, wandb, mlflow, trackio, comet_ml, a comma-separated list of them, all "
+                                "(those installed) or none (default: tensorboard when it is installed)")
     project: str = opt("dpokit", "the trackers' project: W&B, trackio and Comet project, MLflow experiment, "
                        "TensorBoard directory OUTPUT/tensorboard/PROJECT")
     run_name: str | None = opt(None, "the run's name in the trackers (default: the --output directory's name)")
