@@ -8,12 +8,15 @@ dpokit.data.tokenize applies these rules to whole data sets (its docstring state
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from jinja2 import TemplateError
-from transformers import PreTrainedTokenizerBase
 
 from dpokit.data.records import Text
 from dpokit.errors import ConfigError, DataError
+
+if TYPE_CHECKING:  # annotations only: reading prompt files (dpokit.data.prompts) must not import transformers
+    from transformers import PreTrainedTokenizerBase
 
 
 def _special_ids(tokenizer) -> set[int]:
