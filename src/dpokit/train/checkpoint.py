@@ -27,7 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dpokit.train.engine import unwrap_optimizer
 from dpokit.errors import ConfigError, TrainingError
-from dpokit.train.rundir import apply_umask, disk_full
+from dpokit.train.rundir import apply_umask, disk_full, no_space_message, tensor_bytes, tree_bytes
 from dpokit.data.sharded import examples_digest
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -146,14 +146,27 @@ def _is_adapter(model) -> bool:
     return hasattr(model, "peft_config")
 
 
+def _bytes_needed(final: Path, model, state_dict: dict | None, extra_bytes: int) -> tuple[int, str]:
+    """About how many bytes writing `final` takes, and how that was estimated: the newest checkpoint before it
+    (one of the same run holds the same files), or else the weights to write and `extra_bytes` (optimizer state)."""
+    previous = [p for p in checkpoints(final.parent) if p != final] if _NAME.match(final.name) else []
+    if previous:
+        return tree_bytes(previous[-1]), f"the size of {previous[-1].name}"
+    weights = tensor_bytes(p for p in model.parameters() if p.requires_grad) if _is_adapter(model) else \
+        tensor_bytes((state_dict if state_dict is not None else model.state_dict()).values())
+    return weights + extra_bytes, "the weights and the optimizer's state" if extra_bytes else "the size of the weights"
+
+
 def save_model_dir(path: str | Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                   write_extra: Callable[[Path], object] | None = None, state_dict: dict | None = None) -> Path:
+                   write_extra: Callable[[Path], object] | None = None, state_dict: dict | None = None,
+                   extra_bytes: int = 0) -> Path:
     """Save `model` and `tokenizer` as a Hugging Face directory at `path`, atomically.
 
     A PEFT model is saved as its trained adapter only (``adapter_config.json``, ``adapter_model.safetensors``;
     `PeftModel.from_pretrained` loads it). `state_dict` is the model's full state when an engine holds it in
     shards. Everything is written under ``PATH.tmp``, `write_extra(tmp_dir)` adds any further files, and the
-    directory is then renamed into place, replacing an older one.
+    directory is then renamed into place, replacing an older one. A full device is a one-line TrainingError
+    naming the bytes needed (`extra_bytes`: what `write_extra` adds to the weights, for the estimate).
     """
     final = Path(path)
     tmp = final.with_name(final.name + ".tmp")
@@ -168,9 +181,9 @@ def save_model_dir(path: str | Path, model: PreTrainedModel, tokenizer: PreTrain
             write_extra(tmp)
     except Exception as error:
         shutil.rmtree(tmp, ignore_errors=True)  # give the space back; what was saved before stays intact
-        if disk_full(error):
-            raise TrainingError(f"{final}: no space left on the device; nothing of it was kept and earlier "
-                                "checkpoints are intact: free some space and --resume") from None
+        if disk_full(error):  # whichever file it was: weights, tokenizer, trainer state or manifest
+            raise TrainingError(no_space_message(final, *_bytes_needed(final, model, state_dict, extra_bytes))) \
+                from None
         raise
     apply_umask(tmp)
     if final.exists():
@@ -234,7 +247,8 @@ def save_checkpoint(output_dir: str | Path, step: int, engine, tokenizer: PreTra
         write_manifest(tmp)  # last: a checkpoint whose files do not all match it is skipped on resume
 
     if accelerator.is_main_process:
-        save_model_dir(final, engine.model, tokenizer, write_state, state_dict=weights)
+        save_model_dir(final, engine.model, tokenizer, write_state, state_dict=weights, extra_bytes=tensor_bytes(
+                v for state in (optimizer_state or {}).get("state", {}).values() for v in state.values()))
     accelerator.wait_for_everyone()
     return final
 

@@ -130,3 +130,24 @@ def disk_full(error: Exception) -> bool:
         return True
     text = str(error)
     return f"os error {errno.ENOSPC}" in text or "No space left" in text
+
+
+def tree_bytes(path: str | Path) -> int:
+    """The bytes of the files under `path`."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def tensor_bytes(values) -> int:
+    """The bytes of the tensors among `values` (what has numel and element_size; anything else counts 0)."""
+    return sum(v.numel() * v.element_size() for v in values if hasattr(v, "element_size"))
+
+
+def no_space_message(target: Path, needed: int, how: str) -> str:
+    """The one-line error of a write of `target` (a directory written under a temporary name, which is gone
+    again) that found its device full: the bytes it needs (estimated `how`) and those free."""
+    try:
+        free = f"{shutil.disk_usage(target.parent).free:,} bytes free there"
+    except OSError:
+        free = "free space unknown"
+    return (f"{target}: no space left on the device: about {needed:,} bytes needed ({how}), {free}; nothing of "
+            "it was kept and earlier checkpoints are intact: free some space and --resume")
