@@ -23,6 +23,9 @@ RUNS = {
     # below), or into a temporary entry (no cache); the other reads them
     "dpo-streaming": (train_dpo, {"streaming": True}),
     "dpo-streaming-uncached": (train_dpo, {"streaming": True, "data_cache": False}),
+    # tests/train/test_engine_resume.py: 4 steps of batch 2 x 2 processes, a checkpoint every 2, no evaluation
+    "dpo4": (train_dpo, {"max_steps": 4, "save_every": 2, "grad_accum": 1, "eval_data": None}),
+    "dpo4-killed": (train_dpo, {"max_steps": 4, "save_every": 2, "grad_accum": 1, "eval_data": None}),
 }
 # the in-memory run that each of these must equal (in weights and metrics)
 SAME_AS = {"dpo-streaming": "dpo", "dpo-streaming-uncached": "dpo"}
@@ -31,6 +34,13 @@ RESUMED = "dpo-resumed"
 # Any run NAME + SUFFIX is run that way and must equal NAME (e.g. the TR-DPO run, whose reference moves).
 SUFFIX = "-resumed"
 STREAMING_RESUMED = "dpo-streaming" + SUFFIX  # its resume reads the shards cached by its first part
+# "resume-NAME": run NAME with --resume into OUTPUT/NAME (after a launch that was killed)
+RESUME = "resume-"
+# ENGINE_RUNS_PAUSE_IN_SAVE=STEP: the checkpoint of step STEP stops half-written, each process at its fault point
+# (DeepSpeed: every process, after writing its optimizer partition; otherwise the main process, with every file
+# of the checkpoint written but its manifest), after creating OUTPUT/paused-rank<RANK>; the test then kills the
+# processes (their ids in OUTPUT/pid-rank<RANK>) and the launcher.
+PAUSE = "ENGINE_RUNS_PAUSE_IN_SAVE"
 
 
 def resumed_run(options: dict) -> None:
@@ -80,6 +90,46 @@ def count_streamed_writers(output: str) -> None:
     atexit.register(lambda: Path(f"{output}/writers-rank{rank}.txt").write_text(f"{len(started)}\n"))
 
 
+def pause_in_save(output: str, step: int) -> None:
+    """Install the fault points of PAUSE: wait there (for SIGKILL) once OUTPUT/paused-rank<RANK> exists."""
+    import os
+    import time
+    from pathlib import Path
+
+    import dpokit.train.checkpoint as checkpoint
+
+    directory = f"checkpoint-{step:06d}"
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+    rank = os.environ.get("RANK", "0")
+    Path(f"{output}/pid-rank{rank}").write_text(str(os.getpid()))  # the launcher starts each in its own session
+
+    def pause() -> None:
+        Path(f"{output}/paused-rank{rank}").write_text("")
+        while True:
+            time.sleep(1)
+
+    manifest = checkpoint.write_manifest
+
+    def write_manifest(path):
+        if Path(path).name.startswith(directory) and not deepspeed:
+            pause()
+        manifest(path)
+
+    checkpoint.write_manifest = write_manifest
+    if deepspeed:
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+        save = TorchCheckpointEngine.save
+
+        def save_then_pause(self, state_dict, path):
+            save(self, state_dict, path)
+            if f"{directory}." in str(path) and "optim_states" in str(path):
+                pause()
+
+        TorchCheckpointEngine.save = save_then_pause
+
+
 # engine_runs.py --cli ARGS...: the dpokit command line, `dpokit ARGS...` (tests/train/test_exits.py), with FAIL's hook
 CLI = "--cli"
 # ENGINE_RUNS_FAIL_AT=RANK:STEP: process RANK raises a TrainingError in training step STEP, after writing the time
@@ -119,9 +169,18 @@ if __name__ == "__main__":
         if os.environ.get(FAIL):
             fail_at(os.environ[FAIL])
         sys.exit(main(sys.argv[2:]))
+    import os
+
     output, model, train, eval_data, *runs = sys.argv[1:]
     count_streamed_writers(output)
+    if os.environ.get(PAUSE):
+        pause_in_save(output, int(os.environ[PAUSE]))
     for name in runs:
+        if name.startswith(RESUME):
+            name = name[len(RESUME):]
+            stage, options = RUNS[name]
+            stage(TrainConfig(**{**common(model, train, eval_data, f"{output}/{name}"), **options, "resume": True}))
+            continue
         # a streamed run writes its own cache entry: the shared one of the in-memory runs would only be reused
         cache = {"data_cache_dir": f"{output}/{name}-data-cache"} if "streaming" in name else {}
         if name.endswith(SUFFIX):

@@ -6,7 +6,8 @@ Layout of ``OUTPUT/checkpoint-000100/``: the model (``model.safetensors``, ``con
 (``--sync-ref-every``) the moving reference's weights, ``reference.safetensors``. A LoRA run's checkpoint
 holds the adapter (``adapter_model.safetensors``, ``adapter_config.json``) instead of the whole model. The directory is written under a temporary name
 and renamed into place, so a crash never leaves a half-written checkpoint that ``--resume`` would pick up.
-Nothing is ever unpickled.
+Nothing is ever unpickled, but under DeepSpeed the partitions of its optimizer state (``deepspeed/``:
+train/partitions.py).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch.optim.lr_scheduler import LRScheduler
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from dpokit.train.engine import unwrap_optimizer
+from dpokit.train.engine import engine_name, unwrap_optimizer
+from dpokit.train.partitions import check_partitions, load_partitions, move_partitions, save_partitions
 from dpokit.errors import ConfigError, TrainingError
 from dpokit.train.rundir import apply_umask, disk_full, no_space_message, tensor_bytes, tree_bytes
 from dpokit.data.sharded import examples_digest
@@ -217,8 +219,7 @@ def save_checkpoint(output_dir: str | Path, step: int, engine, tokenizer: PreTra
                     extra: dict) -> Path:
     """Write checkpoint-STEP atomically: every process gathers its shards, the main process writes.
 
-    Under DeepSpeed the optimizer state stays in DeepSpeed's partitions and is not saved: such a checkpoint
-    holds the model and can be trained from, but not resumed (``resumable: false``).
+    Under DeepSpeed every process also writes its partitions of the optimizer state (train/partitions.py).
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -227,8 +228,10 @@ def save_checkpoint(output_dir: str | Path, step: int, engine, tokenizer: PreTra
     weights = gather_weights(engine)
     moving = getattr(engine, "moving_reference", None)
     reference_state = moving.state() if moving is not None else None  # every process: FSDP2 gathers
-    optimizer_state = None
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+    optimizer_state, staging = None, None
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        staging = save_partitions(engine.scorer, final, accelerator)
+    else:
         optimizer_state = get_optimizer_state_dict(engine.scorer, unwrap_optimizer(engine.optimizer),
                                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
@@ -240,15 +243,22 @@ def save_checkpoint(output_dir: str | Path, step: int, engine, tokenizer: PreTra
                 tensors[f"rng.cuda.{i}"] = rng
         save_file(tensors, str(tmp / "trainer_state.safetensors"))
         state = {"step": step, "scheduler": engine.scheduler.state_dict(), "optimizer": optimizer_meta,
-                 "resumable": optimizer_state is not None, **extra}
+                 "resumable": True, **extra}
+        if staging is not None:  # the partitions fit this engine and process count only
+            move_partitions(staging, tmp)
+            state.update(engine=engine_name(accelerator), processes=accelerator.num_processes)
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
         if reference_state is not None:  # TR-DPO: the reference is run state too
             engine.moving_reference.save(tmp, reference_state)
         write_manifest(tmp)  # last: a checkpoint whose files do not all match it is skipped on resume
 
     if accelerator.is_main_process:
-        save_model_dir(final, engine.model, tokenizer, write_state, state_dict=weights, extra_bytes=tensor_bytes(
+        try:
+            save_model_dir(final, engine.model, tokenizer, write_state, state_dict=weights, extra_bytes=tensor_bytes(
                 v for state in (optimizer_state or {}).get("state", {}).values() for v in state.values()))
+        finally:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
@@ -314,9 +324,10 @@ def _options_added_since(saved: dict, current: dict) -> dict:
     return {k: v for k, v in current.items() if k not in saved and k in defaults and defaults[k] == v}
 
 
-def check_resumable(checkpoint: Path, data_order: dict, engine: str, identity: dict | None = None) -> None:
-    """Refuse to resume from a checkpoint of another run (config, data or model), into another data order, or
-    from one that holds no optimizer state.
+def check_resumable(checkpoint: Path, data_order: dict, engine: str, identity: dict | None = None,
+                    processes: int | None = None) -> None:
+    """Refuse to resume from a checkpoint of another run (config, data or model), into another data order, from
+    one that holds no optimizer state, or across DeepSpeed and another engine, stage or process count.
 
     The data position is the step itself (each step's examples follow from the seed and the global batch), so
     a resume with another data set size, global batch or seed would silently train on a different order.
@@ -338,8 +349,9 @@ def check_resumable(checkpoint: Path, data_order: dict, engine: str, identity: d
         raise ConfigError(f"--resume: {checkpoint} belongs to another run ({'; '.join(changes)}); resume with the "
                           "same options, data and model, or start a new --output")
     if not state.get("resumable", True):
-        raise ConfigError(f"--resume: {checkpoint} was written under DeepSpeed, whose optimizer state dpokit does not "
-                          "save yet; resume under DDP or FSDP2 is exact, or train on from its weights with --model")
+        raise ConfigError(f"--resume: {checkpoint} was written under DeepSpeed by an older dpokit, without its "
+                          "optimizer state; train on from its weights with --model")
+    check_partitions(checkpoint, state, engine, processes)
 
 
 def load_trainer_state(checkpoint: Path, scorer: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -349,8 +361,11 @@ def load_trainer_state(checkpoint: Path, scorer: torch.nn.Module, optimizer: tor
 
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     tensors = load_file(str(checkpoint / "trainer_state.safetensors"))
-    set_optimizer_state_dict(scorer, optimizer, _unflatten_optimizer(tensors, state["optimizer"]),
-                             options=StateDictOptions(full_state_dict=sharded))
+    if state.get("engine"):  # DeepSpeed: each process reads its own partitions
+        load_partitions(scorer, checkpoint)
+    else:
+        set_optimizer_state_dict(scorer, optimizer, _unflatten_optimizer(tensors, state["optimizer"]),
+                                 options=StateDictOptions(full_state_dict=sharded))
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(tensors["rng.torch"])
     return int(state["step"])

@@ -187,12 +187,13 @@ def prepare(model: nn.Module, num_examples: int, config: TrainConfig, accelerato
         if accelerator.is_main_process:
             truncate_metrics(config.output_dir, 0)  # rows of a run killed before its first checkpoint
     if checkpoint is not None:
-        check_resumable(checkpoint, data_order, engine_name(accelerator), identity)
+        check_resumable(checkpoint, data_order, engine_name(accelerator), identity, accelerator.num_processes)
         saved_step = checkpoint_step(checkpoint)
         if saved_step > plan.total_steps:
             raise ConfigError(f"--resume: {checkpoint} is at step {saved_step}, past the {plan.total_steps} steps of "
                               "this run (--max-steps/--epochs); raise them to train on, or start a new --output")
-        load_model_weights(model, checkpoint)
+        if engine_name(accelerator) != "zero3":  # ZeRO-3 loaded the model in partitions: its checkpoint restores them
+            load_model_weights(model, checkpoint)
     configure_deepspeed(accelerator, config.batch_size, config.max_grad_norm)
     optimizer = make_optimizer(model, config)
     scorer, optimizer = accelerator.prepare(Scorer(model, chunked=chunked, reference_state=reference_state), optimizer)
