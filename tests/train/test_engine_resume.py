@@ -4,11 +4,13 @@ ZeRO-2 and ZeRO-3: 2 steps, then --resume to 4, equals 4 uninterrupted steps (De
 optimizer partitions, inside dpokit's atomic checkpoint). ZeRO-3 and FSDP2: a launch SIGKILLed while its processes
 are writing the checkpoint of step 4 leaves checkpoint 2 intact and no checkpoint 4; --resume then ends with the
 weights of the uninterrupted run. Every comparison is within 1e-6, and every launch that is not killed exits 0.
+A DeepSpeed checkpoint resumes only on its ZeRO stage and process count.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -120,3 +122,24 @@ def test_resume_under_the_engine_equals_the_uninterrupted_run(engine, tiny_model
         assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in expected], abs=1e-6), name
     if paused:  # the resumed run wrote checkpoint 4 again, over what the kill left
         assert not list(killed.glob("*.tmp")) and verify_checkpoint(killed / "checkpoint-000004") is None
+
+
+@pytest.mark.parametrize("saved, now, refused", [
+    ({"engine": "zero2", "processes": 2}, ("zero2", 2), False),
+    ({"engine": "zero2", "processes": 2}, ("zero3", 2), True),  # another stage: other partitions
+    ({"engine": "zero3", "processes": 2}, ("zero3", 4), True),  # another process count
+    ({"engine": "zero3", "processes": 2}, ("fsdp2", 2), True),  # the optimizer state is DeepSpeed's only
+    ({}, ("zero2", 2), True),  # a DDP/FSDP2 checkpoint holds the whole optimizer state, not partitions
+    ({}, ("fsdp2", 4), False),
+])
+def test_deepspeed_partitions_resume_only_on_their_engine_and_processes(saved, now, refused, tmp_path):
+    from dpokit.errors import ConfigError
+    from dpokit.train.checkpoint import check_resumable
+
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 2, "resumable": True, **saved}))
+    engine, processes = now
+    if refused:
+        with pytest.raises(ConfigError, match="DeepSpeed resumes only from its own partitions"):
+            check_resumable(tmp_path, {}, engine, processes=processes)
+    else:
+        check_resumable(tmp_path, {}, engine, processes=processes)
