@@ -76,3 +76,15 @@ def test_a_failing_process_ends_the_launch_with_its_error_printed_once(tiny_mode
     assert "[rank0]: Traceback" not in result.stderr and "[rank1]: Traceback" not in result.stderr, log
     assert "terminate called" not in result.stderr, log
     assert not (tmp_path / "run" / "checkpoint-000002").exists()
+
+
+def test_only_a_collective_whose_peer_went_away_is_taken_for_another_process_failing(monkeypatch):
+    from dpokit.cli.main import _another_process_failed
+
+    gloo = RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:43408")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert not _another_process_failed(gloo)  # one process: every error is its own
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert _another_process_failed(gloo)
+    assert _another_process_failed(torch.distributed.DistBackendError("NCCL communicator was aborted"))
+    assert not _another_process_failed(ValueError("a bug of this process"))

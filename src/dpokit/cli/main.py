@@ -97,7 +97,8 @@ def _another_process_failed(error: BaseException) -> bool:
 
 def _end_processes() -> None:
     """Destroy the process group of a multi-process launch, if this command started one (dpokit.train.run)."""
-    if "torch.distributed" in sys.modules:
+    distributed = sys.modules.get("torch.distributed")  # not imported by --help, --version or an option's error
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
         from dpokit.train.run import end_processes
 
         end_processes()
