@@ -17,6 +17,8 @@ class ModelOptions:
     trust_remote_code: bool = opt(False, "allow model code from the model's repository to run")
     gguf_file: str | None = opt(None, "load --model from this GGUF file inside the --model directory (weights "
                                 "dequantised; the trained model is saved as a Hugging Face directory)")
+    train_vision_tower: bool = opt(False, "vision-language models: train the vision tower too (frozen by default; with "
+                                   "--lora-r, LoRA adapts it and the projector too)")
 
 
 @dataclass

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from dpokit.errors import ConfigError
 from dpokit.data.tokenize import TokenizedExample
+from dpokit.data.vision import has_vision, stack_vision
 
 LAYOUTS = ("plain", "shared", "packed")
 
@@ -53,6 +54,9 @@ class Batch:
     token_segment: Tensor | None = None
     # the same as spans, per row: (prompt start, prompt length, ((response start, length), ...)) per example
     spans: list[list[tuple[int, int, tuple[tuple[int, int], ...]]]] | None = None
+    # a vision-language model's image inputs (pixel_values, image_grid_thw, per-token type ids: dpokit.data.vision),
+    # given to the model with the token ids; None for text
+    vision: dict | None = None
 
     @property
     def num_sequences(self) -> int:
@@ -61,7 +65,10 @@ class Batch:
 
     def to(self, device: torch.device | str) -> "Batch":
         """The same batch on `device`."""
-        return Batch(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in vars(self).items()})
+        moved = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in vars(self).items()}
+        if self.vision is not None:
+            moved["vision"] = {k: v.to(device) for k, v in self.vision.items()}
+        return Batch(**moved)
 
 
 def _targets(prompt_len: int, starts: Sequence[int], lengths: Sequence[int], row: int, width: int, offset: int):
@@ -81,10 +88,15 @@ def collate(
     layout: str = "packed",
     pad_token_id: int = 0,
 ) -> Batch:
-    """Build a Batch of `examples` (all with the same number of responses) in `layout`."""
+    """Build a Batch of `examples` (all with the same number of responses) in `layout`; examples with images
+    (dpokit.data.vision) in the plain layout whatever `layout` says."""
     if layout not in LAYOUTS:
         raise ConfigError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     num_responses = len(examples[0].responses)
+    if has_vision(examples):  # images take the plain layout (dpokit.data.vision)
+        batch = _collate_plain(examples, example_ids, num_responses, pad_token_id)
+        batch.vision = stack_vision(examples, *batch.input_ids.shape)
+        return batch
     if layout == "plain":
         return _collate_plain(examples, example_ids, num_responses, pad_token_id)
     if layout == "shared":

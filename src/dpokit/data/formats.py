@@ -23,6 +23,7 @@ from typing import Any, Callable, TypeVar
 
 from tqdm.auto import tqdm
 
+from dpokit.data.images import read_images, with_placeholders
 from dpokit.data.messages import _message, _messages, _string, _type_name, has_text, read_tools
 from dpokit.data.records import Completion, PreferencePair
 from dpokit.data.sources import read_rows
@@ -47,6 +48,7 @@ class ColumnMap:
     completion: str = "completion"
     label: str = "label"
     tools: str = "tools"  # optional: the tool schemas the chat template is given (see dpokit.data.messages)
+    images: str = "images"  # optional: the row's images (see dpokit.data.images)
 
 
 @dataclass
@@ -126,6 +128,7 @@ def stream_preferences(
     unknown format raises at once; a bad row, or a data set without pairs, while iterating. `streaming` reads a
     Hub data set without downloading it first (see :func:`read_rows`)."""
     c = columns or ColumnMap()
+    base = _base_dir(spec)
 
     def convert(row: dict, prov: str, fmt: str, report: LoadReport) -> Iterator[PreferencePair]:
         if fmt == "unpaired":
@@ -138,6 +141,8 @@ def stream_preferences(
             )
         if fmt == "ranked":
             prompt, responses, scores = _ranked(row, prov, c)
+            images = read_images(row.get(c.images), c.images, prov, base)
+            prompt = with_placeholders(prompt, images, c.prompt, prov, c.images)
             for i in range(len(responses)):
                 for j in range(i + 1, len(responses)):
                     if scores[i] == scores[j]:
@@ -145,9 +150,12 @@ def stream_preferences(
                         continue
                     hi, lo = (i, j) if scores[i] > scores[j] else (j, i)
                     yield PreferencePair(prompt, responses[hi], responses[lo], f"{prov} pair ({i},{j})",
-                                         _tools(row, prov, c))
+                                         _tools(row, prov, c), images)
             return
-        yield PreferencePair(*_prompt_chosen_rejected(row, prov, fmt, c), source=prov, tools=_tools(row, prov, c))
+        prompt, chosen, rejected = _prompt_chosen_rejected(row, prov, fmt, c)
+        images = read_images(row.get(c.images), c.images, prov, base)
+        prompt = with_placeholders(prompt, images, c.prompt, prov, c.images)
+        yield PreferencePair(prompt, chosen, rejected, source=prov, tools=_tools(row, prov, c), images=images)
 
     def none_left(report: LoadReport) -> None:
         raise DataError(f"{report.source}: no preference pairs ({report.rows} rows, dropped: {report.counts})")
@@ -167,6 +175,7 @@ def stream_completions(
     c = columns or ColumnMap()
 
     def convert(row: dict, prov: str, fmt: str, report: LoadReport) -> Iterator[Completion]:
+        _no_images(row, prov, c, "SFT data")
         if fmt == "unpaired":
             raise DataError(f"{prov}: unpaired data (prompt, completion, label) is for --loss kto; to fine-tune on "
                             "every completion whatever its label, pass --format completion")
@@ -195,6 +204,7 @@ def load_unpaired(
     c = columns or ColumnMap()
 
     def convert(row: dict, prov: str, fmt: str, report: LoadReport) -> Iterator[Completion]:
+        _no_images(row, prov, c, "unpaired (KTO) data")
         if fmt != "unpaired":
             raise DataError(f"{prov}: --loss kto needs unpaired data ({c.prompt!r}, {c.completion!r} and a "
                             f"true/false {c.label!r}); this is {fmt} data")
@@ -248,6 +258,20 @@ def _stream(
             none_left(report)
 
     return records(), report
+
+
+def _base_dir(spec: str | os.PathLike) -> str | None:
+    """The directory relative image paths of a local data file (or directory) are read from; None for the Hub."""
+    path = os.fspath(spec)
+    if os.path.isdir(path):
+        return path
+    return os.path.dirname(os.path.abspath(path)) if os.path.isfile(path) else None
+
+
+def _no_images(row: dict, prov: str, c: ColumnMap, what: str) -> None:
+    if row.get(c.images):
+        raise DataError(f"{prov}: field {c.images!r}: images are supported in preference data (dpokit dpo, eval) "
+                        f"only, not in {what}")
 
 
 def _need(row: dict, name: str, prov: str, fmt: str) -> Any:

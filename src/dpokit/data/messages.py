@@ -67,12 +67,37 @@ def _message(value: Any, name: str, prov: str) -> dict:
             raise DataError(f"{prov}: field '{name}.tool_calls' is on a {role!r} message; only the assistant "
                             "calls tools")
         _tool_calls(calls, f"{name}.tool_calls", prov)
-    if calls is None or value.get("content") is not None:
+    if isinstance(value.get("content"), list):  # content parts: {"type": "text", "text": ...}, {"type": "image"}
+        value = {**value, "content": _parts(value["content"], f"{name}.content", prov)}
+    elif calls is None or value.get("content") is not None:
         _string(value["content"], f"{name}.content", prov, allow_empty=True)
     # Parquet/Arrow give every message every key of the schema, None where absent: drop those.
     message = {k: v for k, v in value.items() if v is not None}
     message.setdefault("content", "")  # a tool-calling turn without text: templates concatenate the content
     return message
+
+
+def _parts(value: list, name: str, prov: str) -> list[dict]:
+    """A message's content parts (TRL's and the Hub's multimodal format): text parts with a string ``text``, image
+    placeholders; Parquet's None-valued keys dropped."""
+    parts = []
+    for i, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in ("text", "image"):
+            raise DataError(f"{prov}: field '{name}[{i}]' must be a content part {{'type': 'text', 'text': ...}} or "
+                            f"{{'type': 'image'}}, got {json.dumps(part, default=str)[:60]}")
+        part = {k: v for k, v in part.items() if v is not None}
+        if kind == "text":
+            _string(part.get("text"), f"{name}[{i}].text", prov, allow_empty=True)
+        parts.append(part)
+    return parts
+
+
+def content_text(content: Any) -> str:
+    """The text of a message's content: the string, or its text parts joined."""
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if p.get("type") == "text")
+    return content or ""
 
 
 def _messages(value: Any, name: str, prov: str) -> list[dict]:
@@ -108,4 +133,4 @@ def read_tools(value: Any, name: str, prov: str) -> Tools | None:
 
 def has_text(messages: list[dict]) -> bool:
     """Whether a response's messages say anything: some non-blank content, or a tool call."""
-    return any((m.get("content") and not m["content"].isspace()) or m.get("tool_calls") for m in messages)
+    return any(content_text(m.get("content")).strip() or m.get("tool_calls") for m in messages)

@@ -16,7 +16,8 @@ class PreferencePair:
     `prompt` is a string, or a list of chat messages; `chosen` and `rejected` are strings, or lists of
     assistant messages when the prompt is conversational. `source` says where the record came from
     ("data.jsonl:12" or "dataset[train] row 11") so that later errors can name it. `tools`: the tool schemas
-    the chat template is given with the conversation (the row's ``tools`` column), or None.
+    the chat template is given with the conversation (the row's ``tools`` column), or None. `images`: the
+    row's images (its ``images`` column, dpokit.data.images), or None.
     """
 
     prompt: Text
@@ -24,6 +25,7 @@ class PreferencePair:
     rejected: Text
     source: str = ""
     tools: list[dict] | None = None
+    images: tuple | None = None  # the row's images (PIL, RGB), one per {"type": "image"} part of the prompt
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 from dpokit.errors import ConfigError
 from dpokit.models.files import check_model_files, check_vocabulary
 from dpokit.models.lora import adapter_base, load_adapter
+from dpokit.models.vision import is_vision_model, load_processor
+from dpokit.data.vision import attach_processor
 from dpokit.config import is_adapter_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -50,6 +52,10 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False, gguf_file: str
         raise ConfigError(f"the tokenizer of {path!r} has no EOS token; dpokit appends EOS to responses")
     if gguf_file is None:
         check_vocabulary(len(tokenizer), model_dir)
+    if is_vision_model(model_dir, trust_remote_code=trust_remote_code, gguf_file=gguf_file):
+        processor = load_processor(path, trust_remote_code=trust_remote_code)
+        tokenizer = processor.tokenizer  # the processor's own: its image tokens and padding side
+        attach_processor(tokenizer, processor)  # dpokit.data.vision tokenises image pairs with it
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -91,12 +97,18 @@ def load_model(path: str, *, dtype: str = "float32", trust_remote_code: bool = F
                gguf_file: str | None = None) -> PreTrainedModel:
     """Load a causal LM in `dtype`, in eval mode (dropout off): a model directory or hub name, or a PEFT adapter
     directory (its base model with the adapter). `bits` 4 or 8 quantizes the base with bitsandbytes. `gguf_file`
-    loads the weights from that GGUF file in the `path` directory, dequantised (transformers + the gguf package)."""
+    loads the weights from that GGUF file in the `path` directory, dequantised (transformers + the gguf package).
+    A vision-language model (its config has a ``vision_config``) loads with ``AutoModelForImageTextToText``."""
     check_model_files(path, gguf_file=gguf_file)
     if is_adapter_dir(path):
         base = load_model(adapter_base(path), dtype=dtype, trust_remote_code=trust_remote_code, bits=bits,
                           device=device)
         return load_adapter(base, path, trainable=trainable_adapter).eval()
+    if is_vision_model(path, trust_remote_code=trust_remote_code, gguf_file=gguf_file):
+        from transformers import AutoModelForImageTextToText
+
+        return _from_pretrained(AutoModelForImageTextToText, "a vision-language model", path, dtype=dtype,
+                                trust_remote_code=trust_remote_code, bits=bits, device=device, gguf_file=gguf_file)
     return _from_pretrained(AutoModelForCausalLM, "a causal language model", path, dtype=dtype,
                             trust_remote_code=trust_remote_code, bits=bits, device=device, gguf_file=gguf_file)
 

@@ -21,8 +21,10 @@ from torch import Tensor, nn
 
 from dpokit.models.attention import SEGMENTS, model_mask, sliding_window, uses_attention
 from dpokit.data.batching import Batch
+from dpokit.data.vision import has_vision
 from dpokit.errors import DpokitWarning
 from dpokit.models.last_layer import last_layer_only_at
+from dpokit.models.vision import multimodal_trunk
 from dpokit.data.tokenize import TokenizedExample
 
 # Config attributes of model families that transform logits after the output layer (soft-capping,
@@ -124,6 +126,8 @@ def supports_chunked_logits(model: nn.Module) -> bool:
 
 
 def _model_inputs(batch: Batch, model: nn.Module) -> dict:
+    if batch.vision is not None:  # a VLM computes its own positions (Qwen2-VL's multimodal rotary ones)
+        return dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **batch.vision)
     inputs = dict(input_ids=batch.input_ids, attention_mask=model_mask(batch, model),
                   position_ids=batch.position_ids, use_cache=False)
     if batch.spans is not None and uses_attention(model) == SEGMENTS:
@@ -135,8 +139,9 @@ def _read_hidden_states(model: nn.Module, batch: Batch, inputs: dict) -> Tensor:
     """The decoder's output at the positions that predict a target token, ``[targets, hidden]``; its last layer
     does its per-token work only there (dpokit.models.last_layer)."""
     rows, length = batch.input_ids.shape
+    trunk = multimodal_trunk(model) if batch.vision is not None else model.get_decoder()
     with last_layer_only_at(model, rows, length, batch.target_index):
-        hidden = model.get_decoder()(**inputs)[0]
+        hidden = trunk(**inputs)[0]
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_index)
 
 
@@ -217,6 +222,9 @@ def check_layout(scorer: nn.Module, examples: Sequence[TokenizedExample], layout
 
     if layout == "plain":
         return layout
+    if has_vision(examples[:1]):
+        _warn_once(f"examples with images take the plain layout (the {layout} layout is for text)")
+        return "plain"
     sample = list(examples[:4])
     window = sliding_window(scorer)
     crossing = window is not None and (max_length is None or max_length > window)

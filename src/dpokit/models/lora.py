@@ -48,6 +48,7 @@ class LoraOptions:
     modules_to_save: list[str] | None = None  # trained in full and saved with the adapter
     use_dora: bool = False
     use_rslora: bool = False
+    exclude_modules: str | None = None  # a regular expression of module names kept without LoRA (a VLM's vision tower)
 
 
 def _linear_names(model: nn.Module) -> list[str]:
@@ -73,7 +74,7 @@ def add_adapter(model: nn.Module, options: LoraOptions) -> nn.Module:
                               f"layers: {', '.join(_linear_names(model))})")
     config = LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
                         target_modules=targets, modules_to_save=options.modules_to_save, use_dora=options.use_dora,
-                        use_rslora=options.use_rslora, task_type="CAUSAL_LM")
+                        use_rslora=options.use_rslora, exclude_modules=options.exclude_modules, task_type="CAUSAL_LM")
     try:
         return get_peft_model(model, config)
     except ValueError as error:

@@ -14,6 +14,7 @@ from dpokit.errors import ConfigError
 from dpokit.models.fused_lora import fuse_lora_linears
 from dpokit.models.gated_mlp import keep_less_in_gated_mlps
 from dpokit.models.loading import load_model, load_tokenizer
+from dpokit.models.vision import freeze_vision_tower, lora_exclusions
 from dpokit.models.lora import LoraOptions, adapter_base, adapter_disabled, add_adapter, add_reference_adapter, merge_adapter, reference_adapter
 from dpokit.config import is_adapter_dir
 from dpokit.train.checkpoint import save_model_dir
@@ -50,11 +51,15 @@ def load_policy(config: TrainConfig, device: torch.device | str, *, with_referen
     else:  # checkpointing recomputes the whole layer anyway; this is exact, so it is not optional
         keep_less_in_gated_mlps(model)
     reference_state = None
+    if not config.train_vision_tower:  # a VLM's vision tower stays as it is (dpokit.models.vision)
+        freeze_vision_tower(model)
     if config.lora_r is not None:
         alpha = config.lora_alpha if config.lora_alpha is not None else 2 * config.lora_r
+        exclude = None if config.train_vision_tower else lora_exclusions(model)
         model = add_adapter(model, LoraOptions(config.lora_r, alpha, config.lora_dropout,
                                                _names(config.lora_target_modules), _names(config.lora_modules_to_save),
-                                               use_dora=config.use_dora, use_rslora=config.use_rslora))
+                                               use_dora=config.use_dora, use_rslora=config.use_rslora,
+                                               exclude_modules=exclude))
         reference_state = adapter_disabled if with_reference else None
     elif is_adapter_dir(config.model) and with_reference:
         add_reference_adapter(model, config.ref_adapter or config.model)

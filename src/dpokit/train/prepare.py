@@ -13,6 +13,8 @@ from dpokit.config import TrainConfig
 from dpokit.data import ColumnMap, load_completions, load_preferences, load_unpaired, split_eval
 from dpokit.data.checks import glued_boundary_warning
 from dpokit.data.tokenize import TokenizeConfig, TokenizedExample, tokenize_examples
+from dpokit.data.vision import check_modalities, processor_of, tokenize_vision_examples
+from dpokit.errors import ConfigError
 
 
 def _columns(config: TrainConfig) -> ColumnMap:
@@ -67,8 +69,11 @@ def prepare_data(config: TrainConfig, stage: str, tokenizer: PreTrainedTokenizer
     from dpokit.data.cache import open_cache
 
     settings = tokenize_config(config)
+    vision = processor_of(tokenizer) is not None
+    if vision and config.streaming:
+        raise ConfigError("--streaming is not supported with a vision-language model: images are read into memory")
     if use_cache is None:
-        use_cache = config.data_cache and stage != "kto"  # the cache does not keep labels
+        use_cache = config.data_cache and stage != "kto" and not vision  # the cache keeps neither labels nor images
     if cache_dir is None:
         cache_dir = config.data_cache_dir
     if config.streaming:
@@ -106,8 +111,11 @@ def _load_and_tokenize(config: TrainConfig, stage: str, tokenizer: PreTrainedTok
         log(line)
 
     records, eval_records = _load_records(config, stage, tokenizer, settings, say)
-    train_examples, train_report = tokenize_examples(records, tokenizer, settings, description="tokenising",
-                                                     sink=writer and writer.sink("train"))
+    check_modalities([*records, *eval_records], tokenizer, config.data)
+    # pairs with images through the processor (never cached: writer is None then)
+    tokenize = tokenize_vision_examples if processor_of(tokenizer) is not None else tokenize_examples
+    train_examples, train_report = tokenize(records, tokenizer, settings, description="tokenising",
+                                            sink=writer and writer.sink("train"))
     labels = kept_labels(records, train_examples) if stage == "kto" else None
     eval_labels = None
     del records
@@ -115,9 +123,8 @@ def _load_and_tokenize(config: TrainConfig, stage: str, tokenizer: PreTrainedTok
     eval_examples: list[TokenizedExample] = []
     reports = {"train": train_report}
     if eval_records:
-        eval_examples, reports["eval"] = tokenize_examples(eval_records, tokenizer, settings,
-                                                           description="tokenising eval",
-                                                           sink=writer and writer.sink("eval"))
+        eval_examples, reports["eval"] = tokenize(eval_records, tokenizer, settings, description="tokenising eval",
+                                                  sink=writer and writer.sink("eval"))
         say(f"tokenised eval data: {reports['eval'].summary()}")
         eval_labels = kept_labels(eval_records, eval_examples) if stage == "kto" else None
     del eval_records
