@@ -188,3 +188,24 @@ def test_dpo_trains_a_vlm_with_its_vision_tower_frozen(setup, family, tower, lor
     text_after = _tower(final, "language_model")
     assert any(not torch.equal(text_before[k], text_after[k]) for k in text_before), "the language model did not train"
     assert processor_of(load_tokenizer(str(final))) is not None  # the processor is saved with the model
+
+
+def test_train_vision_tower_trains_it(setup):
+    out = setup["root"] / "run-llava-tower"
+    assert main(["dpo", "--model", setup["llava/policy"], "--data", setup["data"], "--output", str(out),
+                 "--max-steps", "2", "--batch-size", "2", "--learning-rate", "1e-2", "--train-vision-tower"]) == 0
+    before, after = _tower(setup["llava/policy"], "vision_tower"), _tower(out / "final", "vision_tower")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_string_prompts_get_their_image_placeholders_as_in_trl(setup, tmp_path):
+    """A prompt of plain strings: one image part per image before the first user turn's text (TRL's
+    prepare_multimodal_messages); the same pair as the content-part form."""
+    row = {"images": [str(setup["root"] / "shape0.png")],
+           "prompt": [{"role": "system", "content": "answer briefly"}, {"role": "user", "content": "what colour"}],
+           "chosen": "red", "rejected": "blue"}
+    (tmp_path / "strings.jsonl").write_text(json.dumps(row) + "\n")
+    (pair,), _ = load_preferences(tmp_path / "strings.jsonl")
+    assert pair.prompt == [{"role": "system", "content": "answer briefly"},
+                           {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour"}]}]
+    assert len(pair.images) == 1 and pair.images[0].mode == "RGB"
