@@ -49,7 +49,7 @@ def _dpo(model: str, data: str, output: Path) -> list[str]:
             "--batch-size", "2", "--warmup-steps", "0"]
 
 
-@pytest.mark.parametrize("engine", ["ddp", "zero3"])
+@pytest.mark.parametrize("engine", ["ddp", "zero3", "zero3"])  # ZeRO-3 twice: its abort came in 1 of 3 to 6 runs
 def test_a_finished_run_exits_0_with_every_process_shut_down(engine, tiny_model_dir, sentiment_data, tmp_path):
     result = launch_cli(engine, _dpo(tiny_model_dir, sentiment_data["train"], tmp_path / "run"), tmp_path)
     log = result.stdout[-2000:] + result.stderr[-4000:]
