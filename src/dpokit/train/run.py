@@ -75,13 +75,12 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
 
 
 def end_processes() -> None:
-    """Leave a multi-process launch cleanly: destroy the process group (accelerate's
-    ``PartialState().destroy_process_group()``) while the interpreter is whole. Left to the interpreter's exit,
-    the group's threads and DeepSpeed's were torn down in no set order, and one rank of a ZeRO-3 run could abort
-    ("terminate called without an active exception", SIGABRT) after a run that had finished. Nothing to do
-    without a process group. The command line calls it when a command ends (after an error too: the other
-    processes then see this one's connections close and stop at once); a run started from Python (``train_dpo``
-    under ``accelerate launch``) has it called at exit, so that several runs can share one launch."""
+    """Leave a multi-process launch: destroy the process group (accelerate's ``PartialState().destroy_process_group()``),
+    so that the other processes see this one's connections close and stop at once. Nothing to do without a process
+    group. The command line calls it when a command ends, after an error too, and then exits without the
+    interpreter's teardown, in which a gloo worker thread could abort the process (dpokit.cli.main._exit_launched);
+    a run started from Python (``train_dpo`` under ``accelerate launch``) has it called at exit, so that several
+    runs can share one launch."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         PartialState().destroy_process_group()
 
