@@ -89,7 +89,8 @@ def _full_disk(monkeypatch, target: str, directory: str) -> None:
                             lambda self, path, **kw: (fail(path), save(self, path, **kw))[1])
     elif target == "trainer state":
         save = checkpoint.save_file
-        monkeypatch.setattr(checkpoint, "save_file", lambda tensors, path, **kw: (fail(path), save(tensors, path, **kw))[1])
+        monkeypatch.setattr(checkpoint, "save_file",
+                            lambda tensors, path, **kw: (fail(path), save(tensors, path, **kw))[1])
     else:
         write = checkpoint.write_manifest
         monkeypatch.setattr(checkpoint, "write_manifest", lambda path: (fail(path), write(path))[1])

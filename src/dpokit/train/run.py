@@ -75,8 +75,9 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
 
 
 def end_processes() -> None:
-    """Leave a multi-process launch: destroy the process group (accelerate's ``PartialState().destroy_process_group()``),
-    so that the other processes see this one's connections close and stop at once. Nothing to do without a process
+    """Leave a multi-process launch: destroy the process group (accelerate's
+    ``PartialState().destroy_process_group()``), so that the other processes see this one's connections close and
+    stop at once. Nothing to do without a process
     group. The command line calls it when a command ends, after an error too, and then exits without the
     interpreter's teardown, in which a gloo worker thread could abort the process (dpokit.cli.main._exit_launched);
     a run started from Python (``train_dpo`` under ``accelerate launch``) has it called at exit, so that several
