@@ -308,6 +308,34 @@ def run_child(script: str, spec: dict, work: Path, tag: str, env: dict, *, faile
     return dict(json.loads(out_path.read_text()), child_wall_seconds=seconds)
 
 
+# The parent of one measured process: its wall time from start to exit and its peak RSS (ru_maxrss of the
+# processes it waited for: the command, after any exec of itself, and the descendants that command waited for),
+# written to the file named by its first argument
+WHOLE = ("import json, resource, subprocess, sys, time; t = time.perf_counter(); r = subprocess.run(sys.argv[2:]); "
+         "s = time.perf_counter() - t; open(sys.argv[1], 'w').write(json.dumps({'seconds': s, 'returncode': "
+         "r.returncode, 'peak_rss_kib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss})); "
+         "sys.exit(r.returncode)")
+
+
+def whole_process(command: list[str], env: dict, log: Path | None = None, cwd: Path | None = None) -> dict:
+    """Run `command` as a whole process under a small parent of its own that measures it as a user's stopwatch and
+    `top` see it: {"seconds" (start to exit, the parent's own start excluded), "peak_rss_mib", "returncode",
+    "output"}; its stdout and stderr go to `log` (a path) or are captured, and either way end up in "output"."""
+    with tempfile.TemporaryDirectory(prefix="dpokit-whole-") as tmp:
+        measured = Path(tmp) / "measured.json"
+        handle = log.open("w") if log else None
+        try:
+            proc = subprocess.run([sys.executable, "-c", WHOLE, str(measured), *command], env=env, cwd=cwd,
+                                  stdout=handle or subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        finally:
+            if handle:
+                handle.close()
+        done = json.loads(measured.read_text()) if measured.exists() else {}
+    return {"seconds": done.get("seconds"), "returncode": done.get("returncode", proc.returncode),
+            "peak_rss_mib": done["peak_rss_kib"] / 1024 if done.get("peak_rss_kib") else None,
+            "output": log.read_text(errors="replace") if log else proc.stdout}
+
+
 def system_runner(script: str, systems: dict, base: dict, args, work: Path, failed: str = "raise"):
     """run(name, round_) for the rounds of a script whose systems are name -> (kind, options): system `name`'s
     child (:func:`run_child` of `script` with the spec `base` and its kind and options), in its environment."""

@@ -12,14 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _setup import build_tokenizer, quiet_environment, random_llama  # noqa: E402
+from _setup import build_tokenizer, quiet_environment, random_llama, whole_process  # noqa: E402
 
 WORDS = "the a film movie plot actor great good bad awful boring wonderful dull fun slow fast".split()
 
@@ -39,19 +37,12 @@ def write_data(path: Path, megabytes: int, seed: int = 0) -> None:
                 out.write('"}\n')
 
 
-PEAK = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
-        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(r.returncode)")
-
-
 def peak_of(command: list[str], env: dict) -> tuple[float, float, str]:
     """(peak RSS in MiB, seconds, its output) of one whole process, measured by a parent of its own."""
-    start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", PEAK, *command], env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if result.returncode != 0:
-        raise SystemExit(f"{' '.join(command[2:4])} failed:\n{result.stderr[-2000:]}")
-    *rest, peak = result.stderr.rstrip().splitlines()
-    return int(peak) / 1024, seconds, result.stdout + "\n".join(rest)
+    run = whole_process(command, env)
+    if run["returncode"] != 0:
+        raise SystemExit(f"{' '.join(command[2:4])} failed:\n{run['output'][-2000:]}")
+    return run["peak_rss_mib"], run["seconds"], run["output"]
 
 
 def main() -> None:
