@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
 from dpokit.config.options import FRACTION, POSITIVE, opt
+from dpokit.errors import ConfigError
 
 
 @dataclass
@@ -40,6 +42,32 @@ class LoraOptions:
     load_in_4bit: bool = opt(False, "QLoRA: load the frozen base in 4-bit NF4 (bitsandbytes); needs --lora-r or an "
                              "adapter --model")
     load_in_8bit: bool = opt(False, "load the frozen base in 8-bit (bitsandbytes); needs --lora-r or an adapter --model")
+
+    @property
+    def uses_lora(self) -> bool:
+        """Whether the model trained is a LoRA adapter (fresh, or loaded from an adapter directory)."""
+        return self.lora_r is not None or is_adapter_dir(self.model)
+
+    def check_lora(self) -> None:
+        """What the LoRA and quantization options need of each other, of --model and of --optimizer (a config
+        with these options also has ModelOptions' and OptimOptions')."""
+        adapter_model = is_adapter_dir(self.model)
+        if self.lora_r is not None and adapter_model:
+            raise ConfigError(f"--model {self.model} is already a LoRA adapter, which is trained further; "
+                              "--lora-r adds a fresh adapter to a full model")
+        if self.lora_r is None and not adapter_model:
+            for name in ("lora_alpha", "lora_target_modules", "lora_modules_to_save", "use_dora", "use_rslora"):
+                if getattr(self, name) not in (None, False):
+                    raise ConfigError(f"--{name.replace('_', '-')} needs --lora-r (or an adapter directory as --model)")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ConfigError("--load-in-4bit and --load-in-8bit exclude each other")
+        if (self.load_in_4bit or self.load_in_8bit) and self.lora_r is None and not adapter_model:
+            raise ConfigError("quantized weights cannot be trained directly: add --lora-r (QLoRA) or start from "
+                              "an adapter directory")
+        if (self.load_in_4bit or self.load_in_8bit or self.optimizer.endswith("8bit")) \
+                and importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError("--load-in-4bit/--load-in-8bit and 8-bit optimizers need bitsandbytes: "
+                              "pip install bitsandbytes")
 
 
 def is_adapter_dir(path: str | Path) -> bool:

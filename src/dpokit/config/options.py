@@ -83,15 +83,19 @@ def opt(default: Any, help: str, *, stages: tuple[str, ...] | None = None, choic
                                             "exclusive": exclusive})
 
 
-def same_as(cls: type, name: str, **changes: Any) -> Any:
+_KEEP = object()
+
+
+def same_as(cls: type, name: str, *, default: Any = _KEEP, **changes: Any) -> Any:
     """Option `name` of config class `cls`, declared again for another config that takes the same option: its
-    default and rules are the one declaration's; `changes` replace parts of its metadata (e.g. a help text that
-    words it for another command)."""
+    rules (and default, unless another command's own `default` is given) are the one declaration's; `changes`
+    replace parts of its metadata (e.g. a help text that words it for another command)."""
     original = {f.name: f for f in dataclasses.fields(cls)}[name]
     unknown = set(changes) - set(original.metadata)
     if unknown:
         raise TypeError(f"same_as({cls.__name__}, {name!r}): no such metadata: {', '.join(sorted(unknown))}")
-    return field(default=original.default, metadata={**original.metadata, **changes})
+    return field(default=original.default if default is _KEEP else default,
+                 metadata={**original.metadata, **changes})
 
 
 def positional(declared: dataclasses.Field) -> dataclasses.Field:

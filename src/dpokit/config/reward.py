@@ -9,23 +9,15 @@ fresh score head learns from the first step); their rules are the training optio
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from dpokit.config.data import DataOptions, TokenizeOptions
-from dpokit.config.model import LoraOptions, ModelOptions, is_adapter_dir
+from dpokit.config.model import LoraOptions, ModelOptions
 from dpokit.config.options import NON_NEGATIVE, Default, check_options, opt, same_as
 from dpokit.config.train import OptimOptions, RunOptions, RuntimeOptions
 from dpokit.errors import ConfigError
-
-
-def _default(cls: type, name: str, default: Any) -> Any:
-    """Option `name` of `cls` with another default (its help and rules are the one declaration's)."""
-    original = {f.name: f for f in dataclasses.fields(cls)}[name]
-    return dataclasses.field(default=default, metadata=original.metadata)
 
 
 @dataclass
@@ -34,9 +26,9 @@ class RewardConfig(RunOptions, OptimOptions, LoraOptions, TokenizeOptions, DataO
 
     model: str = same_as(ModelOptions, "model", help="model to start from: a causal LM directory or hub name (its "
                          "trunk, under a fresh one-output score head), a reward model, or a LoRA adapter of one")
-    lr: float = _default(OptimOptions, "lr", 1e-5)
-    optimizer: str = _default(OptimOptions, "optimizer", "adamw")
-    warmup_steps: int = _default(OptimOptions, "warmup_steps", Default(0))
+    lr: float = same_as(OptimOptions, "lr", default=1e-5)
+    optimizer: str = same_as(OptimOptions, "optimizer", default="adamw")
+    warmup_steps: int = same_as(OptimOptions, "warmup_steps", default=Default(0))
     layout: str = same_as(RuntimeOptions, "layout")
     attention: str = same_as(RuntimeOptions, "attention")
     forward_tokens: int | None = same_as(RuntimeOptions, "forward_tokens")
@@ -54,40 +46,9 @@ class RewardConfig(RunOptions, OptimOptions, LoraOptions, TokenizeOptions, DataO
         if self.warmup_ratio is not None and not self.is_default("warmup_steps"):
             raise ConfigError("--warmup-ratio and --warmup-steps exclude each other; give one")
         self.check_lengths()
-        self._check_lora()
+        self.check_lora()
         if self.margin_column is not None and self.streaming:
             raise ConfigError("--margin-column is not supported with --streaming: the margins are read with the rows")
-
-    def _check_lora(self) -> None:
-        adapter_model = is_adapter_dir(self.model)
-        if self.lora_r is not None and adapter_model:
-            raise ConfigError(f"--model {self.model} is already a LoRA adapter, which is trained further; "
-                              "--lora-r adds a fresh adapter to a full model")
-        if self.lora_r is None and not adapter_model:
-            for name in ("lora_alpha", "lora_target_modules", "lora_modules_to_save", "use_dora", "use_rslora"):
-                if getattr(self, name, None) not in (None, False):
-                    raise ConfigError(f"--{name.replace('_', '-')} needs --lora-r (or an adapter directory as --model)")
-        if self.load_in_4bit and self.load_in_8bit:
-            raise ConfigError("--load-in-4bit and --load-in-8bit exclude each other")
-        if (self.load_in_4bit or self.load_in_8bit) and self.lora_r is None and not adapter_model:
-            raise ConfigError("quantized weights cannot be trained directly: add --lora-r (QLoRA) or start from "
-                              "an adapter directory")
-        if self.load_in_4bit or self.load_in_8bit or self.optimizer.endswith("8bit"):
-            import importlib.util
-
-            if importlib.util.find_spec("bitsandbytes") is None:
-                raise ConfigError("--load-in-4bit/--load-in-8bit and 8-bit optimizers need bitsandbytes: "
-                                  "pip install bitsandbytes")
-
-    @property
-    def uses_lora(self) -> bool:
-        """Whether the reward model is a LoRA adapter (fresh, or loaded from an adapter directory)."""
-        return self.lora_r is not None or is_adapter_dir(self.model)
-
-    @property
-    def output_dir(self) -> Path:
-        """The output directory as a Path."""
-        return Path(self.output)
 
 
 def reward_model_dir(path: str | Path) -> Path:

@@ -75,6 +75,11 @@ class RunOptions:
     resume: bool = opt(False, "continue from the latest checkpoint in --output")
     save_final: bool = opt(True, "save the final model to OUTPUT/final")
 
+    @property
+    def output_dir(self) -> Path:
+        """The output directory as a Path."""
+        return Path(self.output)
+
 
 @dataclass
 class RuntimeOptions:
@@ -157,25 +162,8 @@ class TrainConfig(HubOptions, TrackingOptions, RunOptions, RuntimeOptions, Optim
         self.check_lengths()
 
     def _check_adapters(self) -> None:
+        self.check_lora()
         adapter_model = is_adapter_dir(self.model)
-        if self.lora_r is not None and adapter_model:
-            raise ConfigError(f"--model {self.model} is already a LoRA adapter, which is trained further; "
-                              "--lora-r adds a fresh adapter to a full model")
-        if self.lora_r is None and not adapter_model:
-            for flag in ("lora_alpha", "lora_target_modules", "lora_modules_to_save", "use_dora", "use_rslora"):
-                if getattr(self, flag) not in (None, False):
-                    raise ConfigError(f"--{flag.replace('_', '-')} needs --lora-r (or an adapter directory as --model)")
-        if self.load_in_4bit and self.load_in_8bit:
-            raise ConfigError("--load-in-4bit and --load-in-8bit exclude each other")
-        if (self.load_in_4bit or self.load_in_8bit) and self.lora_r is None and not adapter_model:
-            raise ConfigError("quantized weights cannot be trained directly: add --lora-r (QLoRA) or start from "
-                              "an adapter directory")
-        if self.load_in_4bit or self.load_in_8bit or self.optimizer.endswith("8bit"):
-            import importlib.util
-
-            if importlib.util.find_spec("bitsandbytes") is None:
-                raise ConfigError("--load-in-4bit/--load-in-8bit and 8-bit optimizers need bitsandbytes: "
-                                  "pip install bitsandbytes")
         if self.ref_adapter is not None:
             if not adapter_model:
                 raise ConfigError("--ref-adapter applies when --model is a LoRA adapter directory")
@@ -188,13 +176,4 @@ class TrainConfig(HubOptions, TrackingOptions, RunOptions, RuntimeOptions, Optim
             raise ConfigError("--ref-offload places a separate reference model; this run has none "
                               "(precomputed, reference-free, or the reference is inside the LoRA model)")
 
-    @property
-    def uses_lora(self) -> bool:
-        """Whether the policy is a LoRA adapter (fresh, or loaded from an adapter directory)."""
-        return self.lora_r is not None or is_adapter_dir(self.model)
-
-    @property
-    def output_dir(self) -> Path:
-        """The output directory as a Path."""
-        return Path(self.output)
 

@@ -26,6 +26,24 @@ def _names(text: str | None) -> list[str] | None:
     return [name.strip() for name in text.split(",") if name.strip()] if text else None
 
 
+def prepare_for_training(model: PreTrainedModel, *, quantized: bool, checkpointing: bool) -> None:
+    """Make a loaded model ready to train: a quantized base prepared for k-bit training (peft), and either
+    gradient checkpointing or the lean gated MLP (exact, so always on when checkpointing is off)."""
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    if checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    else:  # checkpointing recomputes the whole layer anyway; this is exact, so it is not optional
+        keep_less_in_gated_mlps(model)
+
+
 def load_policy(config: TrainConfig, device: torch.device | str, *, with_reference: bool = True
                 ) -> tuple[PreTrainedModel, ReferenceState | None]:
     """The model to train: full, with a fresh LoRA adapter, or an adapter directory trained further (base
@@ -37,19 +55,7 @@ def load_policy(config: TrainConfig, device: torch.device | str, *, with_referen
     dtype = config.dtype if config.uses_lora else "float32"
     model = load_model(config.model, dtype=dtype, trust_remote_code=config.trust_remote_code, bits=bits,
                        device=device, trainable_adapter=True, gguf_file=config.gguf_file)
-    if bits is not None:
-        from peft import prepare_model_for_kbit_training
-
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
-    if config.gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    else:  # checkpointing recomputes the whole layer anyway; this is exact, so it is not optional
-        keep_less_in_gated_mlps(model)
+    prepare_for_training(model, quantized=bits is not None, checkpointing=config.gradient_checkpointing)
     reference_state = None
     if not config.train_vision_tower:  # a VLM's vision tower stays as it is (dpokit.models.vision)
         freeze_vision_tower(model)

@@ -22,12 +22,12 @@ from dpokit.errors import ConfigError
 from dpokit.losses.objective import RewardObjective
 from dpokit.models.attention import choose_attention, set_attention
 from dpokit.models.fused_lora import fuse_lora_linears
-from dpokit.models.gated_mlp import keep_less_in_gated_mlps
 from dpokit.models.loading import load_reward_model, load_tokenizer
 from dpokit.runtime.memory import malloc_note, return_freed_blocks
 from dpokit.runtime.threads import apply_threads, model_width
 from dpokit.train.checkpoint import save_final
 from dpokit.train.engine import check_engine, engine_name, shards_parameters
+from dpokit.train.policy import prepare_for_training
 from dpokit.train.loop import make_plan, schedule_warnings, train
 from dpokit.train.prepare import PreparedData, prepare_data
 from dpokit.train.run import _claim, _prepare, _Run, fit_lengths, make_accelerator
@@ -61,19 +61,7 @@ def load_reward_policy(config: RewardConfig, device: torch.device | str, pad_tok
     dtype = config.dtype if config.uses_lora else "float32"  # full fine-tuning keeps float32 master weights
     model = load_reward_model(config.model, pad_token_id, dtype=dtype, trust_remote_code=config.trust_remote_code,
                               bits=bits, device=device, trainable_adapter=True, gguf_file=config.gguf_file)
-    if bits is not None:
-        from peft import prepare_model_for_kbit_training
-
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
-    if config.gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    else:
-        keep_less_in_gated_mlps(model)
+    prepare_for_training(model, quantized=bits is not None, checkpointing=config.gradient_checkpointing)
     if config.lora_r is not None:
         model = add_reward_adapter(model, config)
     if config.uses_lora:
