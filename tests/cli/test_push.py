@@ -30,11 +30,13 @@ def no_token(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
 
 
-@pytest.mark.parametrize("command", ["dpo", "sft", "push"])
+@pytest.mark.parametrize("command", ["dpo", "sft", "reward", "push"])
 def test_a_push_that_cannot_work_is_refused_before_anything_loads(command, no_token, tmp_path, capsys, monkeypatch):
+    import dpokit.train.reward
     import dpokit.train.run
 
     monkeypatch.setattr(dpokit.train.run, "load_policy", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(dpokit.train.reward, "load_reward_policy", lambda *a, **k: pytest.fail("a model was loaded"))
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "the film", "chosen": " great", "rejected": " awful"}\n' * 8)
     model = tmp_path / "model"

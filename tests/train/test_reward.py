@@ -24,6 +24,7 @@ from dpokit.models.attention import set_attention
 from dpokit.models.loading import load_reward_model
 from dpokit.models.rewards import sequence_rewards
 from helpers import WORDS, make_llama, make_tokenizer
+from test_card import hub_calls  # noqa: F401  (a fixture: HfApi's uploads recorded, not sent)
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +166,60 @@ def test_lora_reward_model_is_an_adapter_that_loads(base, tmp_path):
 
     with safe_open(str(final / "adapter_model.safetensors"), "pt") as saved:  # the head is saved with the adapter
         assert any(".score." in key for key in saved.keys()), list(saved.keys())
+
+
+def test_a_reward_run_reports_to_tensorboard_writes_its_card_and_pushes_final(base, tmp_path, hub_calls):
+    """--report-to, the model card and --push-to-hub are dpo's: the tracker has metrics.jsonl's loss at every step,
+    final/ has a reward model's card with the held-out accuracy, and final/ is what is uploaded."""
+    pytest.importorskip("tensorboard")
+    from huggingface_hub import ModelCard
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dpokit.train.metrics import read_metrics
+    from test_tracking import _losses
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", separable(24, margin=True))
+    out = tmp_path / "run"
+    assert main(["reward", "--model", str(base), "--data", data, "--output", str(out), "--eval-fraction", "0.25",
+                 "--max-steps", "3", "--eval-every", "2", "--batch-size", "4", "--lr", "1e-3", "--threads", "1",
+                 "--margin-column", "margin", "--report-to", "tensorboard", "--project", "rm", "--run-name", "tiny",
+                 "--push-to-hub", "user/reward-model"]) in (0, None)
+    rows = read_metrics(out / "metrics.jsonl")
+    events = EventAccumulator(str(out / "tensorboard" / "rm"))
+    events.Reload()
+    for split in ("train", "eval"):
+        logged = {e.step: e.value for e in events.Scalars(f"{split}/loss")}
+        assert logged == pytest.approx(_losses(rows, split), abs=1e-6) and logged
+    final = out / "final"
+    card = ModelCard.load(final / "README.md")
+    metrics = json.loads((final / "dpokit_metrics.json").read_text())
+    assert card.data.library_name == "transformers" and card.data.tags == ["reward-model", "dpokit"]
+    assert card.data.pipeline_tag == "text-classification"
+    record = card.data.dpokit
+    assert record["stage"] == "reward" and record["loss"] == {"loss": "bradley_terry", "margin_column": "margin"}
+    assert record["metrics"]["eval"]["accuracy"] == pytest.approx(metrics["accuracy"]) and record["steps"] == 3
+    assert "AutoModelForSequenceClassification" in card.text and "dpokit score --model user/reward-model" in card.text
+    assert [name for name, _, _ in hub_calls] == ["create_repo", "upload_folder"]
+    upload = hub_calls[-1][2]
+    assert upload["repo_id"] == "user/reward-model" and "README.md" in upload["files"]
+    assert "model.safetensors" in upload["files"]
+
+
+def test_a_resumed_reward_run_equals_an_uninterrupted_one(base, tmp_path):
+    """2 steps, then --resume to 4: the same weights and losses as 4 steps in one go."""
+    from safetensors.torch import load_file
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", separable(24))
+    args = ["reward", "--model", str(base), "--data", data, "--batch-size", "4", "--lr", "1e-3", "--threads", "1",
+            "--report-to", "none"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert main(args + ["--max-steps", "4", "--output", str(whole)]) in (0, None)
+    assert main(args + ["--max-steps", "2", "--output", str(parts)]) in (0, None)
+    assert main(args + ["--max-steps", "4", "--output", str(parts), "--resume"]) in (0, None)
+    a, b = (load_file(str(d / "final" / "model.safetensors")) for d in (whole, parts))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    losses = [{r["step"]: r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+               if r["split"] == "train"} for d in (whole, parts)]
+    assert losses[0] == losses[1] and sorted(losses[0]) == [1, 2, 3, 4]

@@ -2,7 +2,8 @@
 
 It is composed of the training pieces of dpokit.config.train where an option means the same (the model and its
 LoRA, the data and its tokenisation, the optimisation, the run directory, the runtime), plus the reward model's
-own: a per-pair margin column and the reward-centering coefficient (TRL's RewardConfig names). There is no loss,
+own: a per-pair margin column and the reward-centering coefficient (TRL's RewardConfig names). Its trackers
+(TrackingOptions) and Hub upload (HubOptions) are dpo's. There is no loss,
 β or reference. Three optimisation defaults are a reward model's, not DPO's (AdamW at 1e-5 without warm-up: a
 fresh score head learns from the first step); their rules are the training options'.
 """
@@ -14,14 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpokit.config.data import DataOptions, TokenizeOptions
+from dpokit.config.hub import HubOptions
 from dpokit.config.model import LoraOptions, ModelOptions
 from dpokit.config.options import NON_NEGATIVE, Default, check_options, opt, same_as
+from dpokit.config.tracking import TrackingOptions
 from dpokit.config.train import OptimOptions, RunOptions, RuntimeOptions
 from dpokit.errors import ConfigError
 
 
 @dataclass
-class RewardConfig(RunOptions, OptimOptions, LoraOptions, TokenizeOptions, DataOptions, ModelOptions):
+class RewardConfig(HubOptions, TrackingOptions, RunOptions, OptimOptions, LoraOptions, TokenizeOptions, DataOptions, ModelOptions):
     """Everything `dpokit reward` takes. Field names are YAML keys and (with dashes) flags."""
 
     model: str = same_as(ModelOptions, "model", help="model to start from: a causal LM directory or hub name (its "
@@ -35,6 +38,8 @@ class RewardConfig(RunOptions, OptimOptions, LoraOptions, TokenizeOptions, DataO
     gradient_checkpointing: bool = same_as(RuntimeOptions, "gradient_checkpointing")
     return_freed_memory: bool = same_as(RuntimeOptions, "return_freed_memory")
     threads: int | None = same_as(RuntimeOptions, "threads")
+    log_samples: int = same_as(TrackingOptions, "log_samples", default=0,
+                               help="not taken: a reward model generates no text, so no samples table is logged")
     margin_column: str | None = opt(None, "name of a column of per-pair margins m: the loss becomes "
                                     "−log σ(r_chosen − r_rejected − m) (TRL's margin; default: no margin)")
     center_rewards_coefficient: float | None = opt(None, "add this times the mean of (r_chosen + r_rejected)² to the "
@@ -49,6 +54,9 @@ class RewardConfig(RunOptions, OptimOptions, LoraOptions, TokenizeOptions, DataO
         self.check_lora()
         if self.margin_column is not None and self.streaming:
             raise ConfigError("--margin-column is not supported with --streaming: the margins are read with the rows")
+        if self.log_samples:
+            raise ConfigError("--log-samples: a reward model generates no text to sample")
+        self.check_tracking()  # a tracker asked for but not installed: before anything loads
 
 
 def reward_model_dir(path: str | Path) -> Path:

@@ -2,7 +2,8 @@
 
 It says what the model is (base model, full model or peft adapter), what it was trained on (data set names or
 files), how (stage, loss and its hyperparameters, the optimisation, steps and tokens or examples seen), how well
-(the last training metrics and the held-out ones), with which dpokit and torch, and how to load and sample it. Its
+(the last training metrics and the held-out ones), with which dpokit and torch, and how to load and sample it (a
+reward model's card: the Bradley–Terry loss with its margins and centering, and how to score with it). Its
 YAML metadata (``library_name``, ``tags``, ``base_model``, ``datasets``) is what the Hub reads; the numbers are also
 under the metadata key ``dpokit``, so that ``ModelCard.load(path).data.dpokit`` gives them back.
 """
@@ -19,6 +20,7 @@ from dpokit.config.options import options_of
 from dpokit.models.lora import adapter_base
 
 CARD = "README.md"
+REWARD_LOSS = "bradley_terry"  # the loss a `dpokit reward` card names
 # what a metrics.jsonl row holds besides the metrics of the model itself
 _BOOKKEEPING = {"split", "step", "lr", "tokens_per_second", "seconds_per_step", "epoch", "grad_norm"}
 
@@ -51,9 +53,19 @@ def last_train_metrics(metrics_file: str | Path) -> dict[str, float]:
     return rows[-1] if rows else {}
 
 
-def _hyperparameters(config: TrainConfig, stage: str) -> dict:
-    loss = {f.name: getattr(config, f.name) for f in options_of(LossOptions, "dpo" if stage != "sft" else "sft")
+def _loss_options(config: TrainConfig, stage: str) -> dict:
+    """The loss and its options: a reward model's Bradley–Terry loss with its margin column and reward centering,
+    or the loss options a dpo or sft run takes."""
+    if stage == "reward":
+        return {"loss": REWARD_LOSS} | {name: getattr(config, name) for name in ("margin_column",
+                                                                              "center_rewards_coefficient")
+                                        if getattr(config, name) is not None}
+    return {f.name: getattr(config, f.name) for f in options_of(LossOptions, "dpo" if stage != "sft" else "sft")
             if getattr(config, f.name) not in (None, False)}
+
+
+def _hyperparameters(config: TrainConfig, stage: str) -> dict:
+    loss = _loss_options(config, stage)
     optim = {name: getattr(config, name) for name in ("lr", "optimizer", "schedule", "warmup_steps", "warmup_ratio",
                                                       "batch_size", "grad_accum", "weight_decay", "max_grad_norm",
                                                       "max_length", "max_prompt_length", "dtype", "seed")
@@ -77,6 +89,16 @@ def _table(values: dict) -> str:
     return "| | |\n|---|---|\n" + rows
 
 
+def _reward_usage(where: str, adapter: bool) -> str:
+    auto = "AutoPeftModelForSequenceClassification" if adapter else "AutoModelForSequenceClassification"
+    code = (f"from {'peft' if adapter else 'transformers'} import {auto}\nfrom transformers import AutoTokenizer\n\n"
+            f'model = {auto}.from_pretrained("{where}")\ntokenizer = AutoTokenizer.from_pretrained("{where}")\n'
+            'inputs = tokenizer("Write a short review of a film. A fine film.", return_tensors="pt")\n'
+            "print(model(**inputs).logits[0, 0].item())  # the reward\n")
+    return (f"```bash\ndpokit score --model {where} --data responses.jsonl --output rewards.jsonl\n```\n\n"
+            f"```python\n{code}```\n\nAs a judge: `reward:{where}` (e.g. `dpokit winrate --judge reward:{where}`).\n")
+
+
 def _usage(config: TrainConfig, where: str, adapter: bool) -> str:
     generate = f'dpokit generate --model {where} --prompt "Write a short review of a film."'
     if adapter:
@@ -97,28 +119,32 @@ def _usage(config: TrainConfig, where: str, adapter: bool) -> str:
 
 def model_card(config: TrainConfig, stage: str, *, steps: int, examples: int, train_metrics: dict,
                eval_metrics: dict, tokens: int | None = None):
-    """The ModelCard of a run's final model (`stage`: "dpo", "kto" or "sft"; `examples`: training examples seen,
+    """The ModelCard of a run's final model (`stage`: "dpo", "kto", "sft" or "reward"; `examples`: training examples seen,
     `tokens` when the run counts them)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     adapter = config.uses_lora
     base = adapter_base(config.model) if config.lora_r is None and adapter else config.model
-    losses = config.loss.split(",") if stage != "sft" else ["sft"]
+    losses = [REWARD_LOSS] if stage == "reward" else config.loss.split(",") if stage != "sft" else ["sft"]
     data = [d for d in (config.data, config.eval_data) if d]
     train_metrics = {k: v for k, v in train_metrics.items() if k not in _BOOKKEEPING}
     seen = {"steps": steps, "examples": examples} | ({"tokens": tokens} if tokens is not None else {})
     record = {"stage": stage, "base_model": base, "data": config.data, "eval_data": config.eval_data,
               **seen, **_hyperparameters(config, stage), "metrics": {"train": train_metrics, "eval": eval_metrics},
               "versions": {"dpokit": _version("dpokit"), "torch": _version("torch")}}
-    kind = "dpo" if stage in ("dpo", "kto") else "sft"
+    kind = "dpo" if stage in ("dpo", "kto") else stage
+    tags = ["reward-model", "dpokit"] if stage == "reward" else [kind, *losses, "dpokit"]
     card_data = ModelCardData(
         base_model=base if _hub_id(base) else None, library_name="peft" if adapter else "transformers",
-        datasets=[d for d in data if _hub_id(d)] or None, pipeline_tag="text-generation",
-        tags=list(dict.fromkeys([kind, *losses, "dpokit"] + (["lora"] if adapter else []))), dpokit=record)
+        datasets=[d for d in data if _hub_id(d)] or None,
+        pipeline_tag="text-classification" if stage == "reward" else "text-generation",
+        tags=list(dict.fromkeys(tags + (["lora"] if adapter else []))), dpokit=record)
     where = config.push_to_hub or str(config.output_dir / "final")
     what = "a LoRA adapter (peft)" + (" with DoRA" if config.use_dora else "") if adapter else "a full model"
+    how = (f"trained from `{base}` as a Bradley–Terry reward model (a one-output sequence classifier)"
+           if stage == "reward" else f"fine-tuned from `{base}` with {kind.upper()}")
     body = (f"# {config.push_to_hub or config.output_dir.name}\n\n"
-            f"{what[0].upper() + what[1:]} fine-tuned from `{base}` with {kind.upper()} (loss {', '.join(losses)}) by "
+            f"{what[0].upper() + what[1:]} {how} (loss {', '.join(losses)}) by "
             f"[dpokit](https://pypi.org/project/dpokit/).\n\n"
             f"## Training\n\n- data: {', '.join(f'`{d}`' for d in data)}\n"
             f"- {steps} optimizer steps, {examples} training examples seen"
@@ -128,7 +154,7 @@ def model_card(config: TrainConfig, stage: str, *, steps: int, examples: int, tr
             f"## Metrics\n\nLast training step:\n\n{_table(train_metrics)}\n"
             f"Held-out{' (' + Path(config.eval_data).name + ')' if config.eval_data else ''}:\n\n"
             f"{_table(eval_metrics) if eval_metrics else '(no held-out data)' + chr(10)}\n"
-            f"## Use\n\n{_usage(config, where, adapter)}")
+            f"## Use\n\n{_reward_usage(where, adapter) if stage == 'reward' else _usage(config, where, adapter)}")
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
 
 

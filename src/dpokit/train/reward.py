@@ -4,13 +4,11 @@ The reward model is ``AutoModelForSequenceClassification`` with one output (dpok
 a causal LM's trunk under a fresh score head, a reward model, or a LoRA adapter of one, its base quantized for
 QLoRA). The data, its formats and caches, the engines, checkpoints, resume and the run directory are dpo's; the
 engine-wrapped Scorer gives each sequence's reward (dpokit.models.rewards) and the objective is
-dpokit.losses.objective.RewardObjective. The final model in OUTPUT/final is a reward model directory (or its
+dpokit.losses.objective.RewardObjective. The trackers (--report-to), the model card and --push-to-hub are dpo's. The final model in OUTPUT/final is a reward model directory (or its
 adapter) that `dpokit score --model`, the ``reward:PATH`` judge and ``AutoModelForSequenceClassification`` load.
 """
 
 from __future__ import annotations
-
-import json
 
 import torch
 from transformers import PreTrainedModel
@@ -25,12 +23,11 @@ from dpokit.models.fused_lora import fuse_lora_linears
 from dpokit.models.loading import load_reward_model, load_tokenizer
 from dpokit.runtime.memory import malloc_note, return_freed_blocks
 from dpokit.runtime.threads import apply_threads, model_width
-from dpokit.train.checkpoint import save_final
 from dpokit.train.engine import check_engine, engine_name, shards_parameters
 from dpokit.train.policy import prepare_for_training
 from dpokit.train.loop import make_plan, schedule_warnings, train
 from dpokit.train.prepare import PreparedData, prepare_data
-from dpokit.train.run import _claim, _prepare, _Run, fit_lengths, make_accelerator
+from dpokit.train.run import _claim, _prepare, _run, _Run, fit_lengths, make_accelerator
 
 
 def _names(text: str | None) -> list[str]:
@@ -94,7 +91,7 @@ def _start(given: RewardConfig) -> _Run:
     set_attention(model, choose_attention(config.attention, accelerator.device, config.layout))
     apply_threads(config.threads, width=model_width(model), device=accelerator.device, log=log)
     return _Run(accelerator=accelerator, log=log, tokenizer=tokenizer, data=data, model=model,
-                reference_state=None, config=config, resolved=resolved)
+                reference_state=None, config=config, resolved=resolved, stage="reward")
 
 
 def objectives(config: RewardConfig, data: PreparedData) -> tuple[RewardObjective, RewardObjective | None]:
@@ -115,18 +112,12 @@ def objectives(config: RewardConfig, data: PreparedData) -> tuple[RewardObjectiv
 
 def train_reward(config: RewardConfig) -> dict[str, float]:
     """Train a reward model on `config.data`; returns the final evaluation metrics (loss, accuracy, margin,
-    rewards/chosen, rewards/rejected on the held-out pairs)."""
+    rewards/chosen, rewards/rejected on the held-out pairs). The trackers, the final model with its card and the
+    Hub upload are dpo's (dpokit.train.run._run)."""
     check_train_inputs(config)
+    config.check_hub()
     with _claim(config):
         run = _start(config)
         engine = _prepare(run, config, True)
         objective, eval_objective = objectives(run.config, run.data)
-        config = run.config
-        metrics = train(engine, run.tokenizer, objective, run.data.train, run.data.eval, config,
-                        eval_objective=eval_objective)
-        if config.save_final:
-            final = save_final(config.output_dir / "final", engine, run.tokenizer,
-                               lambda tmp: (tmp / "dpokit_metrics.json").write_text(json.dumps(metrics, indent=1)))
-            run.log(f"saved the trained reward {'adapter' if config.uses_lora else 'model'} to {final}")
-        run.accelerator.wait_for_everyone()
-        return metrics
+        return _run(run, engine, objective, eval_objective)

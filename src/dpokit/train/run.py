@@ -1,5 +1,6 @@
 """A training run wired together: accelerator, tokenizer, data, policy, reference, engine, loop and final model,
-for `dpokit dpo` (train_dpo), `dpokit sft` (train_sft) and any reference-free objective (train_objective).
+for `dpokit dpo` (train_dpo), `dpokit sft` (train_sft) and any reference-free objective (train_objective); the
+end of a run (trackers, loop, final model with its card, Hub upload: _run) is `dpokit reward`'s too.
 
 The user's TrainConfig is never changed: what the run derives (lengths fitted to the model, the batch layout the
 model supports) is a :class:`dpokit.config.resolved.Resolved`, applied to a copy of the config for the code that
@@ -109,7 +110,7 @@ class _Run:
     reference_state: ReferenceState | None
     config: TrainConfig
     resolved: Resolved
-    stage: str = "dpo"  # dpo, kto or sft: what the model card says
+    stage: str = "dpo"  # dpo, kto, sft or reward: what the model card says
 
 
 def _start(given: TrainConfig, stage: str) -> _Run:
@@ -290,7 +291,8 @@ def _run(run: _Run, engine: Engine, objective, eval_objective) -> dict[str, floa
         tracking.finish()
     if config.save_final:
         final = save_final(config.output_dir / "final", engine, run.tokenizer, _final_files(run, engine, metrics))
-        run.log(f"saved the trained {'adapter' if config.uses_lora else 'model'} to {final}")
+        what = ("reward " if run.stage == "reward" else "") + ("adapter" if config.uses_lora else "model")
+        run.log(f"saved the trained {what} to {final}")
     run.accelerator.wait_for_everyone()
     if config.push_to_hub and run.accelerator.is_main_process:  # after the barrier: a failed push stops no peer
         final = config.output_dir / "final"

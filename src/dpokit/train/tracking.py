@@ -24,7 +24,7 @@ from accelerate.utils import ProjectConfiguration
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from dpokit.config import TrainConfig
-from dpokit.config.tracking import TABLE_TRACKERS
+from dpokit.config.tracking import TABLE_TRACKERS, TrackingOptions
 from dpokit.data.chat import end_of_turn_id
 from dpokit.data.tokenize import TokenizedExample
 
@@ -33,9 +33,10 @@ COLUMNS = ["step", "prompt", "sample"]
 
 
 def accelerator_options(config) -> dict:
-    """The Accelerator arguments that set up `config`'s trackers: none for a config without tracking options
-    (dpokit eval's) or with no tracker. TensorBoard writes under OUTPUT/tensorboard/PROJECT."""
-    trackers = config.trackers() if isinstance(config, TrainConfig) else ()
+    """The Accelerator arguments that set up `config`'s trackers (a TrainConfig or a RewardConfig): none for a
+    config without tracking options (dpokit eval's) or with no tracker. TensorBoard writes under
+    OUTPUT/tensorboard/PROJECT."""
+    trackers = config.trackers() if isinstance(config, TrackingOptions) else ()
     if not trackers:
         return {}
     output = Path(config.output)
