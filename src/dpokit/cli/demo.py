@@ -13,9 +13,12 @@ from dpokit.data.validation import check_model_spec
 
 def checked_config(args: argparse.Namespace) -> Any:
     """The config of a parsed `dpokit demo` or `dpokit iterate` line, its ``--model`` (when given) checked to exist."""
+    from dpokit.cli.vision import refuse_vision_model
+
     config = config_from_args(args)
     if config.model is not None:
         check_model_spec("--model", config.model)
+        refuse_vision_model(args.command, "--model", config.model)
     return config
 
 

@@ -101,8 +101,12 @@ def run_scoring(args: argparse.Namespace, read: Callable[..., list],
                 output_rows: Callable[[list, list], Iterable[dict]]) -> None:
     """The body of `dpokit score` and `dpokit rank`: check the options, read --data with `read`
     (dpokit.data.responses), score every response and write the rows `output_rows(rows, results)` makes."""
+    from dpokit.cli.vision import refuse_vision_model
+
     config = config_from_args(args)
     check_inputs(config)
+    refuse_vision_model(args.command, "--model", config.model, gguf_file=getattr(config, "gguf_file", None))
+    refuse_vision_model(args.command, "--ref-model", config.ref_model)
     log = logger(config)
     rows = read(config.data, split=config.split)
     results = score_rows(config, rows, log)

@@ -32,7 +32,7 @@ def read_winrate_prompts(path: str) -> tuple[list, list[str], int]:
     (``FILE:LINE``), and the number of blank lines skipped. An empty prompt is an error naming its line."""
     from dpokit.data.prompts import read_prompts
 
-    prompts = read_prompts(path)
+    prompts = read_prompts(path, command="winrate")
     lines = Path(path).read_text(encoding="utf-8").splitlines()
     numbers = [n for n, line in enumerate(lines, start=1) if line.strip()]  # read_prompts: one per such line
     names = [f"{path}:{n}" for n in numbers]
@@ -56,6 +56,10 @@ def _run(args: argparse.Namespace) -> None:
     config: WinrateConfig = config_from_args(args)
     check_model_spec("--model", config.model)
     check_model_spec("--baseline", config.baseline)
+    from dpokit.cli.vision import refuse_vision_model
+
+    refuse_vision_model("winrate", "--model", config.model)
+    refuse_vision_model("winrate", "--baseline", config.baseline)
     from dpokit.judges.pairwise import read_template
 
     template = read_template(config.judge_template) if config.judge_template else None

@@ -20,6 +20,15 @@ from typing import Any
 from dpokit.errors import DataError
 
 IMAGE_PART = {"type": "image"}
+SUPPORTED = ("images are supported by dpokit dpo and dpokit eval (preference data with an 'images' column) and by "
+             "dpokit generate (--image, or 'images' in --prompts objects)")
+
+
+def refuse_images(row: dict, prov: str, command: str, column: str = "images") -> None:
+    """A DataError when `row` has images in `column`, which `dpokit command` does not handle yet."""
+    if row.get(column):
+        raise DataError(f"{prov}: field {column!r} holds images, which dpokit {command} does not handle yet; "
+                        f"{SUPPORTED}")
 
 
 def _open(data: Any, where: str, prov: str, base_dir: str | None):

@@ -6,7 +6,9 @@ of messages, or an object with a ``prompt`` (string or messages) or ``messages``
 `dpokit generate` can be read back; any other file holds one plain-text prompt per non-blank line. Messages are
 checked like conversational data (roles, string contents), and errors name the file and line. An object may carry
 ``tools`` (tool schemas, as a data set's tools column): its prompt becomes a :class:`ToolPrompt` (a plain-text
-prompt as one user turn), rendered with the tools by the chat template.
+prompt as one user turn), rendered with the tools by the chat template. For `dpokit generate` an object may carry
+``images`` (paths relative to the file's directory): its prompt becomes an :class:`ImagePrompt`; other commands
+refuse them in one line.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Union
 
 from dpokit.data.chat import user_turn
 from dpokit.data.messages import read_tools
-from dpokit.data.records import ToolPrompt
+from dpokit.data.images import read_images, refuse_images, with_placeholders
+from dpokit.data.records import ImagePrompt, ToolPrompt
 from dpokit.errors import ConfigError, DataError
 
 Prompt = Union[str, list[dict]]  # plain text, or chat messages
@@ -40,11 +43,26 @@ def parse_prompt(text: str, where: str = "--prompt") -> Prompt:
     return text
 
 
-def _prompt_of_line(value, where: str) -> Prompt:
+def with_images(prompt: Prompt, given: list, where: str, base_dir: str | None, name: str = "images") -> Prompt:
+    """`prompt` with the images `given` (paths relative to `base_dir`, or absolute): an ImagePrompt whose messages
+    hold one image part per image (put before the first user turn's text when they hold none, as for data)."""
+    images = read_images(given, name, where, base_dir)
+    if not images:
+        return prompt
+    messages = user_turn(prompt) if isinstance(prompt, str) else list(prompt)
+    messages = with_placeholders(messages, images, "prompt", where, name)
+    return ImagePrompt(messages, images, list(given) if isinstance(given, (list, tuple)) else [given],
+                       getattr(prompt, "tools", None))
+
+
+def _prompt_of_line(value, where: str, base_dir: str | None = None) -> Prompt:
     if isinstance(value, str):
         return value
     if isinstance(value, list):
         return _messages(value, where)
+    if isinstance(value, dict) and value.get("images") and base_dir is not None:
+        return with_images(_prompt_of_line({k: v for k, v in value.items() if k != "images"}, where), value["images"],
+                           where, base_dir)
     if isinstance(value, dict):
         prompt = None
         if "messages" in value:
@@ -58,12 +76,14 @@ def _prompt_of_line(value, where: str) -> Prompt:
                     f"'messages' field; got {json.dumps(value)[:60]}")
 
 
-def read_prompts(path: str | Path) -> list[Prompt]:
+def read_prompts(path: str | Path, *, images: bool = False, command: str = "generate") -> list[Prompt]:
     """The prompts of a `--prompts` file.
 
     ``.jsonl``: one JSON value per non-blank line: a string (plain text), a list of messages, or an object with
     a ``prompt`` (string or messages) or ``messages`` field (so `dpokit generate --jsonl` output can be read
-    back), and optionally ``tools``. Any other file: one plain-text prompt per non-blank line. Errors name the file and line.
+    back), and optionally ``tools`` and (with `images`; else a DataError naming `command`) ``images``: a list of
+    image paths relative to the file's directory, giving an ImagePrompt. Any other file: one plain-text prompt per
+    non-blank line. Errors name the file and line.
     """
     path = Path(path)
     if not path.is_file():
@@ -81,7 +101,9 @@ def read_prompts(path: str | Path) -> list[Prompt]:
             value = json.loads(line)
         except json.JSONDecodeError as error:
             raise DataError(f"{where}: not valid JSON ({error.msg})") from None
-        prompts.append(_prompt_of_line(value, where))
+        if isinstance(value, dict) and not images:
+            refuse_images(value, where, command)
+        prompts.append(_prompt_of_line(value, where, str(path.resolve().parent)))
     if not prompts:
         raise DataError(f"{path}: no prompts (the file is empty)")
     return prompts

@@ -52,6 +52,22 @@ class ToolPrompt(list):
         self.tools = tools
 
 
+class ImagePrompt(ToolPrompt):
+    """Chat messages with images (``dpokit generate --image``, or an ``images`` list in a --prompts object): one
+    ``{"type": "image"}`` content part per image of `images` (PIL, RGB), in order; `given` holds the images as the
+    user named them (paths), for the output."""
+
+    def __init__(self, messages, images: tuple, given: list | None = None, tools: list[dict] | None = None):
+        super().__init__(messages, tools)
+        self.images = images
+        self.given = given
+
+
+def images_of(prompt) -> tuple | None:
+    """The images of a prompt (an ImagePrompt's), or None."""
+    return getattr(prompt, "images", None)
+
+
 def tools_of(prompt) -> list[dict] | None:
     """The tools a prompt is offered (a ToolPrompt's), or None."""
     return getattr(prompt, "tools", None)

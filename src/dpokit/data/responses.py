@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dpokit.data.formats import ColumnMap, _prompt, _response, _type_name
+from dpokit.data.images import refuse_images
 from dpokit.data.records import Text
 from dpokit.data.sources import read_rows
 from dpokit.errors import DataError
@@ -44,6 +45,7 @@ def _prompted_rows(spec: str | os.PathLike, split: str, prompt_column: str, fmt:
     count = 0
     for row, prov in read_rows(spec, split):
         count += 1
+        refuse_images(row, prov, fmt)  # fmt: "score" or "rank", the command
         yield row, prov, _prompt(row, prov, columns, conversational=None, fmt=fmt)
     if count == 0:
         raise DataError(f"{os.fspath(spec)}: the data set has no rows")

@@ -67,9 +67,9 @@ def is_complete(directory: Path) -> bool:
 
 def split_prompts(config: IterateConfig) -> tuple[list[Prompt], list[Prompt]]:
     """The training and held-out prompts: --eval-prompts, else --eval-fraction of --prompts (seeded)."""
-    prompts = read_prompts(config.prompts)
+    prompts = read_prompts(config.prompts, command="iterate")
     if config.eval_prompts is not None:
-        return prompts, read_prompts(config.eval_prompts)
+        return prompts, read_prompts(config.eval_prompts, command="iterate")
     from dpokit.data import split_eval
 
     return split_eval(prompts, config.eval_fraction, config.seed)

@@ -1,0 +1,85 @@
+"""Images beyond dpo and eval (docs/vision.md): the commands that do not handle them yet refuse a vision-language
+model or data with images in one line naming the flag or the file and row; `dpokit generate` samples from a VLM
+with --image and with images in --prompts objects, seeded, and a text model given --image is a one-line error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dpokit.cli.main import main
+from helpers import make_llama, make_tokenizer
+from vlm_helpers import COLOURS, make_llava, shape_image
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("vision_commands")
+    for colour in COLOURS:
+        shape_image(colour).save(root / f"{colour}.png")
+    pairs = root / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"images": [f"{c}.png"], "prompt": [{"role": "user", "content": "colour?"}],
+                                         "chosen": [{"role": "assistant", "content": c}],
+                                         "rejected": [{"role": "assistant", "content": "none"}]}) + "\n"
+                             for c in COLOURS))
+    llama = root / "llama"
+    tokenizer = make_tokenizer(chat_template="llama3")
+    make_llama(vocab_size=len(tokenizer)).save_pretrained(llama)
+    tokenizer.save_pretrained(llama)
+    yield {"root": root, "pairs": str(pairs), "vlm": make_llava(root / "llava", seed=1), "llama": str(llama)}
+    torch.set_num_threads(threads)
+
+
+def _error_line(args: list[str], capsys) -> str:
+    capsys.readouterr()
+    assert main(args) != 0
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_score_refuses_a_vlm_and_rows_with_images(setup, tmp_path, capsys):
+    responses = tmp_path / "responses.jsonl"
+    responses.write_text(json.dumps({"prompt": "hi", "response": "yes"}) + "\n"
+                         + json.dumps({"images": ["red.png"], "prompt": "colour?", "response": "red"}) + "\n")
+    line = _error_line(["score", "--model", setup["vlm"], "--ref-model", setup["vlm"], "--data", str(responses),
+                        "--output", "-"], capsys)
+    assert "--model" in line and "vision-language model" in line and "dpokit score" in line and "dpokit dpo" in line
+    line = _error_line(["score", "--model", setup["llama"], "--ref-model", setup["llama"], "--data",
+                        str(responses), "--output", "-"], capsys)
+    assert "responses.jsonl:2" in line and "'images'" in line and "dpokit score" in line and "dpokit eval" in line
+    line = _error_line(["rank", "--model", setup["llama"], "--ref-model", setup["vlm"], "--data", str(responses),
+                        "--output", "-"], capsys)
+    assert "--ref-model" in line and "dpokit rank" in line
+
+
+def test_reward_refuses_a_vlm_and_pairs_with_images(setup, tmp_path, capsys):
+    line = _error_line(["reward", "--model", setup["vlm"], "--data", setup["pairs"], "--output",
+                        str(tmp_path / "r")], capsys)
+    assert "--model" in line and "vision-language model" in line and "dpokit reward" in line
+    line = _error_line(["reward", "--model", setup["llama"], "--data", setup["pairs"], "--output",
+                        str(tmp_path / "r")], capsys)
+    assert "pairs.jsonl:1" in line and "'images'" in line and "dpokit reward" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_winrate_iterate_and_demo_refuse_images(setup, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps("hi") + "\n" + json.dumps({"prompt": "colour?", "images": ["red.png"]}) + "\n")
+    line = _error_line(["winrate", "--model", setup["vlm"], "--baseline", setup["llama"], "--prompts", str(prompts),
+                        "--judge", "vader"], capsys)
+    assert "--model" in line and "dpokit winrate" in line
+    line = _error_line(["winrate", "--model", setup["llama"], "--baseline", setup["llama"], "--prompts",
+                        str(prompts), "--judge", "vader"], capsys)
+    assert "prompts.jsonl:2" in line and "'images'" in line and "dpokit winrate" in line
+    line = _error_line(["iterate", "--model", setup["llama"], "--prompts", str(prompts), "--output",
+                        str(tmp_path / "it")], capsys)
+    assert "prompts.jsonl:2" in line and "dpokit iterate" in line
+    line = _error_line(["demo", "--model", setup["vlm"], "--output", str(tmp_path / "demo")], capsys)
+    assert "--model" in line and "dpokit demo" in line
