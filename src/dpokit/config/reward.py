@@ -24,7 +24,8 @@ from dpokit.errors import ConfigError
 
 
 @dataclass
-class RewardConfig(HubOptions, TrackingOptions, RunOptions, OptimOptions, LoraOptions, TokenizeOptions, DataOptions, ModelOptions):
+class RewardConfig(HubOptions, TrackingOptions, RunOptions, OptimOptions, LoraOptions, TokenizeOptions, DataOptions,
+                   ModelOptions):
     """Everything `dpokit reward` takes. Field names are YAML keys and (with dashes) flags."""
 
     model: str = same_as(ModelOptions, "model", help="model to start from: a causal LM directory or hub name (its "

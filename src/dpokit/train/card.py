@@ -119,8 +119,8 @@ def _usage(config: TrainConfig, where: str, adapter: bool) -> str:
 
 def model_card(config: TrainConfig, stage: str, *, steps: int, examples: int, train_metrics: dict,
                eval_metrics: dict, tokens: int | None = None):
-    """The ModelCard of a run's final model (`stage`: "dpo", "kto", "sft" or "reward"; `examples`: training examples seen,
-    `tokens` when the run counts them)."""
+    """The ModelCard of a run's final model (`stage`: "dpo", "kto", "sft" or "reward"; `examples`: training
+    examples seen, `tokens` when the run counts them)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     adapter = config.uses_lora

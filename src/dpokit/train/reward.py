@@ -2,10 +2,11 @@
 
 The reward model is ``AutoModelForSequenceClassification`` with one output (dpokit.models.loading.load_reward_model:
 a causal LM's trunk under a fresh score head, a reward model, or a LoRA adapter of one, its base quantized for
-QLoRA). The data, its formats and caches, the engines, checkpoints, resume and the run directory are dpo's; the
-engine-wrapped Scorer gives each sequence's reward (dpokit.models.rewards) and the objective is
-dpokit.losses.objective.RewardObjective. The trackers (--report-to), the model card and --push-to-hub are dpo's. The final model in OUTPUT/final is a reward model directory (or its
-adapter) that `dpokit score --model`, the ``reward:PATH`` judge and ``AutoModelForSequenceClassification`` load.
+QLoRA). The data, its formats and caches, the engines, checkpoints, resume, the run directory, the trackers
+(--report-to), the model card and --push-to-hub are dpo's; the engine-wrapped Scorer gives each sequence's reward
+(dpokit.models.rewards) and the objective is dpokit.losses.objective.RewardObjective. The final model in
+OUTPUT/final (with a reward model's card, dpokit.train.card) is a reward model directory (or its adapter) that
+`dpokit score --model`, the ``reward:PATH`` judge and ``AutoModelForSequenceClassification`` load.
 """
 
 from __future__ import annotations
