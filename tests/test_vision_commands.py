@@ -83,3 +83,38 @@ def test_winrate_iterate_and_demo_refuse_images(setup, tmp_path, capsys):
     assert "prompts.jsonl:2" in line and "dpokit iterate" in line
     line = _error_line(["demo", "--model", setup["vlm"], "--output", str(tmp_path / "demo")], capsys)
     assert "--model" in line and "dpokit demo" in line
+
+
+def _generate(args: list[str], capsys) -> list[dict]:
+    capsys.readouterr()
+    assert main(["generate", *args, "--max-new-tokens", "6"]) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+
+
+def test_generate_samples_from_a_vlm_with_images_seeded(setup, capsys, monkeypatch):
+    monkeypatch.chdir(setup["root"])
+    args = ["--model", setup["vlm"], "--prompt", "what colour is the square?", "--image", "red.png",
+            "--num-samples", "2", "--seed", "3"]
+    first = _generate(args, capsys)
+    assert _generate(args, capsys) == first  # the same seed, the same samples
+    assert len(first) == 2 and first[0]["images"] == ["red.png"]
+    assert first[0]["prompt"][0]["content"][0] == {"type": "image"}
+    assert all(isinstance(s["completion"], str) and s["completion"] for s in first)
+    assert _generate([*args[:-1], "4"], capsys) != first  # another seed, other samples (random tiny model)
+    prompts = setup["root"] / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "colour?", "images": ["blue.png"]}) + "\n"
+                       + json.dumps({"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                                                              {"type": "text", "text": "same?"}]}],
+                                     "images": ["red.png", "green.png"]}) + "\n" + json.dumps("no image") + "\n")
+    rows = _generate(["--model", setup["vlm"], "--prompts", str(prompts), "--temperature", "0"], capsys)
+    assert [r.get("images") for r in rows] == [["blue.png"], ["red.png", "green.png"], None]
+    assert rows == _generate(["--model", setup["vlm"], "--prompts", str(prompts), "--temperature", "0"], capsys)
+
+
+def test_generate_refuses_images_for_a_text_model_in_one_line(setup, capsys, monkeypatch):
+    monkeypatch.chdir(setup["root"])
+    line = _error_line(["generate", "--model", setup["llama"], "--prompt", "colour?", "--image", "red.png"], capsys)
+    assert "prompt 1 has images" in line and "text-only model" in line
+    line = _error_line(["generate", "--model", setup["vlm"], "--prompt", "colour?", "--image", "nowhere.png"],
+                       capsys)
+    assert "nowhere.png" in line and "not found" in line

@@ -45,6 +45,10 @@ def add_options(parser: argparse.ArgumentParser, cls: type, command: str, stage:
             target.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
             continue
+        if meta.get("repeat"):  # given once per value: --image a.png --image b.png
+            target.add_argument(*names, dest=f.name, action="append", default=argparse.SUPPRESS,
+                                metavar=meta["metavar"] or f.name.upper(), help=help_text)
+            continue
         target.add_argument(*names, dest=f.name, type=value_kind(f), choices=meta["choices"],
                             default=argparse.SUPPRESS, required=meta["required"] and target is parser,
                             metavar=meta["metavar"] or (None if meta["choices"] else f.name.upper()), help=help_text)

@@ -69,6 +69,9 @@ class GenerateConfig:
                               "per line", exclusive="prompts", required=True, metavar="FILE")
     gguf_file: str | None = same_as(ModelOptions, "gguf_file", help="load --model from this GGUF file in the --model "
                                     "directory (dequantised)")
+    image: list[str] | None = opt(None, "an image file for --prompt (repeatable, in order; a vision-language model); "
+                                  "in a --prompts file give an \"images\" list in the prompt's object",
+                                  metavar="PATH", repeat=True)
     system: str | None = opt(None, "a system message put before each prompt that has none (chat models)")
     chat_template: bool | None = opt(None, "render prompts with the tokenizer's chat template (default: when it has "
                                      "one); --no-chat-template sends the raw text")
@@ -84,6 +87,9 @@ class GenerateConfig:
 
     def __post_init__(self) -> None:
         check_options(self)
+        if self.image and self.prompts:
+            raise ConfigError("--image goes with --prompt; in a --prompts file give an \"images\" list in each "
+                              "prompt's JSON object")
 
     def sampling(self) -> dict:
         """The keyword arguments of dpokit.eval.generation.sample_ids these options give."""

@@ -72,15 +72,16 @@ FINITE = Range()
 
 def opt(default: Any, help: str, *, stages: tuple[str, ...] | None = None, choices: tuple | None = None,
         range: Range | None = None, required: bool = False, metavar: str | None = None,
-        aliases: tuple[str, ...] = (), exclusive: str | None = None) -> Any:
+        aliases: tuple[str, ...] = (), exclusive: str | None = None, repeat: bool = False) -> Any:
     """Declare an option: a dataclass field with its help text, its allowed values (`choices`, or a numeric
     `range`; numbers are always checked finite), whether the command line requires it, the commands of a shared
     config that take it (`stages`: None for all), other flag spellings (`aliases`, e.g. TRL's names) and the
     group of options it excludes (`exclusive`: the options of one group name exclude each other; with
-    `required`, one of the group is required)."""
+    `required`, one of the group is required) and whether the flag repeats (`repeat`: its value is a list of
+    strings, one per time it is given; a YAML list)."""
     return field(default=default, metadata={"help": help, "stages": stages, "choices": choices, "range": range,
                                             "required": required, "metavar": metavar, "aliases": aliases,
-                                            "exclusive": exclusive})
+                                            "exclusive": exclusive, "repeat": repeat})
 
 
 _KEEP = object()
@@ -196,6 +197,11 @@ def read_yaml(path: str | Path, cls: type, command: str, stage: str | None = Non
         if value is None and "None" in str(f.type):
             continue
         kind = value_kind(f)
+        if f.metadata.get("repeat"):  # a list of strings (one string: a list of one)
+            value = values[key] = [value] if isinstance(value, str) else value
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{path}: option '{key}' must be a list of strings, got {value!r}")
+            continue
         if kind is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
             value = values[key] = float(value)  # YAML 1.1 reads 1e-6 (no dot) as a string; everyone writes it
         expected = (int, float) if kind is float else kind

@@ -16,6 +16,10 @@ a prompt is tokenised the same way everywhere, and exactly as training tokenises
   similar length (less left padding), sampled ``batch_size`` at a time with the key/value cache, with a
   progress bar when there is more than one batch. The results come back in the prompts' order.
 * **Seeds.** ``seed`` seeds torch before sampling: the same prompts, options and seed give the same outputs.
+* **Images.** A vision-language model (its tokenizer carries its processor: dpokit.models.loading) renders each
+  prompt with the processor's chat template and runs it through the processor with the prompt's images
+  (:class:`dpokit.data.records.ImagePrompt`), as training does (dpokit.data.vision); its prompts are sampled one at a
+  time, all their samples together. A text model given images is an error.
 """
 
 from __future__ import annotations
@@ -33,9 +37,10 @@ from dpokit.config.options import defaults_of
 from dpokit.errors import ConfigError, DataError
 from dpokit.runtime.threads import apply_threads, model_width
 from dpokit.data.prompts import Prompt
-from dpokit.data.chat import end_of_turn_id, has_chat_template, prompt_token_ids, user_turn
+from dpokit.data.chat import end_of_turn_id, has_chat_template, prompt_token_ids, render_chat, user_turn
 from dpokit.data.arrays import text_bound
-from dpokit.data.records import ToolPrompt, tools_of
+from dpokit.data.records import ToolPrompt, images_of, tools_of
+from dpokit.data.vision import processor_of
 
 
 @dataclass(frozen=True)
@@ -152,6 +157,9 @@ def sample_ids(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prom
     _check_options(temperature=temperature, top_p=top_p, num_samples=num_samples, max_new_tokens=max_new_tokens,
                    batch_size=batch_size)
     _check_prompt_sizes(prompts, tokenizer, policy)
+    if check_images(tokenizer, prompts, chat_template):
+        return sample_vision(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_p=top_p, num_samples=num_samples, seed=seed, system=system, progress=progress)
     encoded, messages = render_prompts(tokenizer, prompts, chat_template=chat_template, system=system)
     if not prompts:
         return []
@@ -193,6 +201,69 @@ def sample_ids(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prom
     return results  # type: ignore[return-value]  (every slot is filled)
 
 
+def check_images(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt], chat_template: bool | None) -> bool:
+    """Whether the prompts go through a vision-language model's processor (its tokenizer carries one); a prompt
+    with images for a text model, or --no-chat-template for a VLM, is a ConfigError."""
+    if processor_of(tokenizer) is None:
+        with_images = next((i for i, p in enumerate(prompts) if images_of(p)), None)
+        if with_images is not None:
+            raise ConfigError(f"prompt {with_images + 1} has images but the model is a text-only model (its config "
+                              "has no vision_config); images need a vision-language model")
+        return False
+    if chat_template is False:
+        raise ConfigError("a vision-language model renders its prompts with its processor's chat template; "
+                          "leave out --no-chat-template")
+    return True
+
+
+def _vision_inputs(processor, messages: list[dict], images, where: str, num_samples: int, device) -> dict:
+    """The processor's inputs for one prompt (its text from the chat template, its images), `num_samples` rows."""
+    text, _ = render_chat(processor, messages, [], where, tools_of(messages))
+    kwargs = {"images": list(images)} if images else {}
+    try:
+        out = processor(text=[text], add_special_tokens=False, return_tensors="pt", **kwargs)
+    except (ValueError, TypeError, OSError) as error:
+        raise DataError(f"{where}: the processor refused the prompt and its images: "
+                        f"{str(error).splitlines()[0]}") from None
+    width = out["input_ids"].shape
+    return {key: (value.repeat(num_samples, 1) if value.shape == width else
+                  torch.cat([value] * num_samples)).to(device)  # per-token rows, or images along dimension 0
+            for key, value in out.items() if isinstance(value, torch.Tensor)}
+
+
+@torch.no_grad()
+def sample_vision(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt], *,
+                  max_new_tokens: int, temperature: float, top_p: float, num_samples: int, seed: int,
+                  system: str | None, progress: bool | None) -> list[list[Sample]]:
+    """:func:`sample_ids` for a vision-language model: each prompt through the processor with its images, its
+    `num_samples` samples generated together."""
+    processor = processor_of(tokenizer)
+    stops = stop_token_ids(tokenizer, policy, chat=True)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 \
+        else dict(do_sample=False)
+    torch.manual_seed(seed)
+    policy.eval()
+    policy.generation_config.max_length = None
+    device = next(policy.parameters()).device
+    apply_threads(width=model_width(policy), device=device, log=lambda line: print(line, file=sys.stderr))
+    results = []
+    show = len(prompts) > 1 if progress is None else progress
+    for i, prompt in enumerate(tqdm(prompts, desc="generating", unit=" prompts", disable=not show)):
+        messages = conversation(prompt, system)
+        inputs = _vision_inputs(processor, messages, images_of(prompt), f"prompt {i + 1}", num_samples, device)
+        width = inputs["input_ids"].shape[1]
+        generated = policy.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=stops,
+                                    use_cache=True, **sampling)
+        prompt_ids = inputs["input_ids"][0].tolist()
+        group = []
+        for tokens in generated[:, width:].tolist():
+            tokens = _cut(tokens, set(stops))
+            group.append(Sample(prompt_ids, tokens, tokenizer.decode(tokens, skip_special_tokens=True), messages))
+        results.append(group)
+    return results
+
+
 def sample(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt],
            **options) -> list[list[str]]:
     """The texts of :func:`sample_ids` (same options)."""
@@ -208,7 +279,8 @@ def generate_samples(model: str, prompts: Sequence[Prompt], *, gguf_file: str | 
     _check_options(**options)
     tokenizer = load_tokenizer(model, gguf_file=gguf_file)
     # bad prompts and options fail here, before the (slow) model load
-    render_prompts(tokenizer, prompts, chat_template=options.get("chat_template"), system=options.get("system"))
+    if not check_images(tokenizer, prompts, options.get("chat_template")):
+        render_prompts(tokenizer, prompts, chat_template=options.get("chat_template"), system=options.get("system"))
     return sample_ids(load_model(model, gguf_file=gguf_file), tokenizer, prompts, **options)
 
 
