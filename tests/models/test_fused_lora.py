@@ -103,6 +103,22 @@ def test_a_frozen_adapter_gets_no_gradient_and_the_input_still_does():
     torch.testing.assert_close(x_grad_b, x_grad_a, rtol=1e-6, atol=1e-6)
 
 
+def _shared_batch():
+    """One seeded shared-layout batch of two pairs over a 64-token vocabulary."""
+    g = torch.Generator().manual_seed(0)
+    ids = lambda n: tuple(torch.randint(1, 64, (n,), generator=g).tolist())  # noqa: E731
+    return collate([TokenizedExample(ids(9), (ids(5), ids(7))), TokenizedExample(ids(4), (ids(6), ids(3)))],
+                   [0, 1], layout="shared", pad_token_id=0)
+
+
+def _logps_and_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A model's sequence log-probs on `batch`, and its gradients of their sum."""
+    model.zero_grad(set_to_none=True)
+    logps = sequence_logprobs(model, batch)
+    logps.sum().backward()
+    return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["lean-mlp", "checkpointed"])
 def test_log_probs_and_gradients_of_a_model_match_peft(checkpointing, monkeypatch):
     """Through a whole Llama, with the lean gated MLP (whose saved product the fused down_proj keeps as a view) or
@@ -117,16 +133,8 @@ def test_log_probs_and_gradients_of_a_model_match_peft(checkpointing, monkeypatc
     fused = copy.deepcopy(peft)
     assert fuse_lora_linears(fused) == 3 * 7  # q, k, v, o, gate, up, down in each layer
     calls = _calls(monkeypatch)
-    g = torch.Generator().manual_seed(0)
-    ids = lambda n: tuple(torch.randint(1, 64, (n,), generator=g).tolist())  # noqa: E731
-    batch = collate([TokenizedExample(ids(9), (ids(5), ids(7))), TokenizedExample(ids(4), (ids(6), ids(3)))],
-                    [0, 1], layout="shared", pad_token_id=0)
-    results = []
-    for model in (peft, fused):
-        model.zero_grad(set_to_none=True)
-        logps = sequence_logprobs(model, batch)
-        logps.sum().backward()
-        results.append((logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    batch = _shared_batch()
+    results = [_logps_and_grads(model, batch) for model in (peft, fused)]
     assert len(calls) == 3 * 7 * (2 if checkpointing else 1)  # checkpointing: once more in the backward pass
     (logps_a, grads_a), (logps_b, grads_b) = results
     torch.testing.assert_close(logps_b, logps_a, rtol=1e-6, atol=1e-5)
@@ -167,16 +175,8 @@ def test_dora_layers_run_peft_and_give_its_log_probs_and_gradients(monkeypatch):
     fused = copy.deepcopy(peft)
     assert fuse_lora_linears(fused) == 2 * 7
     calls = _calls(monkeypatch)
-    g = torch.Generator().manual_seed(0)
-    ids = lambda n: tuple(torch.randint(1, 64, (n,), generator=g).tolist())  # noqa: E731
-    batch = collate([TokenizedExample(ids(9), (ids(5), ids(7))), TokenizedExample(ids(4), (ids(6), ids(3)))],
-                    [0, 1], layout="shared", pad_token_id=0)
-    results = []
-    for model in (peft, fused):
-        model.zero_grad(set_to_none=True)
-        logps = sequence_logprobs(model, batch)
-        logps.sum().backward()
-        results.append((logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    batch = _shared_batch()
+    results = [_logps_and_grads(model, batch) for model in (peft, fused)]
     assert not calls  # no DoRA layer went through the fused function
     (logps_a, grads_a), (logps_b, grads_b) = results
     torch.testing.assert_close(logps_b, logps_a, rtol=0, atol=0)
