@@ -118,3 +118,29 @@ def test_generate_refuses_images_for_a_text_model_in_one_line(setup, capsys, mon
     line = _error_line(["generate", "--model", setup["vlm"], "--prompt", "colour?", "--image", "nowhere.png"],
                        capsys)
     assert "nowhere.png" in line and "not found" in line
+
+
+def test_sft_trains_a_vlm_on_completions_with_images(setup, tmp_path, capsys):
+    from dpokit.data.formats import load_completions
+    from dpokit.data.tokenize import TokenizeConfig
+    from dpokit.data.vision import VisionExample, tokenize_vision_examples
+    from dpokit.models.loading import load_tokenizer
+
+    data = setup["root"] / "sft.jsonl"
+    data.write_text("".join(json.dumps({"images": [f"{c}.png"], "prompt": [{"role": "user", "content": "colour?"}],
+                                        "completion": [{"role": "assistant", "content": c}]}) + "\n"
+                            for c in COLOURS))
+    records, _ = load_completions(data)
+    assert [len(r.images) for r in records] == [1] * 4 and records[0].prompt[0]["content"][0] == {"type": "image"}
+    examples, _ = tokenize_vision_examples(records, load_tokenizer(setup["vlm"]), TokenizeConfig(max_length=128, max_prompt_length=64))
+    assert all(isinstance(e, VisionExample) and len(e.responses) == 1 and "pixel_values" in e.vision
+               for e in examples)
+    capsys.readouterr()
+    assert main(["sft", "--model", setup["vlm"], "--data", str(data), "--output", str(tmp_path / "sft"),
+                 "--max-steps", "2", "--batch-size", "2", "--lr", "1e-3", "--warmup-steps", "0"]) == 0
+    assert (tmp_path / "sft" / "final" / "processor_config.json").exists()
+    kto = setup["root"] / "kto.jsonl"
+    kto.write_text(json.dumps({"images": ["red.png"], "prompt": "colour?", "completion": "red", "label": True}) + "\n")
+    line = _error_line(["dpo", "--model", setup["vlm"], "--data", str(kto), "--loss", "kto", "--output",
+                        str(tmp_path / "kto")], capsys)
+    assert "kto.jsonl:1" in line and "not in unpaired (KTO) data" in line

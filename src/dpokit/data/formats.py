@@ -173,21 +173,22 @@ def stream_completions(
 ) -> tuple[Iterator[Completion], LoadReport]:
     """:func:`load_completions` one row at a time (see :func:`stream_preferences`)."""
     c = columns or ColumnMap()
+    base = _base_dir(spec)
 
     def convert(row: dict, prov: str, fmt: str, report: LoadReport) -> Iterator[Completion]:
-        _no_images(row, prov, c, "SFT data")
         if fmt == "unpaired":
             raise DataError(f"{prov}: unpaired data (prompt, completion, label) is for --loss kto; to fine-tune on "
                             "every completion whatever its label, pass --format completion")
         if fmt == "completion":
-            yield Completion(*_prompt_completion(row, prov, c, fmt), prov, tools=_tools(row, prov, c))
+            prompt, completion = _prompt_completion(row, prov, c, fmt)
         elif fmt == "ranked":
             prompt, responses, scores = _ranked(row, prov, c)
-            best = max(range(len(scores)), key=lambda k: (scores[k], -k))
-            yield Completion(prompt, responses[best], prov, tools=_tools(row, prov, c))
+            completion = responses[max(range(len(scores)), key=lambda k: (scores[k], -k))]
         else:
-            prompt, chosen, _ = _prompt_chosen_rejected(row, prov, fmt, c)
-            yield Completion(prompt, chosen, prov, tools=_tools(row, prov, c))
+            prompt, completion, _ = _prompt_chosen_rejected(row, prov, fmt, c)
+        images = read_images(row.get(c.images), c.images, prov, base)
+        prompt = with_placeholders(prompt, images, c.prompt, prov, c.images)
+        yield Completion(prompt, completion, prov, tools=_tools(row, prov, c), images=images)
 
     return _stream(spec, format, c, split, streaming, convert, None)
 
@@ -270,8 +271,8 @@ def _base_dir(spec: str | os.PathLike) -> str | None:
 
 def _no_images(row: dict, prov: str, c: ColumnMap, what: str) -> None:
     if row.get(c.images):
-        raise DataError(f"{prov}: field {c.images!r}: images are supported in preference data (dpokit dpo, eval) "
-                        f"only, not in {what}")
+        raise DataError(f"{prov}: field {c.images!r}: images are supported in preference and SFT data (dpokit dpo, "
+                        f"sft, eval) only, not in {what}")
 
 
 def _need(row: dict, name: str, prov: str, fmt: str) -> Any:

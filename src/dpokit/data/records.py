@@ -33,13 +33,14 @@ class Completion:
     """One supervised example for SFT: `completion` continues `prompt` (same typing rules as PreferencePair).
 
     `label` is None for SFT data; in unpaired data (KTO) it says whether the completion is desirable. `tools`
-    as in PreferencePair."""
+    and `images` as in PreferencePair (images: SFT data only)."""
 
     prompt: Text
     completion: Text
     source: str = ""
     label: bool | None = None
     tools: list[dict] | None = None
+    images: tuple | None = None
 
 
 class ToolPrompt(list):

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dpokit.data.chat import _special_ids, render_chat
-from dpokit.data.records import PreferencePair
+from dpokit.data.chat import _special_ids, assistant_turn, render_chat
+from dpokit.data.records import Completion, PreferencePair
 from dpokit.data.tokenize import FilterReport, TokenizeConfig, TokenizedExample, check_report
 from dpokit.errors import ConfigError, DataError
 
@@ -106,13 +106,20 @@ def _response_ids(tokenizer, text: str, special: set[int]) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def tokenize_vision_pair(record: PreferencePair, processor, special: set[int]) -> VisionExample:
-    """One pair with images as token ids and image inputs (the module's rules, before the length filter)."""
+def _turns(response) -> list[dict]:
+    """A response as the assistant turns it adds to the conversation (a string: one assistant turn)."""
+    return assistant_turn(response) if isinstance(response, str) else response
+
+
+def tokenize_vision_pair(record: PreferencePair | Completion, processor, special: set[int]) -> VisionExample:
+    """One pair (or SFT completion) with images as token ids and image inputs (the module's rules, before the
+    length filter)."""
     if not isinstance(record.prompt, list):
         raise DataError(f"{record.source}: a vision-language model needs a conversational prompt (a list of "
                         "messages)")
     tokenizer = processor.tokenizer
-    prompt_text, texts = render_chat(processor, record.prompt, [record.chosen, record.rejected], record.source,
+    responses = [record.completion] if isinstance(record, Completion) else [record.chosen, record.rejected]
+    prompt_text, texts = render_chat(processor, record.prompt, [_turns(r) for r in responses], record.source,
                                      record.tools)
     kwargs = {"images": list(record.images)} if record.images else {}
     try:
@@ -133,7 +140,7 @@ def tokenize_vision_pair(record: PreferencePair, processor, special: set[int]) -
     return VisionExample(tuple(prompt_ids.tolist()), responses, record.source, vision, per_token)
 
 
-def tokenize_vision_examples(records: Sequence[PreferencePair], tokenizer, config: TokenizeConfig, *,
+def tokenize_vision_examples(records: Sequence[PreferencePair | Completion], tokenizer, config: TokenizeConfig, *,
                              description: str = "tokenising", sink=None) -> tuple[list[VisionExample], FilterReport]:
     """Tokenise preference pairs for the vision-language model whose processor `tokenizer` carries; filtered pairs
     are counted in the report and ``config.on_filtered`` applies as for text. `sink` must be None: image examples
@@ -148,7 +155,7 @@ def tokenize_vision_examples(records: Sequence[PreferencePair], tokenizer, confi
     examples = []
     for record in records:
         example = tokenize_vision_pair(record, processor, special)
-        if example.responses[0] == example.responses[1]:
+        if len(example.responses) == 2 and example.responses[0] == example.responses[1]:
             report.add(IDENTICAL, record.source)
         elif len(example.prompt_ids) + max(len(r) for r in example.responses) > config.max_length:
             report.add(TOO_LONG, record.source)
