@@ -15,10 +15,10 @@ def _run(args: argparse.Namespace) -> None:
 
     config = config_from_args(args)
     check_train_inputs(config)
+    config.check_hub()  # a push that cannot work, refused before torch is imported
     from dpokit.cli.vision import refuse_training_images
 
     refuse_training_images("reward", config)  # images are not handled yet: one line, before any model work
-    config.check_hub()  # a push that cannot work, refused before torch is imported
     from dpokit.train.reward import train_reward
 
     print_metrics(train_reward(config))
