@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from vision_dpo import COLOURS, build_model  # noqa: E402  (the example's tiny LLaVA, in a benchmark shape)
 from _children import step_timer, train_dpokit
 from _harness import (alternating, apply_quick, chosen_systems, harness_parser, interleave, markdown, median,
                       run_line, spread, step_rates, write_result)
@@ -35,17 +38,6 @@ from _setup import child_environment, peak_rss_mib, proc_status, reset_hwm, rss_
     start_child, workdir
 
 SYSTEMS = {"dpokit": "dpokit", "trl": "trl"}
-COLOURS = {"red": (215, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (225, 210, 40)}
-WORDS = ["user", "assistant", "what", "colour", "is", "the", "square", "?", ".", "it", *COLOURS]
-SPECIALS = ["<pad>", "<unk>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-            "<image>"]
-TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-    "{% if m['content'] is string %}{{ m['content'] | trim }}{% else %}{% for part in m['content'] %}"
-    "{% if part['type'] == 'image' %}<image>{% elif part['type'] == 'text' %}{{ part['text'] | trim }}"
-    "{% endif %}{% endfor %}{% endif %}<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
-)
 
 
 def parse_args():
@@ -65,37 +57,12 @@ def parse_args():
 
 def build(args, work: Path) -> dict:
     """The model directory and the data (see the module docstring)."""
-    import torch
     from PIL import Image
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
 
-    vocab = {token: i for i, token in enumerate(SPECIALS + WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>",
-                                        eos_token="<|eot_id|>", pad_token="<pad>", unk_token="<unk>")
-    tokenizer.add_tokens([AddedToken(t, special=True) for t in SPECIALS[3:]])
     tokens = (args.image_size // 16) ** 2
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                       num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
-                       max_position_embeddings=tokens + 64, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                       tie_word_embeddings=False)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=args.image_size, patch_size=16, projection_dim=32)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=vocab["<image>"],
-                         vision_feature_select_strategy="default", vision_feature_layer=-1, image_seq_length=tokens,
-                         projector_hidden_act="gelu")
-    torch.manual_seed(args.seed)
     model_dir = work / "model"
-    LlavaForConditionalGeneration(config).save_pretrained(model_dir)
-    size = {"shortest_edge": args.image_size}
-    LlavaProcessor(image_processor=CLIPImageProcessorPil(size=size, crop_size={"height": args.image_size,
-                                                                                "width": args.image_size}),
-                   tokenizer=tokenizer, patch_size=16, vision_feature_select_strategy="default", image_token="<image>",
-                   num_additional_image_tokens=1, chat_template=TEMPLATE).save_pretrained(model_dir)
+    build_model(model_dir, args.seed, image_size=args.image_size, hidden=args.hidden, intermediate=4 * args.hidden,
+                layers=args.layers, kv_heads=4, vision_hidden=32)
     rng, names, rows = random.Random(args.seed), list(COLOURS), []
     (work / "images").mkdir(exist_ok=True)
     for i in range(args.pairs):

@@ -50,9 +50,11 @@ TEMPLATE = (
 )
 
 
-def build_model(directory: Path, seed: int) -> None:
-    """A tiny LLaVA (CLIP tower 16 wide, Llama 64 wide, 2 layers each) with a word-level tokenizer, saved with its
-    processor in `directory`."""
+def build_model(directory: Path, seed: int, *, image_size: int = 32, hidden: int = 64, intermediate: int = 128,
+                layers: int = 2, kv_heads: int = 2, vision_hidden: int = 16) -> None:
+    """A tiny LLaVA (by default a CLIP tower 16 wide and a Llama 64 wide, 2 layers each, 32-pixel images of
+    (image_size / 16)² image tokens) with a word-level tokenizer, saved with its processor in `directory`.
+    bench/bench_vlm.py builds its larger shape with the same function."""
     import torch
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
@@ -65,18 +67,22 @@ def build_model(directory: Path, seed: int) -> None:
                                         pad_token="<pad>", unk_token="<unk>")
     tokenizer.add_tokens([AddedToken(t, special=True) for t in SPECIALS[3:]])
     tokenizer.chat_template = TEMPLATE
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
-    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=32, patch_size=16, projection_dim=16)
+    tokens = (image_size // 16) ** 2
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=kv_heads,
+                       max_position_embeddings=max(128, tokens + 64), bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                       tie_word_embeddings=False)
+    vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_hidden_layers=2,
+                              num_attention_heads=2, image_size=image_size, patch_size=16,
+                              projection_dim=vision_hidden)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=vocab["<image>"],
-                         vision_feature_select_strategy="default", vision_feature_layer=-1, image_seq_length=4,
+                         vision_feature_select_strategy="default", vision_feature_layer=-1, image_seq_length=tokens,
                          projector_hidden_act="gelu")
     torch.manual_seed(seed)
     LlavaForConditionalGeneration(config).save_pretrained(directory)
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                            crop_size={"height": image_size, "width": image_size})
     LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=16,
                    vision_feature_select_strategy="default", image_token="<image>", num_additional_image_tokens=1,
                    chat_template=TEMPLATE).save_pretrained(directory)

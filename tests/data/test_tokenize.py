@@ -153,11 +153,7 @@ def test_long_prompt_is_cut_to_max_prompt_length(tokenizer, mode):
 
 
 def test_truncation_keeps_a_leading_bos():
-    tokenizer = make_tokenizer()
-    bos = "<|im_start|>"
-    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", special_tokens=[(bos, tokenizer.convert_tokens_to_ids(bos))])
-    tokenizer.bos_token = bos
+    tokenizer = _bos_tokenizer()
     prompt = " ".join(["the plot"] * 20)
     ids = tokenizer(prompt)["input_ids"]
     assert ids[0] == tokenizer.bos_token_id
