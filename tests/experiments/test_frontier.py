@@ -52,7 +52,7 @@ def test_pareto_front_keeps_the_undominated_points_by_kl():
 
 
 def test_best_of_n_kl_bound():
-    from dpokit.experiments.paper.frontier import best_of_n_bound
+    from dpokit.experiments.paper.methods import best_of_n_bound
 
     assert best_of_n_bound(1) == 0.0
     assert best_of_n_bound(4) == pytest.approx(math.log(4) - 0.75)
