@@ -21,7 +21,7 @@ from dpokit.errors import ConfigError
 ROUND_SEED_STRIDE = 1000
 REFERENCES = ("fixed", "previous")
 LABELINGS = ("argmax", "bradley-terry")
-METHODS = ("dpo", "ppo", "ppo-gt", "preferred-ft", "unlikelihood", "best-of-n")  # `dpokit reproduce sentiment`'s
+METHODS = ("dpo", "dpo-online", "dpo-online-gt", "ppo", "ppo-gt", "preferred-ft", "unlikelihood", "best-of-n")  # `dpokit reproduce sentiment`'s
 SWEEPS = ("full", "quick", "tiny")  # the sizes of its sweep (dpokit.experiments.paper.task.SIZES)
 
 PAIRS = Range(2, words="be at least 2 to form pairs")

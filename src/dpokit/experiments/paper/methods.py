@@ -2,6 +2,8 @@
 
 * ``dpo``: β ∈ {0.05, …, 5}, each with checkpoints along training;
 * ``preferred-ft`` and ``unlikelihood`` (dpokit.experiments.paper.baselines): checkpoints along training;
+* ``dpo-online`` and ``dpo-online-gt`` (dpokit.experiments.paper.online): rounds of `dpokit iterate` from π_ref,
+  fresh samples of the current policy labelled by the learned reward model or by the judge; a point per round;
 * ``ppo`` (a reward model learned from the pairs) and ``ppo-gt`` (the judge itself as reward): KL coefficients;
 * ``best-of-n``: N samples of π_ref, the one the learned reward model scores highest; its KL is the analytic
   bound log N − (N−1)/N (Stiennon et al. 2020), not a sampled estimate.
@@ -74,7 +76,7 @@ def unlikelihood_points(task: Task) -> list[dict]:
     return _checkpoint_points(task, "unlikelihood", runs, {"alpha": s.unlikelihood_alpha})
 
 
-def _reward_model(task: Task):
+def learned_reward(task: Task):
     """The reward model learned from the pairs (trained on first use) as a judge."""
     module = optional_module("reward_model")
     if task.reward_model is None:
@@ -103,7 +105,7 @@ def _ppo_sweep(task: Task, method: str, reward) -> list[dict]:
 
 def ppo_points(task: Task) -> list[dict]:
     """PPO against the reward model learned from the pairs, at each KL coefficient."""
-    return _ppo_sweep(task, "ppo", _reward_model(task))
+    return _ppo_sweep(task, "ppo", learned_reward(task))
 
 
 def ppo_gt_points(task: Task) -> list[dict]:
@@ -119,7 +121,7 @@ def best_of_n_bound(n: int) -> float:
 def best_of_n_points(task: Task) -> list[dict]:
     """Best-of-N of π_ref under the learned reward model, scored by the judge; KL: the analytic bound."""
     module, s, demo, points = optional_module("best_of_n"), task.sizes, task.sizes.demo, []
-    reward = _reward_model(task)
+    reward = learned_reward(task)
     prompts = task.held_out[: s.best_of_n_prompts]
     for n in s.best_of_n:
         texts = module.best_of_n(task.reference, task.tokenizer, prompts, n, reward,
@@ -138,6 +140,9 @@ POINTS: dict[str, tuple[Callable[[Task], list[dict]], tuple[str, ...]]] = {
     "dpo": (dpo_points, ()),
     "preferred-ft": (preferred_ft_points, ()),
     "unlikelihood": (unlikelihood_points, ()),
+    "dpo-online": (lambda task: optional_module("online").dpo_online_points(task, "learned"),
+                   ("reward_model", "online")),
+    "dpo-online-gt": (lambda task: optional_module("online").dpo_online_points(task, "ground-truth"), ("online",)),
     "ppo": (ppo_points, ("reward_model", "ppo")),
     "ppo-gt": (ppo_gt_points, ("ppo",)),
     "best-of-n": (best_of_n_points, ("reward_model", "best_of_n")),

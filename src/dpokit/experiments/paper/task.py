@@ -43,6 +43,9 @@ class Sizes:
     reward_model_lr: float = 1e-4
     best_of_n: tuple[int, ...] = (1, 4, 16, 64, 128)
     best_of_n_prompts: int = 128  # Best-of-N's sampling grows with N: one sample per prompt, on this many
+    online_betas: tuple[float, ...] = (0.1, 0.5)  # online DPO (dpokit.experiments.paper.online): β values
+    online_rounds: int = 4  # rounds of sampling, labelling and training; a point per round
+    online_steps: int = 50  # DPO steps per round
 
 
 SIZES = {
@@ -50,12 +53,14 @@ SIZES = {
     # about 10 minutes on a 2-core CPU: fewer prompts, β values, steps and PPO coefficients
     "quick": Sizes(demo=DemoConfig(prompts=128), eval_prompts=64, dpo_betas=(0.1, 0.5, 2.0), dpo_steps=60,
                    save_every=30, baseline_steps=60, ppo_kl_coefs=(0.03, 0.3), ppo_steps=16,
-                   reward_model_steps=60, best_of_n=(1, 4, 16), best_of_n_prompts=64),
+                   reward_model_steps=60, best_of_n=(1, 4, 16), best_of_n_prompts=64,
+                   online_betas=(0.5,), online_rounds=2, online_steps=30),
     # seconds, for tests: every stage runs once, on minimal data
     "tiny": Sizes(demo=DemoConfig(sft_reviews=32, sft_steps=2, prompts=16, completions=3, max_new_tokens=8),
                   eval_prompts=4, eval_samples=1, batch_size=4, dpo_betas=(0.5,), dpo_steps=2, save_every=1,
                   baseline_steps=1, ppo_kl_coefs=(0.1,), ppo_steps=1, ppo_batch_size=4, ppo_epochs=1,
-                  reward_model_steps=1, best_of_n=(1, 2), best_of_n_prompts=4),
+                  reward_model_steps=1, best_of_n=(1, 2), best_of_n_prompts=4,
+                  online_betas=(0.5,), online_rounds=2, online_steps=1),
 }
 
 
