@@ -52,6 +52,7 @@ class RewardConfig(HubOptions, TrackingOptions, RunOptions, OptimOptions, LoraOp
         if self.warmup_ratio is not None and not self.is_default("warmup_steps"):
             raise ConfigError("--warmup-ratio and --warmup-steps exclude each other; give one")
         self.check_lengths()
+        self.check_early_stopping()
         self.check_lora()
         if self.margin_column is not None and self.streaming:
             raise ConfigError("--margin-column is not supported with --streaming: the margins are read with the rows")

@@ -71,9 +71,20 @@ class RunOptions:
                                     "(0 = off): a kill never loses more", range=NON_NEGATIVE)
     keep_checkpoints: int = opt(0, "keep only the newest N checkpoints, pruned after a newer one is complete (0 = all)", range=NON_NEGATIVE, aliases=("--save-total-limit",))
     overwrite: bool = opt(False, "replace the run already in --output (default: refuse; --resume continues it)")
+    early_stopping_patience: int = opt(0, "end the run when the held-out loss has not improved for N evaluations in "
+                                       "a row (0 = never; needs evaluation data and --eval-every)",
+                                       range=NON_NEGATIVE)
     log_every: int = opt(1, "log metrics every N steps", range=POSITIVE, aliases=("--logging-steps",))
     resume: bool = opt(False, "continue from the latest checkpoint in --output")
     save_final: bool = opt(True, "save the final model to OUTPUT/final")
+
+    def check_early_stopping(self) -> None:
+        """--early-stopping-patience needs evaluations to stop on: held-out data and --eval-every."""
+        if self.early_stopping_patience and not (getattr(self, "eval_data", None) or getattr(self, "eval_fraction", 0)):
+            raise ConfigError("--early-stopping-patience needs held-out data: give --eval-data or --eval-fraction")
+        if self.early_stopping_patience and not self.eval_every:
+            raise ConfigError("--early-stopping-patience needs --eval-every N: it counts evaluations without "
+                              "improvement, and without --eval-every there is only the last one")
 
     @property
     def output_dir(self) -> Path:
@@ -160,6 +171,7 @@ class TrainConfig(HubOptions, TrackingOptions, RunOptions, RuntimeOptions, Optim
         if self.warmup_ratio is not None and not self.is_default("warmup_steps"):
             raise ConfigError("--warmup-ratio and --warmup-steps exclude each other; give one")
         self.check_lengths()
+        self.check_early_stopping()
 
     def _check_adapters(self) -> None:
         self.check_lora()

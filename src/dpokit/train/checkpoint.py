@@ -291,8 +291,8 @@ def load_model_weights(model, checkpoint: Path) -> None:
 
 
 # Options a resumed run may change: where and how often it reports, saves and stops; not what it computes.
-FREE_OPTIONS = {"resume", "overwrite", "output", "max_steps", "epochs", "eval_every", "save_every",
-                "save_every_minutes", "keep_checkpoints", "log_every", "save_final", "eval_batch_size",
+FREE_OPTIONS = {"resume", "overwrite", "output", "max_steps", "epochs", "early_stopping_patience", "eval_every",
+                "save_every", "save_every_minutes", "keep_checkpoints", "log_every", "save_final", "eval_batch_size",
                 "ref_cache_dir", "data_cache", "data_cache_dir", "streaming", "threads"}
 
 

@@ -36,6 +36,7 @@ from dpokit.runtime.threads import refresh_threads
 from dpokit.data.tokenize import TokenizedExample
 # make_plan and schedule_warnings stay importable from here: dpokit.api imports them from this module
 from dpokit.train.schedule import Plan, lr_factor, make_plan, schedule_warnings, step_indices  # noqa: F401
+from dpokit.train.early_stop import EarlyStopping
 from dpokit.train.stop import StopRequests
 from dpokit.train.tracking import Tracking
 
@@ -238,9 +239,10 @@ def train(
     eval_metrics: dict[str, float] = {}
     last_save = time.monotonic()
     stop = StopRequests(log.print)
+    early = EarlyStopping.restored(config.early_stopping_patience, engine.resumed_from)
     bar = tqdm(total=plan.total_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
     with stop:
-        while step < plan.total_steps:
+        while step < plan.total_steps and not early.stopped:
             refresh_threads(log.print)  # follows other processes' load (dpokit.runtime.threads); cheap, every ~15 s
             started = time.perf_counter()
             indices = step_indices(step, plan, len(train_examples), config.seed)
@@ -264,11 +266,15 @@ def train(
                 if tracking is not None:
                     tracking.log_samples(step)
                 log.print(f"eval @ step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+                if early.update(step, eval_metrics["loss"]) and not last:
+                    log.print(early.message(step))
+                    last = early.stopped = True  # the final model is this step's
             stopping, due = _stop_or_save_due(accelerator, stop, config, last_save)
             if stopping or due or last or (config.save_every and step % config.save_every == 0):
                 path = save_checkpoint(config.output_dir, step, engine, tokenizer,
                                        {"config": config_dict(config), "metrics": eval_metrics,
-                                        "data_order": engine.data_order, "identity": engine.identity})
+                                        "data_order": engine.data_order, "identity": engine.identity,
+                                        "early_stopping": early.state()})
                 last_save = time.monotonic()
                 if config.keep_checkpoints and accelerator.is_main_process:
                     prune_checkpoints(config.output_dir, config.keep_checkpoints)
