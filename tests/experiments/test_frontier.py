@@ -98,7 +98,10 @@ def test_micro_sweep_writes_the_frontier(tiny_model_dir, tmp_path):
     counts = {m: sum(p["method"] == m for p in saved["points"]) for m in METHODS}
     assert counts == {"dpo": len(tiny.dpo_betas) * tiny.dpo_steps,  # a point per checkpoint (save_every 1)
                       "preferred-ft": tiny.baseline_steps, "unlikelihood": tiny.baseline_steps,
-                      "ppo": len(tiny.ppo_kl_coefs), "ppo-gt": len(tiny.ppo_kl_coefs), "best-of-n": len(tiny.best_of_n)}
+                      "ppo": len(tiny.ppo_kl_coefs), "ppo-gt": len(tiny.ppo_kl_coefs), "best-of-n": len(tiny.best_of_n),
+                      # online DPO: a point per round and β, each labelling variant
+                      "dpo-online": len(tiny.online_betas) * tiny.online_rounds,
+                      "dpo-online-gt": len(tiny.online_betas) * tiny.online_rounds}
     for p in saved["points"]:
         assert p["reward"] > 0 and math.isfinite(p["kl"])
         assert p["kl_estimate"] == ("sampled" if p["method"] != "best-of-n" else "analytic bound log N - (N-1)/N")
