@@ -88,29 +88,35 @@ def learned_reward(task: Task):
     return module.reward_model_judge(task.reward_model)
 
 
-def _ppo_sweep(task: Task, method: str, reward) -> list[dict]:
+def ppo_sweep(task: Task, method: str, reward, coefs: tuple[float, ...] | None = None, seed: int | None = None,
+              knob: dict | None = None) -> list[dict]:
+    """PPO against `reward` at each KL coefficient (default: the sizes'), trained with `seed` (default: the
+    task's); a point each, its knob `knob` plus the coefficient."""
     from dpokit.api import load_model
 
     ppo, s, points = optional_module("ppo"), task.sizes, []
-    for coef in s.ppo_kl_coefs:
-        path = ppo.train_ppo(task.sft_dir, reward, task.train_prompts, str(task.out / method / f"kl-{coef:g}"),
+    seed = s.demo.seed if seed is None else seed
+    for coef in s.ppo_kl_coefs if coefs is None else coefs:
+        name = f"kl-{coef:g}" + (f"-seed-{seed}" if seed != s.demo.seed else "")
+        path = ppo.train_ppo(task.sft_dir, reward, task.train_prompts, str(task.out / method / name),
                              kl_coef=coef, target_kl=None, steps=s.ppo_steps, batch_size=s.ppo_batch_size,
                              ppo_epochs=s.ppo_epochs, lr=s.ppo_lr, max_new_tokens=s.demo.max_new_tokens,
-                             temperature=s.demo.temperature, seed=s.demo.seed, threads=task.threads, log=task.log)
+                             temperature=s.demo.temperature, seed=seed, threads=task.threads,
+                             log=lambda *_: None)  # a line per PPO step would bury the sweep's progress
         rollouts = s.ppo_steps * s.ppo_batch_size
         spent = cost(rollouts, rollouts) if method == "ppo-gt" else cost(rollouts, task.pair_samples, rollouts)
-        points.append(measure(task, load_model(path), method, {"kl_coef": coef}, spent))
+        points.append(measure(task, load_model(path), method, {**(knob or {}), "kl_coef": coef}, spent))
     return points
 
 
 def ppo_points(task: Task) -> list[dict]:
     """PPO against the reward model learned from the pairs, at each KL coefficient."""
-    return _ppo_sweep(task, "ppo", learned_reward(task))
+    return ppo_sweep(task, "ppo", learned_reward(task))
 
 
 def ppo_gt_points(task: Task) -> list[dict]:
     """PPO against the ground-truth reward (the judge itself), at each KL coefficient."""
-    return _ppo_sweep(task, "ppo-gt", task.judge)
+    return ppo_sweep(task, "ppo-gt", task.judge)
 
 
 def best_of_n_bound(n: int) -> float:

@@ -103,12 +103,13 @@ def optional_module(name: str):
         return None
 
 
-def prepare_task(out: Path, sizes: Sizes, seed: int, threads: int | None, log: Callable[[str], None]) -> Task:
+def prepare_task(out: Path, sizes: Sizes, seed: int, threads: int | None, log: Callable[[str], None], *,
+                 largest_budget: float = 1.0) -> Task:
     """The demo's SFT (π_ref), then its pairs: π_ref's samples labelled by the judge (dpokit.experiments.iterate, the demo's
-    round); the held-out prompts are drawn as the demo draws them (distinct, never used in training)."""
+    round); the held-out prompts are drawn as the demo draws them (distinct, never used in training, also by the
+    `largest_budget` × more training prompts of a data-budget sweep: :func:`budget_task`)."""
     from dpokit.api import load_model, load_tokenizer
     from dpokit.experiments.demo import train_reference
-    from dpokit.experiments.iterate import sample_and_label, write_pairs
     from dpokit.judges.loader import load_judge
     from dpokit.experiments.reviews import base_model_path, review_prefixes
     from dpokit.runtime.threads import apply_threads, config_width
@@ -119,19 +120,37 @@ def prepare_task(out: Path, sizes: Sizes, seed: int, threads: int | None, log: C
     tokenizer = load_tokenizer(base)
     apply_threads(threads, width=config_width(base), log=log)
     sft_dir = train_reference(demo, out)
-    reference = load_model(sft_dir)
-    judge = load_judge(demo.judge)
-    train_prompts = review_prefixes(demo.prompts, seed + 2, tokenizer)
-    seen = set(train_prompts)
+    # review_prefixes(n) is the start of review_prefixes(m > n): every budget's prompts are kept out of held_out
+    seen = set(review_prefixes(budget_prompts(demo.prompts, largest_budget), seed + 2, tokenizer))
     candidates = review_prefixes(sizes.eval_prompts * 4, seed + 3, tokenizer)
     held_out = list(dict.fromkeys(p for p in candidates if p not in seen))[: sizes.eval_prompts]
-    labelled = sample_and_label(reference, tokenizer, judge, train_prompts, demo.round_settings(), seed,
+    task = Task(out, replace(sizes, demo=demo), sft_dir, "", [], held_out, tokenizer, load_model(sft_dir),
+                load_judge(demo.judge), threads, log)
+    return budget_task(task, 1.0, out)
+
+
+def budget_prompts(prompts: int, budget: float) -> int:
+    """The number of training prompts of a data budget: `budget` × the sweep's."""
+    return max(1, round(prompts * budget))
+
+
+def budget_task(task: Task, budget: float, out: Path) -> Task:
+    """`task` with `budget` × its training prompts and their pairs (π_ref's samples labelled by the judge, written
+    to OUT/pairs.jsonl); π_ref, the judge and the held-out prompts are shared, the reward model is not (it is
+    fitted to each budget's pairs on first use)."""
+    from dpokit.experiments.iterate import sample_and_label, write_pairs
+    from dpokit.experiments.reviews import review_prefixes
+
+    demo, seed = task.sizes.demo, task.sizes.demo.seed
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = review_prefixes(budget_prompts(demo.prompts, budget), seed + 2, task.tokenizer)
+    labelled = sample_and_label(task.reference, task.tokenizer, task.judge, prompts, demo.round_settings(), seed,
                                 random.Random(seed), "prompt")
     pairs_path = out / "pairs.jsonl"
     write_pairs(pairs_path, labelled.pairs)
-    log(f"      {len(labelled.pairs)} pairs from {len(train_prompts)} prompts; {len(held_out)} held-out prompts")
-    return Task(out, replace(sizes, demo=demo), sft_dir, str(pairs_path), train_prompts, held_out, tokenizer,
-                reference, judge, threads, log, pair_samples=len(train_prompts) * demo.completions)
+    task.log(f"      {len(labelled.pairs)} pairs from {len(prompts)} prompts; {len(task.held_out)} held-out prompts")
+    return replace(task, out=out, pairs_path=str(pairs_path), train_prompts=prompts, reward_model=None,
+                   pair_samples=len(prompts) * demo.completions)
 
 
 def reward_summary(scores: list[float]) -> dict:
