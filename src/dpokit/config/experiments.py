@@ -162,8 +162,10 @@ class ReproduceConfig:
     """Every option of `dpokit reproduce`: the experiment (positional), its sweep and where it goes."""
 
     experiment: str = positional(opt(None, "sentiment: §6.1's reward-KL frontier of DPO, PPO, PPO-GT, Preferred-FT, "
-                                     "Unlikelihood and Best-of-N on the embedded review model",
-                                     choices=("sentiment",), required=True))
+                                     "Unlikelihood and Best-of-N on the embedded review model; dpo-vs-ppo: the study of "
+                                     "why DPO does not dominate PPO there (online DPO, data budgets, seeds, β against "
+                                     "the optimum, verdicts from bootstrap intervals)",
+                                     choices=("sentiment", "dpo-vs-ppo"), required=True))
     output: str = opt(None, "directory for frontier.json, frontier.png, report.md and the trained models",
                       required=True)
     quick: bool = opt(False, "the reduced sweep (same as --sizes quick)")
@@ -180,6 +182,8 @@ class ReproduceConfig:
         self.method_list()
         if self.quick and self.sizes not in ("full", "quick"):
             raise ConfigError(f"--quick and --sizes {self.sizes} contradict each other: give one")
+        if self.experiment == "dpo-vs-ppo" and self.methods != ",".join(METHODS):
+            raise ConfigError("--methods applies to `reproduce sentiment`; the dpo-vs-ppo study runs its own set")
 
     def method_list(self) -> tuple[str, ...]:
         """The methods of ``--methods``, each one of :data:`METHODS`."""
