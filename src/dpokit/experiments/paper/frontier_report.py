@@ -1,5 +1,6 @@
 """What the frontier sweep writes: frontier.json, the reward–KL plot (the paper's Fig. 2, left) and report.md with
-a verdict computed from the points (does DPO's frontier dominate PPO's?)."""
+a verdict computed from the points (does DPO's frontier dominate PPO's?) and, per KL band, the verdict of the
+frontiers' bootstrap intervals (dpokit.experiments.paper.frontier_stats) with its plot, frontier_hulls.png."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ import json
 import os
 from pathlib import Path
 
-COLOURS = {"dpo": "tab:red", "ppo": "tab:blue", "ppo-gt": "tab:purple", "preferred-ft": "tab:green",
-           "unlikelihood": "tab:orange", "best-of-n": "tab:olive"}
-LABELS = {"dpo": "DPO", "ppo": "PPO", "ppo-gt": "PPO-GT", "preferred-ft": "Preferred-FT",
-          "unlikelihood": "Unlikelihood", "best-of-n": "Best-of-N"}
+from dpokit.experiments.paper.frontier_stats import (COMPARED, band_table, band_verdict, compare_bands, plot_hulls,
+                                                    resample, se_check, se_sentence)
+
+COLOURS = {"dpo": "tab:red", "dpo-online": "darkred", "dpo-online-gt": "salmon", "ppo": "tab:blue",
+           "ppo-gt": "tab:purple", "preferred-ft": "tab:green", "unlikelihood": "tab:orange", "best-of-n": "tab:olive"}
+LABELS = {"dpo": "DPO", "dpo-online": "Online DPO (RM)", "dpo-online-gt": "Online DPO (GT)", "ppo": "PPO",
+          "ppo-gt": "PPO-GT", "preferred-ft": "Preferred-FT", "unlikelihood": "Unlikelihood", "best-of-n": "Best-of-N"}
 
 
 def dominates(a: dict, b: dict) -> bool:
@@ -132,8 +136,52 @@ def machine() -> str:
     return f"{os.cpu_count()} CPUs, load average {load} (1, 5, 15 min) at the end of the run"
 
 
+def statistics(out: Path, frontier: dict, rounds: int = 1000) -> list[str]:
+    """The report's "Frontier statistics" section, when at least two compared methods (frontier_stats.COMPARED)
+    have points and π_ref was measured: per KL band, which method's hull dominates, from bootstrap intervals
+    (frontier_stats.compare_bands), the standard-error check and frontier_hulls.png. Adds "bands" and
+    "standard_errors" to `frontier`; [] (and nothing added) otherwise."""
+    points, reference = frontier["points"], frontier.get("reference")
+    present = [m for m in COMPARED if any(p["method"] == m for p in points)]
+    if reference is None or len(present) < 2:
+        return []
+    seed = frontier.get("seed", 0)
+    draws = resample(points, reference, present, rounds, seed)
+    bands = compare_bands(points, reference, present, seed=seed, draws=draws)
+    check = se_check(points, reference, present)
+    frontier["bands"], frontier["standard_errors"] = bands, check
+    plot_hulls(out / "frontier_hulls.png", points, reference, present, seed=seed,
+               judge=frontier.get("judge", "vader"), colours=COLOURS, labels=LABELS, draws=draws)
+    if not bands:
+        return ["## Frontier statistics", "", "No compared method moved from π_ref (no point above KL 0): there is "
+                "no KL band to compare.", "", "![frontier hulls](frontier_hulls.png)", ""]
+    level = f"{bands[0]['level']:.0%}"
+    return [
+        "## Frontier statistics",
+        "",
+        "Each method's frontier is the upper concave hull of its points from π_ref's (KL 0), kept up to its highest "
+        "point and flat beyond: the best mean reward it reaches at no more KL. A configuration's seeds are averaged "
+        f"into one point. Intervals: {rounds} bootstrap rounds, each resampling every configuration's seeds, then "
+        "each seed's held-out samples (reward and KL together), and π_ref's samples. Per KL band, A dominates B "
+        f"when the {level} interval of the band-mean difference of their hulls is above 0 and at no KL of the band "
+        "is B's hull above A's with confidence; otherwise they are level within noise (or cross, when each is above "
+        "the other with confidence somewhere).",
+        "",
+        band_verdict(bands, LABELS),
+        "",
+        band_table(bands, LABELS),
+        "",
+        "Standard errors: " + se_sentence(check, LABELS),
+        "",
+        "![frontier hulls](frontier_hulls.png)",
+        "",
+    ]
+
+
 def write_outputs(out: Path, frontier: dict) -> None:
-    """frontier.json, frontier.png and report.md in `out`."""
+    """frontier.json, frontier.png, report.md and, when two compared methods have points, frontier_hulls.png in
+    `out`."""
+    stats = statistics(out, frontier)
     (out / "frontier.json").write_text(json.dumps(frontier, indent=1))
     plot_frontier(out / "frontier.png", frontier["points"], frontier.get("reference"), frontier.get("judge", "vader"))
     seconds = frontier["seconds"]
@@ -149,12 +197,13 @@ def write_outputs(out: Path, frontier: dict) -> None:
         "",
         "![frontier](frontier.png)",
         "",
+        *stats,
         "## Points",
         "",
         f"Reward: mean score ({frontier.get('judge', 'vader')}) of the policy's samples on held-out prompts; KL: "
         "the mean of log π(y|x) − log π_ref(y|x) over the same samples. Best-of-N's KL is the analytic bound "
-        "log N − (N−1)/N. ± s.e.: the standard error of the mean reward (sampling noise; the verdict compares the "
-        "means as they are).",
+        "log N − (N−1)/N. ± s.e.: the standard error of the mean reward (sampling noise: the point-by-point "
+        "verdict compares the means as they are; the frontier statistics, where shown, account for it).",
         "",
         table(frontier["points"], frontier.get("reference")),
         "",
