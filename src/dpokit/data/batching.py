@@ -88,22 +88,23 @@ def collate(
     layout: str = "packed",
     pad_token_id: int = 0,
 ) -> Batch:
-    """Build a Batch of `examples` (all with the same number of responses) in `layout`; examples with images
-    (dpokit.data.vision) in the plain layout whatever `layout` says."""
+    """Build a Batch of `examples` (all with the same number of responses) in `layout`. Examples with images
+    (dpokit.data.vision) give the batch their image inputs: once per response in the plain layout, once per example
+    in the others, in the order their prompts appear in the rows."""
     if layout not in LAYOUTS:
         raise ConfigError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     num_responses = len(examples[0].responses)
-    if has_vision(examples):  # images take the plain layout (dpokit.data.vision)
-        batch = _collate_plain(examples, example_ids, num_responses, pad_token_id)
-        batch.vision = stack_vision(examples, *batch.input_ids.shape)
-        return batch
     if layout == "plain":
-        return _collate_plain(examples, example_ids, num_responses, pad_token_id)
-    if layout == "shared":
-        rows = [[i] for i in range(len(examples))]
+        batch = _collate_plain(examples, example_ids, num_responses, pad_token_id)
+        placements = [(e, row, 0) for row, e in enumerate(e for e in examples for _ in e.responses)]
     else:
-        rows = _pack(examples)
-    return _collate_shared(examples, example_ids, rows, num_responses, pad_token_id)
+        rows = [[i] for i in range(len(examples))] if layout == "shared" else _pack(examples)
+        batch = _collate_shared(examples, example_ids, rows, num_responses, pad_token_id)
+        # each example's prompt once, where its row puts it (spans[r][k][0]: the column of row r's k-th prompt)
+        placements = [(examples[i], r, batch.spans[r][k][0]) for r, row in enumerate(rows) for k, i in enumerate(row)]
+    if has_vision(examples):
+        batch.vision = stack_vision(placements, *batch.input_ids.shape)
+    return batch
 
 
 def _pack(examples: Sequence[TokenizedExample]) -> list[list[int]]:

@@ -10,8 +10,13 @@ The rules are the text rules of dpokit.data.tokenize for conversational data, th
   EOS is appended unless it ends with a special token (the template's end of turn).
 * **No prompt truncation.** Cutting a prompt would cut image tokens from their image: a pair whose prompt + longest
   response exceeds ``max_length`` is filtered (``on_filtered`` applies), never cut.
-* **Layout.** Image examples are batched in the plain layout (one row per response, the prompt and its images run
-  per response): dpokit.data.batching calls :func:`stack_vision` for the image inputs of a batch.
+* **Layout.** Image examples take any of dpokit.data.batching's layouts: in the plain one a row per response, the
+  prompt and its images given once per response; in the shared-prompt and packed ones the prompt once per pair,
+  so its images are given once per example. :func:`stack_vision` lays out a batch's image inputs in the order the
+  model meets the image tokens (row by row, left to right), which is the order models that scatter image
+  features into the image-token positions (LLaVA) read them in. Whether a model may take the shared or packed
+  layout with images is the model layer's question (dpokit.models.logprobs.check_layout: Qwen2-VL's multimodal
+  rotary positions rule it out); where it may not, the plain layout is used.
 
 The processor travels with the tokenizer: dpokit.models.loading attaches it (:func:`attach_processor`) when the model
 is a vision-language model, so every layer keeps taking a tokenizer.
@@ -167,23 +172,41 @@ def tokenize_vision_examples(records: Sequence[PreferencePair | Completion], tok
 
 
 def has_vision(examples: Sequence[TokenizedExample]) -> bool:
-    """Whether `examples` carry image inputs (and so take the plain layout)."""
+    """Whether `examples` carry image inputs."""
     return any(isinstance(e, VisionExample) for e in examples)
 
 
-def stack_vision(examples: Sequence[TokenizedExample], rows: int, width: int) -> dict:
-    """The image inputs of a plain-layout batch of `examples` (row ``example * responses + response``, the prompt
-    first in each row): each key's tensors concatenated along images in row order, each per-token key as a
-    ``[rows, width]`` tensor (zeros past the prompt and in padding)."""
+def stack_vision(placements: Sequence[tuple[TokenizedExample, int, int]], rows: int, width: int) -> dict:
+    """The image inputs of a batch of `rows` x `width` tokens whose prompts are placed at `placements`: (example,
+    row, column of its prompt's first token), in the order the model meets them (row by row, left to right; an
+    example placed once per response in the plain layout, once in the others). Each key's tensors are concatenated
+    along images in that order; each per-token key is a ``[rows, width]`` tensor (its values over the prompt's
+    columns, zeros elsewhere). Text examples among them add nothing."""
     vision: dict[str, list] = {}
     per_token: dict[str, torch.Tensor] = {}
-    row = 0
-    for e in examples:
-        for _ in e.responses:
-            if isinstance(e, VisionExample):
-                for key, value in e.vision.items():
-                    vision.setdefault(key, []).append(value)
-                for key, value in e.per_token.items():
-                    per_token.setdefault(key, torch.zeros(rows, width, dtype=value.dtype))[row, : len(value)] = value
-            row += 1
+    for example, row, column in placements:
+        if not isinstance(example, VisionExample):
+            continue
+        for key, value in example.vision.items():
+            vision.setdefault(key, []).append(value)
+        for key, value in example.per_token.items():
+            target = per_token.setdefault(key, torch.zeros(rows, width, dtype=value.dtype))
+            target[row, column : column + len(value)] = value
     return {**{k: torch.cat(v) for k, v in vision.items()}, **per_token}
+
+
+def vision_digest(examples: Sequence[TokenizedExample]) -> str:
+    """A sha256 of every example's image inputs (each key's name, dtype, shape and bytes), in order: what the model
+    sees of the images, which the token ids do not show (an image's tokens are the same whatever its pixels).
+    Empty for text examples. It reads every pixel value once (about a millisecond per 336x336 image)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for index, example in enumerate(examples):
+        if not isinstance(example, VisionExample):
+            continue
+        for key, value in sorted({**example.vision, **example.per_token}.items()):
+            value = value.detach().cpu().contiguous()
+            digest.update(f"{index}|{key}|{value.dtype}|{tuple(value.shape)}".encode())
+            digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()

@@ -12,6 +12,7 @@ from dpokit.data.validation import check_eval_inputs
 from dpokit.losses.objective import DPOObjective, KTOObjective
 from dpokit.models.attention import choose_attention, set_attention
 from dpokit.models.loading import load_model, load_tokenizer
+from dpokit.models.logprobs import check_layout
 from dpokit.runtime.threads import apply_threads, model_width
 from dpokit.train.engine import Scorer
 from dpokit.train.loop import evaluate as evaluate_objective
@@ -48,6 +49,11 @@ def evaluate(config: EvalConfig, log: Callable[[str], None] = print) -> dict[str
         reference_model = load_model(config.ref_model, dtype=config.dtype).to(accelerator.device)
         set_attention(reference_model, attention)
         reference = ModelReference(reference_model)
+    # the layout both models give the plain layout's numbers in (the plain one where a model's attention or
+    # positions rule it out, as Qwen2-VL's do with images), as training settles it
+    for scorer in (policy,) if reference is None else (policy, reference.model):
+        run_config.layout = check_layout(scorer, examples[-4:], run_config.layout, tokenizer.pad_token_id,
+                                         device=accelerator.device, max_length=run_config.max_length)
     objective = KTOObjective(loss_config, reference, torch.tensor(data.train_labels)) if loss_config.unpaired \
         else DPOObjective(loss_config, reference, average_logps=config.average_logps)
     metrics = evaluate_objective(policy, objective, examples, run_config, accelerator,

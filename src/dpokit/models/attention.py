@@ -58,14 +58,19 @@ def set_attention(model: nn.Module, implementation: str | None) -> None:
     """Switch `model` (a transformers model, or a PEFT model around one) to `implementation` in place.
 
     The segments kernel is SDPA: a model that cannot run SDPA (Gemma 2, whose attention soft-caps its scores)
-    keeps its own kernel, with the dense mask. An implementation the model rejects is a ConfigError."""
+    keeps its own kernel, with the dense mask. A vision-language model's language model takes it, and its vision
+    tower keeps its own kernel: the layouts' masks and spans describe the token rows, not the image patches. An
+    implementation the model rejects is a ConfigError."""
     if implementation == SEGMENTS:
         if not _supports_sdpa(model):
             return
         _register_segments()
     if implementation is not None and uses_attention(model) != implementation:
+        sub_configs = getattr(getattr(model, "config", None), "sub_configs", None) or {}
+        requested = {"": implementation, "text_config": implementation} \
+            if {"text_config", "vision_config"} <= set(sub_configs) else implementation
         try:
-            model.set_attn_implementation(implementation)
+            model.set_attn_implementation(requested)
         except ValueError as exc:
             name = next((k for k, v in _HF_NAMES.items() if v == implementation), implementation)
             raise ConfigError(f"--attention {name}: {type(model).__name__} cannot run it ({exc})") from None

@@ -24,7 +24,7 @@ from dpokit.data.batching import Batch
 from dpokit.data.vision import has_vision
 from dpokit.errors import DpokitWarning
 from dpokit.models.last_layer import last_layer_only_at
-from dpokit.models.vision import multimodal_trunk
+from dpokit.models.vision import is_vision, multimodal_trunk, vision_layout_obstacle
 from dpokit.data.tokenize import TokenizedExample
 
 # Config attributes of model families that transform logits after the output layer (soft-capping,
@@ -126,12 +126,15 @@ def supports_chunked_logits(model: nn.Module) -> bool:
 
 
 def _model_inputs(batch: Batch, model: nn.Module) -> dict:
-    if batch.vision is not None:  # a VLM computes its own positions (Qwen2-VL's multimodal rotary ones)
-        return dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **batch.vision)
+    vision = batch.vision or {}
+    if vision and batch.spans is None:  # plain layout: a VLM computes its own positions (Qwen2-VL's rotary ones)
+        return dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **vision)
     inputs = dict(input_ids=batch.input_ids, attention_mask=model_mask(batch, model),
-                  position_ids=batch.position_ids, use_cache=False)
+                  position_ids=batch.position_ids, use_cache=False, **vision)
     if batch.spans is not None and uses_attention(model) == SEGMENTS:
-        inputs["dpokit_spans"] = batch.spans  # reaches dpokit.models.attention.segment_attention in every layer
+        # reaches dpokit.models.attention.segment_attention in every decoder layer (a VLM's vision tower keeps its
+        # own kernel, which ignores it: dpokit.models.attention.set_attention)
+        inputs["dpokit_spans"] = batch.spans
     return inputs
 
 
@@ -216,16 +219,20 @@ def check_layout(scorer: nn.Module, examples: Sequence[TokenizedExample], layout
     `scorer` (batch -> log-probs; the engine-wrapped policy, so every process takes part in the check).
     When the model attends within a sliding window and sequences may be longer than it (`max_length`, prompt +
     response; None: unknown), the check adds an example that crosses the window: the few short examples would
-    not show whether the layout's masks apply it.
+    not show whether the layout's masks apply it. For a vision-language model what is known to rule the layout
+    out comes first (dpokit.models.vision.vision_layout_obstacle: Qwen2-VL's positions), then the same comparison
+    on image pairs, whose prompts and images the layout gives once per pair.
     """
     from dpokit.data.batching import collate
 
     if layout == "plain":
         return layout
-    if has_vision(examples[:1]):
-        _warn_once(f"examples with images take the plain layout (the {layout} layout is for text)")
-        return "plain"
     sample = list(examples[:4])
+    obstacle = vision_layout_obstacle(scorer, sample) if has_vision(sample) or is_vision(scorer) else None
+    if obstacle is not None:
+        _warn_once(f"{_model_name(scorer)} does not support the {layout} layout with images ({obstacle}); "
+                   "using the plain layout")
+        return "plain"
     window = sliding_window(scorer)
     crossing = window is not None and (max_length is None or max_length > window)
     if crossing:
@@ -245,9 +252,16 @@ def check_layout(scorer: nn.Module, examples: Sequence[TokenizedExample], layout
         scorer.train(was_training)
     if reason is None:
         return layout
-    name = type(getattr(scorer, "model", scorer)).__name__
-    _warn_once(f"{name} does not support the {layout} layout ({reason}); using the plain layout")
+    _warn_once(f"{_model_name(scorer)} does not support the {layout} layout ({reason}); using the plain layout")
     return "plain"
+
+
+def _model_name(scorer: nn.Module) -> str:
+    """The class name of the transformers model inside `scorer` (under its engine, Scorer and PEFT wrappers)."""
+    from transformers import PreTrainedModel
+
+    model = next((m for m in scorer.modules() if isinstance(m, PreTrainedModel)), getattr(scorer, "model", scorer))
+    return type(model).__name__
 
 
 def _example_past(window: int, sample: list[TokenizedExample]) -> TokenizedExample:

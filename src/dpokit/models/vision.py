@@ -3,13 +3,15 @@ processor, the multimodal trunk whose hidden states the log-probs read, and its 
 
 The rest of dpokit sees a VLM as a causal LM whose batches carry image inputs (dpokit.data.vision): loading
 (dpokit.models.loading) picks the auto class and attaches the processor to the tokenizer; log-probs
-(dpokit.models.logprobs) run the trunk with the image inputs; the policy (dpokit.train.policy) freezes the vision
-tower and keeps LoRA on the language model unless ``--train-vision-tower``.
+(dpokit.models.logprobs) run the trunk with the image inputs, in the shared-prompt and packed layouts where the model
+takes them (:func:`vision_layout_obstacle`); the policy (dpokit.train.policy) freezes the vision tower and keeps LoRA
+on the language model unless ``--train-vision-tower``.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from torch import nn
@@ -95,6 +97,31 @@ def multimodal_trunk(model: nn.Module) -> nn.Module:
     if trunk is None or not hasattr(trunk, "get_image_features"):
         raise ConfigError(f"{type(base).__name__}: cannot find its multimodal trunk (a .model with image features)")
     return trunk
+
+
+def is_vision(model: nn.Module) -> bool:
+    """Whether `model` (a loaded model, or a module wrapping one) is a vision-language model: it has a vision
+    tower."""
+    return any(name.rsplit(".", 1)[-1] in VISION_TOWERS for name, _ in model.named_modules())
+
+
+def vision_layout_obstacle(model: nn.Module, examples: Sequence) -> str | None:
+    """Why the vision-language `model` cannot take the shared-prompt or packed layout with images, or None when
+    nothing known rules it out (dpokit.models.logprobs.check_layout then compares its log-probs with the plain
+    layout's). Those layouts give each response its prompt's positions and a block mask; a model that derives its
+    positions or its image tokens' attention from the token ids of a whole row cannot follow them:
+
+    * multimodal rotary positions computed from the token ids (Qwen2-VL, Qwen2.5-VL: ``get_rope_index``), which
+      in a shared row would number the responses one after the other;
+    * per-token type ids (Gemma 3, PaliGemma: ``token_type_ids``) from which the model builds its own attention
+      between image tokens, which the layout's block masks do not carry."""
+    if any(callable(getattr(m, "get_rope_index", None)) for m in model.modules()):
+        return ("its multimodal rotary positions are computed from the token ids of whole rows by get_rope_index, "
+                "not taken from the layout's position ids")
+    keys = sorted({key for e in examples for key in getattr(e, "per_token", {})})
+    if keys:
+        return f"its image tokens attend by per-token inputs ({', '.join(keys)}) that the layout's masks do not carry"
+    return None
 
 
 def vision_tower_names(model: nn.Module) -> list[str]:

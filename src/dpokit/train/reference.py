@@ -3,8 +3,9 @@ computed once (by all processes, each on its share) and cached on disk.
 
 The cache is keyed by a fingerprint of everything the numbers depend on: the reference weights (every
 tensor's bytes, dtype and shape), the tokenizer's vocabulary and special tokens, the exact token ids of every
-example (which covers the data and every tokenisation setting) and how log-probs are computed. Change any of
-them and the fingerprint changes, so a stale cache can never be used silently.
+example (which covers the data and every tokenisation setting), the image inputs of image examples (the
+pixel values the processor gave: an image's tokens do not change with its pixels) and how log-probs are
+computed. Change any of them and the fingerprint changes, so a stale cache can never be used silently.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from dpokit.errors import TrainingError
 from dpokit.train.rundir import apply_umask, disk_full
 from dpokit.data.sharded import examples_digest
 from dpokit.data.tokenize import TokenizedExample
+from dpokit.data.vision import has_vision, vision_digest
 
 CACHE_FORMAT = 1
 
@@ -104,6 +106,8 @@ def fingerprint(weights: str, tokenizer: PreTrainedTokenizerBase, examples: Sequ
     vocab = sorted(tokenizer.get_vocab().items())
     digest.update(json.dumps([vocab, tokenizer.all_special_tokens]).encode())
     digest.update(examples_digest(examples).encode())
+    if has_vision(examples):  # an image's tokens are the same whatever its pixels: its inputs are keyed too
+        digest.update(vision_digest(examples).encode())
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()
 
