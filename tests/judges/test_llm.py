@@ -3,12 +3,15 @@ read from the next-token probabilities of the label tokens, checked against the 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from dpokit.errors import ConfigError
 from dpokit.judges.llm import first_preferences, judge_input_ids, label_token_ids, llm_judge
-from dpokit.judges.pairwise import DEFAULT_TEMPLATE, fill_template
+from dpokit.data.records import ToolPrompt
+from dpokit.judges.pairwise import DEFAULT_TEMPLATE, fill_template, judge_prompt_text, prompt_text
 from dpokit.judges.loader import load_pairwise_judge
 from helpers import make_llama, make_tokenizer
 
@@ -77,3 +80,48 @@ def test_a_judge_without_a_chat_template_reads_the_raw_question_and_long_inputs_
         first_preferences(model, tokenizer, DEFAULT_TEMPLATE, ["the film"], ["a"], ["b"])
     with pytest.raises(ConfigError, match="no single token for the answer"):
         label_token_ids(tokenizer, "Z" * 40)
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",
+                                            "parameters": {"type": "object",
+                                                           "properties": {"city": {"type": "string"}}}}}
+CLOCK = {"name": "get_time", "description": "the time now", "parameters": {"type": "object", "properties": {}}}
+
+
+def test_a_prompt_offered_tools_is_shown_to_the_judge_with_them(judge_dir):
+    from dpokit.models.loading import load_model, load_tokenizer
+
+    tokenizer, model = load_tokenizer(judge_dir), load_model(judge_dir)
+    messages = [{"role": "user", "content": "the weather in Paris"}]
+    offered = ToolPrompt(messages, [WEATHER, CLOCK])
+    shown = judge_prompt_text(offered)
+    assert shown == ("the weather in Paris\n\nTools available to the assistant:\n" + json.dumps(WEATHER) + "\n"
+                     + json.dumps(CLOCK))
+    first = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    question = tokenizer.decode(judge_input_ids(tokenizer, DEFAULT_TEMPLATE, offered, first, "it is sunny"))
+    assert f"Query: {shown}\n\nResponse A:\n{first}" in question  # every schema in full, in the question
+    # the verdict is the judge's answer to that question (its chat template gets no tools: they are the text's);
+    # one short schema, so that the question fits the tiny judge's 512 positions
+    clock = ToolPrompt(messages, [CLOCK])
+    (verdict,) = first_preferences(model, tokenizer, DEFAULT_TEMPLATE, [clock], ["get_time"], ["it is sunny"])
+    assert verdict == pytest.approx(_by_hand(model, tokenizer, judge_prompt_text(clock), "get_time", "it is sunny"),
+                                    abs=1e-5)
+    (bare,) = first_preferences(model, tokenizer, DEFAULT_TEMPLATE, [messages], ["get_time"], ["it is sunny"])
+    assert abs(verdict - bare) > 1e-4, (verdict, bare)
+    # no tools: the question is what it always was
+    for prompt in (messages, ToolPrompt(messages, None), ToolPrompt(messages, []), "the film"):
+        assert judge_prompt_text(prompt) == prompt_text(prompt)
+        assert judge_input_ids(tokenizer, DEFAULT_TEMPLATE, prompt, "a", "b") == judge_input_ids(
+            tokenizer, DEFAULT_TEMPLATE, list(prompt) if isinstance(prompt, list) else prompt, "a", "b")
+    assert "Tools available" not in tokenizer.decode(judge_input_ids(tokenizer, DEFAULT_TEMPLATE, messages, "a", "b"))
+
+
+def test_the_judge_reads_a_conversations_tool_calls_and_results():
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    conversation = ToolPrompt([{"role": "user", "content": "the weather in Paris"},
+                               {"role": "assistant", "content": "", "tool_calls": [call]},
+                               {"role": "tool", "content": "sunny"}], [WEATHER])
+    assert judge_prompt_text(conversation) == (
+        "user: the weather in Paris\n\nassistant:\ntool call: "
+        '{"name": "get_weather", "arguments": {"city": "Paris"}}\n\ntool: sunny'
+        "\n\nTools available to the assistant:\n" + json.dumps(WEATHER))

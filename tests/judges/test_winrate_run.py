@@ -93,6 +93,38 @@ def test_an_llm_judge_with_a_template_of_ones_own(models, prompts_file, tmp_path
     assert all(0 < p < 1 for p in preferences) and len(set(preferences)) == 3  # probabilities, not verdicts
 
 
+def test_an_llm_judge_is_shown_the_tools_a_prompt_offers(tmp_path, capsys, monkeypatch):
+    from dpokit.judges import llm
+
+    clock = {"name": "get_time", "description": "the time now", "parameters": {"type": "object", "properties": {}}}
+    tokenizer = make_tokenizer(chat_template="tools")  # the models sample with the tools rendered
+    for name, seed in (("a", 0), ("b", 1)):
+        make_llama(vocab_size=len(tokenizer), seed=seed).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "the time now", "tools": [clock]}) + "\n"
+                       + json.dumps({"prompt": "the film was"}) + "\n")
+    questions = []
+
+    def spy(tokenizer, template, prompt, first, second):  # the real question, recorded as the judge reads it
+        ids = judge_input_ids(tokenizer, template, prompt, first, second)
+        questions.append(tokenizer.decode(ids))
+        return ids
+
+    judge_input_ids = llm.judge_input_ids
+    monkeypatch.setattr(llm, "judge_input_ids", spy)
+    out = tmp_path / "out"
+    assert main(["winrate", "--model", str(tmp_path / "a"), "--baseline", str(tmp_path / "b"), "--prompts",
+                 str(prompts), "--judge", f"llm:{tmp_path / 'a'}", "--no-both-orders", "--max-new-tokens", "4",
+                 "--resamples", "20", "--json", "--output", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["n"] == 2  # after any library's warnings
+    with_tools = [q for q in questions if "Query: the time now" in q]
+    assert with_tools and all(f"Tools available to the assistant:\n{json.dumps(clock)}" in q for q in with_tools)
+    assert not any("Tools available" in q for q in questions if "Query: the film was" in q)
+    rows = [json.loads(line) for line in (out / "winrate.jsonl").read_text().splitlines()]
+    assert rows[0]["tools"] == [clock] and "tools" not in rows[1]  # the records say what the judge was shown
+
+
 def test_bad_input_is_one_line_naming_the_cause(models, tmp_path, capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
     prompts = tmp_path / "prompts.txt"

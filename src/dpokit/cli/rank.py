@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from dpokit.cli.options import add_options
-from dpokit.cli.score import run_scoring
+from dpokit.cli.score import given_tools, run_scoring
 from dpokit.config.eval import RankConfig
 
 
@@ -21,7 +21,7 @@ def ranked_row(index: int, row, results) -> dict:
     order = ranking(results)
     ranked = [{"response_index": j, "response": row.given_responses[j], **results[j].row()} for j in order]
     best = order[0] if results[order[0]].reward is not None else None
-    return {"index": index, "prompt": row.given_prompt,
+    return {"index": index, "prompt": row.given_prompt, **given_tools(row),
             "best": None if best is None else row.given_responses[best],
             "best_index": best, "best_reward": None if best is None else results[best].reward,
             "ranking": ranked}
@@ -49,6 +49,8 @@ def add_command(commands) -> None:
         epilog="Writes one JSON line per input row, in order: index, prompt, best (the response with the highest "
                "implicit reward), best_index, best_reward, and ranking: every response, best first, with its "
                "response_index, reward, logp_policy, logp_reference, response_tokens and prompt_truncated (a "
-               "response too long to score comes last, with reward null and 'skipped' saying why).")
+               "response too long to score comes last, with reward null and 'skipped' saying why). A row's 'tools' "
+               "(tool schemas) are rendered with its conversation by the chat template, as in training, and "
+               "written back after the prompt.")
     add_options(parser, RankConfig, "rank")
     parser.set_defaults(func=_run)

@@ -34,6 +34,18 @@ def logger(config: ScoringOptions):
     return lambda line: print(line, file=stream, flush=True)
 
 
+def row_tools(rows) -> list:
+    """The tool schemas of every response of `rows` (its row's, None for none), flattened in order: the chat
+    template renders them with the conversation, as training renders a row's tools column."""
+    return [row.tools for row in rows for _ in row.responses]
+
+
+def given_tools(row) -> dict:
+    """``{"tools": [...]}`` for an output row whose input row had tools, else nothing: the output says what was
+    scored, and rows without tools are written as before."""
+    return {"tools": row.tools} if row.tools else {}
+
+
 def score_rows(config: ScoringOptions, rows, log) -> list:
     """The ImplicitReward of every response of `rows` (dpokit.data.responses.ResponseRow), flattened in order; the
     ModelReward (dpokit.eval.reward_scoring) when --model is a reward model."""
@@ -51,7 +63,7 @@ def score_rows(config: ScoringOptions, rows, log) -> list:
     responses = [r for row in rows for r in row.responses]
     sources = [s for row in rows for s in row.response_sources()]
     results = implicit_rewards(policy, reference, tokenizer, prompts, responses, config.beta, settings=settings,
-                               batch_size=config.batch_size, sources=sources, progress=True)
+                               batch_size=config.batch_size, sources=sources, tools=row_tools(rows), progress=True)
     skipped = [s for s, r in zip(sources, results) if r.skipped is not None]
     truncated = sum(r.prompt_truncated for r in results)
     log(f"scored {len(results) - len(skipped)} of {len(results)} responses (β={config.beta})"
@@ -71,7 +83,7 @@ def _reward_model_rows(config: ScoringOptions, rows, settings, device, log) -> l
     sources = [s for row in rows for s in row.response_sources()]
     results = model_rewards(model, tokenizer, [row.prompt for row in rows for _ in row.responses],
                             [r for row in rows for r in row.responses], settings=settings,
-                            batch_size=config.batch_size, sources=sources, progress=True)
+                            batch_size=config.batch_size, sources=sources, tools=row_tools(rows), progress=True)
     skipped = [s for s, r in zip(sources, results) if r.skipped is not None]
     log(f"scored {len(results) - len(skipped)} of {len(results)} responses with the reward model {config.model}"
         + (f"; skipped {len(skipped)}, written with reward null (e.g. {', '.join(skipped[:3])})" if skipped else ""))
@@ -116,8 +128,8 @@ def run_scoring(args: argparse.Namespace, read: Callable[..., list],
 
 
 def _scored_rows(rows, results) -> Iterable[dict]:
-    return ({"index": i, "prompt": row.given_prompt, "response": row.given_responses[0], **result.row()}
-            for i, (row, result) in enumerate(zip(rows, results)))
+    return ({"index": i, "prompt": row.given_prompt, **given_tools(row), "response": row.given_responses[0],
+             **result.row()} for i, (row, result) in enumerate(zip(rows, results)))
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -135,6 +147,8 @@ def add_command(commands) -> None:
         epilog="Writes one JSON line per input row, in order: index, prompt, response, reward, logp_policy, "
                "logp_reference (summed over the response tokens, EOS included), response_tokens, prompt_truncated; "
                "a row too long to score has reward null and 'skipped' saying why. With a reward model as --model "
-               "(no --ref-model): index, prompt, response, reward, response_tokens, prompt_truncated.")
+               "(no --ref-model): index, prompt, response, reward, response_tokens, prompt_truncated. A row's 'tools' "
+               "(tool schemas) are rendered with its conversation by the chat template, as in training, and "
+               "written back after the prompt.")
     add_options(parser, ScoreConfig, "score")
     parser.set_defaults(func=_run)

@@ -3,6 +3,8 @@ and its candidate responses), validated with the same rules and messages as trai
 
 A prompt is a string (may be empty) or a non-empty list of chat messages; a response to a string prompt is a
 non-empty string, a response to a chat prompt a string, an assistant message or a list of assistant messages.
+A row may carry a ``tools`` column (tool schemas, read and checked as training reads them:
+dpokit.data.messages.read_tools), which the chat template renders with the conversation.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 from dpokit.data.formats import ColumnMap, _prompt, _response, _type_name
 from dpokit.data.images import refuse_images
+from dpokit.data.messages import read_tools
 from dpokit.data.records import Text
 from dpokit.data.sources import read_rows
 from dpokit.errors import DataError
@@ -22,7 +25,7 @@ from dpokit.errors import DataError
 @dataclass(frozen=True)
 class ResponseRow:
     """One row: its prompt and responses as tokenisation takes them, the values as the row gave them (written
-    back to the output unchanged) and the row's provenance ("data.jsonl:12")."""
+    back to the output unchanged), the row's provenance ("data.jsonl:12") and its tool schemas (None: no tools)."""
 
     prompt: Text
     responses: tuple[Text, ...]
@@ -30,6 +33,7 @@ class ResponseRow:
     given_responses: tuple[Any, ...]
     source: str
     list_column: str | None = None  # the column of a candidate list (rank); None: one response (score)
+    tools: list[dict] | None = None
 
     def response_sources(self) -> list[str]:
         """A distinct name for each response, for error messages ("data.jsonl:3 responses[1]")."""
@@ -39,33 +43,37 @@ class ResponseRow:
 
 
 def _prompted_rows(spec: str | os.PathLike, split: str, prompt_column: str, fmt: str
-                   ) -> Iterator[tuple[dict, str, Text]]:
-    """Each row of `spec` with its provenance and its checked prompt; a data set without rows is an error."""
+                   ) -> Iterator[tuple[dict, str, Text, list[dict] | None]]:
+    """Each row of `spec` with its provenance, its checked prompt and its tools; a data set without rows is an
+    error."""
     columns = ColumnMap(prompt=prompt_column)
     count = 0
     for row, prov in read_rows(spec, split):
         count += 1
         refuse_images(row, prov, fmt)  # fmt: "score" or "rank", the command
-        yield row, prov, _prompt(row, prov, columns, conversational=None, fmt=fmt)
+        prompt = _prompt(row, prov, columns, conversational=None, fmt=fmt)
+        yield row, prov, prompt, read_tools(row.get(columns.tools), columns.tools, prov)
     if count == 0:
         raise DataError(f"{os.fspath(spec)}: the data set has no rows")
 
 
 def read_responses(spec: str | os.PathLike, *, split: str = "train", column: str = "response",
                    prompt_column: str = "prompt") -> list[ResponseRow]:
-    """Rows ``{"prompt", "response"}`` of `spec` (any file or data set dpokit reads), one response each."""
+    """Rows ``{"prompt", "response"}`` (and optionally ``"tools"``) of `spec` (any file or data set dpokit reads),
+    one response each."""
     out = []
-    for row, prov, prompt in _prompted_rows(spec, split, prompt_column, "score"):
+    for row, prov, prompt, tools in _prompted_rows(spec, split, prompt_column, "score"):
         response = _response(row, column, prov, conversational=isinstance(prompt, list), fmt="score")
-        out.append(ResponseRow(prompt, (response,), row[prompt_column], (row[column],), prov))
+        out.append(ResponseRow(prompt, (response,), row[prompt_column], (row[column],), prov, tools=tools))
     return out
 
 
 def read_candidates(spec: str | os.PathLike, *, split: str = "train", column: str = "responses",
                     prompt_column: str = "prompt") -> list[ResponseRow]:
-    """Rows ``{"prompt", "responses": [...]}`` of `spec`, one or more candidate responses each."""
+    """Rows ``{"prompt", "responses": [...]}`` (and optionally ``"tools"``) of `spec`, one or more candidate
+    responses each."""
     out = []
-    for row, prov, prompt in _prompted_rows(spec, split, prompt_column, "rank"):
+    for row, prov, prompt, tools in _prompted_rows(spec, split, prompt_column, "rank"):
         given = row.get(column)
         if column not in row:
             raise DataError(f"{prov}: missing field {column!r} (rank format)")
@@ -76,5 +84,5 @@ def read_candidates(spec: str | os.PathLike, *, split: str = "train", column: st
         chat = isinstance(prompt, list)
         responses = tuple(_response({f"{column}[{j}]": r}, f"{column}[{j}]", prov, conversational=chat, fmt="rank")
                           for j, r in enumerate(given))
-        out.append(ResponseRow(prompt, responses, row[prompt_column], tuple(given), prov, column))
+        out.append(ResponseRow(prompt, responses, row[prompt_column], tuple(given), prov, column, tools))
     return out

@@ -1,8 +1,8 @@
 """A reward model's score of responses: r(x, y), the one output of a sequence classifier (`dpokit reward`'s output,
 or any one-output ``AutoModelForSequenceClassification``) read at the last token of prompt + response that is not
 padding (dpokit.models.rewards). Each (prompt, response) is tokenised as `dpokit reward` trains on it (as dpokit
-tokenises a completion: chat template, prompt truncation, EOS after the response), so that the two rewards of a
-pair here are the rewards/chosen and rewards/rejected of its training metrics."""
+tokenises a completion: chat template with the prompt's tools, prompt truncation, EOS after the response), so
+that the two rewards of a pair here are the rewards/chosen and rewards/rejected of its training metrics."""
 
 from __future__ import annotations
 
@@ -44,15 +44,16 @@ class ModelReward:
 def model_rewards(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Text],
                   responses: Sequence[Text], *, settings: TokenizeConfig | None = None, batch_size: int = 16,
                   layout: str = "packed", sources: Sequence[str] | None = None,
-                  progress: bool = False) -> list[ModelReward]:
+                  tools: Sequence[list[dict] | None] | None = None, progress: bool = False) -> list[ModelReward]:
     """The reward of each response y to its prompt x under the reward model `model` (on the device it is to run
     on), in input order; responses that do not fit are returned with ``skipped`` set (or a DataError with
     ``settings.on_filtered == "error"``). `batch_size` responses at a time, shortest first, in `layout` (the plain
-    layout where the model does not give the same rewards with it)."""
+    layout where the model does not give the same rewards with it). `tools`: the tool schemas each prompt is
+    offered, rendered by the chat template (default: a ToolPrompt's own; dpokit.eval.scoring.tokenize_responses)."""
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     settings = settings or TokenizeConfig()
-    examples, _, records = tokenize_responses(tokenizer, prompts, responses, settings, sources)
+    examples, _, records = tokenize_responses(tokenizer, prompts, responses, settings, sources, tools)
     kept = sorted((i for i, e in enumerate(examples) if e is not None), key=lambda i: examples[i].length)
     scorer = model if isinstance(model, Scorer) else Scorer(model)
     device = next(scorer.parameters()).device

@@ -7,7 +7,8 @@ is the reward model's, while the rewards of responses to different prompts are n
 The log-probs are dpokit's own (tokenize.py, batching.py, logprobs.py): each (prompt, response) is tokenised under
 the rules dpokit dpo trains with (chat template, EOS, prompt truncation) and its response tokens are summed exactly
 as dpokit eval sums them, so a pair's two rewards here are the rewards/chosen and rewards/rejected dpokit eval
-averages, and their order is its rewards/accuracies.
+averages, and their order is its rewards/accuracies. A prompt's tools (a data set's ``tools`` column, or a
+ToolPrompt's) go to the chat template with the conversation, as in training.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dpokit.config import Default
 from dpokit.config.data import TokenizeOptions
 from dpokit.config.loss import LossOptions
 from dpokit.config.options import check_options, defaults_of
-from dpokit.data.records import Completion, Text
+from dpokit.data.records import Completion, Text, tools_of
 from dpokit.train.engine import Scorer
 from dpokit.errors import ConfigError, DataError
 from dpokit.models.logprobs import check_layout
@@ -90,19 +91,35 @@ def _truncated(example: TokenizedExample, record: Completion, tokenizer: PreTrai
     return len(prompt_token_ids(tokenizer, prompt, record.source, record.tools)) > settings.max_prompt_length
 
 
+def per_input_tools(prompts: Sequence[Text], tools: Sequence[list[dict] | None] | None
+                    ) -> list[list[dict] | None]:
+    """The tool schemas of each input: `tools` (one entry per prompt, None for none) when given, else each
+    prompt's own (a ToolPrompt's, :func:`dpokit.data.records.tools_of`)."""
+    if tools is None:
+        return [tools_of(p) for p in prompts]
+    if len(tools) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(tools)} tools entries")
+    return [t or None for t in tools]
+
+
 def tokenize_responses(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Text], responses: Sequence[Text],
-                       settings: TokenizeConfig, sources: Sequence[str] | None = None
+                       settings: TokenizeConfig, sources: Sequence[str] | None = None,
+                       tools: Sequence[list[dict] | None] | None = None
                        ) -> tuple[list[TokenizedExample | None], FilterReport, list[Completion]]:
     """Tokenise each (prompt, response) as dpokit tokenises a completion: one example per input, None where it
     was filtered (too long after prompt truncation; counted in the returned report). `sources` name the inputs
-    in error messages (default ``"response I"``) and must be distinct."""
+    in error messages (default ``"response I"``) and must be distinct. `tools`: the tool schemas each prompt is
+    offered, rendered by the chat template as training renders a row's tools column (default: the prompts'
+    own, :func:`per_input_tools`)."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     sources = list(sources) if sources is not None else [f"response {i}" for i in range(len(prompts))]
     where = {source: i for i, source in enumerate(sources)}
     if len(where) != len(sources) or len(sources) != len(prompts):
         raise ValueError("sources must name every (prompt, response) once")
-    records = [Completion(p, r, s) for p, r, s in zip(prompts, responses, sources)]
+    # a ToolPrompt is handed on as the plain list it is: the record carries its tools, as a data set's row does
+    records = [Completion(list(p) if isinstance(p, list) else p, r, s, tools=t)
+               for p, r, s, t in zip(prompts, responses, sources, per_input_tools(prompts, tools))]
     report = FilterReport()
     examples: list[TokenizedExample | None] = [None] * len(records)
     for arrays in tokenize_arrays(records, tokenizer, settings, report, description="tokenising"):
@@ -137,7 +154,8 @@ def implicit_rewards(policy: nn.Module, reference: nn.Module, tokenizer: PreTrai
                      prompts: Sequence[Text], responses: Sequence[Text], beta: float = BETA, *,
                      settings: TokenizeConfig | None = None, batch_size: int = 16, layout: str = "packed",
                      verify_layout: bool = True, sources: Sequence[str] | None = None,
-                     progress: bool = False) -> list[ImplicitReward]:
+                     tools: Sequence[list[dict] | None] | None = None, progress: bool = False
+                     ) -> list[ImplicitReward]:
     """The implicit reward β·(log π(y|x) − log π_ref(y|x)) of each response y to its prompt x, in input order.
 
     `policy` and `reference` are causal LMs (or dpokit Scorers) on the devices they are to run on; prompts and
@@ -146,13 +164,14 @@ def implicit_rewards(policy: nn.Module, reference: nn.Module, tokenizer: PreTrai
     ``skipped`` set, unless ``settings.on_filtered == "error"``, which raises DataError. Sequences are scored
     `batch_size` at a time, shortest first (less padding), in `layout` (see dpokit.data.batching; the plain layout
     where a model does not support it; `verify_layout` False skips asking the models, for a caller that has).
+    `tools`: the tool schemas each prompt is offered (default: a ToolPrompt's own; see :func:`tokenize_responses`).
     """
     if not beta > 0:
         raise ConfigError(f"beta must be positive, got {beta}")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     settings = settings or TokenizeConfig()
-    examples, report, records = tokenize_responses(tokenizer, prompts, responses, settings, sources)
+    examples, report, records = tokenize_responses(tokenizer, prompts, responses, settings, sources, tools)
     kept = sorted((i for i, e in enumerate(examples) if e is not None), key=lambda i: examples[i].length)
     policy, reference = _scorer(policy), _scorer(reference)
     modes = policy.model.training, reference.model.training  # the models' own: a fresh Scorer says training
@@ -255,7 +274,8 @@ class ImplicitJudge:
         return self.continuations([""] * len(texts), texts)
 
     def continuations(self, prompts: Sequence[Text], continuations: Sequence[Text]) -> list[float]:
-        """The implicit reward of each continuation given its prompt."""
+        """The implicit reward of each continuation given its prompt (and the tools of a ToolPrompt, rendered by
+        the chat template)."""
         scored = implicit_rewards(self.policy, self.reference, self.tokenizer, prompts, continuations, self.beta,
                                   settings=self.settings, batch_size=self.batch_size, layout=self.layout,
                                   verify_layout=False)

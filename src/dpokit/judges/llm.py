@@ -3,7 +3,8 @@ and its answer is read from the probabilities of its next token, never parsed fr
 
 The question is a template (:data:`dpokit.judges.pairwise.DEFAULT_TEMPLATE`, or ``--judge-template FILE``) filled with
 the prompt and the two responses, sent as one user turn through the judge's chat template with its generation
-prompt (a tokenizer without a chat template gets the filled template as raw text). The judge's preference for
+prompt (a tokenizer without a chat template gets the filled template as raw text). A prompt offered tools is
+filled in with them (dpokit.judges.pairwise.judge_prompt_text). The judge's preference for
 the first response is P(A) / (P(A) + P(B)) at the next position, where P(A) sums the probabilities of the
 single-token spellings of the label ("A" and " A"). With ``both_orders`` it is also asked with the responses
 swapped, and the two answers are averaged, so that a judge that favours a position cancels out.
@@ -17,7 +18,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dpokit.errors import ConfigError
-from dpokit.judges.pairwise import PairwiseJudge, fill_template, prompt_text
+from dpokit.judges.pairwise import PairwiseJudge, fill_template, judge_prompt_text
 from dpokit.data.prompts import Prompt
 from dpokit.data.chat import has_chat_template, prompt_token_ids, user_turn
 
@@ -40,8 +41,10 @@ def label_token_ids(tokenizer: PreTrainedTokenizerBase, label: str) -> list[int]
 def judge_input_ids(tokenizer: PreTrainedTokenizerBase, template: str, prompt: Prompt, first: str,
                     second: str) -> list[int]:
     """The token ids the judge reads: the filled template as a user turn through the chat template (with the
-    generation prompt, so the next token is the answer), or as raw text when the tokenizer has no template."""
-    text = fill_template(template, prompt_text(prompt), first, second)
+    generation prompt, so the next token is the answer), or as raw text when the tokenizer has no template. The
+    prompt's tools, if it has any, are shown with it (they belong to the question, not to the judge's own chat
+    template: the judge is not offered them)."""
+    text = fill_template(template, judge_prompt_text(prompt), first, second)
     return prompt_token_ids(tokenizer, user_turn(text) if has_chat_template(tokenizer) else text, "judge prompt")
 
 

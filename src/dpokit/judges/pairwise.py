@@ -10,6 +10,8 @@ NaN means the judge could not judge that pair. Two kinds:
   the response given its prompt for a judge that can (the implicit reward).
 * ``llm:PATH`` - a local instruction-tuned causal LM asked which response is better
   (:func:`dpokit.judges.llm.llm_judge`), with the prompt :data:`DEFAULT_TEMPLATE` or a template of your own.
+  A prompt offered tools (a ToolPrompt: a --prompts object with ``tools``) is shown to it with those tools
+  (:func:`judge_prompt_text`), since a tool call cannot be judged without the tools it calls.
 
 :func:`load_pairwise_judge` builds one from a spec string. This module imports neither torch nor transformers,
 so that the command line can show the default template at once.
@@ -17,6 +19,7 @@ so that the command line can show the default template at once.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -25,6 +28,7 @@ from pathlib import Path
 from dpokit.errors import ConfigError
 from dpokit.judges.pointwise import judge_continuations
 from dpokit.data.prompts import Prompt
+from dpokit.data.records import tools_of
 
 PairwiseJudge = Callable[[Sequence[Prompt], Sequence[str], Sequence[str]], list[float]]
 
@@ -47,14 +51,43 @@ PLACEHOLDERS = ("prompt", "response_a", "response_b")
 _PLACEHOLDER = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")
 
 
+TOOLS_HEADING = "Tools available to the assistant:"
+"""The line before the tool schemas in a judge's prompt (:func:`judge_prompt_text`)."""
+
+
+def _message_text(message: dict) -> str:
+    """One message as ``role: content``, an assistant's tool calls after its text as ``tool call: {...}`` lines
+    (the function's name and arguments as JSON). A message without tool calls reads as it always did."""
+    calls = message.get("tool_calls") or ()
+    if not calls:
+        return f"{message['role']}: {message['content']}"
+    lines = [f"{message['role']}: {message.get('content') or ''}".rstrip()]  # a call-only turn has no text
+    for call in calls:
+        function = call.get("function", call) if isinstance(call, dict) else call
+        lines.append(f"tool call: {json.dumps(function, ensure_ascii=False, default=str)}")
+    return "\n".join(lines)
+
+
 def prompt_text(prompt: Prompt) -> str:
-    """A prompt as one string: plain text as it is; chat messages as ``role: content`` paragraphs, or the
-    content alone for a conversation of a single user turn."""
+    """A prompt as one string: plain text as it is; chat messages as ``role: content`` paragraphs (an assistant
+    turn's tool calls included), or the content alone for a conversation of a single user turn."""
     if isinstance(prompt, str):
         return prompt
     if len(prompt) == 1 and prompt[0].get("role") == "user":
         return str(prompt[0]["content"])
-    return "\n\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+    return "\n\n".join(_message_text(m) for m in prompt)
+
+
+def judge_prompt_text(prompt: Prompt) -> str:
+    """What an LLM judge is shown as the prompt: :func:`prompt_text`, and when the prompt is offered tools (a
+    ToolPrompt's, :func:`dpokit.data.records.tools_of`) a block after it, :data:`TOOLS_HEADING` and each tool
+    schema as one line of JSON. A prompt without tools is shown exactly as :func:`prompt_text` gives it."""
+    text = prompt_text(prompt)
+    tools = tools_of(prompt)
+    if not tools:
+        return text
+    schemas = "\n".join(json.dumps(tool, ensure_ascii=False, default=str) for tool in tools)
+    return f"{text}\n\n{TOOLS_HEADING}\n{schemas}"
 
 
 def pointwise_text(prompt: Prompt, response: str) -> str:

@@ -18,6 +18,7 @@ from dpokit.errors import ConfigError, DpokitError
 from dpokit.eval.generation import render_prompts, sample
 from dpokit.judges.pairwise import PairwiseJudge
 from dpokit.data.prompts import Prompt
+from dpokit.data.records import tools_of
 from dpokit.judges.winrate import Judged, compare, summarise
 
 
@@ -70,13 +71,16 @@ def sample_responses(path: str, prompts: Sequence[Prompt], temperatures: Sequenc
 def write_records(path: Path, prompts: Sequence[Prompt], names: Sequence[str], temperature: float,
                   model_responses: Sequence[str], baseline_responses: Sequence[str], judged: Sequence[Judged],
                   append: bool) -> None:
-    """One JSON line per prompt: the prompt, both responses, the order shown, the judge's preference for the
-    first response and the model's outcome ("win", "loss", "tie", or "skipped" with the judge's error)."""
+    """One JSON line per prompt: the prompt (and the tools it offers, if any), both responses, the order shown,
+    the judge's preference for the first response and the model's outcome ("win", "loss", "tie", or "skipped"
+    with the judge's error)."""
     words = {1.0: "win", 0.0: "loss", 0.5: "tie", None: "skipped"}
     with open(path, "a" if append else "w", encoding="utf-8") as handle:
         for i, j in enumerate(judged):
+            tools = tools_of(prompts[i])  # a ToolPrompt is written as its messages: its tools go beside them
             row = {"temperature": temperature, "prompt_index": i, "where": names[i], "prompt": prompts[i],
-                   "model_response": model_responses[i], "baseline_response": baseline_responses[i],
+                   **({"tools": tools} if tools else {}), "model_response": model_responses[i],
+                   "baseline_response": baseline_responses[i],
                    "shown_first": "model" if j.model_first else "baseline",
                    "first_preferred": None if j.error else j.preference, "outcome": words[j.outcome]}
             if j.error:
