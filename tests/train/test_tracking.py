@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -24,24 +25,33 @@ TRACKERS = [t for t in ("tensorboard", "wandb", "mlflow", "trackio", "comet_ml")
 
 
 @pytest.fixture(scope="module")
-def tracked(tmp_path_factory, tiny_model_dir, sentiment_data):
-    """The output directory of a run that reported to every tracker installed, and its metrics.jsonl rows."""
-    from dpokit.train.run import train_dpo
-
+def stores(tmp_path_factory):
+    """A directory for the trackers' local stores, set in the environment for this module: W&B offline, MLflow's
+    file store, trackio's store; each run's Comet archives go where its fixture says (COMET_OFFLINE_DIRECTORY)."""
     root = tmp_path_factory.mktemp("tracking")
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true",
            "MLFLOW_TRACKING_URI": f"file:{root / 'mlruns'}",
            "MLFLOW_ALLOW_FILE_STORE": "true", "TRACKIO_DIR": str(root / "trackio"),
-           "COMET_START_ONLINE": "false", "COMET_OFFLINE_DIRECTORY": str(root / "comet")}
+           "COMET_START_ONLINE": "false"}
     with pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():
             patch.setenv(key, value)
-        config = TrainConfig(model=tiny_model_dir, data=sentiment_data["train"], eval_data=sentiment_data["eval"],
-                             output=str(root / "run"), report_to=",".join(TRACKERS) or "none", project=PROJECT,
-                             run_name="tiny", batch_size=4, eval_batch_size=16, max_steps=3, eval_every=2,
-                             lr=1e-3, warmup_steps=0, log_samples=2, log_sample_tokens=4, save_final=False)
-        train_dpo(config)
-        yield root, read_metrics(root / "run" / "metrics.jsonl")
+        yield root, patch
+
+
+@pytest.fixture(scope="module")
+def tracked(stores, tiny_model_dir, sentiment_data):
+    """The output directory of a run that reported to every tracker installed, and its metrics.jsonl rows."""
+    from dpokit.train.run import train_dpo
+
+    root, patch = stores
+    patch.setenv("COMET_OFFLINE_DIRECTORY", str(root / "comet"))
+    config = TrainConfig(model=tiny_model_dir, data=sentiment_data["train"], eval_data=sentiment_data["eval"],
+                         output=str(root / "run"), report_to=",".join(TRACKERS) or "none", project=PROJECT,
+                         run_name="tiny", batch_size=4, eval_batch_size=16, max_steps=3, eval_every=2,
+                         lr=1e-3, warmup_steps=0, log_samples=2, log_sample_tokens=4, save_final=False)
+    train_dpo(config)
+    return root, read_metrics(root / "run" / "metrics.jsonl")
 
 
 def _losses(rows, split):
@@ -151,6 +161,195 @@ def test_comet_offline_archive_holds_the_loss_and_the_config(tracked):
         assert logged == pytest.approx(_losses(rows, split), abs=1e-6)
     assert {p["param"]["paramName"]: p["param"]["paramValue"] for p in payloads["parameter_msg"]}["lr"] == 0.001
     assert {"key": "Name", "value": "tiny"} in [{k: p[k] for k in ("key", "value")} for p in payloads["log_other"]]
+
+
+# --- a resumed run continues its tracker runs ---------------------------------------------------------------
+
+RESUMED = "dpokit-resume"  # the project of the resumed and overwritten runs
+
+
+def _train(root: Path, name: str, model: str, data: str, **values) -> Path:
+    """A tiny DPO run in root/name reporting to every tracker installed (no evaluation: only training rows)."""
+    from dpokit.train.run import train_dpo
+
+    train_dpo(TrainConfig(model=model, data=data, output=str(root / name), report_to=",".join(TRACKERS) or "none",
+                          project=RESUMED, run_name=name, batch_size=4, lr=1e-3, warmup_steps=0, save_every=2,
+                          save_final=False, **values))
+    return root / name
+
+
+@pytest.fixture(scope="module")
+def resumed(stores, tiny_model_dir, sentiment_data):
+    """A run of 3 steps whose last checkpoint is then deleted (as if killed after logging step 3, before saving
+    it), resumed from step 2 to 4: its directory, the tracker runs recorded before and after the resume, the
+    metrics rows before the resume and after it."""
+    from dpokit.train.tracker_runs import read_tracker_runs
+
+    root, patch = stores
+    patch.setenv("COMET_OFFLINE_DIRECTORY", str(root / "comet-resumed"))
+    output = _train(root, "resumed", tiny_model_dir, sentiment_data["train"], max_steps=3)
+    first, first_rows = read_tracker_runs(output), read_metrics(output / "metrics.jsonl")
+    shutil.rmtree(output / "checkpoint-000003")
+    _train(root, "resumed", tiny_model_dir, sentiment_data["train"], max_steps=4, resume=True)
+    return output, first, read_tracker_runs(output), first_rows, read_metrics(output / "metrics.jsonl")
+
+
+@pytest.fixture(scope="module")
+def overwritten(stores, tiny_model_dir, sentiment_data):
+    """The tracker runs recorded by a run of 1 step and by the run of 1 step that --overwrite puts in its place."""
+    from dpokit.train.tracker_runs import read_tracker_runs
+
+    root, patch = stores
+    patch.setenv("COMET_OFFLINE_DIRECTORY", str(root / "comet-overwritten"))
+    output = _train(root, "overwritten", tiny_model_dir, sentiment_data["train"], max_steps=1)
+    first = read_tracker_runs(output)
+    _train(root, "overwritten", tiny_model_dir, sentiment_data["train"], max_steps=1, overwrite=True)
+    return output, first, read_tracker_runs(output)
+
+
+def _train_losses(rows) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in rows if r["split"] == "train"]
+
+
+def _logged_again(resumed) -> list[tuple[int, float]]:
+    """The train losses a tracker that keeps every value got: steps 1-3 of the first run, then 3-4 of the resume."""
+    _, _, _, first_rows, rows = resumed
+    return _train_losses(first_rows) + [(s, v) for s, v in _train_losses(rows) if s >= 3]
+
+
+def _assert_logged(logged: list[tuple[int, float]], expected: list[tuple[int, float]]) -> None:
+    """The same steps in the same order, and the same values to 1e-6."""
+    assert [step for step, _ in logged] == [step for step, _ in expected]
+    assert [value for _, value in logged] == pytest.approx([value for _, value in expected], abs=1e-6)
+
+
+def test_a_resume_records_the_same_tracker_runs(resumed):
+    output, first, second, first_rows, rows = resumed
+    assert set(first) == set(TRACKERS) and second == first
+    assert [s for s, _ in _train_losses(first_rows)] == [1, 2, 3]
+    assert [s for s, _ in _train_losses(rows)] == [1, 2, 3, 4]
+
+
+def test_a_resumed_mlflow_run_is_one_run_with_steps_1_to_4(resumed):
+    mlflow = pytest.importorskip("mlflow")
+    output, first, _, _, rows = resumed
+    runs = mlflow.search_runs(experiment_names=[RESUMED], filter_string="tags.mlflow.runName = 'resumed'")
+    assert list(runs["run_id"]) == [first["mlflow"]["run_id"]] and runs["status"][0] == "FINISHED"
+    history = mlflow.MlflowClient().get_metric_history(first["mlflow"]["run_id"], "train/loss")
+    logged = [(m.step, m.value) for m in sorted(history, key=lambda m: (m.step, m.timestamp))]
+    _assert_logged(logged, _logged_again(resumed))  # MLflow keeps both values of step 3
+    # a parameter keeps its first value (MLflow cannot change one): the resume's max_steps 4 is not logged
+    assert runs["params.max_steps"][0] == "3" and runs["params.resume"][0] == "False"
+
+
+def test_a_resumed_wandb_run_keeps_its_id(resumed):
+    pytest.importorskip("wandb")
+    output, first, _, _, rows = resumed
+    files = sorted(glob.glob(str(output / "wandb" / "offline-run-*" / "run-*.wandb")))  # in start order
+    assert len(files) == 2 and all(f.endswith(f"-{first['wandb']['id']}.wandb") for f in files)
+    logged = []
+    for path in files:
+        for record in _wandb_records(path):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                assert (record.run.run_id, record.run.display_name) == (first["wandb"]["id"], "resumed")
+            elif kind == "history":
+                items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+                logged.append((items["_step"], items["train/loss"]))
+    _assert_logged(logged, _logged_again(resumed))
+
+
+def test_a_resumed_trackio_run_is_one_run_with_steps_1_to_4(resumed):
+    pytest.importorskip("trackio")
+    from trackio.sqlite_storage import SQLiteStorage
+
+    output, first, _, _, rows = resumed
+    if not str(SQLiteStorage.get_project_db_path(RESUMED)).startswith(str(output.parent)):
+        pytest.skip("trackio was imported before TRACKIO_DIR was set: its store is elsewhere")
+    records = [r for r in SQLiteStorage.get_run_records(RESUMED) if r["name"] == "resumed"]
+    assert [r["id"] for r in records] == [first["trackio"]["id"]]
+    logs = SQLiteStorage.get_logs(RESUMED, run_id=first["trackio"]["id"])
+    logged = [(e["step"], e["train/loss"]) for e in logs if "train/loss" in e]
+    _assert_logged(logged, _logged_again(resumed))  # trackio keeps both values of step 3
+    assert SQLiteStorage.get_run_config(RESUMED, run_id=first["trackio"]["id"])["max_steps"] == 4
+
+
+def test_a_resumed_tensorboard_run_shows_steps_1_to_4_once(resumed):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    output, first, _, _, rows = resumed
+    events = EventAccumulator(first["tensorboard"]["logging_dir"])
+    events.Reload()
+    assert len(glob.glob(f"{first['tensorboard']['logging_dir']}/events.out.tfevents.*")) == 2  # one per start
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    _assert_logged(logged, _train_losses(rows))  # the resume's step 3 replaces the first's
+
+
+def test_a_resumed_comet_experiment_keeps_its_key(resumed):
+    pytest.importorskip("comet_ml")
+    import zipfile
+
+    output, first, _, _, rows = resumed
+    logged = []
+    for archive in glob.glob(str(output.parent / "comet-resumed" / "*.zip")):
+        with zipfile.ZipFile(archive) as zipped:
+            assert json.loads(zipped.read("experiment.json"))["offline_id"] == first["comet_ml"]["experiment_key"]
+            messages = [json.loads(line) for line in zipped.read("messages.json").decode().splitlines()]
+        logged += [(m["payload"]["metric"]["step"], m["payload"]["metric"]["metricValue"]) for m in messages
+                   if m["type"] == "metric_msg" and m["payload"]["metric"]["metricName"] == "train/loss"]
+    _assert_logged(sorted(logged), sorted(_logged_again(resumed)))  # both archives hold step 3
+
+
+def test_overwrite_starts_new_tracker_runs(overwritten):
+    output, first, second = overwritten
+    assert set(first) == set(second) == set(TRACKERS)
+    for name in set(TRACKERS) - {"tensorboard"}:  # TensorBoard has no run id: its directory is the run's
+        assert first[name] != second[name], name
+    if "mlflow" in TRACKERS:
+        import mlflow
+
+        runs = mlflow.search_runs(experiment_names=[RESUMED], filter_string="tags.mlflow.runName = 'overwritten'")
+        assert sorted(runs["run_id"]) == sorted([first["mlflow"]["run_id"], second["mlflow"]["run_id"]])
+    if "wandb" in TRACKERS:
+        ids = {Path(p).name.rpartition("-")[2] for p in glob.glob(str(output / "wandb" / "offline-run-*"))}
+        assert ids == {first["wandb"]["id"], second["wandb"]["id"]}
+
+
+def test_a_fresh_run_without_trackers_forgets_the_recorded_ones(tmp_path):
+    from dpokit.train.tracker_runs import TRACKER_RUNS, read_tracker_runs, write_tracker_runs
+    from dpokit.train.tracking import Tracking
+
+    class NoTrackers:
+        is_main_process, log_with = True, []
+
+    write_tracker_runs(tmp_path, {"wandb": {"id": "abc"}})
+    assert read_tracker_runs(tmp_path) == {"wandb": {"id": "abc"}}
+    resume = TrainConfig(model="m", data="d", output=str(tmp_path), report_to="none", resume=True)
+    Tracking(NoTrackers(), resume).start({})
+    assert read_tracker_runs(tmp_path) == {"wandb": {"id": "abc"}}  # a resume without trackers keeps them
+    Tracking(NoTrackers(), TrainConfig(model="m", data="d", output=str(tmp_path), report_to="none")).start({})
+    assert not (tmp_path / TRACKER_RUNS).exists()
+
+
+def test_init_kwargs_continue_the_recorded_runs_and_choose_new_ones_otherwise(stores, tmp_path):
+    from dpokit.train.tracker_runs import init_kwargs
+
+    fresh = init_kwargs({}, "tiny", tmp_path)
+    assert fresh["mlflow"] == {"run_name": "tiny"} and fresh["tensorboard"] == {}
+    assert "resume" not in fresh["wandb"] and "resume" not in fresh["trackio"] and fresh["comet_ml"]["mode"] == "create"
+    assert fresh["wandb"]["id"] != init_kwargs({}, "tiny", tmp_path)["wandb"]["id"]
+    saved = {"wandb": {"id": "w1"}, "trackio": {"name": "first-name", "id": "t1"},
+             "comet_ml": {"experiment_key": "c" * 32}}
+    again = init_kwargs(saved, "tiny", tmp_path, resumed_step=500)
+    assert again["wandb"] == {"name": "tiny", "dir": str(tmp_path), "id": "w1", "resume": "allow"}
+    assert again["trackio"] == {"name": "first-name", "resume": "allow"}
+    assert again["comet_ml"] == {"experiment_key": "c" * 32, "mode": "get_or_create"}
+    assert again["tensorboard"] == {"purge_step": 501}
+    if "mlflow" in TRACKERS:  # a run the store does not hold (another MLFLOW_TRACKING_URI): a new run, said so
+        said = []
+        lost = init_kwargs({"mlflow": {"run_id": "0" * 32}}, "tiny", tmp_path, resumed_step=2, log=said.append)
+        assert lost["mlflow"] == {"run_name": "tiny"} and "is not in the tracking store" in said[0]
 
 
 # --- the options -------------------------------------------------------------------------------------------

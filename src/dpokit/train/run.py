@@ -283,7 +283,8 @@ def write_run_config(config: TrainConfig, resolved: Resolved) -> None:
 def _run(run: _Run, engine: Engine, objective, eval_objective) -> dict[str, float]:
     config = run.config
     tracking = start_tracking(run.accelerator, config, config_dict(config), engine.model, run.tokenizer,
-                              run.data.eval, sharded=shards_parameters(run.accelerator), log=run.log)
+                              run.data.eval, sharded=shards_parameters(run.accelerator), step=engine.step,
+                              log=run.log)
     try:
         metrics = train(engine, run.tokenizer, objective, run.data.train, run.data.eval, config,
                         eval_objective=eval_objective, tracking=tracking)

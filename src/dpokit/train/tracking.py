@@ -4,7 +4,8 @@ The Accelerator is created with the trackers `--report-to` names (:func:`acceler
 with its resolved config as hyperparameters (``init_trackers``), every metrics.jsonl row goes to them as well, at
 the same step, keys ``train/NAME`` and ``eval/NAME`` (dpokit.train.metrics.MetricsLogger calls :meth:`Tracking.log`),
 and each evaluation logs a table of a few held-out prompts with the policy's samples to the trackers that have
-tables (wandb, mlflow, trackio).
+tables (wandb, mlflow, trackio). A resumed run continues the tracker runs it started (their identities are kept in
+OUTPUT/tracker_runs.json: dpokit.train.tracker_runs).
 
 The samples are greedy (no random numbers are drawn, so a run samples and resumes to the same weights as without
 them) continuations of the evaluation set's own prompt token ids, exactly as training tokenised them (chat
@@ -15,7 +16,7 @@ Under FSDP2 and ZeRO-3 (the weights sharded over the processes) no table is logg
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -27,6 +28,8 @@ from dpokit.config import TrainConfig
 from dpokit.config.tracking import TABLE_TRACKERS, TrackingOptions
 from dpokit.data.chat import end_of_turn_id
 from dpokit.data.tokenize import TokenizedExample
+from dpokit.train.tracker_runs import (forget_tracker_runs, identities, init_kwargs, read_tracker_runs,
+                                       store_config, write_tracker_runs)
 
 SAMPLES = "samples"  # the table's name
 COLUMNS = ["step", "prompt", "sample"]
@@ -53,23 +56,41 @@ class Tracking:
     """A run's trackers (those of `accelerator`, from :func:`accelerator_options`) and what it samples for them."""
 
     def __init__(self, accelerator: Accelerator, config: TrainConfig, model: torch.nn.Module | None = None,
-                 tokenizer: PreTrainedTokenizerBase | None = None, prompts: Sequence[Sequence[int]] = ()) -> None:
+                 tokenizer: PreTrainedTokenizerBase | None = None, prompts: Sequence[Sequence[int]] = (),
+                 step: int = 0, log: Callable[[str], None] = print) -> None:
         self.accelerator = accelerator
         self.config = config
         self.model, self.tokenizer, self.prompts = model, tokenizer, list(prompts)
+        self.step = step  # where the run starts: a resumed run's checkpoint step
+        self.say = log  # a line for the user (self.log is the metrics' way to the trackers)
         self.started = False
 
     def start(self, hyperparameters: dict) -> None:
-        """Start the trackers (main process), the run's resolved options as their hyperparameters."""
+        """Start the trackers (main process), the run's resolved options as their hyperparameters: the tracker
+        runs OUTPUT/tracker_runs.json records when the run resumes (dpokit.train.tracker_runs), new ones
+        otherwise; the file then records the runs started."""
+        main, output = self.accelerator.is_main_process, self.config.output_dir
+        resume = self.config.resume
         if not getattr(self.accelerator, "log_with", None):
+            if main and not resume:
+                forget_tracker_runs(output)
             return
+        saved = read_tracker_runs(output) if main and resume else {}
         name = run_name(self.config)
-        kwargs = {"wandb": {"name": name, "dir": str(self.config.output_dir)}, "trackio": {"name": name},
-                  "mlflow": {"run_name": name}}
-        self.accelerator.init_trackers(self.config.project, config=hyperparameters, init_kwargs=kwargs)
+        kwargs = init_kwargs(saved, name, output, self.step if resume else None, self.say) if main else {}
+        # the hyperparameters are stored tracker by tracker, not by init_trackers: a continued MLflow run must
+        # not be given a changed parameter (tracker_runs.store_config)
+        self.accelerator.init_trackers(self.config.project, init_kwargs=kwargs)
         self.started = True
-        if self.accelerator.is_main_process and "comet_ml" in self._names():
+        if not main:
+            return
+        continued = kwargs["mlflow"].get("run_id")
+        for tracker in self.accelerator.trackers:
+            store_config(tracker, hyperparameters, continued)
+        if "comet_ml" in self._names():
             self.accelerator.get_tracker("comet_ml", unwrap=True).set_name(name)
+        runs = identities(self.accelerator.trackers, self.say, saved)
+        write_tracker_runs(output, {**saved, **runs})  # a resume keeps the runs of trackers it did not start
 
     def _names(self) -> list[str]:
         return [tracker.name for tracker in self.accelerator.trackers] if self.started else []
@@ -152,15 +173,16 @@ def greedy_samples(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, p
 
 def start_tracking(accelerator: Accelerator, config: TrainConfig, hyperparameters: dict, model: torch.nn.Module,
                    tokenizer: PreTrainedTokenizerBase, eval_examples: Sequence[TokenizedExample], *, sharded: bool,
-                   log=print) -> Tracking:
-    """The run's trackers, started with `hyperparameters`; with a table tracker, an evaluation set and
-    --log-samples, the prompts its samples table shows (none when the weights are `sharded` over processes)."""
+                   step: int = 0, log=print) -> Tracking:
+    """The run's trackers, started with `hyperparameters` at `step` (a resumed run's checkpoint step: the tracker
+    runs it started continue); with a table tracker, an evaluation set and --log-samples, the prompts its samples
+    table shows (none when the weights are `sharded` over processes)."""
     prompts: list[tuple[int, ...]] = []
     if config.log_samples and eval_examples and any(t in TABLE_TRACKERS for t in config.trackers()):
         if sharded:
             log("--log-samples: no samples table under FSDP2 or ZeRO-3 (sampling sharded weights is a collective)")
         else:
             prompts = sample_prompts(eval_examples, config.log_samples)
-    tracking = Tracking(accelerator, config, model, tokenizer, prompts)
+    tracking = Tracking(accelerator, config, model, tokenizer, prompts, step, log)
     tracking.start(hyperparameters)
     return tracking
