@@ -57,7 +57,18 @@ def test_micro_study_writes_its_report(tiny_model_dir, tmp_path):
     assert saved["bands"] and all(b["pairs"] for b in saved["bands"])
     for figure in ("frontier_hulls.png", "study_beta.png"):
         assert (tmp_path / "out" / figure).stat().st_size > 5_000
-    assert not list((tmp_path / "out").glob("**/dpo/*/checkpoint-*"))  # measured, then deleted
+    # measured checkpoints keep their weights (for more samples), not their optimizer state; the others go
+    kept = list((tmp_path / "out").glob("**/dpo/*/checkpoint-*"))
+    assert sorted(str(k) for k in kept) == sorted(p["model"] for p in dpo)
+    assert not [f for k in kept for f in k.glob("trainer_state*")]
+    # the points near a frontier were measured further, up to the cap (8 samples: the tiny sizes' 4 held-out
+    # samples cannot reach a standard error of 0.001 on lengths)
+    today = saved["precision"]["1"]
+    assert today["topped_up"] > 0 and today["samples_added"] > 0 and today["left_over"]
+    extended = [p for p in saved["points"] if p.get("samples", 0) > 4]
+    assert extended and all(p["samples"] == 8 == len(p["scores"]) == len(p["kls"]) for p in extended)
+    assert saved["reference"]["samples"] == 8
+    assert "## Standard errors" in report
 
 
 def test_the_study_takes_no_methods(capsys):
@@ -65,3 +76,10 @@ def test_the_study_takes_no_methods(capsys):
 
     assert main(["reproduce", "dpo-vs-ppo", "--output", "x", "--methods", "dpo"]) == 2
     assert "--methods applies to `reproduce sentiment`" in capsys.readouterr().err
+
+
+def test_samples_needed_for_a_standard_error():
+    from dpokit.experiments.paper.precision import needed
+
+    assert needed({"samples": 512, "reward_se": 0.02}, 0.01) == 2048  # s.e. ∝ 1/√n
+    assert needed({"samples": 512, "reward_se": 0.005}, 0.01) == 512  # already within it

@@ -53,7 +53,8 @@ def train_to_convergence(task: Task, beta: float, seed: int, rule: Convergence, 
 
 def converged_dpo_points(task: Task, beta: float, seed: int, rule: Convergence, knob: dict) -> list[dict]:
     """DPO at `beta` trained to convergence (:func:`train_to_convergence`); a point per measured checkpoint, its
-    knob `knob` plus β, the seed and the step; the converged one (lowest held-out loss) has ``converged: true``.
+    knob `knob` plus β, the seed and the step; the converged one (lowest held-out loss) has ``converged: true``. A measured checkpoint keeps its weights
+    (not its optimizer state), so that it can be measured further.
     Every point carries its held-out loss and the step the run stopped at."""
     from dpokit.api import load_model
     from dpokit.experiments.paper.baselines import checkpoint_dirs
@@ -65,10 +66,14 @@ def converged_dpo_points(task: Task, beta: float, seed: int, rule: Convergence, 
     for step, path in checkpoint_dirs(output):
         if step % rule.measure_every == 0 or step in (best, stopped):
             point = measure(task, load_model(path), "dpo", {**knob, "beta": beta, "seed": seed, "step": step},
-                            task.offline_cost())
+                            task.offline_cost(), model=path)
             points.append({**point, "converged": step == best, "held_out_loss": losses.get(step),
                            "stopped_at": stopped})
-        shutil.rmtree(path)  # its optimizer state is twice the model; final/ (the last step's weights) stays
+            # the weights stay for dpokit.experiments.paper.precision; the optimizer state (twice the model) goes
+            for state in Path(path).glob("trainer_state*"):
+                state.unlink()
+        else:
+            shutil.rmtree(path)
     task.log(f"      dpo β={beta:g} seed {seed}: converged at step {best} (held-out loss {losses[best]:.4f}), "
              f"stopped at {stopped}")
     return points

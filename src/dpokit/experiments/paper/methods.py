@@ -105,7 +105,7 @@ def ppo_sweep(task: Task, method: str, reward, coefs: tuple[float, ...] | None =
                              log=lambda *_: None)  # a line per PPO step would bury the sweep's progress
         rollouts = s.ppo_steps * s.ppo_batch_size
         spent = cost(rollouts, rollouts) if method == "ppo-gt" else cost(rollouts, task.pair_samples, rollouts)
-        points.append(measure(task, load_model(path), method, {**(knob or {}), "kl_coef": coef}, spent))
+        points.append(measure(task, load_model(path), method, {**(knob or {}), "kl_coef": coef}, spent, model=path))
     return points
 
 

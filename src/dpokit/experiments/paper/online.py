@@ -117,7 +117,7 @@ def beta_rounds(task: Task, labels: str, judge: Judge, beta: float) -> list[dict
                                     settings, seed, chat)
         policy = load_model(policy_dir)
         point = measure(task, policy, method, {"beta": beta, "round": number},
-                        online_cost(task, labels, number * per_round))
+                        online_cost(task, labels, number * per_round), model=policy_dir)
         for _, checkpoint in checkpoint_dirs(directory / "model"):
             shutil.rmtree(checkpoint)
         points.append(point)

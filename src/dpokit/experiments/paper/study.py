@@ -44,6 +44,8 @@ class StudySizes:
     budget_kl_coefs: tuple[float, ...] = (0.03, 0.3)  # PPO at the other budgets
     optimum_prompts: int = 128
     optimum_samples: int = 64
+    target_se: float = 0.01  # points near a frontier are measured until their reward's s.e. is at most this
+    se_cap: int = 8192  # ... or they have this many held-out samples (dpokit.experiments.paper.precision)
 
 
 STUDY_SIZES = {
@@ -53,13 +55,14 @@ STUDY_SIZES = {
                         convergence=Convergence(max_steps=200, eval_every=20, patience=2, measure_every=40),
                         betas=(0.1, 0.5, 2.0), seeds=2, seeded_betas=(0.1,), kl_coefs=(0.03, 0.3),
                         seeded_kl_coefs=(0.03,), budgets=(0.5, 1.0, 2.0), budget_betas=(0.1,),
-                        budget_kl_coefs=(0.03,), optimum_prompts=64, optimum_samples=32),
+                        budget_kl_coefs=(0.03,), optimum_prompts=64, optimum_samples=32, target_se=0.02,
+                        se_cap=1024),
     "tiny": StudySizes(task=replace(SIZES["tiny"], online_rounds=1),
                        convergence=Convergence(max_steps=4, eval_every=1, patience=1, eval_fraction=0.25,
                                                measure_every=2),
                        betas=(0.5,), seeds=2, seeded_betas=(0.5,), kl_coefs=(0.1,), seeded_kl_coefs=(0.1,),
                        budgets=(0.5, 1.0), budget_betas=(0.5,), budget_kl_coefs=(0.1,), optimum_prompts=4,
-                       optimum_samples=4),
+                       optimum_samples=4, target_se=1e-3, se_cap=8),
 }
 
 
@@ -110,6 +113,22 @@ def _budget_points(base: Task, s: StudySizes, seed: int, say: Callable[[str], No
     return points, pairs
 
 
+def _precision(task: Task, points: list[dict], reference: dict, s: StudySizes) -> dict:
+    """Today's points near a frontier of the compared methods, then each other budget's near DPO's or PPO's,
+    measured further until their standard error is within the target (dpokit.experiments.paper.precision)."""
+    from dpokit.experiments.paper.precision import top_up
+
+    def budget(p: dict) -> float:
+        return float(p["knob"].get("budget", 1.0))
+
+    today = [p for p in points if budget(p) == 1.0 and "model" in p]
+    result = {"1": top_up(task, today, reference, s.target_se, s.se_cap)}
+    for b in sorted({budget(p) for p in points} - {1.0}):
+        mine = [p for p in points if budget(p) == b and "model" in p]
+        result[f"{b:g}"] = top_up(task, mine, reference, s.target_se, s.se_cap, methods=("dpo", "ppo"))
+    return result
+
+
 def _pair_count(task: Task) -> int:
     return sum(1 for line in open(task.pairs_path) if line.strip())
 
@@ -145,16 +164,21 @@ def _run_study(out: Path, name: str, s: StudySizes, seed: int, threads: int | No
     def say(line: str) -> None:
         log(f"[{time.monotonic() - started:6.0f} s] {line}")
 
-    say("[1/3] π_ref (the demo's SFT) and today's preference pairs")
+    say("[1/4] π_ref (the demo's SFT) and today's preference pairs")
     task = prepare_task(out, s.task, seed, threads, say, largest_budget=max(s.budgets))
-    reference = measure(task, task.reference, "sft", {})
-    say("[2/3] every method at today's budget")
+    reference = measure(task, task.reference, "sft", {}, model=task.sft_dir)
+    say("[2/4] every method at today's budget")
     points, seconds = _todays_points(task, s, seed, say)
-    say("[3/3] the data-budget sweep")
+    say("[3/4] the data-budget sweep")
     begun = time.monotonic()
     budget_points, pairs = _budget_points(task, s, seed, say)
     seconds["budgets"] = time.monotonic() - begun
-    study = {"points": points + budget_points, "reference": reference, "pairs": {f"{b:g}": n for b, n in pairs.items()},
+    say(f"[4/4] more samples where a frontier is decided: standard errors ≤ {s.target_se:g}")
+    begun = time.monotonic()
+    precision = _precision(task, points + budget_points, reference, s)
+    seconds["precision"] = time.monotonic() - begun
+    study = {"points": points + budget_points, "reference": reference, "precision": precision,
+             "pairs": {f"{b:g}": n for b, n in pairs.items()},
              "judge": task.sizes.demo.judge, "sizes": name, "config": json.loads(json.dumps(asdict(s))),
              "seed": seed, "seconds": {**seconds, "total": time.monotonic() - started}, "machine": machine()}
     write_study(out, study)

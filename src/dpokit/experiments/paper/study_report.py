@@ -34,6 +34,21 @@ def _fmt(p: dict | None) -> str:
     return "-" if p is None else f"{p['reward']:.3f} ± {p.get('reward_se', 0):.3f} at KL {p['kl']:.2f}"
 
 
+def _cap(study: dict) -> int:
+    return study["config"]["convergence"]["max_steps"]
+
+
+def precision_lines(study: dict) -> list[str]:
+    """What dpokit.experiments.paper.precision added: per budget, the points measured further and what is left."""
+    lines = []
+    for budget, done in study.get("precision", {}).items():
+        left = (f"; {len(done['left_over'])} left above it (at the cap of {done['cap']} samples)"
+                if done["left_over"] else "")
+        lines.append(f"- {budget}× the pairs: {done['topped_up']} points near a frontier measured further "
+                     f"(+{done['samples_added']} samples) to a standard error ≤ {done['target']:g}{left}.")
+    return ["## Standard errors", "", *lines, ""] if lines else []
+
+
 def _best(points: list[dict]) -> dict | None:
     return max(points, key=lambda p: p["reward"]) if points else None
 
@@ -48,18 +63,20 @@ def budget_section(study: dict) -> list[str]:
     for b in budgets:
         mine = [p for p in points if _budget(p) == b and p["method"] in ("dpo", "ppo")]
         converged = sorted(_converged(points, b), key=lambda p: (p["knob"]["beta"], p["knob"]["seed"]))
-        cells = "; ".join(f"β {p['knob']['beta']:g}: step {p['knob']['step']}, {_fmt(p)}" for p in converged)
+        cells = "; ".join(f"β {p['knob']['beta']:g} seed {p['knob']['seed']}: step {p['knob']['step']}"
+                          f"{'' if p['knob']['step'] < p['stopped_at'] or p['stopped_at'] < _cap(study) else ' (cap)'}"
+                          f", {_fmt(p)}" for p in converged)
         rows.append(f"| {b:g}× | {study['pairs'].get(f'{b:g}', '-')} | {cells or '-'} | "
                     f"{_fmt(_best([p for p in mine if p['method'] == 'dpo']))} | "
                     f"{_fmt(_best([p for p in mine if p['method'] == 'ppo']))} |")
         bands = compare_bands(mine, reference, ("dpo", "ppo"), seed=study.get("seed", 0), rounds=500)
         if bands:
-            sentences.append(f"- **{b:g}× the pairs**: " + band_verdict(bands, LABELS))
+            sentences += [f"**{b:g}× the pairs**:", "", band_verdict(bands, LABELS), ""]
     return ["## The data-budget sweep", "",
-            "Pairs from ¼ to 4 × today's training prompts (π_ref's samples labelled by the judge as today); DPO "
+            "Pairs from other multiples of today's training prompts (π_ref's samples labelled by the judge as today); DPO "
             "trained to convergence on each (the lowest held-out loss; the run stops after the held-out loss has "
-            "not improved for the patience's evaluations), PPO against a reward model refitted on each budget's "
-            "pairs. Reward ± standard error at KL per sequence.", "", *rows, "", *sentences, ""]
+            "not improved for the patience's evaluations; '(cap)': it reached the step cap first), PPO against a "
+            "reward model refitted on each budget's pairs. Reward ± standard error at KL per sequence.", "", *rows, "", *sentences, ""]
 
 
 def beta_section(study: dict) -> list[str]:
@@ -136,6 +153,6 @@ def write_study(out: Path, study: dict) -> None:
     lines = ["# DPO vs PPO on the miniature frontier: online DPO, data budgets and β", "",
              f"`dpokit reproduce dpo-vs-ppo` with sizes `{study['sizes']}`, seed {study['seed']}: "
              f"{seconds['total']:.0f} s on {study['machine']}.", "", *stats, *budget_section(study),
-             *beta_section(study), *cost_section(study),
+             *beta_section(study), *cost_section(study), *precision_lines(study),
              "Seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + "."]
     (out / "report.md").write_text("\n".join(lines) + "\n")

@@ -164,18 +164,30 @@ def reward_summary(scores: list[float]) -> dict:
             "samples": n}
 
 
-def measure(task: Task, policy, method: str, knob: dict, cost: dict | None = None) -> dict:
+def measure(task: Task, policy, method: str, knob: dict, cost: dict | None = None,
+            model: str | None = None) -> dict:
     """One point: the judge's mean score of `policy`'s samples on the held-out prompts and the mean of
     log π(y|x) − log π_ref(y|x) over the same samples, with both per sample and the point's `cost`
-    (:func:`cost`). Every point samples with the same seed."""
-    from dpokit.experiments.iterate import START_EVAL_SEED, held_out_samples, kl_per_sequence
+    (:func:`cost`). Every point samples with the same seed. `model`, the policy's directory when it is kept on
+    disk, is recorded so that the point can be measured further (dpokit.experiments.paper.precision)."""
+    from dpokit.experiments.iterate import START_EVAL_SEED
 
     demo = task.sizes.demo
-    samples, scores = held_out_samples(policy, task.tokenizer, task.judge, task.held_out, demo.round_settings(),
-                                       demo.seed + START_EVAL_SEED)
-    scores = [s for group in scores for s in group]
-    kls = kl_per_sequence(policy, task.reference, [x for group in samples for x in group])
+    scores, kls = held_out_draw(task, policy, demo.eval_samples, demo.seed + START_EVAL_SEED)
     point = {"method": method, "knob": knob, **reward_summary(scores), "kl": sum(kls) / len(kls),
              "kl_estimate": "sampled", **(cost or {}), "scores": scores, "kls": kls}
+    if model is not None:
+        point["model"] = str(model)
     task.log(f"      {method} {knob}: reward {point['reward']:.3f}, KL {point['kl']:.2f}")
     return point
+
+
+def held_out_draw(task: Task, policy, per_prompt: int, seed: int) -> tuple[list[float], list[float]]:
+    """`per_prompt` samples of `policy` on every held-out prompt drawn with `seed`: the judge's score and
+    log π(y|x) − log π_ref(y|x) of each."""
+    from dpokit.experiments.iterate import held_out_samples, kl_per_sequence
+
+    settings = replace(task.sizes.demo, eval_samples=per_prompt).round_settings()
+    samples, scores = held_out_samples(policy, task.tokenizer, task.judge, task.held_out, settings, seed)
+    kls = kl_per_sequence(policy, task.reference, [x for group in samples for x in group])
+    return [s for group in scores for s in group], kls
