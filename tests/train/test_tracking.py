@@ -161,6 +161,13 @@ def test_comet_offline_archive_holds_the_loss_and_the_config(tracked):
         assert logged == pytest.approx(_losses(rows, split), abs=1e-6)
     assert {p["param"]["paramName"]: p["param"]["paramValue"] for p in payloads["parameter_msg"]}["lr"] == 0.001
     assert {"key": "Name", "value": "tiny"} in [{k: p[k] for k in ("key", "value")} for p in payloads["log_other"]]
+    # the samples table at each evaluation (steps 2 and 3): a CSV asset with a row per held-out prompt
+    uploads = {m["payload"]["additional_params"]["fileName"]: m["payload"] for m in messages
+               if m["type"] == "file_upload" and m["payload"].get("upload_type") == "asset"}
+    assert sorted(uploads) == ["samples_step_000002.csv", "samples_step_000003.csv"]
+    assert uploads["samples_step_000003.csv"]["additional_params"]["step"] == 3
+    lines = zipfile.ZipFile(archive).read(uploads["samples_step_000002.csv"]["file_path"]).decode().splitlines()
+    assert lines[0] == "step,prompt,sample" and len([line for line in lines if line.startswith("2,")]) == 2
 
 
 # --- a resumed run continues its tracker runs ---------------------------------------------------------------

@@ -16,7 +16,7 @@ from dpokit.errors import ConfigError
 # the trackers dpokit reports to (accelerate's names), and the extra that installs each
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio",
             "comet_ml": "comet"}
-TABLE_TRACKERS = ("wandb", "mlflow", "trackio")  # the trackers that take the samples table
+TABLE_TRACKERS = ("wandb", "mlflow", "trackio", "comet_ml")  # the trackers that take the samples table
 
 
 def installed(tracker: str) -> bool:
@@ -35,7 +35,7 @@ class TrackingOptions:
                        "TensorBoard directory OUTPUT/tensorboard/PROJECT")
     run_name: str | None = opt(None, "the run's name in the trackers (default: the --output directory's name)")
     log_samples: int = opt(4, "at each evaluation, the policy's greedy samples of this many held-out prompts, "
-                           "logged as a table to the trackers that have tables (wandb, mlflow, trackio); 0 = none",
+                           "logged as a table to the trackers that have tables (wandb, mlflow, trackio, comet_ml); 0 = none",
                            range=NON_NEGATIVE)
     log_sample_tokens: int = opt(32, "new tokens per sample of --log-samples", range=POSITIVE)
 

@@ -4,7 +4,7 @@ The Accelerator is created with the trackers `--report-to` names (:func:`acceler
 with its resolved config as hyperparameters (``init_trackers``), every metrics.jsonl row goes to them as well, at
 the same step, keys ``train/NAME`` and ``eval/NAME`` (dpokit.train.metrics.MetricsLogger calls :meth:`Tracking.log`),
 and each evaluation logs a table of a few held-out prompts with the policy's samples to the trackers that have
-tables (wandb, mlflow, trackio). A resumed run continues the tracker runs it started (their identities are kept in
+tables (wandb, mlflow, trackio, comet_ml). A resumed run continues the tracker runs it started (their identities are kept in
 OUTPUT/tracker_runs.json: dpokit.train.tracker_runs).
 
 The samples are greedy (no random numbers are drawn, so a run samples and resumes to the same weights as without
@@ -121,8 +121,8 @@ class Tracking:
 
 
 def _log_table(tracker, name: str, rows: list[list], step: int) -> None:
-    """`rows` (COLUMNS) as a table of `tracker`: accelerate's log_table for W&B; MLflow and trackio have no table
-    call in accelerate, so their own (the run accelerate started is the active one)."""
+    """`rows` (COLUMNS) as a table of `tracker`: accelerate's log_table for W&B; MLflow, trackio and Comet have no
+    table call in accelerate, so their own (the run accelerate started is the active one; Comet's experiment)."""
     if name == "wandb":
         tracker.log_table(SAMPLES, columns=COLUMNS, data=rows, step=step)
     elif name == "mlflow":
@@ -134,6 +134,8 @@ def _log_table(tracker, name: str, rows: list[list], step: int) -> None:
         import trackio
 
         tracker.log({SAMPLES: trackio.Table(columns=COLUMNS, data=rows)}, step=step)
+    elif name == "comet_ml":  # a table is a CSV asset of the experiment in Comet
+        tracker.tracker.log_table(f"{SAMPLES}_step_{step:06d}.csv", tabular_data=rows, headers=COLUMNS)
 
 
 def sample_prompts(examples: Sequence[TokenizedExample], count: int) -> list[tuple[int, ...]]:
