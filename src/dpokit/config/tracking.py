@@ -35,7 +35,8 @@ class TrackingOptions:
                        "TensorBoard directory OUTPUT/tensorboard/PROJECT")
     run_name: str | None = opt(None, "the run's name in the trackers (default: the --output directory's name)")
     log_samples: int = opt(4, "at each evaluation, the policy's greedy samples of this many held-out prompts, "
-                           "logged as a table to the trackers that have tables (wandb, mlflow, trackio, comet_ml); 0 = none",
+                           "logged as a table to the trackers that have tables (wandb, mlflow, trackio, "
+                           "comet_ml); 0 = none",
                            range=NON_NEGATIVE)
     log_sample_tokens: int = opt(32, "new tokens per sample of --log-samples", range=POSITIVE)
 
