@@ -128,3 +128,13 @@ def make_gpt2(vocab_size: int = 320, seed: int = 0) -> GPT2LMHeadModel:
                      bos_token_id=0, eos_token_id=0, pad_token_id=0,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel(cfg).eval()
+
+
+# two tool schemas (the OpenAI-style wrapper and a bare function), a call of the first, and a prompt that needs it:
+# the tools fixtures of the score, rank and scoring tests
+TOOL_WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",
+                                                 "parameters": {"type": "object",
+                                                                "properties": {"city": {"type": "string"}}}}}
+TOOL_CLOCK = {"name": "get_time", "description": "the time now", "parameters": {"type": "object", "properties": {}}}
+TOOL_CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+TOOL_PROMPT = [{"role": "user", "content": "the weather in Paris"}]

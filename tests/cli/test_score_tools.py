@@ -14,15 +14,10 @@ from transformers import LlamaConfig, LlamaForSequenceClassification
 from dpokit.api import EvalConfig, evaluate
 from dpokit.cli.main import main
 from helpers import make_llama, make_tokenizer
+from helpers import TOOL_CALL as CALL, TOOL_CLOCK as CLOCK, TOOL_PROMPT as PROMPT, TOOL_WEATHER as WEATHER
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",
-                                            "parameters": {"type": "object",
-                                                           "properties": {"city": {"type": "string"}}}}}
-CLOCK = {"name": "get_time", "description": "the time now", "parameters": {"type": "object", "properties": {}}}
-CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
-PROMPT = [{"role": "user", "content": "the weather in Paris"}]
 # with the tools rendered these rank 0, 2, 3, 1 under the fixture's models, without them 1, 2, 3, 0
 CANDIDATES = ["the weather is good", "I never saw it", "maybe", "sure"]
 

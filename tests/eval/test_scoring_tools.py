@@ -14,15 +14,10 @@ from dpokit.errors import DataError
 from dpokit.eval.reward_scoring import model_rewards
 from dpokit.eval.scoring import ImplicitJudge, implicit_rewards, per_input_tools
 from helpers import make_llama, make_tokenizer
+from helpers import TOOL_CALL as CALL, TOOL_CLOCK as CLOCK, TOOL_PROMPT as PROMPT, TOOL_WEATHER as WEATHER
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",
-                                            "parameters": {"type": "object",
-                                                           "properties": {"city": {"type": "string"}}}}}
-CLOCK = {"name": "get_time", "description": "the time now", "parameters": {"type": "object", "properties": {}}}
-CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
-PROMPT = [{"role": "user", "content": "the weather in Paris"}]
 RESPONSES = [[{"role": "assistant", "content": "", "tool_calls": [CALL]}],
              [{"role": "assistant", "content": "it is sunny"}],
              [{"role": "assistant", "content": "no idea"}]]
