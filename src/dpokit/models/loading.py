@@ -14,7 +14,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 from dpokit.errors import ConfigError
 from dpokit.models.files import check_model_files, check_vocabulary
 from dpokit.models.lora import adapter_base, load_adapter
-from dpokit.models.vision import is_vision_model, load_processor
+from dpokit.models.vision import import_part_classes, is_vision_model, load_processor
 from dpokit.data.vision import attach_processor
 from dpokit.config import is_adapter_dir
 
@@ -107,8 +107,12 @@ def load_model(path: str, *, dtype: str = "float32", trust_remote_code: bool = F
     if is_vision_model(path, trust_remote_code=trust_remote_code, gguf_file=gguf_file):
         from transformers import AutoModelForImageTextToText
 
-        return _from_pretrained(AutoModelForImageTextToText, "a vision-language model", path, dtype=dtype,
-                                trust_remote_code=trust_remote_code, bits=bits, device=device, gguf_file=gguf_file)
+        import_part_classes(path, trust_remote_code=trust_remote_code)  # before ZeRO-3's zero.Init (see there)
+        # the load leaves the random state as it found it: under ZeRO-3 transformers draws from it for a VLM (where
+        # one process draws nothing), and a LoRA adapter initialised next would start elsewhere under each engine
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+            return _from_pretrained(AutoModelForImageTextToText, "a vision-language model", path, dtype=dtype,
+                                    trust_remote_code=trust_remote_code, bits=bits, device=device, gguf_file=gguf_file)
     return _from_pretrained(AutoModelForCausalLM, "a causal language model", path, dtype=dtype,
                             trust_remote_code=trust_remote_code, bits=bits, device=device, gguf_file=gguf_file)
 
@@ -157,6 +161,7 @@ def _from_pretrained(auto_class, kind: str, path: str, *, dtype: str, trust_remo
         raise ConfigError(f"cannot load {kind} from {where}: {error}") from None
     if bits == 4:
         _plain_cpu_4bit(model)
+    _keep_used_conversions(model)
     if gguf_file is not None:
         # transformers always dequantises GGUF into ordinary tensors but still marks the model as quantized,
         # which would refuse save_pretrained: the weights are plain, so the model is saved as a normal directory
@@ -164,6 +169,19 @@ def _from_pretrained(auto_class, kind: str, path: str, *, dtype: str, trust_remo
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     return model.eval()
+
+
+def _keep_used_conversions(model: torch.nn.Module) -> None:
+    """Keep only the weight renamings that loading applied, which save_pretrained reverts to write the checkpoint's
+    own names.
+
+    Why: under DeepSpeed ZeRO-3, transformers (5.x) keeps every renaming its mapping for the model holds, used or
+    not, where it otherwise keeps the used ones; reverting an unused one writes wrong names (a LLaVA's
+    ``model.language_model.*`` saved as ``language_model.model.model.*``), and the saved model loads back with
+    fresh weights. A no-op wherever transformers already kept only the used ones."""
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [c for c in conversions if not hasattr(c, "was_used") or c.was_used()]
 
 
 @contextlib.contextmanager

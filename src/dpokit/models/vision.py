@@ -41,6 +41,26 @@ def is_vision_model(path: str, *, trust_remote_code: bool = False, gguf_file: st
     return getattr(config, "vision_config", None) is not None
 
 
+def import_part_classes(path: str, *, trust_remote_code: bool = False) -> None:
+    """Import the modules of the classes that the vision-language model at `path` builds its parts from (its
+    language model and vision tower: ``AutoModel`` of each sub-config), before the model itself is built.
+
+    Why: under DeepSpeed ZeRO-3, transformers builds a model inside ``deepspeed.zero.Init``, which patches the
+    ``__init__`` of every module class and restores the saved one when it exits. A VLM imports its language model's
+    module lazily, inside its own ``__init__`` (``AutoModel.from_config``), so a class first defined inside that
+    context gets back the ``__init__`` it had before the `kernels` decorator wrapped it (LlamaAttention's, which
+    sets ``_kernel_funcs``): every model of that class built afterwards (the resident reference) then fails in
+    its forward. Imported here, the classes are defined before any such context."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    for key in getattr(config, "sub_configs", {}):
+        part = getattr(config, key, None)
+        if part is not None and type(part) in MODEL_MAPPING:
+            _ = MODEL_MAPPING[type(part)]  # the mapping imports the class's module on access
+
+
 def load_processor(path: str, *, trust_remote_code: bool = False):
     """The processor of the vision-language model at `path` (an adapter directory's own, else its base's).
 

@@ -268,6 +268,28 @@ def _strip_prefix(state_dict: dict, prefix: str = "model.") -> dict:
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in (state_dict or {}).items()}
 
 
+def _own_names(model) -> dict[str, str]:
+    """The name save_pretrained writes each of `model`'s weights under -> the model's own name, where they differ.
+
+    Why: transformers saves some models under their checkpoint format's names, reverting the renamings it applied
+    when it loaded them (a LLaVA's ``model.language_model.*`` as ``language_model.model.*``, as the Hub's LLaVA
+    checkpoints name them); load_state_dict needs the model's own. The reverted names are those save_pretrained
+    computes (transformers' revert_weight_conversion), followed weight by weight; a weight that a conversion
+    splits or merges instead of renaming keeps its name (and load_model_weights then names it as missing)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # a transformers that saves under the model's own names
+        return {}
+    placeholders = {name: torch.empty(0, device="meta") for name in model.state_dict()}
+    owner = {id(tensor): name for name, tensor in placeholders.items()}
+    try:
+        saved = revert_weight_conversion(model, dict(placeholders))
+    except (ValueError, RuntimeError, NotImplementedError):
+        return {}
+    return {name: owner[id(tensor)] for name, tensor in saved.items()
+            if id(tensor) in owner and owner[id(tensor)] != name}
+
+
 def load_model_weights(model, checkpoint: Path) -> None:
     """Load a checkpoint's weights (a full model, or a PEFT adapter) into `model`, before an engine wraps it."""
     if _is_adapter(model):
@@ -283,7 +305,8 @@ def load_model_weights(model, checkpoint: Path) -> None:
     weights = {}
     for name in files:
         weights.update(load_file(str(checkpoint / name)))
-    result = model.load_state_dict(weights, strict=False)
+    own = _own_names(model)
+    result = model.load_state_dict({own.get(k, k): v for k, v in weights.items()}, strict=False)
     tied = {k for k in result.missing_keys if k.endswith("lm_head.weight") or "embed" in k}
     if result.unexpected_keys or set(result.missing_keys) - tied:
         raise ConfigError(f"{checkpoint}: weights do not match the model "
