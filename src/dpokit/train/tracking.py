@@ -88,7 +88,11 @@ class Tracking:
         for tracker in self.accelerator.trackers:
             store_config(tracker, hyperparameters, continued)
         if "comet_ml" in self._names():
-            self.accelerator.get_tracker("comet_ml", unwrap=True).set_name(name)
+            experiment = self.accelerator.get_tracker("comet_ml", unwrap=True)
+            experiment.set_name(name)
+            # dpokit logs every metric itself: with comet_ml imported before mlflow or tensorboard (as Comet
+            # advises), Comet's auto-logging would also copy those trackers' calls, each step's loss twice
+            experiment.disable_mp()
         runs = identities(self.accelerator.trackers, self.say, saved)
         write_tracker_runs(output, {**saved, **runs})  # a resume keeps the runs of trackers it did not start
 
