@@ -12,7 +12,8 @@ What it does:
    template), and --pairs preference pairs of one noisy image each, question "what colour is the square?", a
    right and a wrong answer. dpokit reads them as JSONL with image paths; TRL as a ``datasets.Dataset`` of the
    same rows with PIL images.
-2. Runs dpokit (``dpokit.api.train_dpo``: the plain layout, the vision tower frozen, float32, AdamW) and TRL
+2. Runs dpokit (``dpokit.api.train_dpo``: its default layout, packed, so the image prompt runs once per pair;
+   the vision tower frozen, float32, AdamW) and TRL
    (``DPOTrainer.train()`` with the processor, float32, AdamW, the vision tower frozen the same way, sequential
    sampler) in a child process each, in interleaved rounds whose order alternates, with the same batch size,
    steps, learning rate and threads; seconds per step (the first --warmup steps discarded) and peak RSS per run.

@@ -129,7 +129,8 @@ def plot_beta(path: Path, study: dict) -> None:
         mine = sorted(mine, key=lambda p: p["knob"]["beta"])
         for ax, key in zip(axes, ("kl", "reward")):
             ax.plot([p["knob"]["beta"] for p in mine], [p[key] for p in mine], style, label=label, alpha=0.8)
-    for ax, name in zip(axes, ("KL(π ‖ π_ref) per sequence (nats)", "mean reward (judge)")):
+    axes[0].set_yscale("log")  # DPO's KL at small β is tens of nats, the optimum's a fraction of one
+    for ax, name in zip(axes, ("KL(π ‖ π_ref) per sequence (nats, log)", "mean reward (judge)")):
         ax.set_xscale("log")
         ax.set_xlabel("β")
         ax.set_ylabel(name)
