@@ -10,6 +10,7 @@ in <|eot_id|> with nothing after it (so both libraries score the same tokens), a
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -209,3 +210,32 @@ def test_string_prompts_get_their_image_placeholders_as_in_trl(setup, tmp_path):
     assert pair.prompt == [{"role": "system", "content": "answer briefly"},
                            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour"}]}]
     assert len(pair.images) == 1 and pair.images[0].mode == "RGB"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_samples_table_of_a_vlm_run_sees_the_images(setup, family, tmp_path, monkeypatch):
+    """--log-samples on image pairs: the greedy samples are drawn with each prompt's images (without them a VLM's
+    generate refuses image tokens with no image features), and the table reaches the tracker."""
+    pytest.importorskip("mlflow")
+    import mlflow
+
+    from dpokit.data.vision import VisionExample
+    from dpokit.train import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    seen = []
+    real = tracking.greedy_samples
+    monkeypatch.setattr(tracking, "greedy_samples", lambda model, tok, prompts, *a: seen.append(prompts) or
+                        real(model, tok, prompts, *a))
+    out = tmp_path / "run"
+    assert main(["dpo", "--model", setup[f"{family}/policy"], "--data", setup["data"], "--eval-data", setup["data"],
+                 "--output", str(out), "--max-steps", "1", "--batch-size", "2", "--report-to", "mlflow",
+                 "--log-samples", "2", "--log-sample-tokens", "3", "--no-save-final"]) == 0
+    assert len(seen) == 1 and len(seen[0]) == 2 and all(isinstance(e, VisionExample) and e.vision for e in seen[0])
+    [run] = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    client = mlflow.MlflowClient()
+    tables = [f.path for f in client.list_artifacts(run.info.run_id, "samples")]
+    assert tables == ["samples/step_000001.json"]
+    table = json.loads(Path(client.download_artifacts(run.info.run_id, tables[0], str(tmp_path))).read_text())
+    assert len(table["data"]) == 2 and all(row[2] is not None for row in table["data"])

@@ -28,6 +28,7 @@ from dpokit.config import TrainConfig
 from dpokit.config.tracking import TABLE_TRACKERS, TrackingOptions
 from dpokit.data.chat import end_of_turn_id
 from dpokit.data.tokenize import TokenizedExample
+from dpokit.data.vision import stack_vision
 from dpokit.train.tracker_runs import (forget_tracker_runs, identities, init_kwargs, read_tracker_runs,
                                        store_config, write_tracker_runs)
 
@@ -56,7 +57,7 @@ class Tracking:
     """A run's trackers (those of `accelerator`, from :func:`accelerator_options`) and what it samples for them."""
 
     def __init__(self, accelerator: Accelerator, config: TrainConfig, model: torch.nn.Module | None = None,
-                 tokenizer: PreTrainedTokenizerBase | None = None, prompts: Sequence[Sequence[int]] = (),
+                 tokenizer: PreTrainedTokenizerBase | None = None, prompts: Sequence[TokenizedExample] = (),
                  step: int = 0, log: Callable[[str], None] = print) -> None:
         self.accelerator = accelerator
         self.config = config
@@ -111,8 +112,8 @@ class Tracking:
             return
         texts = greedy_samples(self.model, self.tokenizer, self.prompts, self.config.log_sample_tokens,
                                self.accelerator)
-        rows = [[step, self.tokenizer.decode(p, skip_special_tokens=True), text]
-                for p, text in zip(self.prompts, texts)]
+        rows = [[step, self.tokenizer.decode(e.prompt_ids, skip_special_tokens=True), text]
+                for e, text in zip(self.prompts, texts)]
         for name in tables:
             _log_table(self.accelerator.get_tracker(name), name, rows, step)
 
@@ -142,32 +143,37 @@ def _log_table(tracker, name: str, rows: list[list], step: int) -> None:
         tracker.tracker.log_table(f"{SAMPLES}_step_{step:06d}.csv", tabular_data=rows, headers=COLUMNS)
 
 
-def sample_prompts(examples: Sequence[TokenizedExample], count: int) -> list[tuple[int, ...]]:
-    """The prompt ids of the first `count` distinct prompts of `examples` (looking at no more than 10 × count)."""
-    found: dict[tuple[int, ...], None] = {}
+def sample_prompts(examples: Sequence[TokenizedExample], count: int) -> list[TokenizedExample]:
+    """The examples of the first `count` distinct prompts of `examples` (looking at no more than 10 × count)."""
+    found: dict[tuple[int, ...], TokenizedExample] = {}
     for i in range(min(len(examples), 10 * count)):
         if len(found) == count:
             break
-        found.setdefault(tuple(examples[i].prompt_ids))
-    return list(found)
+        found.setdefault(tuple(examples[i].prompt_ids), examples[i])
+    return list(found.values())
 
 
 @torch.no_grad()
-def greedy_samples(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Sequence[int]],
+def greedy_samples(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[TokenizedExample],
                    max_new_tokens: int, accelerator: Accelerator) -> list[str]:
-    """Greedy continuations of `prompts` (token ids), in one left-padded batch, stopped at EOS or the chat
-    template's end of turn; the texts without special tokens. The model's train/eval mode is restored."""
+    """Greedy continuations of the prompts of `prompts`, in one left-padded batch with their images (a
+    vision-language model's image inputs, placed where each prompt starts), stopped at EOS or the chat template's
+    end of turn; the texts without special tokens. The model's train/eval mode is restored."""
     stops = [t for t in (tokenizer.eos_token_id, end_of_turn_id(tokenizer)) if t is not None]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    width = max(map(len, prompts))
-    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=accelerator.device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=accelerator.device)
+    width = max(len(e.prompt_ids) for e in prompts)
+    ids = torch.tensor([[pad] * (width - len(e.prompt_ids)) + list(e.prompt_ids) for e in prompts],
+                       device=accelerator.device)
+    mask = torch.tensor([[0] * (width - len(e.prompt_ids)) + [1] * len(e.prompt_ids) for e in prompts],
+                        device=accelerator.device)
+    images = stack_vision([(e, row, width - len(e.prompt_ids)) for row, e in enumerate(prompts)], len(prompts), width)
+    images = {k: v.to(accelerator.device) for k, v in images.items()}
     settings = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=pad)
     was_training = model.training
     model.eval()
     try:
         with accelerator.autocast():
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=settings)
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=settings, **images)
     finally:
         model.train(was_training)
     texts = []
@@ -183,7 +189,7 @@ def start_tracking(accelerator: Accelerator, config: TrainConfig, hyperparameter
     """The run's trackers, started with `hyperparameters` at `step` (a resumed run's checkpoint step: the tracker
     runs it started continue); with a table tracker, an evaluation set and --log-samples, the prompts its samples
     table shows (none when the weights are `sharded` over processes)."""
-    prompts: list[tuple[int, ...]] = []
+    prompts: list[TokenizedExample] = []
     if config.log_samples and eval_examples and any(t in TABLE_TRACKERS for t in config.trackers()):
         if sharded:
             log("--log-samples: no samples table under FSDP2 or ZeRO-3 (sampling sharded weights is a collective)")
