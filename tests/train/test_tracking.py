@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -252,7 +253,9 @@ def test_a_resumed_mlflow_run_is_one_run_with_steps_1_to_4(resumed):
 def test_a_resumed_wandb_run_keeps_its_id(resumed):
     pytest.importorskip("wandb")
     output, first, _, _, rows = resumed
-    files = sorted(glob.glob(str(output / "wandb" / "offline-run-*" / "run-*.wandb")))  # in start order
+    # in start order: by the time each was last written (two starts in one second are named ID and ID-1, and
+    # "-" sorts before "/", so names do not give the order)
+    files = sorted(glob.glob(str(output / "wandb" / "offline-run-*" / "run-*.wandb")), key=os.path.getmtime)
     assert len(files) == 2 and all(f.endswith(f"-{first['wandb']['id']}.wandb") for f in files)
     logged = []
     for path in files:
