@@ -2,13 +2,15 @@
 benchmark times beside ``dpokit dpo``. Its options are named as dpokit's, so that one list of options serves both:
 
     python bench/_e2e_trl.py --model M --data pairs.jsonl --output OUT --batch-size 8 --max-length 512 \\
-        --max-steps 10 --lr 1e-6 --threads 2 --seed 0 --max-grad-norm 1.0 [--precompute-ref] [--lora-r 16 ...]
+        --max-steps 10 --lr 1e-6 --threads 2 --seed 0 --max-grad-norm 1.0 [--dtype bfloat16] [--precompute-ref] \\
+        [--lora-r 16 ...]
 
 ``DPOTrainer`` on the JSONL rows in their order (a sequential sampler: the benchmark writes them in the order
 dpokit's first epoch visits its data, so both train on the same batches), float32 (``bf16=False``: TRL's default
-would autocast to bfloat16 on CPU too), without gradient checkpointing (TRL's default; dpokit's is off), AdamW
-(``adamw_torch``), constant learning rate without warm-up, beta 0.1, a loss logged every step, no checkpoint
-during the run and the trained model saved at its end (as ``dpokit dpo`` saves OUTPUT/final). With
+would autocast to bfloat16 on CPU too; ``--dtype bfloat16``: ``bf16=True``, autocast over the float32 model and
+reference), without gradient checkpointing (TRL's default; dpokit's is off), AdamW (``adamw_torch``), constant
+learning rate without warm-up, beta 0.1, a loss logged every step, no checkpoint during the run and the trained
+model saved at its end (as ``dpokit dpo`` saves OUTPUT/final). With
 ``--precompute-ref``: ``precompute_ref_log_probs=True`` and no reference model; with ``--lora-r``: a peft
 ``LoraConfig`` on every linear layer and no reference model (TRL disables the adapter for it). ``--step-log FILE``
 writes the seconds of every optimizer step as the in-process harness times them (bench/_children.py).
@@ -34,6 +36,7 @@ def main() -> None:
     add("--lr", type=float, default=1e-6)
     add("--threads", type=int, required=True)
     add("--seed", type=int, default=0)
+    add("--dtype", choices=("float32", "bfloat16"), default="float32", help="bfloat16: bf16=True (autocast)")
     add("--max-grad-norm", type=float, default=1.0)
     add("--precompute-ref", action="store_true")
     add("--lora-r", type=int, default=0)
@@ -64,8 +67,8 @@ def main() -> None:
         ref_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     # what dpokit's run does; with --trl-defaults these stay at TRL's defaults (bf16 autocast, gradient
     # checkpointing, fused AdamW)
-    matched = {} if args.trl_defaults else dict(bf16=False, fp16=False, gradient_checkpointing=False,
-                                                optim="adamw_torch")
+    matched = {} if args.trl_defaults else dict(bf16=args.dtype == "bfloat16", fp16=False,
+                                                gradient_checkpointing=False, optim="adamw_torch")
     config = DPOConfig(
         output_dir=args.output, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
         max_length=args.max_length, max_steps=args.max_steps, learning_rate=args.lr, lr_scheduler_type="constant",

@@ -25,12 +25,18 @@ length 256), ``current`` ~200 / ~120 (bench_vs_trl.py's, max length 512), ``long
 before training: dpokit ``--precompute-ref``, TRL ``precompute_ref_log_probs=True``), ``lora`` (LoRA r 16, alpha
 32, no dropout, every linear layer: dpokit ``--lora-r 16``, TRL with a peft ``LoraConfig``).
 
+``--dtypes float32,bfloat16`` runs both systems in each precision (default float32 only): ``dpokit-bf16`` is
+``dpokit dpo --dtype bfloat16`` (bfloat16 autocast over float32 master weights in full fine-tuning, the reference
+model held in bfloat16; a LoRA base stored in bfloat16), ``trl-bf16`` the TRL script with ``bf16=True`` (autocast
+over its float32 model and reference), everything else as in the float32 runs. Per precision, dpokit against TRL;
+where both ran, a second table of each system's bfloat16 speed-up and of TRL bfloat16 against dpokit float32.
 ``--trl-defaults`` runs the TRL script with TRL's own defaults for bf16, gradient checkpointing and the optimizer
-(TRL as it ships, not like for like).
+(TRL as it ships, not like for like; bf16 autocast whatever --dtypes says).
 
 Rounds are interleaved: within a round, for each mode, dpokit N, TRL N, dpokit M, TRL M (reversed every other
-round); values are medians over rounds (min-max), ratios are per round. Run it on an idle machine (bench/README.md,
-"End to end"); a busy one makes every figure meaningless.
+round; with two precisions, all four systems at N, then at M); values are medians over rounds (min-max), ratios
+are per round. Run it on an idle machine (bench/README.md, "End to end"); a busy one makes every figure
+meaningless.
 """
 
 from __future__ import annotations
@@ -42,18 +48,24 @@ import sys
 import time
 from pathlib import Path
 
-from _harness import (alternating, harness_parser, interleave, markdown, median, round_tag, spread,
+from _harness import (alternating, apply_quick, harness_parser, interleave, markdown, median, round_tag, spread,
                       summary, tree_state, write_result)
 from _setup import add_model_options, allocators, build_inputs, quiet_environment, whole_process, workdir
 
 HERE = Path(__file__).resolve().parent
 TRL_SCRIPT = HERE / "_e2e_trl.py"
 SYSTEMS = ("dpokit", "trl")
+# --dtypes: dtype -> the suffix of the system names that run in it ("dpokit-bf16", "trl-bf16")
+DTYPES = {"float32": "", "bfloat16": "-bf16"}
+# system name -> (program, dtype)
+PROGRAMS = {program + suffix: (program, dtype) for dtype, suffix in DTYPES.items() for program in SYSTEMS}
 # name -> (mean prompt tokens, mean response tokens incl. EOS, max length)
 SHAPES = {"chat": (64, 64, 256), "current": (200, 120, 512), "long": (1024, 256, 2048)}
 LORA = ["--lora-r", "16", "--lora-alpha", "32", "--lora-dropout", "0"]
 # name -> options both commands take (bench/_e2e_trl.py names its options as dpokit's)
 MODES = {"full": [], "precompute": ["--precompute-ref"], "lora": LORA}
+# --quick's batch and model
+TINY = dict(batch_size=2, hidden=64, layers=2, heads=2, vocab=1024)
 # dpokit's own settings made to match the TRL script's: AdamW, constant lr without warm-up, beta 0.1, no
 # checkpoint by the clock, tokenised afresh (TRL tokenises every run); the final save is on in both
 DPOKIT_SETTINGS = ["--optimizer", "adamw", "--schedule", "constant", "--warmup-steps", "0", "--beta", "0.1",
@@ -71,21 +83,21 @@ def parse_args():
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}")
     parser.add_argument("--steps", default="2,10", help="N,M: the two step counts each system runs (default 2,10)")
     parser.add_argument("--lr", type=float, default=1e-6)
+    parser.add_argument("--dtypes", default="float32",
+                        help="comma-separated subset of float32, bfloat16: both systems run in each (dpokit "
+                             "--dtype, the TRL script's bf16) (default float32)")
     parser.add_argument("--trl-defaults", action="store_true",
                         help="the TRL script with TRL's own defaults for bf16 (autocast, on CPU too), gradient "
                              "checkpointing (on) and the optimizer (fused AdamW) instead of dpokit's settings")
-    parser.add_argument("--spread", type=float, default=0.3, help="lengths uniform in mean x (1 ± spread)")
-    parser.add_argument("--vocab", type=int, default=8192)
-    add_model_options(parser)
+    add_fixture_options(parser)
     args = parser.parse_args()
-    if args.quick:
-        args.rounds, args.steps, args.batch_size, args.hidden, args.layers, args.heads, args.vocab = (
-            1, "1,3", 2, 64, 2, 2, 1024)
-    for option, known in (("shapes", SHAPES), ("modes", MODES)):
+    apply_quick(args, rounds=1, steps="1,3", **TINY)
+    for option, known in (("shapes", SHAPES), ("modes", MODES), ("dtypes", DTYPES)):
         chosen = [s.strip() for s in getattr(args, option).split(",") if s.strip()]
         if not chosen or any(s not in known for s in chosen):
             parser.error(f"--{option}: choose from {', '.join(known)}")
         setattr(args, option, chosen)
+    args.systems = [program + DTYPES[dtype] for dtype in args.dtypes for program in SYSTEMS]
     try:
         args.n_steps, args.m_steps = (int(s) for s in args.steps.split(","))
     except ValueError:
@@ -95,12 +107,21 @@ def parse_args():
     return args
 
 
+def add_fixture_options(parser) -> None:
+    """--spread, --vocab and the random Llama's shape: the fixture's options (bench_bf16_loss.py's too)."""
+    parser.add_argument("--spread", type=float, default=0.3, help="lengths uniform in mean x (1 ± spread)")
+    parser.add_argument("--vocab", type=int, default=8192)
+    add_model_options(parser)
+
+
 def command(system: str, mode: str, steps: int, setup: dict, args, output: Path, step_log: Path) -> list[str]:
-    """The command line of one run."""
+    """The command line of one run of `system` (a name of PROGRAMS)."""
+    program, dtype = PROGRAMS[system]
     common = ["--model", setup["model_dir"], "--output", str(output), "--batch-size", str(args.batch_size),
               "--max-length", str(args.max_length), "--max-steps", str(steps), "--lr", str(args.lr),
-              "--threads", str(args.threads), "--seed", str(args.seed), "--max-grad-norm", "1.0", *MODES[mode]]
-    if system == "dpokit":
+              "--threads", str(args.threads), "--seed", str(args.seed), "--max-grad-norm", "1.0", "--dtype", dtype,
+              *MODES[mode]]
+    if program == "dpokit":
         return [sys.executable, "-m", "dpokit.cli", "dpo", *common, "--data", setup["data"],
                 "--max-prompt-length", str(setup["max_prompt_length"]), *DPOKIT_SETTINGS]
     return [sys.executable, str(TRL_SCRIPT), *common, "--data", setup["data_trl"], "--step-log", str(step_log),
@@ -124,7 +145,7 @@ def runner(setup: dict, args, work: Path):
         if measured["returncode"] != 0:
             shutil.rmtree(output, ignore_errors=True)
             return {**measured, "failed": True, "log_tail": tail}
-        if system == "dpokit":
+        if PROGRAMS[system][0] == "dpokit":
             from dpokit.train.metrics import read_metrics
 
             rows = [r for r in read_metrics(output / "metrics.jsonl") if r["split"] == "train"]
@@ -152,14 +173,15 @@ KEYS = ("e2e_seconds_per_step", "in_process_seconds_per_step", "gap_seconds", "w
         "peak_rss_mib")
 
 
-def summarise(results: dict, mode: str, args) -> dict:
-    """Per system and round: the end-to-end and in-process seconds per step, their gap, the M-step process's
-    seconds and peak RSS (None for a round where a run failed); per key, the values of the rounds that ran and
-    their :func:`summary`; the same for the per-round dpokit / TRL ratios."""
+def summarise(results: dict, mode: str, dtype: str, args) -> dict:
+    """Per system (dpokit, TRL: their runs in `dtype`) and round: the end-to-end and in-process seconds per step,
+    their gap, the M-step process's seconds and peak RSS (None for a round where a run failed); per key, the values
+    of the rounds that ran and their :func:`summary`; the same for the per-round dpokit / TRL ratios."""
     n, m = args.n_steps, args.m_steps
     per_system, rounds = {}, {}
     for system in SYSTEMS:
-        runs_n, runs_m = results[f"{mode}/{system}/{n}"], results[f"{mode}/{system}/{m}"]
+        name = f"{mode}/{system}{DTYPES[dtype]}"
+        runs_n, runs_m = results[f"{name}/{n}"], results[f"{name}/{m}"]
         rounds[system] = [None if a.get("failed") or b.get("failed") else {
             "e2e_seconds_per_step": (b["seconds"] - a["seconds"]) / (m - n),
             "in_process_seconds_per_step": median(b["in_process_seconds_per_step"][n:]),
@@ -187,16 +209,36 @@ def _values(xs: list) -> dict:
     return {"values": xs, "summary": summary(xs)}
 
 
+def bf16_ratios(summaries: dict) -> dict:
+    """Per shape and mode where both precisions ran, per round, ratios of end-to-end seconds per step: each
+    system's float32 / bfloat16 (bfloat16's speed-up) and TRL bfloat16 / dpokit float32."""
+    def e2e(systems: dict, system: str) -> list:
+        return [r and r["e2e_seconds_per_step"] for r in systems[system]["per_round"]]
+
+    def ratio(top: list, bottom: list) -> dict:
+        return _values([a / b for a, b in zip(top, bottom) if a and b])
+
+    out = {}
+    for shape, mode, dtype in summaries:
+        if dtype == "bfloat16" and (shape, mode, "float32") in summaries:
+            f32, bf16 = (summaries[(shape, mode, d)]["systems"] for d in ("float32", "bfloat16"))
+            out[f"{shape}/{mode}"] = {
+                "dpokit_f32_over_bf16": ratio(e2e(f32, "dpokit"), e2e(bf16, "dpokit")),
+                "trl_f32_over_bf16": ratio(e2e(f32, "trl"), e2e(bf16, "trl")),
+                "trl_bf16_over_dpokit_f32": ratio(e2e(bf16, "trl"), e2e(f32, "dpokit"))}
+    return out
+
+
 def table(summaries: dict, args) -> str:
-    """One row per shape and mode: median (min–max over rounds)."""
-    header = ["shape", "mode", "dpokit s/step e2e", "in-process", "gap", "TRL s/step e2e", "in-process", "gap",
-              "TRL / dpokit s/step e2e", "in-process", f"whole {args.m_steps}-step process s, dpokit / TRL",
+    """One row per shape, mode and precision: median (min–max over rounds)."""
+    header = ["shape", "mode", "dtype", "dpokit s/step e2e", "in-process", "gap", "TRL s/step e2e", "in-process",
+              "gap", "TRL / dpokit s/step e2e", "in-process", f"whole {args.m_steps}-step process s, dpokit / TRL",
               "TRL / dpokit", "peak RSS MiB, dpokit / TRL", "memory ratio"]
     rows = []
-    for (shape, mode), s in summaries.items():
+    for (shape, mode, dtype), s in summaries.items():
         d, t, r = s["systems"]["dpokit"], s["systems"]["trl"], s["ratios"]
         sec = [spread(x[key]["values"]) for x in (d, t) for key in KEYS[:3]]
-        rows.append([shape, mode, *sec, spread(r["e2e_throughput"]["values"], "{:.2f}"),
+        rows.append([shape, mode, dtype, *sec, spread(r["e2e_throughput"]["values"], "{:.2f}"),
                      spread(r["in_process_throughput"]["values"], "{:.2f}"),
                      f"{spread(d['whole_process_seconds']['values'], '{:.1f}')} / "
                      f"{spread(t['whole_process_seconds']['values'], '{:.1f}')}",
@@ -207,12 +249,20 @@ def table(summaries: dict, args) -> str:
     return markdown(header, rows)
 
 
+def bf16_table(ratios: dict) -> str:
+    """One row per shape and mode of :func:`bf16_ratios`: median (min–max over rounds)."""
+    header = ["shape / mode", "dpokit float32 / bfloat16 s/step e2e", "TRL float32 / bfloat16",
+              "TRL bfloat16 / dpokit float32"]
+    return markdown(header, [[key, *(spread(r["values"], "{:.2f}") for r in row.values())]
+                             for key, row in ratios.items()])
+
+
 def main() -> None:
     args = parse_args()
     t0 = time.perf_counter()
     tree = {"before": tree_state()}
     names = [f"{mode}/{system}/{steps}" for mode in args.modes for steps in (args.n_steps, args.m_steps)
-             for system in SYSTEMS]
+             for system in args.systems]
     setups, raw, summaries = {}, {}, {}
     with workdir(args, "dpokit_e2e_") as work:
         for shape in args.shapes:
@@ -224,33 +274,39 @@ def main() -> None:
             (work / shape).mkdir(exist_ok=True)
             setups[shape] = build_inputs(shape_args, work / shape)
             run = runner(setups[shape], shape_args, work / shape)
-            if shape == args.shapes[0]:  # the first process of each system reads its files from disk: not timed
-                for system in SYSTEMS:
+            if shape == args.shapes[0]:  # the first process of each program reads its files from disk: not timed
+                for system in args.systems[:len(SYSTEMS)]:
                     report_line(args)(f"{args.modes[0]}/{system}/{args.n_steps}", -1,
                                       run(f"{args.modes[0]}/{system}/{args.n_steps}", -1))
             raw[shape] = interleave(args.rounds, alternating(names), run, report_line(args))
             for mode in args.modes:
-                summaries[(shape, mode)] = summarise(raw[shape], mode, args)
+                for dtype in args.dtypes:
+                    summaries[(shape, mode, dtype)] = summarise(raw[shape], mode, dtype, args)
     tree["after"] = tree_state()
-    text = table(summaries, args)
+    text, ratios = table(summaries, args), bf16_ratios(summaries)
     model = next(iter(setups.values()))["model"]
-    trl = "TRL with its defaults for bf16, checkpointing, optimizer" if args.trl_defaults else "TRL float32"
+    trl = ("TRL with its defaults for bf16, checkpointing, optimizer" if args.trl_defaults
+           else "TRL in the same precision")
     print(f"\nend to end, dpokit dpo vs a TRL DPOTrainer script ({trl}): batch {args.batch_size} pairs, "
           f"{args.threads} threads, steps {args.n_steps} and {args.m_steps} (s/step = (t_M - t_N) / (M - N)), "
           f"{args.rounds} round(s); model {model['params_total'] / 1e6:.2f}M params (hidden {model['hidden']}, "
           f"{model['layers']} layers, vocab {model['vocab']}); values: median (min–max over rounds); ratios per "
           "round: throughput = TRL s/step / dpokit's, memory = dpokit peak / TRL's; gap = e2e − in-process s/step")
     print(text)
+    if ratios:
+        print("\nbfloat16 against float32, end-to-end s/step per round:")
+        print(bf16_table(ratios))
     if tree["before"] != tree["after"]:
         print("\nWARNING: src/ changed while the benchmark ran: different runs may have measured different code")
     failed = {name: k for shape in raw for name, runs in raw[shape].items()
               if (k := sum(1 for r in runs if r.get("failed")))}
     if failed:
         print("\nfailed runs: " + ", ".join(f"{n} x{k}" for n, k in failed.items()) + " (log tails in the JSON)")
-    payload = {"setup": setups, "summary": {f"{shape}/{mode}": s for (shape, mode), s in summaries.items()},
-               "raw": raw, "dpokit_tree": tree, "table_markdown": text}
+    payload = {"setup": setups, "summary": {"/".join(key): s for key, s in summaries.items()},
+               "bf16_ratios": ratios, "raw": raw, "dpokit_tree": tree, "table_markdown": text,
+               "bf16_table_markdown": bf16_table(ratios) if ratios else None}
     path = write_result(args, "e2e-", payload, t0,
-                        {"allocators": allocators(SYSTEMS, "as-shipped"), "threads": args.threads})
+                        {"allocators": allocators(args.systems, "as-shipped"), "threads": args.threads})
     print(f"\nwrote {path} ({time.perf_counter() - t0:.0f} s)")
     if failed:
         sys.exit(1)
