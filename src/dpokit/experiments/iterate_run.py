@@ -20,7 +20,6 @@ gives what it would have given without the interruption.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict
@@ -31,6 +30,7 @@ from dpokit.config.experiments import IterateConfig, round_seed
 from dpokit.judges.pointwise import Judge
 from dpokit.judges.loader import load_judge
 from dpokit.data.prompts import Prompt, read_prompts
+from dpokit.runtime.files import write_atomic
 from dpokit.train.rundir import claim_output
 
 MARKER = "COMPLETE"
@@ -48,16 +48,6 @@ def iterate_contents(output: Path) -> list[str]:
 def round_dir(output: Path, number: int) -> Path:
     """The directory of round `number` (0: the starting model's evaluation)."""
     return output / f"round-{number:03d}"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `path` whole or not at all (a temporary file, fsynced, renamed over it)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def is_complete(directory: Path) -> bool:

@@ -4,10 +4,11 @@ the console."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from dpokit.runtime.files import write_atomic
 
 
 class MetricsLogger:
@@ -58,13 +59,7 @@ def truncate_metrics(output_dir: str | Path, step: int) -> int:
             dropped += 1
     # A resume killed (or out of disk) during the rewrite must not lose the rows: the new rows go to a temporary
     # file that replaces the old one only once written whole.
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, "".join(kept))
     return dropped
 
 

@@ -15,10 +15,11 @@ later ones from metrics.jsonl), so a tracker may receive a step twice: docs/trac
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+
+from dpokit.runtime.files import write_atomic
 
 TRACKER_RUNS = "tracker_runs.json"
 
@@ -36,17 +37,7 @@ def read_tracker_runs(output_dir: str | Path) -> dict[str, dict]:
 def write_tracker_runs(output_dir: str | Path, runs: dict[str, dict]) -> None:
     """Record `runs` in OUTPUT/tracker_runs.json, atomically: a kill while it is written leaves the previous record
     (a resume must never read half a file and lose the runs it continues)."""
-    path = Path(output_dir) / TRACKER_RUNS
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with tmp.open("w") as handle:
-            handle.write(json.dumps(runs, indent=1, sort_keys=True) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(Path(output_dir) / TRACKER_RUNS, json.dumps(runs, indent=1, sort_keys=True) + "\n")
 
 
 def forget_tracker_runs(output_dir: str | Path) -> None:
