@@ -24,8 +24,10 @@ from pathlib import Path
 
 from dpokit.errors import ConfigError
 from dpokit.experiments.paper.budget import Convergence, converged_dpo_points
+from dpokit.experiments.paper.frontier import frontier_contents
 from dpokit.experiments.paper.methods import learned_reward, ppo_sweep
-from dpokit.experiments.paper.task import SIZES, Sizes, Task, budget_task, measure, optional_module, prepare_task
+from dpokit.experiments.paper.task import (SIZES, Sizes, Task, budget_task, measure, optional_module, point_budget,
+                                          prepare_task)
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ STUDY_SIZES = {
 }
 
 
-def _todays_points(task: Task, s: StudySizes, seed: int, say: Callable[[str], None]) -> tuple[list, dict]:
+def _todays_points(task: Task, s: StudySizes, seed: int) -> tuple[list, dict]:
     """Every method at today's budget, with its seconds."""
     points, seconds, started = [], {}, time.monotonic()
 
@@ -118,26 +120,16 @@ def _precision(task: Task, points: list[dict], reference: dict, s: StudySizes) -
     measured further until their standard error is within the target (dpokit.experiments.paper.precision)."""
     from dpokit.experiments.paper.precision import top_up
 
-    def budget(p: dict) -> float:
-        return float(p["knob"].get("budget", 1.0))
-
-    today = [p for p in points if budget(p) == 1.0 and "model" in p]
+    today = [p for p in points if point_budget(p) == 1.0 and "model" in p]
     result = {"1": top_up(task, today, reference, s.target_se, s.se_cap)}
-    for b in sorted({budget(p) for p in points} - {1.0}):
-        mine = [p for p in points if budget(p) == b and "model" in p]
+    for b in sorted({point_budget(p) for p in points} - {1.0}):
+        mine = [p for p in points if point_budget(p) == b and "model" in p]
         result[f"{b:g}"] = top_up(task, mine, reference, s.target_se, s.se_cap, methods=("dpo", "ppo"))
     return result
 
 
 def _pair_count(task: Task) -> int:
     return sum(1 for line in open(task.pairs_path) if line.strip())
-
-
-def study_contents(output: Path) -> list[str]:
-    """What of an earlier study `output` holds (its lock file aside)."""
-    from dpokit.experiments.paper.frontier import frontier_contents
-
-    return frontier_contents(output)
 
 
 def run_study(output: str, sizes: str | StudySizes = "full", *, seed: int = 0, threads: int | None = None,
@@ -149,7 +141,8 @@ def run_study(output: str, sizes: str | StudySizes = "full", *, seed: int = 0, t
     if isinstance(sizes, str) and sizes not in STUDY_SIZES:
         raise ConfigError(f"--sizes must be one of {', '.join(STUDY_SIZES)}; got {sizes!r}")
     name, s = (sizes, STUDY_SIZES[sizes]) if isinstance(sizes, str) else ("custom", sizes)
-    with claim_output(output, resume=False, overwrite=overwrite, contents=study_contents, resumable=False):
+    # a study's directory is held as a sweep's: everything in it but the lock counts as an earlier run
+    with claim_output(output, resume=False, overwrite=overwrite, contents=frontier_contents, resumable=False):
         return _run_study(Path(output), name, s, seed, threads, log)
 
 
@@ -168,7 +161,7 @@ def _run_study(out: Path, name: str, s: StudySizes, seed: int, threads: int | No
     task = prepare_task(out, s.task, seed, threads, say, largest_budget=max(s.budgets))
     reference = measure(task, task.reference, "sft", {}, model=task.sft_dir)
     say("[2/4] every method at today's budget")
-    points, seconds = _todays_points(task, s, seed, say)
+    points, seconds = _todays_points(task, s, seed)
     say("[3/4] the data-budget sweep")
     begun = time.monotonic()
     budget_points, pairs = _budget_points(task, s, seed, say)

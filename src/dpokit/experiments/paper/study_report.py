@@ -17,16 +17,13 @@ from pathlib import Path
 
 from dpokit.experiments.paper.frontier_report import LABELS, statistics
 from dpokit.experiments.paper.frontier_stats import band_verdict, compare_bands
+from dpokit.experiments.paper.task import point_budget
 
 OPTIMA = ("optimum-rm", "optimum-gt")
 
 
-def _budget(point: dict) -> float:
-    return float(point["knob"].get("budget", 1.0))
-
-
 def _converged(points: list[dict], budget: float, beta: float | None = None) -> list[dict]:
-    return [p for p in points if p["method"] == "dpo" and p.get("converged") and _budget(p) == budget
+    return [p for p in points if p["method"] == "dpo" and p.get("converged") and point_budget(p) == budget
             and (beta is None or p["knob"]["beta"] == beta)]
 
 
@@ -56,12 +53,12 @@ def _best(points: list[dict]) -> dict | None:
 def budget_section(study: dict) -> list[str]:
     """The data-budget table and, per budget, DPO against PPO per KL band."""
     points, reference = study["points"], study["reference"]
-    budgets = sorted({_budget(p) for p in points if p["method"] in ("dpo", "ppo")})
+    budgets = sorted({point_budget(p) for p in points if p["method"] in ("dpo", "ppo")})
     rows = ["| budget | pairs | DPO converged (β: step, reward ± s.e. at KL) | DPO best | PPO best |",
             "|---:|---:|---|---|---|"]
     sentences = []
     for b in budgets:
-        mine = [p for p in points if _budget(p) == b and p["method"] in ("dpo", "ppo")]
+        mine = [p for p in points if point_budget(p) == b and p["method"] in ("dpo", "ppo")]
         converged = sorted(_converged(points, b), key=lambda p: (p["knob"]["beta"], p["knob"]["seed"]))
         cells = "; ".join(f"β {p['knob']['beta']:g} seed {p['knob']['seed']}: step {p['knob']['step']}"
                           f"{'' if p['knob']['step'] < p['stopped_at'] or p['stopped_at'] < _cap(study) else ' (cap)'}"
@@ -105,7 +102,7 @@ def cost_section(study: dict) -> list[str]:
     """What each method's best point at today's budget cost."""
     rows = ["| method | best point | samples drawn | judge calls | reward-model calls |", "|---|---|---:|---:|---:|"]
     for method in ("dpo", "dpo-online", "dpo-online-gt", "ppo", "ppo-gt"):
-        best = _best([p for p in study["points"] if p["method"] == method and _budget(p) == 1.0])
+        best = _best([p for p in study["points"] if p["method"] == method and point_budget(p) == 1.0])
         if best is not None:
             rows.append(f"| {LABELS.get(method, method)} | {_fmt(best)} | {best.get('samples_drawn', '-')} | "
                         f"{best.get('judge_calls', '-')} | {best.get('reward_model_calls', '-')} |")
@@ -143,7 +140,7 @@ def plot_beta(path: Path, study: dict) -> None:
 
 def write_study(out: Path, study: dict) -> None:
     """study.json, frontier_hulls.png, study_beta.png and report.md in `out`."""
-    today = {"points": [p for p in study["points"] if _budget(p) == 1.0 and p["method"] not in OPTIMA],
+    today = {"points": [p for p in study["points"] if point_budget(p) == 1.0 and p["method"] not in OPTIMA],
              "reference": study["reference"], "seed": study.get("seed", 0), "judge": study.get("judge", "vader")}
     stats = statistics(out, today)
     study["bands"] = today.get("bands", [])

@@ -129,6 +129,11 @@ def prepare_task(out: Path, sizes: Sizes, seed: int, threads: int | None, log: C
     return budget_task(task, 1.0, out)
 
 
+def point_budget(point: dict) -> float:
+    """The data budget a point was trained on (its knob's ``budget``; a method without one ran on today's, 1)."""
+    return float(point["knob"].get("budget", 1.0))
+
+
 def budget_prompts(prompts: int, budget: float) -> int:
     """The number of training prompts of a data budget: `budget` × the sweep's."""
     return max(1, round(prompts * budget))
