@@ -199,30 +199,39 @@ def _assert_segments_match_dense(model, batch) -> None:
         torch.testing.assert_close(segments_grad, dense_grad, rtol=0, atol=1e-5)
 
 
+def _expected_calls(spans, split_from: int) -> list[int]:
+    """The query lengths of one layer's SDPA calls in the short-row path: per example, its prompt and the rest
+    when the prompt has `split_from` tokens or more, else the whole example."""
+    calls = []
+    for row in spans:
+        for prompt_start, prompt_length, responses in row:
+            end = max([prompt_start + prompt_length] + [start + size for start, size in responses])
+            if prompt_length >= split_from:
+                calls += [prompt_length] + ([end - prompt_start - prompt_length] if end > prompt_start + prompt_length
+                                            else [])
+            else:
+                calls.append(end - prompt_start)
+    return calls
+
+
+@pytest.mark.parametrize("split_from", [3, 10_000], ids=["prompt-split", "whole-example"])
 @pytest.mark.parametrize("layout", ["shared", "packed"])
-def test_split_after_the_common_prompt_gives_the_dense_masks_logprobs_and_gradients(layout, monkeypatch):
+def test_one_call_per_example_gives_the_dense_masks_logprobs_and_gradients(layout, split_from, monkeypatch):
     import transformers.integrations.sdpa_attention as hf_sdpa
 
-    monkeypatch.setattr(attention, "SPLIT_MIN_PREFIX", 3)  # these prompts are short: force the split
+    monkeypatch.setattr(attention, "SPLIT_MIN_PREFIX", split_from)  # these prompts have 7-19 tokens
     calls = []
     real_sdpa = hf_sdpa.sdpa_attention_forward
     monkeypatch.setattr(hf_sdpa, "sdpa_attention_forward",
                         lambda module, query, *a, **k: calls.append(query.shape[2]) or real_sdpa(module, query, *a, **k))
-    model = make_llama(num_key_value_heads=1)
-    examples = _examples()  # first prompts of 7-19 tokens
+    model = make_llama(num_key_value_heads=1)  # grouped-query attention through every call
+    examples = _examples() + [TokenizedExample((), ((50, 51, 52), (60, 61)))]  # and an example without a prompt
     batch = collate(examples, list(range(len(examples))), layout=layout, pad_token_id=0)
-    prefix = min(row[0][1] for row in batch.spans)
+    if layout == "packed":
+        assert max(len(row) for row in batch.spans) > 1  # rows that hold several examples
     _assert_segments_match_dense(model, batch)
-    length = batch.input_ids.shape[1]
-    assert calls[-2:] == [prefix, length - prefix]  # the segments kernel split each layer's call in two
-
-
-def test_no_split_when_a_row_starts_without_a_prompt(monkeypatch):
-    monkeypatch.setattr(attention, "SPLIT_MIN_PREFIX", 1)
-    examples = _examples() + [TokenizedExample((), ((50, 51, 52), (60, 61)))]
-    batch = collate(examples, list(range(len(examples))), layout="shared", pad_token_id=0)
-    assert attention._causal_prefix(batch.spans) == 0
-    assert attention._causal_prefix(collate(_examples(), list(range(5)), layout="shared", pad_token_id=0).spans) == 7
+    expected = _expected_calls(batch.spans, split_from)
+    assert calls[-len(expected):] == expected  # the last layer's calls: one or two per example, none per row
 
 
 def test_segment_attention_is_plain_sdpa_for_generation():

@@ -182,11 +182,66 @@ def test_wpo_alignment_logprobs_by_hand(examples, layout, chunked):
 
 
 def test_the_in_place_logsumexp_is_torchs_bit_for_bit():
-    from dpokit.models.logprobs import _logsumexp_
+    from dpokit.models.logprobs import _exp_shifted_
 
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(64, 500, generator=generator) * 10
     logits[0, 3] = float("-inf")  # a masked logit
     logits[1] = float("-inf")  # a row with nothing allowed: -inf, as torch gives
     expected = torch.logsumexp(logits, dim=-1)
-    assert torch.equal(_logsumexp_(logits.clone()), expected)
+    maxes, sums = _exp_shifted_(logits.clone())
+    assert torch.equal(sums.log().add_(maxes), expected)
+
+
+@pytest.mark.parametrize("keep_bytes", [0, 2**30], ids=["recomputed", "kept"])
+def test_the_output_layer_backward_from_a_kept_or_recomputed_softmax(examples, monkeypatch, keep_bytes):
+    """Both ways the chunked backward gets its softmax give the full-logits gradients, and say which they took."""
+    import dpokit.models.logprobs as logprobs
+
+    monkeypatch.setattr(logprobs, "KEEP_SOFTMAX_BYTES", keep_bytes)
+    kept = []
+    real_forward = logprobs._ChunkedTargetLogProb.forward
+
+    def forward(ctx, *args):
+        out = real_forward(ctx, *args)
+        kept.append(ctx.softmax is not None)
+        return out
+
+    monkeypatch.setattr(logprobs._ChunkedTargetLogProb, "forward", staticmethod(forward))
+    model = make_llama()
+    base_logps, base_grads = _logps_and_grads(model, examples, "plain", False)
+    logps, grads = _logps_and_grads(model, examples, "packed", True, chunk_size=7)
+    assert kept == [keep_bytes > 0]
+    torch.testing.assert_close(logps, base_logps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads, base_grads, rtol=1e-5, atol=1e-5)
+
+
+def test_a_second_backward_through_a_kept_softmax_gives_the_same_gradients(examples):
+    """The kept softmax is consumed in place by the first backward; a retained graph's second backward recomputes."""
+    model = make_llama()
+    logps = sequence_logprobs(model, collate(examples, range(len(examples)), layout="packed"), chunk_size=7)
+    loss = (logps * torch.linspace(0.5, 1.5, len(logps))).sum()
+    first = torch.autograd.grad(loss, model.lm_head.weight, retain_graph=True)[0]
+    second = torch.autograd.grad(loss, model.lm_head.weight)[0]
+    torch.testing.assert_close(second, first, rtol=1e-5, atol=1e-6)
+    assert first.abs().max() > 0
+
+
+def test_no_softmax_is_kept_without_gradients(examples):
+    """The reference's pass (no gradients) keeps nothing for a backward that never comes."""
+    import dpokit.models.logprobs as logprobs
+
+    model = make_llama().requires_grad_(False)
+    batch = collate(examples, range(len(examples)), layout="packed")
+    inputs = logprobs._model_inputs(batch, model)
+    hidden = logprobs._read_hidden_states(model, batch, inputs)
+
+    class Ctx:
+        needs_input_grad = (False, False, False, False, False)
+
+        def save_for_backward(self, *tensors):
+            pass
+
+    ctx = Ctx()
+    logprobs._ChunkedTargetLogProb.forward(ctx, hidden, model.lm_head.weight, None, batch.target_ids, 7)
+    assert ctx.softmax is None

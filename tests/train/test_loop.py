@@ -434,3 +434,27 @@ def test_a_non_finite_gradient_stops_training_with_a_clear_error(tmp_path):
         train(prepare(model, 8, cfg, Accelerator()), _StubTokenizer(), objective, _examples(8, seed=3), None, cfg)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert (tmp_path / "checkpoint-000001").exists() and not (tmp_path / "checkpoint-000002").exists()
+
+
+def test_adamw_is_torchs_fused_kernel_on_plain_tensors_and_steps_like_the_unfused_one():
+    """make_optimizer's AdamW runs torch's fused kernel on plain CPU tensors (not on FSDP2's DTensor shards), and its
+    updates are the for-loop AdamW's to float32 rounding."""
+    from dpokit.train.loop import _fusable, make_optimizer
+
+    generator = torch.Generator().manual_seed(0)
+    fused_model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 4))
+    plain_model, start = copy.deepcopy(fused_model), copy.deepcopy(fused_model)
+    config = TrainConfig(model="m", data="d", output="o", optimizer="adamw", lr=1e-2, weight_decay=0.01)
+    fused = make_optimizer(fused_model, config)
+    plain = torch.optim.AdamW(plain_model.parameters(), lr=1e-2, weight_decay=0.01)
+    assert fused.defaults["fused"] and not plain.defaults.get("fused")
+    for _ in range(5):
+        x = torch.randn(8, 16, generator=generator)
+        for model, optimizer in ((fused_model, fused), (plain_model, plain)):
+            model(x).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for a, b, before in zip(fused_model.parameters(), plain_model.parameters(), start.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        assert (a - before).abs().max() > 1e-3  # it did move
+    assert not _fusable([torch.nn.Parameter(torch.zeros(2, dtype=torch.int64), requires_grad=False)])

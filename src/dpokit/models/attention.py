@@ -24,15 +24,16 @@ ATTENTION_CHOICES = ("auto", "sdpa", "eager", "flex", "segments")
 SEGMENTS = "dpokit_segments"
 _HF_NAMES = {"sdpa": "sdpa", "eager": "eager", "flex": "flex_attention", "segments": SEGMENTS}
 SEGMENTS_MIN_LENGTH = 1024
-"""Rows shorter than this run as one or two dense SDPA calls. `python bench/bench_attention.py --rounds 3
+"""Rows shorter than this run one or two SDPA calls per example (SPLIT_MIN_PREFIX); rows this long or longer, one
+per prompt and one per response. `python bench/bench_attention.py --rounds 3
 --per-segment` (one thread, a loaded 2-core CPU) measured the per-segment calls 1.12-1.18x faster per
 forward+backward at 1024-token rows, even at 512, and slower below 256 (per-call overhead); bench/README.md has the
 table."""
 SPLIT_MIN_PREFIX = 128
-"""Shorter rows run as two dense SDPA calls when every row's first prompt has at least this many tokens: those
-queries see only their own causal prefix, so one call covers that square and one the remaining queries against the
-whole row. The CPU kernel computes every (query, key) pair of a call it is given a mask for; the split drops the
-prompt's queries against everything after the prompt. `python bench/bench_attention.py --lengths 96,160,256,440
+"""Shorter rows run one SDPA call per example (the CPU kernel computes every (query, key) pair of a call it is given
+a mask for, so a call over the whole row scores each example against the others' keys too), and two when the
+example's prompt has at least this many tokens: those queries see only their own causal prefix, so one call covers
+that square and one the responses against the example. For the split alone `python bench/bench_attention.py --lengths 96,160,256,440
 --widths 128,256,768 --rounds 5` (one thread; prompts 45% of the row): forward + backward of the model 1.02-1.04x
 faster at 440-token rows, 0.98-1.01x at 160 and 256, whence the threshold; bench/README.md has the table."""
 
@@ -197,16 +198,11 @@ def segment_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     if window and _longest_sequence(dpokit_spans) <= window:
         window = None  # a sliding layer, but no example reaches past its window: it changes nothing
     if length < SEGMENTS_MIN_LENGTH:
-        prefix = _causal_prefix(dpokit_spans)
-        if prefix < SPLIT_MIN_PREFIX or attention_mask is None or (window and prefix > window):
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                          scaling=scaling, **kwargs)
-        causal = {**kwargs, "is_causal": True}  # the prefix's own square, whatever the caller's flag
-        head, _ = sdpa_attention_forward(module, query[:, :, :prefix], key[:, :, :prefix], value[:, :, :prefix],
-                                         None, dropout=dropout, scaling=scaling, **causal)
-        rest, _ = sdpa_attention_forward(module, query[:, :, prefix:], key, value, attention_mask[:, :, prefix:],
-                                         dropout=dropout, scaling=scaling, **kwargs)  # the mask has any window
-        return torch.cat([head, rest], dim=1), None
+        if attention_mask is None:
+            return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
+                                          **kwargs)
+        return _per_example(module, query, key, value, attention_mask, dpokit_spans, window, dropout, scaling,
+                            kwargs), None
     sdpa = torch.nn.functional.scaled_dot_product_attention
     options = dict(scale=scaling, dropout_p=dropout if module.training else 0.0,
                    enable_gqa=query.shape[1] != key.shape[1])
@@ -233,6 +229,41 @@ def segment_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     return torch.cat(rows).transpose(1, 2).contiguous(), None
 
 
+def _per_example(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor, spans, window,
+                 dropout: float, scaling: float | None, kwargs: dict) -> Tensor:
+    """Short rows: one SDPA call per example (its prompt and responses) with the example's square of the row's mask,
+    so no query is scored against another example's keys; an example whose prompt has SPLIT_MIN_PREFIX tokens or
+    more runs as two calls, the prompt's plain causal square and the responses against the example."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def attend(queries: slice, keys: slice, causal: bool) -> Tensor:
+        options = {**kwargs, "is_causal": True} if causal else kwargs
+        return sdpa_attention_forward(module, query[r : r + 1, :, queries], key[r : r + 1, :, keys],
+                                      value[r : r + 1, :, keys], None if causal else mask[r : r + 1, :, queries, keys],
+                                      dropout=dropout, scaling=scaling, **options)[0]
+
+    length, rows = query.shape[2], []
+    gap = lambda size: query.new_zeros(1, size, query.shape[1], query.shape[3])  # noqa: E731 (unread positions)
+    for r, examples in enumerate(spans):
+        pieces, used = [], 0
+        for prompt_start, prompt_length, responses in examples:
+            end = max([prompt_start + prompt_length] + [start + size for start, size in responses])
+            if prompt_start > used:
+                pieces.append(gap(prompt_start - used))
+            prompt_end = prompt_start + prompt_length
+            if prompt_length >= SPLIT_MIN_PREFIX and (window is None or prompt_length <= window):
+                pieces.append(attend(slice(prompt_start, prompt_end), slice(prompt_start, prompt_end), True))
+                if end > prompt_end:
+                    pieces.append(attend(slice(prompt_end, end), slice(prompt_start, end), False))
+            else:
+                pieces.append(attend(slice(prompt_start, end), slice(prompt_start, end), False))
+            used = end
+        if used < length:
+            pieces.append(gap(length - used))
+        rows.append(torch.cat(pieces, dim=1))
+    return torch.cat(rows)
+
+
 def _visible(prompt_length: int, size: int, window: int | None, device) -> Tensor:
     """``[size, prompt_length + size]``: which keys (the prompt, then the segment itself) each of a segment's
     `size` queries sees: the whole prompt and itself causally, and with a `window` only keys fewer than `window`
@@ -250,10 +281,3 @@ def _longest_sequence(spans) -> int:
     """Tokens in the longest prompt + response of any row."""
     return max((prompt_length + max((size for _, size in responses), default=0)
                 for row in spans for _, prompt_length, responses in row), default=0)
-
-
-def _causal_prefix(spans) -> int:
-    """How many leading positions of every row are the first example's prompt: their attention is plain causal."""
-    if not spans or any(not row or row[0][0] != 0 for row in spans):
-        return 0
-    return min(row[0][1] for row in spans)

@@ -6,8 +6,9 @@ Two ways to get from hidden states to log-probs, with the same numbers:
   log-softmax in float32 and gather: simple, and what the peers do.
 * ``chunked`` (default): the decoder's hidden states are taken only at the positions that predict a
   response token, and the output layer, log-softmax and gather run over chunks of those positions inside
-  one autograd function that recomputes each chunk's logits in the backward pass. No logits tensor larger
-  than ``chunk_size x vocab`` ever exists, and the prompt positions cost no output-layer work at all.
+  one autograd function. The backward pass reuses the forward's softmax when it is small (KEEP_SOFTMAX_BYTES)
+  and otherwise recomputes each chunk's logits, so no logits tensor larger than ``chunk_size x vocab`` exists
+  beyond that budget, and the prompt positions cost no output-layer work at all.
 """
 
 from __future__ import annotations
@@ -32,37 +33,51 @@ from dpokit.data.tokenize import TokenizedExample
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
+# The softmax of a call's positions is kept from the forward pass for the backward when it takes at most this many
+# bytes (vocabulary 8k: up to 2,048 positions), which spares the backward one output-layer matmul and one exp per
+# logit; above it, the logits are recomputed chunk by chunk, so memory stays at one chunk whatever the vocabulary.
+KEEP_SOFTMAX_BYTES = 64 * 2**20
+
+
 class _ChunkedTargetLogProb(torch.autograd.Function):
-    """log softmax(hidden @ weight.T + bias)[target], chunk by chunk, logits recomputed in backward."""
+    """log softmax(hidden @ weight.T + bias)[target], chunk by chunk; the backward reuses the forward's softmax
+    when it fits in KEEP_SOFTMAX_BYTES and recomputes each chunk's logits otherwise."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk: int) -> Tensor:
-        """Per-target log-probs; saves only the inputs and each position's log-sum-exp."""
+        """Per-target log-probs; saves the inputs, each position's log-sum-exp and, if small, the softmax."""
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(out)
+        keep = any(ctx.needs_input_grad[:3]) and hidden.shape[0] * weight.shape[0] * 4 <= KEEP_SOFTMAX_BYTES
+        ctx.softmax = [] if keep else None
         for s in range(0, hidden.shape[0], chunk):
             logits = _logits(hidden[s : s + chunk], weight, bias)
             picked = logits.gather(1, targets[s : s + chunk, None]).squeeze(1)
-            lse[s : s + chunk] = _logsumexp_(logits)
+            maxes, sums = _exp_shifted_(logits)
+            lse[s : s + chunk] = sums.log().add_(maxes)
             out[s : s + chunk] = picked - lse[s : s + chunk]
+            if keep:
+                ctx.softmax.append(logits.div_(sums[:, None]))
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk = chunk
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        """Gradients for hidden, weight and bias, recomputing each chunk's softmax."""
+        """Gradients for hidden, weight and bias from each chunk's softmax (kept or recomputed)."""
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
-        for s in range(0, hidden.shape[0], ctx.chunk):
+        kept, ctx.softmax = ctx.softmax, None  # consumed in place: a second backward (retain_graph) recomputes
+        for k, s in enumerate(range(0, hidden.shape[0], ctx.chunk)):
             h = hidden[s : s + ctx.chunk]
             g = grad_out[s : s + ctx.chunk].float()
             # d logp / d logits = onehot(target) - softmax
             # in place: a chunk is [positions x vocabulary], and a fresh one per operation costs page faults
-            grad_logits = _logits(h, weight, bias).sub_(lse[s : s + ctx.chunk, None]).exp_().mul_(-g[:, None])
+            softmax = kept[k] if kept else _logits(h, weight, bias).sub_(lse[s : s + ctx.chunk, None]).exp_()
+            grad_logits = softmax.mul_(-g[:, None])
             grad_logits.scatter_add_(1, targets[s : s + ctx.chunk, None], g[:, None])
             if need_h:
                 grad_h[s : s + ctx.chunk] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
@@ -77,12 +92,13 @@ class _ChunkedTargetLogProb(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None
 
 
-def _logsumexp_(logits: Tensor) -> Tensor:
-    """torch.logsumexp(logits, dim=-1), the same operations in the same order, but overwriting `logits` instead
-    of allocating two more tensors of its size."""
+def _exp_shifted_(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Overwrite `logits` with exp(logits - max) per row and return (max, sum of the exps): torch.logsumexp's
+    operations in its order (log(sum) + max is its result) without allocating two more tensors of the chunk's size."""
     maxes = logits.amax(dim=-1, keepdim=True)
     maxes.masked_fill_(maxes.abs() == float("inf"), 0)
-    return logits.sub_(maxes).exp_().sum(dim=-1).log_().add_(maxes.squeeze(-1))
+    sums = logits.sub_(maxes).exp_().sum(dim=-1)
+    return maxes.squeeze(-1), sums
 
 
 def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
