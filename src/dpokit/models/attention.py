@@ -33,9 +33,10 @@ SPLIT_MIN_PREFIX = 128
 """Shorter rows run one SDPA call per example (the CPU kernel computes every (query, key) pair of a call it is given
 a mask for, so a call over the whole row scores each example against the others' keys too), and two when the
 example's prompt has at least this many tokens: those queries see only their own causal prefix, so one call covers
-that square and one the responses against the example. For the split alone `python bench/bench_attention.py --lengths 96,160,256,440
---widths 128,256,768 --rounds 5` (one thread; prompts 45% of the row): forward + backward of the model 1.02-1.04x
-faster at 440-token rows, 0.98-1.01x at 160 and 256, whence the threshold; bench/README.md has the table."""
+that square and one the responses against the example. For the split alone, `python bench/bench_attention.py
+--lengths 96,160,256,440 --widths 128,256,768 --rounds 5` (one thread; prompts 45% of the row): forward + backward
+of the model 1.02-1.04x faster at 440-token rows, 0.98-1.01x at 160 and 256, whence the threshold; bench/README.md
+has the table."""
 
 
 def choose_attention(choice: str, device: torch.device | str, layout: str, *, training: bool = True) -> str | None:
@@ -236,7 +237,7 @@ def _per_example(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, m
     more runs as two calls, the prompt's plain causal square and the responses against the example."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    def attend(queries: slice, keys: slice, causal: bool) -> Tensor:
+    def attend(r: int, queries: slice, keys: slice, causal: bool) -> Tensor:
         options = {**kwargs, "is_causal": True} if causal else kwargs
         return sdpa_attention_forward(module, query[r : r + 1, :, queries], key[r : r + 1, :, keys],
                                       value[r : r + 1, :, keys], None if causal else mask[r : r + 1, :, queries, keys],
@@ -252,11 +253,11 @@ def _per_example(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, m
                 pieces.append(gap(prompt_start - used))
             prompt_end = prompt_start + prompt_length
             if prompt_length >= SPLIT_MIN_PREFIX and (window is None or prompt_length <= window):
-                pieces.append(attend(slice(prompt_start, prompt_end), slice(prompt_start, prompt_end), True))
+                pieces.append(attend(r, slice(prompt_start, prompt_end), slice(prompt_start, prompt_end), True))
                 if end > prompt_end:
-                    pieces.append(attend(slice(prompt_end, end), slice(prompt_start, end), False))
+                    pieces.append(attend(r, slice(prompt_end, end), slice(prompt_start, end), False))
             else:
-                pieces.append(attend(slice(prompt_start, end), slice(prompt_start, end), False))
+                pieces.append(attend(r, slice(prompt_start, end), slice(prompt_start, end), False))
             used = end
         if used < length:
             pieces.append(gap(length - used))
