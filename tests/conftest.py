@@ -4,18 +4,22 @@ from helpers import make_tokenizer
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _private_data_cache(tmp_path_factory):
-    """Tokenised-data cache entries of the tests go to a temporary directory, never the user's ~/.cache (the
-    variable is inherited by the subprocesses that tests launch)."""
+def _private_stores(tmp_path_factory):
+    """Tokenised-data cache entries of the tests go to a temporary directory, never the user's ~/.cache, and so do
+    the offline archives of a Comet experiment started without a directory of its own (by default Comet writes them
+    into the working directory, the checkout); the variables are inherited by the subprocesses that tests launch."""
     import os
 
-    previous = os.environ.get("DPOKIT_CACHE")
-    os.environ["DPOKIT_CACHE"] = str(tmp_path_factory.mktemp("dpokit-cache"))
+    names = {"DPOKIT_CACHE": "dpokit-cache", "COMET_OFFLINE_DIRECTORY": "comet-offline"}
+    previous = {name: os.environ.get(name) for name in names}
+    for name, folder in names.items():
+        os.environ[name] = str(tmp_path_factory.mktemp(folder))
     yield
-    if previous is None:
-        os.environ.pop("DPOKIT_CACHE", None)
-    else:
-        os.environ["DPOKIT_CACHE"] = previous
+    for name, value in previous.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")
