@@ -193,12 +193,11 @@ def test_the_in_place_logsumexp_is_torchs_bit_for_bit():
     assert torch.equal(sums.log().add_(maxes), expected)
 
 
-@pytest.mark.parametrize("keep_bytes", [0, 2**30], ids=["recomputed", "kept"])
-def test_the_output_layer_backward_from_a_kept_or_recomputed_softmax(examples, monkeypatch, keep_bytes):
-    """Both ways the chunked backward gets its softmax give the full-logits gradients, and say which they took."""
+@pytest.fixture
+def kept_softmax(monkeypatch):
+    """Records, for every pass through the chunked output layer, whether it kept its softmax for the backward."""
     import dpokit.models.logprobs as logprobs
 
-    monkeypatch.setattr(logprobs, "KEEP_SOFTMAX_BYTES", keep_bytes)
     kept = []
     real_forward = logprobs._ChunkedTargetLogProb.forward
 
@@ -208,10 +207,20 @@ def test_the_output_layer_backward_from_a_kept_or_recomputed_softmax(examples, m
         return out
 
     monkeypatch.setattr(logprobs._ChunkedTargetLogProb, "forward", staticmethod(forward))
+    return kept
+
+
+@pytest.mark.parametrize("keep_bytes", [0, 2**30], ids=["recomputed", "kept"])
+def test_the_output_layer_backward_from_a_kept_or_recomputed_softmax(examples, monkeypatch, kept_softmax,
+                                                                     keep_bytes):
+    """Both ways the chunked backward gets its softmax give the full-logits gradients, and say which they took."""
+    import dpokit.models.logprobs as logprobs
+
+    monkeypatch.setattr(logprobs, "KEEP_SOFTMAX_BYTES", keep_bytes)
     model = make_llama()
     base_logps, base_grads = _logps_and_grads(model, examples, "plain", False)
     logps, grads = _logps_and_grads(model, examples, "packed", True, chunk_size=7)
-    assert kept == [keep_bytes > 0]
+    assert kept_softmax == [keep_bytes > 0]
     torch.testing.assert_close(logps, base_logps, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grads, base_grads, rtol=1e-5, atol=1e-5)
 
@@ -227,21 +236,12 @@ def test_a_second_backward_through_a_kept_softmax_gives_the_same_gradients(examp
     assert first.abs().max() > 0
 
 
-def test_no_softmax_is_kept_without_gradients(examples):
-    """The reference's pass (no gradients) keeps nothing for a backward that never comes."""
-    import dpokit.models.logprobs as logprobs
-
-    model = make_llama().requires_grad_(False)
-    batch = collate(examples, range(len(examples)), layout="packed")
-    inputs = logprobs._model_inputs(batch, model)
-    hidden = logprobs._read_hidden_states(model, batch, inputs)
-
-    class Ctx:
-        needs_input_grad = (False, False, False, False, False)
-
-        def save_for_backward(self, *tensors):
-            pass
-
-    ctx = Ctx()
-    logprobs._ChunkedTargetLogProb.forward(ctx, hidden, model.lm_head.weight, None, batch.target_ids, 7)
-    assert ctx.softmax is None
+def test_no_softmax_is_kept_without_gradients(examples, kept_softmax):
+    """A pass under torch.no_grad (the reference, a precompute or an evaluation of a trainable policy) keeps nothing
+    for a backward that never comes, though the output layer's weight requires gradients."""
+    model = make_llama()
+    assert model.lm_head.weight.requires_grad
+    with torch.no_grad():
+        sequence_logprobs(model, collate(examples, range(len(examples)), layout="packed"), chunk_size=7)
+    sequence_logprobs(model, collate(examples, range(len(examples)), layout="packed"), chunk_size=7)
+    assert kept_softmax == [False, True]

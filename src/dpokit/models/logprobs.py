@@ -44,11 +44,17 @@ class _ChunkedTargetLogProb(torch.autograd.Function):
     when it fits in KEEP_SOFTMAX_BYTES and recomputes each chunk's logits otherwise."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk: int) -> Tensor:
-        """Per-target log-probs; saves the inputs, each position's log-sum-exp and, if small, the softmax."""
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk: int,
+                grad_enabled: bool) -> Tensor:
+        """Per-target log-probs; saves the inputs, each position's log-sum-exp and, if small, the softmax.
+
+        `grad_enabled` is the caller's grad mode (inside forward it is always off, and ``needs_input_grad`` says
+        only which inputs require gradients): a pass under ``torch.no_grad`` keeps nothing for a backward that never
+        comes."""
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(out)
-        keep = any(ctx.needs_input_grad[:3]) and hidden.shape[0] * weight.shape[0] * 4 <= KEEP_SOFTMAX_BYTES
+        keep = (grad_enabled and any(ctx.needs_input_grad[:3])
+                and hidden.shape[0] * weight.shape[0] * 4 <= KEEP_SOFTMAX_BYTES)
         ctx.softmax = [] if keep else None
         for s in range(0, hidden.shape[0], chunk):
             logits = _logits(hidden[s : s + chunk], weight, bias)
@@ -89,7 +95,7 @@ class _ChunkedTargetLogProb(torch.autograd.Function):
             grad_w = grad_w.to(weight.dtype)
         if need_b:
             grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None
+        return grad_h, grad_w, grad_b, None, None, None
 
 
 def _exp_shifted_(logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -172,7 +178,8 @@ def token_logprobs(model: nn.Module, batch: Batch, *, chunked: bool = True, chun
         head = model.get_output_embeddings()
         if _sharded(head.weight):  # FSDP2 and ZeRO-3 gather it in the layer's own forward hooks
             return _module_target_logprobs(head, hidden, batch.target_ids, chunk_size)
-        return _ChunkedTargetLogProb.apply(hidden, head.weight, head.bias, batch.target_ids, chunk_size)
+        return _ChunkedTargetLogProb.apply(hidden, head.weight, head.bias, batch.target_ids, chunk_size,
+                                           torch.is_grad_enabled())
     if chunked:
         _warn_once(f"{type(model).__name__} transforms its logits after the output layer; using full logits")
     logits = model(**inputs).logits
