@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """One AdamW step over the benchmark model's parameters: torch's for-loop, foreach and fused kernels.
 
-The tensors have the shapes of bench_vs_trl.py's random Llama (8.39M parameters in 39 tensors: vocabulary 8,192,
-hidden 256, 4 layers, MLP 1,024), with random gradients. Each kernel takes 3 untimed steps, then --steps timed
+The parameters are bench_vs_trl.py's random Llama's (bench/_setup.py: 8.39M parameters in 39 tensors, vocabulary
+8,192, hidden 256, 4 layers, MLP 1,024), with random gradients. Each kernel takes 3 untimed steps, then --steps timed
 ones; the kernels run interleaved, --rounds times, and the table gives the median step (min-max over rounds) and
 how far the fused kernel's parameters end from the for-loop kernel's after the same steps.
 
@@ -17,18 +17,16 @@ import time
 
 import torch
 
+from _setup import random_llama
+
 KERNELS = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
 
-def llama_shapes(vocab: int, hidden: int, layers: int, intermediate: int) -> list[tuple[int, ...]]:
-    """The parameter shapes of a Llama with untied embeddings (multi-head attention, gated MLP, RMSNorm)."""
-    per_layer = [(hidden, hidden)] * 4 + [(intermediate, hidden)] * 2 + [(hidden, intermediate)] + [(hidden,)] * 2
-    return [(vocab, hidden)] + per_layer * layers + [(hidden,), (vocab, hidden)]
-
-
-def parameters(shapes, seed: int) -> list[torch.nn.Parameter]:
+def parameters(seed: int) -> list[torch.nn.Parameter]:
+    """The benchmark's random Llama's parameters (bench/_setup.py), with random gradients."""
+    model = random_llama(vocab=8192, hidden=256, max_positions=1024, tie_word_embeddings=False, seed=seed)
+    params = list(model.parameters())
     generator = torch.Generator().manual_seed(seed)
-    params = [torch.nn.Parameter(torch.randn(s, generator=generator)) for s in shapes]
     for p in params:
         p.grad = torch.randn(p.shape, generator=generator) * 1e-3
     return params
@@ -41,8 +39,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    shapes = llama_shapes(8192, 256, 4, 1024)
-    models = {name: parameters(shapes, 0) for name in KERNELS}
+    models = {name: parameters(0) for name in KERNELS}
     optimizers = {name: torch.optim.AdamW(models[name], lr=1e-3, weight_decay=0.01, **kw)
                   for name, kw in KERNELS.items()}
     for optimizer in optimizers.values():
@@ -56,7 +53,7 @@ def main() -> None:
                 optimizer.step()
             times[name].append((time.perf_counter() - start) / args.steps * 1e3)
     count = sum(p.numel() for p in models["fused"])
-    print(f"AdamW over {count / 1e6:.2f}M parameters in {len(shapes)} tensors, {args.threads} threads, "
+    print(f"AdamW over {count / 1e6:.2f}M parameters in {len(models['fused'])} tensors, {args.threads} threads, "
           f"{args.steps} steps x {args.rounds} rounds")
     print("| kernel | ms per step, median (min-max) |\n|---|---|")
     for name, values in times.items():

@@ -6,7 +6,8 @@ For each of bench_e2e.py's shapes (and any other given with --shape NAME=PROMPT,
 same fixture (bench/_setup.py: tokenizer, random Llama, pairs), forms every step's batches as dpokit's trainer does
 (its epoch order, forward groups of <= --forward-tokens tokens, the packed layout) and counts the FLOPs of the
 matrix multiplications of one step, in float32, for dpokit and for TRL's padded concatenated computation of the
-same pairs (2 x pairs rows as wide as the longest prompt + response, the output layer at every position):
+same pairs (2 x pairs rows as wide as the longest prompt + response, the output layer at every position: the
+"TRL-equivalent" count of bench_vs_trl.py, _report.forward_flops):
 
 * decoder linear layers: 2 x weights x positions per forward (dpokit's last layer runs its attention output
   projection and MLP only at the positions that predict a response token);
@@ -36,6 +37,7 @@ import types
 from pathlib import Path
 
 from _harness import matmul_gflops
+from _report import forward_flops
 from _setup import build_everything
 
 SHAPES = {"chat": (64, 64, 256), "current": (200, 120, 512), "long": (1024, 256, 2048)}
@@ -71,15 +73,6 @@ def dpokit_forward(m: dict, batch) -> float:
     return linear + attention + 2 * m["params_lm_head"] * targets
 
 
-def trl_forward(m: dict, lengths: list[int]) -> float:
-    """FLOPs of one forward of TRL's padded batch: every sequence padded to the longest, logits everywhere."""
-    qkv, rest = layer_weights(m)
-    rows, width = len(lengths), max(lengths)
-    positions = rows * width
-    return (2 * m["layers"] * (qkv + rest) * positions + 4 * m["hidden"] * m["layers"] * rows * width * width
-            + 2 * m["params_lm_head"] * positions)
-
-
 def step_work(setup: dict, batch_size: int, forward_tokens: int, seed: int) -> list[dict]:
     """Per step of one epoch: dpokit's and TRL's forward FLOPs (one pass of the policy's forward each)."""
     import torch
@@ -100,7 +93,7 @@ def step_work(setup: dict, batch_size: int, forward_tokens: int, seed: int) -> l
         batches = micro_batches(objective, examples, ids, "packed", 0, forward_tokens)
         lengths = [len(examples[i].prompt_ids) + len(r) for i in ids for r in examples[i].responses]
         steps.append({"dpokit": sum(dpokit_forward(setup["model"], b) for b in batches),
-                      "trl": trl_forward(setup["model"], lengths)})
+                      "trl": forward_flops(setup["model"], len(lengths), max(lengths), len(lengths) * max(lengths))})
     return steps
 
 
