@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import dpokit.train.run as api
 from dpokit.config import TrainConfig
@@ -92,7 +93,8 @@ def test_cpu_training_applies_it_before_the_model_is_loaded_when_asked(asked, ti
 
 # --- the allocator the dpokit command runs on (DPOKIT_MALLOC) ---
 
-from dpokit.runtime.memory import JEMALLOC_CONF, MIMALLOC_SETTINGS, PRELOADED, find_malloc, malloc_environment  # noqa: E402
+from dpokit.runtime.memory import (JEMALLOC_CONF, MIMALLOC_SETTINGS, ONEDNN_CACHE, PRELOADED, cap_onednn_cache,  # noqa: E402
+                                   find_malloc, malloc_environment)
 from dpokit.errors import DpokitError  # noqa: E402
 
 linux_only = pytest.mark.skipif(sys.platform != "linux", reason="LD_PRELOAD is Linux's")
@@ -153,9 +155,11 @@ def _maps_of_a_dpokit_run(tmp_path, tiny_model_dir, sentiment_data, **env) -> tu
     hook.mkdir()
     maps = hook / "maps.txt"
     (hook / "sitecustomize.py").write_text(
-        "import atexit, os\n"
-        f"atexit.register(lambda: os.system('cp /proc/%d/maps {maps}' % os.getpid()))\n")
-    environment = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", PRELOADED, "DPOKIT_MALLOC")}
+        "import atexit, os, pathlib\n"
+        f"atexit.register(lambda: os.system('cp /proc/%d/maps {maps}' % os.getpid()))\n"
+        f"atexit.register(lambda: pathlib.Path('{hook / 'onednn.txt'}').write_text(os.environ.get('{ONEDNN_CACHE}', '')))\n")
+    environment = {k: v for k, v in os.environ.items()
+                   if k not in ("LD_PRELOAD", PRELOADED, "DPOKIT_MALLOC", ONEDNN_CACHE)}
     environment.update(PYTHONPATH=os.pathsep.join([str(hook), SRC]), OMP_NUM_THREADS="1", **env)
     result = subprocess.run([sys.executable, "-m", "dpokit.cli.main", "dpo", "--model", tiny_model_dir, "--data",
                              sentiment_data["train"], "--output", str(hook / "run"), "--batch-size", "2",
@@ -177,3 +181,50 @@ def test_the_command_runs_on_the_allocator_it_found_and_says_so(tmp_path, tiny_m
     system, maps = _maps_of_a_dpokit_run(tmp_path, tiny_model_dir, sentiment_data, DPOKIT_MALLOC="system")
     assert system.returncode == 0, system.stderr
     assert name not in maps and "malloc: " in system.stdout and f"malloc: {name}" not in system.stdout
+
+
+# --- oneDNN's kernel cache (ONEDNN_PRIMITIVE_CACHE_CAPACITY) ---
+
+# Runs 1,200 bfloat16 matmuls of 400 different shapes (a forward, an input gradient and a weight gradient of a
+# linear layer at 800-1,199 tokens, as steps of varied lengths do) and prints how much the process grew.
+BF16_SHAPES = """
+import sys, torch
+from dpokit.runtime.memory import cap_onednn_cache
+if sys.argv[1] == "capped":
+    cap_onednn_cache()
+torch.set_num_threads(1)
+def rss():
+    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS:')) / 1024
+w = torch.randn(1024, 256, dtype=torch.bfloat16)
+x, g = torch.randn(1200, 256, dtype=torch.bfloat16), torch.randn(1200, 1024, dtype=torch.bfloat16)
+before = rss()
+for m in range(800, 1200):
+    torch.nn.functional.linear(x[:m], w), g[:m] @ w, g[:m].t() @ x[:m]
+print(rss() - before)
+"""
+
+
+def test_the_cache_is_capped_unless_the_user_set_its_size():
+    environ = {}
+    assert cap_onednn_cache(environ) and environ == {ONEDNN_CACHE: "64"}
+    environ = {ONEDNN_CACHE: "1024"}
+    assert not cap_onednn_cache(environ) and environ == {ONEDNN_CACHE: "1024"}
+    environ = {ONEDNN_CACHE: " "}  # set but empty: oneDNN's default, so the cap applies
+    assert cap_onednn_cache(environ) and environ[ONEDNN_CACHE] == "64"
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                    reason="oneDNN does not run bfloat16 matmuls on this CPU")
+def test_capping_the_cache_in_process_keeps_less_of_varied_bfloat16_matmuls():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in ("LD_PRELOAD", ONEDNN_CACHE)}
+    env["PYTHONPATH"] = SRC
+    grown = {setting: float(subprocess.run([sys.executable, "-c", BF16_SHAPES, setting], capture_output=True,
+                                           text=True, env=env, check=True).stdout)
+             for setting in ("default", "capped")}
+    assert grown["capped"] < grown["default"] - 100, grown  # measured: 509 against 735 MiB
+
+
+def test_the_command_caps_the_cache(tmp_path, tiny_model_dir, sentiment_data):
+    result, _ = _maps_of_a_dpokit_run(tmp_path, tiny_model_dir, sentiment_data, DPOKIT_MALLOC="system")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "hook-system" / "onednn.txt").read_text() == "64"

@@ -15,7 +15,7 @@ import sys
 from dpokit.cli.commands import MODULES as COMMAND_MODULES
 from dpokit.cli.parser import Parser
 from dpokit.errors import EXIT_INTERRUPTED, ConfigError, DpokitError, Interrupted
-from dpokit.runtime.memory import reexec_with_malloc
+from dpokit.runtime.memory import cap_onednn_cache, reexec_with_malloc
 
 # Commands that keep the C library's malloc: the demo's 1.3M-parameter model frees too little for a better malloc
 # to pay for its own reserve (`python bench/bench_demo.py --repeats 2`: peak 622 MiB on mimalloc, 567 on glibc's).
@@ -142,8 +142,10 @@ def _main(argv: list[str] | None) -> int:
     _quiet_library_noise()
     _warnings_as_lines()
     try:
-        if argv is None and args.command not in KEEP_MALLOC:  # the command line, not a call from Python
-            reexec_with_malloc()  # a leaner malloc (dpokit.runtime.memory)
+        if argv is None:  # the command line, not a call from Python: this process is dpokit's own
+            if args.command not in KEEP_MALLOC:
+                reexec_with_malloc()  # a leaner malloc (dpokit.runtime.memory)
+            cap_onednn_cache()  # before the first bfloat16 matmul (dpokit.runtime.memory)
         args.func(args)
     except Interrupted as stop:
         argv = list(sys.argv[1:] if argv is None else argv)
