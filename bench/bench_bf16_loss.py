@@ -19,13 +19,12 @@ step's two losses.
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
 from _harness import apply_quick, harness_parser, median, write_result
-from _setup import build_inputs, quiet_environment, whole_process, workdir
-from bench_e2e import MODES, SHAPES, TINY, add_fixture_options, command
+from _setup import build_inputs, quiet_environment, workdir
+from bench_e2e import MODES, SHAPES, TINY, add_fixture_options, dpokit_process
 
 DTYPES = {"float32": "dpokit", "bfloat16": "dpokit-bf16"}  # dtype -> bench_e2e.py's system of that precision
 
@@ -48,21 +47,11 @@ def parse_args():
 
 def train(dtype: str, setup: dict, args, work: Path) -> dict:
     """One whole `dpokit dpo` process in `dtype`: its per-step losses and seconds, and its whole-process time."""
-    from dpokit.train.metrics import read_metrics
-
-    output = work / f"run_{dtype}"
-    shutil.rmtree(output, ignore_errors=True)
-    env = quiet_environment(threads=args.threads)
-    measured = whole_process(command(DTYPES[dtype], args.mode, args.steps, setup, args, output, step_log=None), env,
-                             log=work / f"log_{dtype}.txt")
-    if measured["returncode"] != 0:
-        raise SystemExit(f"dpokit --dtype {dtype} failed (exit {measured['returncode']}):\n"
-                         f"{measured['output'][-3000:]}")
-    rows = [r for r in read_metrics(output / "metrics.jsonl") if r["split"] == "train"]
-    shutil.rmtree(output, ignore_errors=True)
+    measured, rows = dpokit_process(DTYPES[dtype], args.mode, args.steps, setup, args, work / f"run_{dtype}",
+                                    quiet_environment(threads=args.threads), work / f"log_{dtype}.txt",
+                                    f"dpokit --dtype {dtype}")
     return {"loss": [r["loss"] for r in rows], "seconds_per_step": [r["seconds_per_step"] for r in rows],
             "whole_process_seconds": measured["seconds"], "peak_rss_mib": measured["peak_rss_mib"]}
-
 
 def main() -> None:
     args = parse_args()

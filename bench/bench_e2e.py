@@ -128,6 +128,21 @@ def command(system: str, mode: str, steps: int, setup: dict, args, output: Path,
             *(["--trl-defaults"] if args.trl_defaults else [])]
 
 
+def dpokit_process(system: str, mode: str, steps: int, setup: dict, args, output: Path, env: dict, log: Path,
+                   what: str) -> tuple[dict, list[dict]]:
+    """One whole `dpokit dpo` process of `system` (a dpokit name of PROGRAMS) writing to `output`, which is cleared
+    before and removed after: its measurement (whole_process) and the train rows of its metrics.jsonl. A failed
+    run ends the script, naming `what` and showing the end of its log."""
+    from dpokit.train.metrics import read_metrics
+
+    shutil.rmtree(output, ignore_errors=True)
+    measured = whole_process(command(system, mode, steps, setup, args, output, step_log=None), env, log=log)
+    if measured["returncode"] != 0:
+        raise SystemExit(f"{what} failed (exit {measured['returncode']}):\n{measured['output'][-3000:]}")
+    rows = [r for r in read_metrics(output / "metrics.jsonl") if r["split"] == "train"]
+    shutil.rmtree(output, ignore_errors=True)
+    return measured, rows
+
 def runner(setup: dict, args, work: Path):
     """run(name, round_) for the names "mode/system/steps": one whole process, measured; the per-step seconds it
     logged in-process (dpokit's metrics.jsonl, the TRL script's step log)."""

@@ -19,13 +19,12 @@ bench/results/onednn-cache-<timestamp>.json.
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
 from _harness import alternating, apply_quick, harness_parser, interleave, markdown, median, spread, write_result
-from _setup import build_inputs, quiet_environment, whole_process, workdir
-from bench_e2e import MODES, SHAPES, TINY, add_fixture_options, command
+from _setup import build_inputs, quiet_environment, workdir
+from bench_e2e import MODES, SHAPES, TINY, add_fixture_options, dpokit_process
 
 CACHE = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
 
@@ -51,23 +50,16 @@ def parse_args():
 
 def runner(setup: dict, args, work: Path):
     """run(capacity, round_): one whole bfloat16 `dpokit dpo` process with that cache size."""
-    from dpokit.train.metrics import read_metrics
 
     def run(capacity: str, round_: int) -> dict:
-        output = work / f"run_{capacity}"
-        shutil.rmtree(output, ignore_errors=True)
         env = quiet_environment(threads=args.threads, **{CACHE: capacity})
-        measured = whole_process(command("dpokit-bf16", args.mode, args.steps, setup, args, output, step_log=None),
-                                 env, log=work / f"log_{capacity}.txt")
-        if measured["returncode"] != 0:
-            raise SystemExit(f"{CACHE}={capacity} failed (exit {measured['returncode']}):\n"
-                             f"{measured['output'][-3000:]}")
-        steps = [r["seconds_per_step"] for r in read_metrics(output / "metrics.jsonl") if r["split"] == "train"]
+        measured, rows = dpokit_process("dpokit-bf16", args.mode, args.steps, setup, args, work / f"run_{capacity}",
+                                        env, work / f"log_{capacity}.txt", f"{CACHE}={capacity}")
+        steps = [r["seconds_per_step"] for r in rows]
         return {"peak_rss_mib": measured["peak_rss_mib"], "whole_process_seconds": measured["seconds"],
                 "seconds_per_step": median(steps[2:] or steps)}
 
     return run
-
 
 def main() -> None:
     args = parse_args()
