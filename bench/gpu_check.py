@@ -406,6 +406,10 @@ def main() -> int:
         result = child(spec)
         if _is_main():
             Path(spec["result"]).write_text(json.dumps(result))
+        from dpokit.cli.main import _exit_launched, _process_group_up
+
+        if _process_group_up():  # end as `dpokit` does in a launch: without the interpreter's teardown, in which a
+            _exit_launched(0)  # ZeRO-3 process can abort ("terminate called without an active exception")
         return 0
 
     t0 = time.perf_counter()
