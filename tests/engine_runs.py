@@ -189,3 +189,8 @@ if __name__ == "__main__":
             continue
         stage, options = RUNS[name]
         stage(TrainConfig(**{**common(model, train, eval_data, f"{output}/{name}"), **options, **cache}))
+    # end as `dpokit` does in a launch: without the interpreter's teardown, in which a ZeRO-3 process can abort
+    # ("terminate called without an active exception") after its runs have finished
+    from dpokit.cli.main import _exit_launched
+
+    _exit_launched(0)
